@@ -1,0 +1,2616 @@
+#!/usr/bin/env python3
+"""queuectl: a background job queue for shell commands, in one file.
+
+Enqueue shell commands; workers run them with retries, exponential backoff,
+a dead letter queue, timeouts and crash recovery. State lives in SQLite
+(WAL) under one home directory, so nothing is lost across restarts.
+
+    queuectl enqueue 'echo hello'
+    queuectl worker start --drain
+
+Stdlib only, Python 3.10+, POSIX. See README.md for the whole manual.
+"""
+
+__version__ = "1.0.0"
+
+# Imports #####################################################################
+# Only what every command needs is imported here; enqueue runs from cron
+# thousands of times a day, so heavier modules are imported where used.
+
+import os
+import sys
+import time
+
+# Constants ###################################################################
+
+EXIT_OK = 0
+EXIT_FAIL = 1        # the operation failed: unknown job, bad transition
+EXIT_USAGE = 2       # bad usage or invalid input
+EXIT_TEMPFAIL = 75   # database busy past the wait: try again (EX_TEMPFAIL)
+
+PENDING, PROCESSING, FAILED = "pending", "processing", "failed"
+COMPLETED, DEAD, CANCELLED = "completed", "dead", "cancelled"
+STATES = (PENDING, PROCESSING, FAILED, COMPLETED, DEAD, CANCELLED)
+FINISHED = (COMPLETED, DEAD, CANCELLED)
+
+DEFAULT_QUEUE = "default"
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x71756575          # "queu": marks a queuectl database
+
+CONFIG_DEFAULTS = {
+    "max_retries": 3,
+    "backoff_base": 2,
+    "max_backoff": 3600,
+    "job_timeout": 0,
+    "kill_grace": 10,
+}
+# key: (kind, minimum, maximum, meaning); maxima refuse absurd values.
+CONFIG_RULES = {
+    "max_retries": ("int", 0, 10_000, "retries after the first attempt"),
+    "backoff_base": ("num", 1, 1000, "backoff base, a number >= 1"),
+    "max_backoff": ("num", 0, 31_536_000, "cap on one backoff wait, seconds"),
+    "job_timeout": ("num", 0, 31_536_000, "default timeout, seconds, 0 = none"),
+    "kill_grace": ("num", 0, 3600, "seconds between SIGTERM and SIGKILL"),
+}
+
+LEASE = 30.0             # a worker whose heartbeat is older is presumed gone
+HEARTBEAT = 5.0          # seconds between heartbeats and recovery scans
+BUSY_TIMEOUT = 30.0      # seconds a command waits for a busy database
+CANCEL_GRACE = 1.0       # cancel: SIGTERM, then SIGKILL after this
+ID_CHARS = "0123456789abcdefghjkmnpqrstvwxyz"   # Crockford base32, lower case
+MAX_ID = 128
+
+# The job's own wrapper: it runs the command in this shell (no extra process)
+# and writes the exit status beside the log, so the outcome of a job is known
+# even when the worker that started it has died.
+JOB_WRAPPER = ('__queuectl_status=$1 __queuectl_command=$2; shift 2; '
+               'trap \'echo $? > "$__queuectl_status"\' EXIT; '
+               'eval "$__queuectl_command"')
+
+# Errors ######################################################################
+
+
+class QueuectlError(Exception):
+    """The root of every error the user is meant to see; main() prints it."""
+    code = EXIT_FAIL
+
+
+class UsageError(QueuectlError):
+    code = EXIT_USAGE
+
+
+class BusyError(QueuectlError):
+    code = EXIT_TEMPFAIL
+
+
+# Small helpers ###############################################################
+
+
+def valid_name(s):
+    """True when s is a valid job id or queue name (it may name a file)."""
+    if not isinstance(s, str) or not 0 < len(s) <= MAX_ID or not s.isascii():
+        return False
+    if not s[0].isalnum():
+        return False
+    return all(c.isalnum() or c in "._-" for c in s)
+
+
+def check_name(s, what="job id"):
+    if not valid_name(s):
+        raise UsageError(
+            f"invalid {what} {s!r}: use 1-128 of A-Z a-z 0-9 . _ - "
+            "starting with a letter or digit")
+    return s
+
+
+def new_id():
+    """A short random id that is easy to type: 6 chars of Crockford base32."""
+    return "".join(ID_CHARS[b & 31] for b in os.urandom(6))
+
+
+def _days_from_civil(y, m, d):
+    # Howard Hinnant's algorithm: days since 1970-01-01 (proleptic Gregorian).
+    y -= m <= 2
+    era = (y if y >= 0 else y - 399) // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def iso(ts):
+    """Epoch seconds -> the stored form, UTC ISO-8601 with microseconds."""
+    if ts is None:
+        return None
+    whole = int(ts // 1)
+    us = int(round((ts - whole) * 1_000_000))
+    if us >= 1_000_000:
+        whole, us = whole + 1, us - 1_000_000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{us:06d}Z"
+
+
+def epoch(s):
+    """The stored ISO form -> epoch seconds."""
+    if s is None:
+        return None
+    days = _days_from_civil(int(s[0:4]), int(s[5:7]), int(s[8:10]))
+    secs = days * 86400 + int(s[11:13]) * 3600 + int(s[14:16]) * 60 + int(s[17:19])
+    return secs + (float("0" + s[19:-1]) if s[19] == "." else 0.0)
+
+
+def show_time(s):
+    """The stored ISO form -> the printed one, to the second."""
+    return None if s is None else s[:19] + "Z"
+
+
+def parse_duration(text, what="duration"):
+    """'90', '90s', '5m', '2h', '1d', '1w', '1h30m' -> seconds (float)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    s = str(text).strip().lower()
+    total, num, seen = 0.0, "", False
+    for c in s:
+        if c.isdigit() or c == ".":
+            num += c
+        elif c in units and num:
+            total += _number(num, text, what) * units[c]
+            num, seen = "", True
+        else:
+            num = ""
+            break
+    else:
+        if num:
+            total += _number(num, text, what)
+            seen = True
+        if seen and total < 1e10:
+            return total
+    raise UsageError(f"invalid {what} {text!r}: use seconds or a number with "
+                     "s, m, h, d or w (90, 90s, 5m, 2h, 1d, 1h30m)")
+
+
+def _number(num, text, what):
+    try:
+        return float(num)
+    except ValueError:
+        raise UsageError(f"invalid {what} {text!r}") from None
+
+
+def parse_time(text):
+    """ISO-8601 ('2026-11-23T09:30:00Z', '2026-11-23 09:30', with an offset,
+    or naive = local time) -> epoch seconds."""
+    import datetime
+    s = str(text).strip()
+    if s[-1:] in "zZ" and s:
+        s = s[:-1] + "+00:00"
+    try:
+        dt = datetime.datetime.fromisoformat(s)
+    except ValueError:
+        raise UsageError(
+            f"invalid time {text!r}: use ISO-8601 such as 2026-11-23T09:30:00Z, "
+            "2026-11-23 09:30 (local time) or 2026-11-23T09:30+02:00") from None
+    return dt.timestamp()   # naive datetimes are taken as local time
+
+
+def human_duration(secs):
+    """Seconds -> '45s', '3m', '2h5m', '3d'."""
+    secs = abs(secs)
+    if secs < 10:
+        return f"{secs:.1f}s".replace(".0s", "s")
+    if secs < 60:
+        return f"{secs:.0f}s"
+    if secs < 3600:
+        return f"{secs // 60:.0f}m"
+    if secs < 86400:
+        h, m = divmod(int(secs) // 60, 60)
+        return f"{h}h{m}m" if m else f"{h}h"
+    return f"{secs // 86400:.0f}d"
+
+
+def relative(s, now=None):
+    """A stored time -> '3m ago' / 'in 2h'."""
+    if s is None:
+        return "-"
+    delta = epoch(s) - (time.time() if now is None else now)
+    if abs(delta) < 1:
+        return "now"
+    return f"in {human_duration(delta)}" if delta > 0 else f"{human_duration(delta)} ago"
+
+
+def ensure_private_dir(path):
+    """Create path 0700 if missing; return it."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(path, 0o700)
+    return path
+
+
+def check_private(path, what):
+    """Refuse a file or directory another user could write or owns."""
+    st = os.stat(path)
+    if st.st_uid != os.geteuid():
+        raise UsageError(f"{what} {path} belongs to uid {st.st_uid}, not to you "
+                         f"(uid {os.geteuid()}): refusing to use it")
+    if st.st_mode & 0o022:
+        raise UsageError(
+            f"{what} {path} is writable by group or others (mode "
+            f"{st.st_mode & 0o777:o}); whoever can write it can run commands as "
+            f"you. Fix it with: chmod go-w {path}")
+
+
+def open_private(path, flags):
+    """Open a file 0600 without following a symlink at its name."""
+    fd = os.open(path, flags | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                 | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_atomic(path, text):
+    """Write a file whole or not at all: temp file, fsync, rename."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = open_private(tmp, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def proc_start(pid):
+    """(alive, start time) of a process; start time from /proc where the OS
+    has it (guards against pid reuse), else None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return False, None
+    except OSError:
+        data = None
+    if data is not None:
+        fields = data[data.rfind(b")") + 2:].split()
+        if fields[0] in (b"Z", b"X"):
+            return False, None
+        return True, fields[19].decode()
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False, None
+    except PermissionError:
+        pass
+    return True, None
+
+
+def same_process(pid, start):
+    """True while the process pid (started at start, if known) still runs."""
+    if not pid:
+        return False
+    alive, now_start = proc_start(pid)
+    return alive and (start is None or now_start is None or start == now_start)
+
+
+def group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def signal_group(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_group(pgid, grace, leader_gone=lambda: True):
+    """SIGTERM the process group, SIGKILL it after grace seconds if any
+    member is left; returns once no member is left (or after 5 s more)."""
+    import signal
+    signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    delay = 0.005
+    while time.monotonic() < deadline:
+        if leader_gone() and not group_alive(pgid):
+            return
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 0.1)
+    signal_group(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (leader_gone() and not group_alive(pgid)):
+        time.sleep(0.01)
+
+
+# Home and config #############################################################
+
+
+def resolve_home(arg=None):
+    home = arg or os.environ.get("QUEUECTL_HOME") or os.path.join(
+        os.path.expanduser("~"), ".queuectl")
+    return os.path.abspath(home)
+
+
+def normalize_key(key):
+    k = str(key).strip().lower().replace("-", "_")
+    if k not in CONFIG_DEFAULTS:
+        raise UsageError(f"unknown config key {key!r}; allowed: "
+                         + ", ".join(CONFIG_DEFAULTS))
+    return k
+
+
+def check_config_value(key, value, source="value"):
+    """Validate one config value (already a JSON number) -> int or float."""
+    kind, lo, hi, meaning = CONFIG_RULES[key]
+    allowed = (f"{key} takes {'a whole number' if kind == 'int' else 'a number'} "
+               f"from {lo} to {hi} ({meaning})")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"invalid {source} {value!r} for {allowed}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise UsageError(f"invalid {source} {value!r} for {allowed}")
+    if kind == "int" and value != int(value):
+        raise UsageError(f"invalid {source} {value!r} for {allowed}")
+    if not lo <= value <= hi:
+        raise UsageError(f"invalid {source} {value!r} for {allowed}")
+    return int(value) if kind == "int" or value == int(value) else float(value)
+
+
+def parse_config_text(key, text):
+    """A value typed on the command line -> a checked number."""
+    t = str(text).strip()
+    try:
+        value = int(t)
+    except ValueError:
+        try:
+            value = float(t)
+        except ValueError:
+            value = t
+    return check_config_value(key, value)
+
+
+class Config:
+    """config.json: only the keys that were set; defaults fill the rest."""
+
+    def __init__(self, home):
+        self.path = os.path.join(home, "config.json")
+
+    def read_set(self):
+        """The keys set in the file, validated; {} when there is no file."""
+        import json
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                text = f.read()
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read config file {self.path}: {e}") from None
+        try:
+            data = json.loads(text, parse_constant=_refuse_constant)
+        except ValueError as e:
+            raise UsageError(f"config file {self.path} is not valid JSON ({e}); "
+                             "fix it or remove it to use the defaults") from None
+        if not isinstance(data, dict):
+            raise UsageError(f"config file {self.path} must hold a JSON object")
+        out = {}
+        for key, value in data.items():
+            try:
+                k = normalize_key(key)
+                out[k] = check_config_value(k, value)
+            except UsageError as e:
+                raise UsageError(f"config file {self.path}: {e}") from None
+        return out
+
+    def load(self):
+        return {**CONFIG_DEFAULTS, **self.read_set()}
+
+    def set(self, key, value):
+        import json
+        data = self.read_set()
+        data[key] = value
+        write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not allowed")
+
+
+def backoff_delay(attempts, cfg):
+    """Seconds to wait before the retry that follows attempt number n."""
+    try:
+        return min(cfg["backoff_base"] ** attempts, cfg["max_backoff"])
+    except OverflowError:
+        return cfg["max_backoff"]
+
+
+# Storage #####################################################################
+# One connection per thread; each Store owns one. Every write goes through
+# Store.tx(), which owns BEGIN IMMEDIATE, commit, rollback and the mapping of
+# sqlite3 errors to QueuectlError.
+
+SCHEMA = [
+    """CREATE TABLE jobs (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        command TEXT NOT NULL,
+        state TEXT NOT NULL,
+        queue TEXT NOT NULL DEFAULT 'default',
+        priority INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_retries INTEGER,
+        timeout REAL,
+        run_at TEXT NOT NULL,
+        depends_on TEXT,
+        blocked INTEGER NOT NULL DEFAULT 0,
+        cwd TEXT NOT NULL,
+        env TEXT,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT,
+        exit_code INTEGER,
+        last_error TEXT,
+        worker TEXT,
+        claim TEXT,
+        pid INTEGER,
+        pid_start TEXT)""",
+    # The claim is one walk of this partial index, in selection order.
+    """CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq)
+        WHERE state IN ('pending', 'failed') AND blocked = 0""",
+    "CREATE INDEX jobs_state ON jobs (state, queue)",
+    "CREATE INDEX jobs_finished ON jobs (state, finished_at)",
+    """CREATE TABLE deps (
+        job TEXT NOT NULL,
+        dep TEXT NOT NULL,
+        PRIMARY KEY (job, dep)) WITHOUT ROWID""",
+    "CREATE INDEX deps_dep ON deps (dep)",
+    """CREATE TABLE workers (
+        id TEXT PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        host TEXT NOT NULL,
+        threads INTEGER NOT NULL,
+        queues TEXT,
+        started_at TEXT NOT NULL,
+        heartbeat TEXT NOT NULL)""",
+    "CREATE TABLE paused (queue TEXT PRIMARY KEY)",
+    """CREATE TABLE stats (
+        queue TEXT NOT NULL,
+        name TEXT NOT NULL,
+        value REAL NOT NULL,
+        PRIMARY KEY (queue, name)) WITHOUT ROWID""",
+]
+# Migrations: MIGRATIONS[n] takes a db from version n to n + 1.
+MIGRATIONS = {}
+
+JOB_FIELDS = ("id", "command", "state", "queue", "priority", "attempts",
+              "max_retries", "timeout", "run_at", "depends_on", "cwd", "env",
+              "created_at", "updated_at", "started_at", "finished_at",
+              "exit_code", "last_error", "worker")
+ROW_FIELDS = JOB_FIELDS + ("seq", "blocked", "claim", "pid", "pid_start")
+JOB_COLUMNS = ", ".join(ROW_FIELDS)
+
+SQL_INSERT = """INSERT INTO jobs (id, command, state, queue, priority,
+    max_retries, timeout, run_at, depends_on, blocked, cwd, env, created_at,
+    updated_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+SQL_CLAIMABLE = f"""SELECT {JOB_COLUMNS} FROM jobs
+    WHERE state IN ('pending', 'failed') AND blocked = 0 AND run_at <= ?{{where}}
+    ORDER BY priority DESC, run_at, seq LIMIT 1"""
+SQL_CLAIM = """UPDATE jobs SET state = 'processing', claim = ?, worker = ?,
+    started_at = ?, updated_at = ?, pid = NULL, pid_start = NULL
+    WHERE seq = ?"""
+SQL_NEXT_RUN = """SELECT min(run_at) FROM jobs
+    WHERE state IN ('pending', 'failed') AND blocked = 0{where}"""
+SQL_UNBLOCK = """UPDATE jobs SET blocked = 0 WHERE blocked = 1
+    AND id IN (SELECT job FROM deps WHERE dep = ?)
+    AND NOT EXISTS (SELECT 1 FROM deps d JOIN jobs j ON j.id = d.dep
+                    WHERE d.job = jobs.id AND j.state != 'completed')"""
+SQL_REBLOCK = """UPDATE jobs SET blocked = 1 WHERE state IN ('pending', 'failed')
+    AND id IN (SELECT job FROM deps WHERE dep = ?)"""
+SQL_STAT_ADD = """INSERT INTO stats (queue, name, value) VALUES (?, ?, ?)
+    ON CONFLICT (queue, name) DO UPDATE SET value = value + excluded.value"""
+
+
+def job_from_row(row):
+    return dict(zip(ROW_FIELDS, row))
+
+
+class Store:
+    """One SQLite connection to home/queue.db; not shared between threads.
+
+    durable=True makes every commit fsync (enqueues and user commands);
+    workers use NORMAL: in WAL mode a lost update after power loss only
+    means a job runs again, never a corrupt database.
+    """
+
+    def __init__(self, home, durable=True, create=True):
+        import sqlite3
+        self.sqlite3 = sqlite3
+        self.home = home
+        self.path = os.path.join(home, "queue.db")
+        if create:
+            ensure_private_dir(home)
+        elif not os.path.isdir(home):
+            raise QueuectlError(f"no queue at {home} (nothing was enqueued yet)")
+        check_private(home, "home directory")
+        if not os.path.exists(self.path):
+            os.close(open_private(self.path, os.O_RDWR))
+        check_private(self.path, "database")
+        timeout = float(os.environ.get("QUEUECTL_BUSY_TIMEOUT", BUSY_TIMEOUT))
+        self.busy_timeout = timeout
+        try:
+            self.db = sqlite3.connect(self.path, timeout=timeout,
+                                      isolation_level=None,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA synchronous = " + ("FULL" if durable else "NORMAL"))
+            self._setup()
+        except sqlite3.Error as e:
+            raise self._error(e) from None
+
+    def _error(self, e):
+        msg = str(e)
+        if "locked" in msg or "busy" in msg:
+            return BusyError(f"the database {self.path} stayed busy for "
+                             f"{self.busy_timeout:g}s; try again")
+        if "not a database" in msg or "malformed" in msg:
+            return UsageError(f"{self.path} is not a usable queuectl database ({msg})")
+        return QueuectlError(f"database error on {self.path}: {msg}")
+
+    def _setup(self):
+        db = self.db
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            self._check_app_id()
+            return
+        if version > SCHEMA_VERSION:
+            raise UsageError(
+                f"{self.path} has schema version {version}, newer than this "
+                f"queuectl {__version__} knows ({SCHEMA_VERSION}); use a newer queuectl")
+        with self.tx():
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                tables = db.execute(
+                    "SELECT count(*) FROM sqlite_master").fetchone()[0]
+                if tables:
+                    raise UsageError(f"{self.path} is not a queuectl database; "
+                                     "refusing to change it")
+                # auto_vacuum must be set before the first table exists.
+                db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                for ddl in SCHEMA:
+                    db.execute(ddl)
+                db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            else:
+                self._check_app_id()
+                while version < SCHEMA_VERSION:
+                    for sql in MIGRATIONS[version]:
+                        db.execute(sql)
+                    version += 1
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA journal_size_limit = 67108864")
+
+    def _check_app_id(self):
+        if self.db.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
+            raise UsageError(f"{self.path} is not a queuectl database; refusing "
+                             "to change it")
+
+    def tx(self):
+        """`with store.tx():` one BEGIN IMMEDIATE transaction."""
+        return _Transaction(self)
+
+    def q(self, sql, params=()):
+        """Run one read statement; all rows."""
+        try:
+            return self.db.execute(sql, params).fetchall()
+        except self.sqlite3.Error as e:
+            raise self._error(e) from None
+
+    def x(self, sql, params=()):
+        """Run one write statement (inside tx()); the cursor."""
+        return self.db.execute(sql, params)
+
+    def close(self):
+        self.db.close()
+
+    # Jobs ------------------------------------------------------------------
+
+    def get(self, job_id):
+        rows = self.q(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        return job_from_row(rows[0]) if rows else None
+
+    def must_get(self, job_id):
+        job = self.get(check_name(job_id))
+        if job is None:
+            raise QueuectlError(f"no job with id {job_id!r}")
+        return job
+
+    def insert(self, spec, now):
+        """Insert one validated job spec (inside tx()); returns the id, or
+        None when spec['unique'] and the id exists."""
+        job_id = spec.get("id")
+        if job_id is not None:
+            if self.x("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
+                if spec.get("unique"):
+                    return None
+                raise QueuectlError(f"a job with id {job_id!r} exists already "
+                                    "(use --unique to accept that)")
+        deps = spec.get("depends_on") or []
+        blocked = 0
+        for dep in deps:
+            if dep == job_id:
+                raise UsageError(f"job {job_id!r} cannot depend on itself")
+            row = self.x("SELECT state FROM jobs WHERE id = ?", (dep,)).fetchone()
+            if row is None:
+                raise QueuectlError(f"unknown job {dep!r} in --after/depends_on")
+            blocked |= row[0] != COMPLETED
+        stamp = iso(now)
+        run_at = iso(spec["run_at"]) if spec.get("run_at") is not None else stamp
+        env = spec.get("env")
+        values = [spec["command"], spec.get("queue") or DEFAULT_QUEUE,
+                  spec.get("priority", 0), spec.get("max_retries"),
+                  spec.get("timeout"), run_at, _json_or_none(deps),
+                  int(blocked), spec["cwd"], _json_or_none(env), stamp, stamp]
+        while True:
+            try_id = job_id or new_id()
+            try:
+                self.x(SQL_INSERT, [try_id] + values)
+                break
+            except self.sqlite3.IntegrityError:
+                if job_id is not None:
+                    raise QueuectlError(f"a job with id {job_id!r} exists already") from None
+        for dep in deps:
+            self.x("INSERT OR IGNORE INTO deps (job, dep) VALUES (?, ?)", (try_id, dep))
+        return try_id
+
+    def live_workers(self):
+        """Rows of workers that are alive; removes the dead ones' rows."""
+        rows = self.q("SELECT id, pid, host, threads, queues, started_at, "
+                      "heartbeat FROM workers ORDER BY started_at")
+        alive, dead = [], []
+        for row in rows:
+            (alive if worker_alive(self.home, row) else dead).append(row)
+        if dead:
+            with self.tx():
+                for row in dead:
+                    self.x("DELETE FROM workers WHERE id = ?", (row[0],))
+            for row in dead:
+                remove_worker_files(self.home, row[0])
+        return alive
+
+    def paused(self):
+        return {r[0] for r in self.q("SELECT queue FROM paused")}
+
+
+class _Transaction:
+    def __init__(self, store):
+        self.store = store
+
+    def __enter__(self):
+        try:
+            self.store.db.execute("BEGIN IMMEDIATE")
+        except self.store.sqlite3.Error as e:
+            raise self.store._error(e) from None
+        return self.store
+
+    def __exit__(self, etype, exc, tb):
+        db = self.store.db
+        if etype is None:
+            try:
+                db.execute("COMMIT")
+                return False
+            except self.store.sqlite3.Error as e:
+                db.execute("ROLLBACK") if db.in_transaction else None
+                raise self.store._error(e) from None
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        if isinstance(exc, self.store.sqlite3.Error):
+            raise self.store._error(exc) from None
+        return False
+
+
+def _json_or_none(value):
+    if not value:
+        return None
+    import json
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _loads(text, default):
+    if not text:
+        return default
+    import json
+    return json.loads(text)
+
+
+# Worker liveness and wake-ups ################################################
+# Each worker process holds an exclusive flock on home/run/<worker>.lock for
+# its whole life: the kernel releases it the instant the process dies, so
+# "is it alive?" never depends on clocks or pid reuse. Idle workers sleep in
+# select() on their FIFO home/run/<worker>.wake; commands that make a job
+# runnable write a byte to every FIFO.
+
+
+def run_dir(home):
+    return ensure_private_dir(os.path.join(home, "run"))
+
+
+def worker_alive(home, row):
+    wid, host, heartbeat = row[0], row[2], row[6]
+    if time.time() - epoch(heartbeat) > LEASE:
+        return False
+    if host != hostname():
+        return True
+    import fcntl
+    try:
+        fd = os.open(os.path.join(home, "run", wid + ".lock"), os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True         # held: the worker lives
+    else:
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_worker_files(home, wid):
+    for suffix in (".lock", ".wake"):
+        try:
+            os.unlink(os.path.join(home, "run", wid + suffix))
+        except OSError:
+            pass
+
+
+def wake_workers(home):
+    """Tell idle workers that a job may be runnable (cheap; never blocks)."""
+    path = os.path.join(home, "run")
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return
+    for name in names:
+        if name.endswith(".wake"):
+            try:
+                fd = os.open(os.path.join(path, name), os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                continue        # ENXIO: nobody reads it, its worker is gone
+            try:
+                os.write(fd, b"!")
+            except OSError:
+                pass            # full: it has been woken already
+            finally:
+                os.close(fd)
+
+
+_HOST = []
+
+
+def hostname():
+    if not _HOST:
+        _HOST.append(os.uname().nodename)
+    return _HOST[0]
+
+
+# Job specs (validation of what enqueue takes) ################################
+
+SPEC_FIELDS = {"id", "command", "queue", "priority", "max_retries", "timeout",
+               "run_at", "delay", "depends_on", "cwd", "env", "unique"}
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and v == v and abs(v) != float("inf"))
+
+
+def check_spec(spec, where=""):
+    """Validate and normalise one job spec (a dict) in place; returns it."""
+    pre = f"{where}: " if where else ""
+    unknown = set(spec) - SPEC_FIELDS
+    if unknown:
+        raise UsageError(f"{pre}unknown job field(s) {', '.join(sorted(unknown))}; "
+                         f"allowed: {', '.join(sorted(SPEC_FIELDS))}")
+    cmd = spec.get("command")
+    if not isinstance(cmd, str) or not cmd.strip():
+        raise UsageError(f"{pre}a job needs a non-empty command string")
+    if "\0" in cmd:
+        raise UsageError(f"{pre}the command contains a NUL byte")
+    if spec.get("id") is not None:
+        if not valid_name(spec["id"]):
+            check_name(repr(spec["id"]) if not isinstance(spec["id"], str)
+                       else spec["id"])
+    if spec.get("queue") is not None:
+        check_name(spec["queue"], "queue name")
+    pri = spec.get("priority", 0)
+    if not _is_int(pri) or abs(pri) > 2**62:
+        raise UsageError(f"{pre}invalid priority {pri!r}: use a whole number "
+                         "(higher runs first)")
+    mr = spec.get("max_retries")
+    if mr is not None and (not _is_int(mr) or not 0 <= mr <= 10_000):
+        raise UsageError(f"{pre}invalid max_retries {mr!r}: use a whole number "
+                         "from 0 to 10000")
+    to = spec.get("timeout")
+    if to is not None and (not _is_num(to) or not 0 <= to <= 31_536_000):
+        raise UsageError(f"{pre}invalid timeout {to!r}: use seconds from 0 "
+                         "(none) to 31536000")
+    if spec.get("delay") is not None:
+        d = spec.pop("delay")
+        if _is_num(d):
+            d = str(d)
+        if not isinstance(d, str):
+            raise UsageError(f"{pre}invalid delay {d!r}")
+        spec["run_at"] = time.time() + parse_duration(d, "delay")
+    elif isinstance(spec.get("run_at"), str):
+        spec["run_at"] = parse_time(spec["run_at"])
+    elif spec.get("run_at") is not None and not isinstance(spec["run_at"], float):
+        raise UsageError(f"{pre}invalid run_at {spec['run_at']!r}: use an "
+                         "ISO-8601 string")
+    deps = spec.get("depends_on")
+    if deps is not None:
+        if isinstance(deps, str):
+            deps = [deps]
+        if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+            raise UsageError(f"{pre}depends_on must be a list of job ids")
+        for d in deps:
+            check_name(d)
+        spec["depends_on"] = list(dict.fromkeys(deps))
+    env = spec.get("env")
+    if env is not None:
+        if not isinstance(env, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise UsageError(f"{pre}env must be an object of strings")
+        for k, v in env.items():
+            if not k or "=" in k or "\0" in k or "\0" in v:
+                raise UsageError(f"{pre}invalid environment variable name {k!r}")
+    cwd = spec.get("cwd")
+    if cwd is None:
+        spec["cwd"] = os.getcwd()
+    elif not isinstance(cwd, str) or not cwd:
+        raise UsageError(f"{pre}cwd must be a directory path")
+    else:
+        spec["cwd"] = os.path.abspath(cwd)
+        if not os.path.isdir(spec["cwd"]):
+            raise UsageError(f"{pre}cwd {cwd!r} is not a directory")
+    if not isinstance(spec.get("unique", False), bool):
+        raise UsageError(f"{pre}unique must be true or false")
+    if spec.get("unique") and spec.get("id") is None:
+        raise UsageError(f"{pre}--unique needs an id (--id or \"id\")")
+    return spec
+
+
+def spec_from_text(text, where=""):
+    """One enqueue argument or --stdin line -> a spec dict (not yet checked)."""
+    if text.lstrip().startswith("{"):
+        import json
+        try:
+            obj = json.loads(text, parse_constant=_refuse_constant)
+        except ValueError as e:
+            pre = f"{where}: " if where else ""
+            raise UsageError(f"{pre}invalid JSON job ({e})") from None
+        if not isinstance(obj, dict):
+            raise UsageError(f"{where}: a JSON job must be an object")
+        return obj
+    return {"command": text}
+
+
+# Execution ###################################################################
+# A job runs as /bin/sh -c JOB_WRAPPER in a new session (its own process
+# group), stdin /dev/null, stdout and stderr appended straight to its log.
+# finish_attempt() is the one place an attempt's outcome is written; every
+# update of a claimed job is fenced on (worker, claim) so a stale worker can
+# never overwrite what another recorded.
+
+FENCE = " WHERE id = ? AND worker = ? AND claim = ?"
+
+
+def log_path(home, job_id):
+    return os.path.join(home, "logs", job_id + ".log")
+
+
+def status_path(home, job_id, token):
+    return os.path.join(home, "run", f"{job_id}.{token}.exit")
+
+
+def read_status(path):
+    """The exit status the job's wrapper wrote, or None."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        return int(data) if data.endswith(b"\n") else None
+    except ValueError:
+        return None
+
+
+def remove_file(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def describe_exit(rc):
+    """waitpid-style code (negative = signal) -> (exit_code, last_error)."""
+    if rc is None:
+        return None, "worker died and the job's outcome is unknown"
+    if rc < 0:
+        import signal
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return 128 - rc, f"killed by {name}"
+    if rc == 0:
+        return 0, None
+    return rc, f"exit code {rc}"
+
+
+def append_log(home, job_id, text):
+    """Append a queuectl line to a job's log, on a line of its own."""
+    fd = open_private(log_path(home, job_id), os.O_RDWR | os.O_APPEND)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            text = "\n" + text
+        os.write(fd, text.encode("utf-8", "replace"))
+    finally:
+        os.close(fd)
+
+
+def finish_attempt(store, job, worker, token, rc, error, cfg, duration, now=None):
+    """Record the end of an attempt; the job's new state, or None when the
+    claim no longer holds (cancelled, or recovered by another worker)."""
+    now = time.time() if now is None else now
+    stamp = iso(now)
+    attempts = job["attempts"] + 1
+    exit_code = None if rc is None else (128 - rc if rc < 0 else rc)
+    fence = (job["id"], worker, token)
+    with store.tx():
+        if error is None:
+            state = COMPLETED
+            cur = store.x("UPDATE jobs SET state = 'completed', attempts = ?, "
+                          "exit_code = ?, last_error = NULL, finished_at = ?, "
+                          "updated_at = ?, claim = NULL, pid = NULL" + FENCE,
+                          (attempts, exit_code, stamp, stamp) + fence)
+            if cur.rowcount:
+                store.x(SQL_UNBLOCK, (job["id"],))
+        else:
+            limit = job["max_retries"]
+            limit = cfg["max_retries"] if limit is None else limit
+            if attempts > limit:
+                state, run_at, finished = DEAD, job["run_at"], stamp
+            else:
+                state, finished = FAILED, None
+                run_at = iso(now + backoff_delay(attempts, cfg))
+            cur = store.x("UPDATE jobs SET state = ?, attempts = ?, exit_code = ?, "
+                          "last_error = ?, run_at = ?, finished_at = ?, "
+                          "updated_at = ?, claim = NULL, pid = NULL" + FENCE,
+                          (state, attempts, exit_code, error, run_at, finished,
+                           stamp) + fence)
+        if not cur.rowcount:
+            return None
+        queue = job["queue"]
+        store.x(SQL_STAT_ADD, (queue, "attempts", 1))
+        if error is not None:
+            store.x(SQL_STAT_ADD, (queue, "failures", 1))
+        if duration is not None:
+            store.x(SQL_STAT_ADD, (queue, "duration_sum", duration))
+            store.x(SQL_STAT_ADD, (queue, "duration_count", 1))
+    return state
+
+
+def requeue(store, job, worker, token):
+    """Put a claimed job back to pending without counting the attempt."""
+    with store.tx():
+        return store.x("UPDATE jobs SET state = 'pending', claim = NULL, "
+                       "worker = NULL, pid = NULL, pid_start = NULL, "
+                       "started_at = NULL, updated_at = ?" + FENCE,
+                       (iso(time.time()), job["id"], worker, token)).rowcount
+
+
+def wait_exit(pid, timeout, proc=None):
+    """Wait up to timeout seconds (None: forever) for a process to end.
+    proc: our own Popen child (reaped here); else any process, by pid."""
+    import select
+    if proc is not None and timeout is None:
+        proc.wait()
+        return True
+    fd = None
+    if hasattr(os, "pidfd_open"):
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            fd = None
+    try:
+        if fd is not None:
+            if proc is not None and proc.poll() is not None:
+                return True
+            ready = select.select([fd], [], [], timeout)[0]
+            if ready and proc is not None:
+                proc.wait()
+            return bool(ready) or (proc is not None and proc.poll() is not None)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            if proc is not None:
+                if proc.poll() is not None:
+                    return True
+            elif not same_process(pid, None):
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            pause = delay if deadline is None else min(delay, deadline - time.monotonic())
+            time.sleep(max(pause, 0))
+            delay = min(delay * 2, 0.1)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+class Running:
+    """A job this worker process runs (proc set) or adopted (proc None)."""
+
+    __slots__ = ("job", "token", "pid", "start", "proc", "stopped", "began")
+
+    def __init__(self, job, token, pid, start, proc):
+        self.job, self.token, self.pid, self.start, self.proc = job, token, pid, start, proc
+        self.stopped = False            # worker stop --now killed it
+        self.began = time.monotonic()
+
+    def gone(self):
+        if self.proc is not None:
+            return self.proc.poll() is not None
+        return not same_process(self.pid, self.start)
+
+
+# Workers #####################################################################
+# Threading model: one worker process runs `count` job threads, each with its
+# own Store (connection); the main thread owns the signals, the wake-up FIFO,
+# heartbeats, config reloads and recovery of other workers' orphaned jobs,
+# with its own Store. Adopted jobs are watched by one thread each.
+# self.lock guards running, active, generation, stopping, now, and counters;
+# self.cond (on self.lock) wakes idle job threads.
+
+
+class Worker:
+    def __init__(self, home, count=1, queues=None, drain=False, out=None):
+        import threading
+        self.threading = threading
+        self.home = home
+        self.count = count
+        self.queues = list(dict.fromkeys(queues or [])) or None
+        self.drain = drain
+        self.out = out or sys.stdout
+        host = "".join(c if c.isalnum() or c in ".-" else "-" for c in hostname())
+        self.id = f"{host[:40] or 'host'}-{os.getpid()}-{new_id()[:4]}"
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.print_lock = threading.Lock()
+        self.running = {}        # token -> Running
+        self.active = 0          # job threads claiming or running a job
+        self.generation = 0      # bumped on every wake-up
+        self.stopping = False
+        self.now = False
+        self.completed = self.dead = 0
+        self.config_file = Config(home)
+        self.config = self.config_file.load()
+        self.config_mtime = self._config_mtime()
+        self.signals = []
+        self.threads = []
+
+    # Output and wake-ups ---------------------------------------------------
+
+    def say(self, text):
+        with self.print_lock:
+            try:
+                self.out.write(f"{show_time(iso(time.time()))} {text}\n")
+                self.out.flush()
+            except (OSError, ValueError):
+                pass
+
+    def notify(self):
+        with self.cond:
+            self.generation += 1
+            self.cond.notify_all()
+
+    def request_stop(self, now=False):
+        with self.cond:
+            first_now = now and not self.now
+            if not self.stopping:
+                self.say(f"worker {self.id} stopping"
+                         + (": killing running jobs" if now else
+                            ": finishing running jobs"))
+            self.stopping = True
+            self.now = self.now or now
+            self.cond.notify_all()
+        if first_now:
+            self.threading.Thread(target=self._kill_running, daemon=True).start()
+
+    def _kill_running(self):
+        import signal
+        with self.lock:
+            items = list(self.running.values())
+            for r in items:
+                r.stopped = True
+        for r in items:
+            if r.proc is not None or same_process(r.pid, r.start):
+                signal_group(r.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config["kill_grace"]
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not any(r in items for r in self.running.values()):
+                    return
+            time.sleep(0.05)
+        for r in items:
+            if r.proc is not None or same_process(r.pid, r.start):
+                signal_group(r.pid, signal.SIGKILL)
+
+    # Lifecycle -------------------------------------------------------------
+
+    def run(self):
+        """Run until stopped (or, with drain, until nothing is left); the
+        exit code: 1 when drain and a job ended dead, else 0."""
+        import fcntl
+        import select
+        import signal
+        rd = run_dir(self.home)
+        ensure_private_dir(os.path.join(self.home, "logs"))
+        store = Store(self.home, durable=False)
+        self.lock_fd = open_private(os.path.join(rd, self.id + ".lock"), os.O_RDWR)
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fifo = os.path.join(rd, self.id + ".wake")
+        os.mkfifo(fifo, 0o600)
+        # O_RDWR keeps a writer open, so select() does not see EOF forever.
+        fifo_fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        sig_r, sig_w = os.pipe()
+        os.set_blocking(sig_r, False)
+        os.set_blocking(sig_w, False)
+        self.poke_fd = sig_w
+        old_wakeup = signal.set_wakeup_fd(sig_w)
+        handlers = {}
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self._register(store)
+            what = ", ".join(self.queues) if self.queues else "all queues"
+            self.say(f"worker {self.id} started: {self.count} thread"
+                     f"{'s' if self.count != 1 else ''}, {what}"
+                     + (", drain" if self.drain else ""))
+            self._recover(store)
+            for _ in range(self.count):
+                t = self.threading.Thread(target=self._job_thread, daemon=True)
+                t.start()
+                self.threads.append(t)
+            next_beat = time.monotonic() + HEARTBEAT
+            while True:
+                with self.lock:
+                    threads_done = not any(t.is_alive() for t in self.threads)
+                    if threads_done and not self.running:
+                        break
+                ready = select.select([fifo_fd, sig_r], [], [], 1.0)[0]
+                if fifo_fd in ready:
+                    _drain_fd(fifo_fd)
+                    self.notify()
+                if sig_r in ready:
+                    _drain_fd(sig_r)
+                self._handle_signals()
+                self._reload_config()
+                if time.monotonic() >= next_beat and not self.stopping:
+                    next_beat = time.monotonic() + HEARTBEAT
+                    self._heartbeat(store)
+                    self._recover(store)
+                    self.notify()   # a safety net for any missed wake-up
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+            signal.set_wakeup_fd(old_wakeup)
+            self.poke_fd = None
+            for fd in (sig_r, sig_w, fifo_fd):
+                os.close(fd)
+            try:
+                with store.tx():
+                    store.x("DELETE FROM workers WHERE id = ?", (self.id,))
+            except QueuectlError:
+                pass
+            store.close()
+            remove_worker_files(self.home, self.id)
+            os.close(self.lock_fd)
+        self.say(f"worker {self.id} stopped: {self.completed} completed, "
+                 f"{self.dead} dead")
+        return EXIT_FAIL if self.drain and self.dead else EXIT_OK
+
+    def _poke_main(self):
+        """Wake the main loop (a job thread ended or a watch finished)."""
+        try:
+            os.write(self.poke_fd, b"\0")
+        except (OSError, AttributeError):
+            pass
+
+    def _on_signal(self, signum, frame):
+        self.signals.append(signum)      # handled by the main loop
+
+    def _handle_signals(self):
+        import signal
+        while self.signals:
+            sig = self.signals.pop(0)
+            if sig == signal.SIGUSR1:
+                self.request_stop(now=True)
+            elif sig == signal.SIGINT and self.stopping:
+                self.request_stop(now=True)
+            else:
+                self.request_stop()
+
+    def _config_mtime(self):
+        try:
+            return os.stat(self.config_file.path).st_mtime_ns
+        except OSError:
+            return None
+
+    def _reload_config(self):
+        mtime = self._config_mtime()
+        if mtime == self.config_mtime:
+            return
+        self.config_mtime = mtime
+        try:
+            self.config = self.config_file.load()
+            self.say("config reloaded: " + ", ".join(
+                f"{k}={v}" for k, v in self.config.items()))
+        except QueuectlError as e:
+            self.say(f"config not reloaded, keeping the last good one: {e}")
+
+    def _register(self, store):
+        stamp = iso(time.time())
+        with store.tx():
+            store.x("INSERT OR REPLACE INTO workers (id, pid, host, threads, "
+                    "queues, started_at, heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (self.id, os.getpid(), hostname(), self.count,
+                     _json_or_none(self.queues), stamp, stamp))
+
+    def _heartbeat(self, store):
+        try:
+            with store.tx():
+                cur = store.x("UPDATE workers SET heartbeat = ? WHERE id = ?",
+                              (iso(time.time()), self.id))
+            if not cur.rowcount:
+                self._register(store)
+        except QueuectlError as e:
+            self.say(f"heartbeat failed, will retry: {e}")
+
+    # Claiming --------------------------------------------------------------
+
+    def _filter(self, paused):
+        where, params = "", []
+        if self.queues:
+            where += f" AND queue IN ({','.join('?' * len(self.queues))})"
+            params += self.queues
+        if paused:
+            where += f" AND queue NOT IN ({','.join('?' * len(paused))})"
+            params += sorted(paused)
+        return where, params
+
+    def claim(self, store):
+        """Claim the next runnable job (one BEGIN IMMEDIATE); None if none."""
+        now = time.time()
+        with store.tx():
+            paused = {r[0] for r in store.x("SELECT queue FROM paused")}
+            if "*" in paused:
+                return None
+            where, params = self._filter(paused)
+            row = store.x(SQL_CLAIMABLE.format(where=where),
+                          [iso(now)] + params).fetchone()
+            if row is None:
+                return None
+            job = job_from_row(row)
+            job["claim"] = new_id() + new_id()
+            job["worker"] = self.id
+            job["started_at"] = iso(now)
+            store.x(SQL_CLAIM, (job["claim"], self.id, job["started_at"],
+                                job["started_at"], job["seq"]))
+        return job
+
+    def _idle_wait(self, store):
+        """Seconds an idle job thread may sleep, or None when draining is done."""
+        paused = store.paused()
+        if "*" in paused:
+            where, params = " AND 0", []
+        else:
+            where, params = self._filter(paused)
+        now = time.time()
+        if self.drain:
+            row = store.q(SQL_NEXT_RUN.format(where=where + " AND state = 'failed'"),
+                          params)
+            if row[0][0] is not None:
+                return min(max(epoch(row[0][0]) - now, 0.001), HEARTBEAT)
+            with self.lock:
+                if self.active == 0 and not self.running:
+                    self.stopping = True
+                    self.cond.notify_all()
+                    return None
+            return HEARTBEAT
+        row = store.q(SQL_NEXT_RUN.format(where=where), params)
+        if row[0][0] is not None:
+            return min(max(epoch(row[0][0]) - now, 0.001), HEARTBEAT)
+        return HEARTBEAT
+
+    def _job_thread(self):
+        store = None
+        try:
+            store = Store(self.home, durable=False)
+            while True:
+                with self.lock:
+                    if self.stopping:
+                        return
+                    gen = self.generation
+                    self.active += 1
+                try:
+                    job = self.claim(store)
+                    if job is not None:
+                        self.execute(store, job)
+                finally:
+                    with self.lock:
+                        self.active -= 1
+                if job is not None:
+                    continue
+                wait = self._idle_wait(store)
+                if wait is None:
+                    return
+                with self.cond:
+                    if self.generation == gen and not self.stopping:
+                        self.cond.wait(wait)
+        except BusyError:
+            time.sleep(0.1)
+            return self._job_thread() if not self.stopping else None
+        except Exception as e:                     # a bug: keep the worker alive
+            self.say(f"worker thread error: {e!r}")
+            if os.environ.get("QUEUECTL_DEBUG"):
+                import traceback
+                traceback.print_exc()
+            time.sleep(1)
+            if not self.stopping:
+                return self._job_thread()
+        finally:
+            if store is not None:
+                store.close()
+            self.notify()
+            self._poke_main()
+
+    # Running one job -------------------------------------------------------
+
+    def execute(self, store, job):
+        """Run one claimed job to its end and record the outcome."""
+        import subprocess
+        cfg = self.config
+        attempt = job["attempts"] + 1
+        token = job["claim"]
+        timeout = job["timeout"] if job["timeout"] is not None else cfg["job_timeout"]
+        status = status_path(self.home, job["id"], token)
+        env = dict(os.environ)
+        env.update(_loads(job["env"], {}))
+        env["QUEUECTL_JOB_ID"] = job["id"]
+        env["QUEUECTL_ATTEMPT"] = str(attempt)
+        fd = open_private(log_path(self.home, job["id"]), os.O_RDWR | os.O_APPEND)
+        try:
+            size = os.fstat(fd).st_size
+            nl = "\n" if size and os.pread(fd, 1, size - 1) != b"\n" else ""
+            os.write(fd, (f"{nl}[queuectl] attempt {attempt} started "
+                          f"{show_time(job['started_at'])} on worker {self.id}\n").encode())
+            began = time.monotonic()
+            try:
+                proc = subprocess.Popen(
+                    ["/bin/sh", "-c", JOB_WRAPPER, "sh", status, job["command"]],
+                    cwd=job["cwd"], env=env, stdin=subprocess.DEVNULL,
+                    stdout=fd, stderr=fd, start_new_session=True)
+            except OSError as e:
+                error = f"could not start: {e.strerror or e} (cwd {job['cwd']})"
+                os.write(fd, f"[queuectl] attempt {attempt} {error}\n".encode())
+                self._record(store, job, None, error, None, None)
+                return
+        finally:
+            os.close(fd)
+        _, start = proc_start(proc.pid)
+        run = Running(job, token, proc.pid, start, proc)
+        run.began = began
+        with self.lock:
+            self.running[token] = run
+            stop_now = self.now
+        try:
+            with store.tx():
+                held = store.x("UPDATE jobs SET pid = ?, pid_start = ?" + FENCE,
+                               (proc.pid, start, job["id"], self.id, token)).rowcount
+        except QueuectlError:
+            held = True          # the pid is unknown, the job still ours
+        if not held or stop_now:
+            run.stopped = stop_now
+            kill_group(proc.pid, CANCEL_GRACE, run.gone)
+        self._wait(run, timeout)
+
+    def _wait(self, run, timeout):
+        """Wait for a running or adopted job, enforce its timeout, record."""
+        job = run.job
+        timed_out = False
+        if timeout:
+            started = epoch(job["started_at"])
+            remaining = started + timeout - time.time()
+            if not wait_exit(run.pid, max(remaining, 0), run.proc):
+                timed_out = True
+                kill_group(run.pid, self.config["kill_grace"], run.gone)
+        if run.proc is not None:
+            rc = run.proc.wait()
+        else:
+            wait_exit(run.pid, None)
+            rc = read_status(status_path(self.home, job["id"], run.token))
+        if (run.stopped or timed_out) and group_alive(run.pid):
+            kill_group(run.pid, self.config["kill_grace"])
+        duration = time.time() - epoch(job["started_at"])
+        if run.proc is not None:
+            duration = time.monotonic() - run.began
+        with self.lock:
+            self.running.pop(run.token, None)
+        remove_file(status_path(self.home, job["id"], run.token))
+        if run.stopped:
+            store = Store(self.home, durable=False)
+            try:
+                held = requeue(store, job, self.id, run.token)
+            finally:
+                store.close()
+            self.say(f"{job['id']} stopped, back to pending" if held else
+                     f"{job['id']} stopped")
+            _safe_append(self.home, job["id"], "[queuectl] attempt "
+                         f"{job['attempts'] + 1} stopped by worker stop --now; "
+                         "back to pending, not counted\n")
+            return
+        if timed_out:
+            error = f"timed out after {timeout:g}s"
+            exit_code = None
+        else:
+            exit_code, error = describe_exit(rc)
+        self._record(None, job, rc if not timed_out else None, error, duration,
+                     exit_code)
+
+    def _record(self, store, job, rc, error, duration, exit_code):
+        own = store is None
+        store = store or Store(self.home, durable=False)
+        try:
+            for delay in (0.05, 0.2, 1, 2, 5, 10):
+                try:
+                    state = finish_attempt(store, job, self.id, job["claim"], rc,
+                                           error, self.config, duration)
+                    break
+                except BusyError:
+                    time.sleep(delay)
+            else:
+                state = finish_attempt(store, job, self.id, job["claim"], rc,
+                                       error, self.config, duration)
+        finally:
+            if own:
+                store.close()
+        attempt = job["attempts"] + 1
+        took = f" after {duration:.3f}s" if duration is not None else ""
+        if state is None:
+            outcome = "cancelled or taken over; result not recorded"
+        elif error is None:
+            outcome = f"exit 0{took}"
+        else:
+            outcome = f"{error}{took}"
+        if exit_code is not None and error is not None and "exit code" not in error:
+            outcome += f" (exit {exit_code})"
+        _safe_append(self.home, job["id"], f"[queuectl] attempt {attempt} "
+                     f"ended: {outcome}" + (f"; now {state}" if state and state
+                                             != COMPLETED else "") + "\n")
+        if state == COMPLETED:
+            with self.lock:
+                self.completed += 1
+            self.say(f"{job['id']} completed (attempt {attempt}{took})")
+        elif state is None:
+            self.say(f"{job['id']} cancelled or taken over (attempt {attempt})")
+        else:
+            with self.lock:
+                self.dead += state == DEAD
+            self.say(f"{job['id']} {state}: {error} (attempt {attempt}{took})")
+        if state != COMPLETED or self.drain:
+            self.notify()
+        if state == COMPLETED:
+            wake_workers(self.home)
+
+    # Recovery --------------------------------------------------------------
+
+    def _recover(self, store):
+        """Settle or adopt processing jobs whose worker is gone."""
+        try:
+            rows = store.q(f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'processing'")
+            if not rows:
+                return
+            live = {r[0] for r in store.live_workers()}
+            live.add(self.id)
+            for row in rows:
+                job = job_from_row(row)
+                if job["worker"] not in live:
+                    self._adopt(store, job)
+        except QueuectlError as e:
+            self.say(f"recovery scan failed, will retry: {e}")
+
+    def _adopt(self, store, job):
+        old = job["worker"]
+        with store.tx():
+            cur = store.x("UPDATE jobs SET worker = ?, updated_at = ?" + FENCE,
+                          (self.id, iso(time.time()), job["id"], old, job["claim"]))
+        if not cur.rowcount:
+            return
+        job["worker"] = self.id
+        if same_process(job["pid"], job["pid_start"]):
+            self.say(f"{job['id']} adopted from worker {old} (pid {job['pid']})")
+            _safe_append(self.home, job["id"], f"[queuectl] worker {old} is gone; "
+                         f"worker {self.id} adopted the running job\n")
+            run = Running(job, job["claim"], job["pid"], job["pid_start"], None)
+            with self.lock:
+                self.running[run.token] = run
+            timeout = job["timeout"] if job["timeout"] is not None \
+                else self.config["job_timeout"]
+            self.threading.Thread(target=self._watch, args=(run, timeout),
+                                  daemon=True).start()
+            return
+        status = status_path(self.home, job["id"], job["claim"])
+        rc = read_status(status)
+        started = epoch(job["started_at"]) if job["started_at"] else None
+        ended = os.stat(status).st_mtime if rc is not None else time.time()
+        duration = None if started is None else max(ended - started, 0)
+        remove_file(status)
+        if rc is not None:
+            self.say(f"{job['id']} ended while worker {old} was gone; "
+                     "recording its exit status")
+        exit_code, error = describe_exit(rc)
+        self._record(store, job, rc, error, duration, exit_code)
+
+    def _watch(self, run, timeout):
+        try:
+            self._wait(run, timeout)
+        except Exception as e:                     # a bug: keep the worker alive
+            self.say(f"watch of {run.job['id']} failed: {e!r}")
+            with self.lock:
+                self.running.pop(run.token, None)
+        finally:
+            self._poke_main()
+
+
+def _drain_fd(fd):
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def _safe_append(home, job_id, text):
+    try:
+        append_log(home, job_id, text)
+    except OSError:
+        pass
+
+
+# Output ######################################################################
+
+
+def term_width():
+    """Columns to fit tables into; None = no limit (not a terminal)."""
+    cols = os.environ.get("COLUMNS", "")
+    if cols.isdigit() and int(cols) > 0:
+        return int(cols)
+    try:
+        if sys.stdout.isatty():
+            return os.get_terminal_size(sys.stdout.fileno()).columns
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def one_line(text):
+    return " ".join(str(text).split()) if text is not None else "-"
+
+
+def cut(text, width):
+    return text if len(text) <= width else text[:max(width - 1, 0)] + "…"
+
+
+def table(headers, rows, width=None):
+    """Aligned columns; the last column is cut with … to fit the width."""
+    rows = [[("-" if c is None else str(c)) for c in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, c in enumerate(row[:-1]):
+            widths[i] = max(widths[i], len(c))
+    lines = []
+    for row in [list(headers)] + rows:
+        head = "  ".join(c.ljust(widths[i]) for i, c in enumerate(row[:-1]))
+        last = row[-1]
+        if width:
+            last = cut(last, max(width - len(head) - 2, 8))
+        lines.append((head + "  " + last).rstrip() if head else last)
+    return "\n".join(lines)
+
+
+def print_json(obj):
+    import json
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def job_public(job, home):
+    """A job as users see it (show --json, list --json)."""
+    out = {}
+    for k in JOB_FIELDS:
+        v = job[k]
+        if k in ("created_at", "updated_at", "started_at", "finished_at", "run_at"):
+            v = show_time(v)
+        elif k == "depends_on":
+            v = _loads(v, [])
+        elif k == "env":
+            v = _loads(v, {})
+        out[k] = v
+    out["log"] = log_path(home, job["id"])
+    return out
+
+
+def blocked_on(store, job):
+    """[(dep id, its state or 'missing')] of a job's unmet dependencies."""
+    deps = _loads(job["depends_on"], [])
+    if not deps or not job["blocked"]:
+        return []
+    states = dict(store.q(f"SELECT id, state FROM jobs WHERE id IN "
+                          f"({','.join('?' * len(deps))})", deps))
+    return [(d, states.get(d, "missing")) for d in deps
+            if states.get(d) != COMPLETED]
+
+
+def when_text(store, job, now):
+    state = job["state"]
+    if state in (PENDING, FAILED):
+        if job["blocked"]:
+            return "blocked on " + ",".join(
+                f"{d}({s})" if s != PENDING else d for d, s in blocked_on(store, job))
+        due = epoch(job["run_at"]) - now
+        return f"due {relative(job['run_at'], now)}" if due >= 1 else "ready"
+    if state == PROCESSING:
+        return f"running {human_duration(now - epoch(job['started_at']))}"
+    return relative(job["finished_at"] or job["updated_at"], now)
+
+
+# Commands ####################################################################
+# One cmd_<name>(args) -> exit code per subcommand, in --help order.
+
+
+def open_store(args, durable=True, create=False):
+    return Store(args.home, durable=durable, create=create)
+
+
+def parse_specs(args):
+    """The job specs of an enqueue, validated; flags override JSON fields."""
+    if args.stdin:
+        if args.job is not None or args.command is not None:
+            raise UsageError("--stdin reads the jobs from standard input; "
+                             "give no JOB or --command with it")
+        items = []
+        for n, line in enumerate(sys.stdin.read().splitlines(), 1):
+            if line.strip():
+                items.append((f"line {n}", spec_from_text(line, f"line {n}")))
+        if not items:
+            raise UsageError("--stdin: no jobs on standard input")
+    else:
+        if args.job is None and args.command is None:
+            raise UsageError("enqueue needs a command: queuectl enqueue 'echo hi' "
+                             "(or a JSON job, or --command)")
+        if args.job is not None and args.command is not None:
+            if not args.job.lstrip().startswith("{"):
+                raise UsageError("give the command once: as JOB or as --command")
+        spec = spec_from_text(args.job, "") if args.job is not None else {}
+        if args.command is not None:
+            spec["command"] = args.command
+        items = [("", spec)]
+    flags = {"id": args.id, "priority": args.priority, "max_retries": args.max_retries,
+             "timeout": args.timeout, "queue": args.queue, "cwd": args.cwd}
+    if args.run_at is not None and args.delay is not None:
+        raise UsageError("give --run-at or --delay, not both")
+    specs = []
+    for where, spec in items:
+        for k, v in flags.items():
+            if v is not None:
+                spec[k] = v
+        if args.run_at is not None:
+            spec.pop("delay", None)
+            spec["run_at"] = args.run_at
+        if args.delay is not None:
+            spec.pop("run_at", None)
+            spec["delay"] = args.delay
+        if args.after:
+            spec["depends_on"] = list(spec.get("depends_on") or []) + args.after
+        if args.env:
+            env = dict(spec.get("env") or {}) if isinstance(spec.get("env"), dict) else {}
+            for kv in args.env:
+                k, sep, v = kv.partition("=")
+                if not sep or not k:
+                    raise UsageError(f"invalid --env {kv!r}: use NAME=VALUE")
+                env[k] = v
+            spec["env"] = env
+        if args.unique:
+            spec["unique"] = True
+        specs.append((where, check_spec(spec, where)))
+    if args.stdin and args.id is not None and len(specs) > 1:
+        raise UsageError("--id names one job; with --stdin put ids in the lines")
+    return specs
+
+
+def cmd_enqueue(args):
+    """Add jobs; print each job's id (or the jobs as JSON with --json)."""
+    specs = parse_specs(args)
+    store = open_store(args, durable=True, create=True)
+    now = time.time()
+    ids = []
+    with store.tx():
+        for where, spec in specs:
+            try:
+                new = store.insert(spec, now)
+            except QueuectlError as e:
+                if where:
+                    raise type(e)(f"{where}: {e}") from None
+                raise
+            ids.append(new if new is not None else spec["id"])
+    wake_workers(args.home)
+    if args.json:
+        jobs = [job_public(store.get(i), args.home) for i in ids]
+        print_json(jobs if args.stdin else jobs[0])
+    else:
+        sys.stdout.write("".join(i + "\n" for i in ids))
+    return EXIT_OK
+
+
+def cmd_worker_start(args):
+    """Run workers in this process until stopped (or drained)."""
+    if not 1 <= args.count <= 256:
+        raise UsageError(f"invalid --count {args.count}: use 1 to 256")
+    for q in args.queue or []:
+        check_name(q, "queue name")
+    open_store(args, durable=False, create=True).close()
+    Config(args.home).load()
+    if args.detach:
+        return detach_worker(args)
+    return Worker(args.home, args.count, args.queue, args.drain).run()
+
+
+def detach_worker(args):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        data = b""
+        while True:
+            chunk = os.read(r, 64)
+            if not chunk:
+                break
+            data += chunk
+        os.close(r)
+        os.waitpid(pid, 0)
+        if not data:
+            raise QueuectlError("the detached worker did not start; see "
+                                + os.path.join(args.home, "worker.log"))
+        print(data.decode())
+        return EXIT_OK
+    code = EXIT_FAIL
+    try:
+        os.close(r)
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        logfd = open_private(os.path.join(args.home, "worker.log"),
+                             os.O_WRONLY | os.O_APPEND)
+        nullfd = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(nullfd, 0)
+        os.dup2(logfd, 1)
+        os.dup2(logfd, 2)
+        os.close(nullfd)
+        os.close(logfd)
+        sys.stdout = os.fdopen(1, "w", buffering=1)
+        sys.stderr = os.fdopen(2, "w", buffering=1)
+        worker = Worker(args.home, args.count, args.queue, args.drain)
+        os.write(w, str(os.getpid()).encode())
+        os.close(w)
+        code = worker.run()
+    except BaseException as e:                      # report, never return to main
+        try:
+            sys.stderr.write(f"queuectl: error: worker failed: {e}\n")
+        except Exception:
+            pass
+    finally:
+        os._exit(code)
+
+
+def cmd_worker_stop(args):
+    """Ask every live worker of this home to stop; --wait until they have."""
+    import signal
+    store = open_store(args, create=False)
+    workers = [w for w in store.live_workers() if w[2] == hostname()]
+    for w in workers:
+        try:
+            os.kill(w[1], signal.SIGUSR1 if args.now else signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    if not workers:
+        print("no live workers")
+        return EXIT_OK
+    print(f"stopping {len(workers)} worker{'s' if len(workers) != 1 else ''}"
+          + (" now" if args.now else ""))
+    if args.wait:
+        deadline = None if args.timeout is None else time.monotonic() + args.timeout
+        while any(worker_alive(args.home, w) for w in workers):
+            if deadline is not None and time.monotonic() > deadline:
+                raise QueuectlError(f"workers still running after {args.timeout:g}s")
+            time.sleep(0.05)
+    return EXIT_OK
+
+
+def cmd_worker_status(args):
+    """Live workers: id, pid, host, threads, started, heartbeat, current jobs."""
+    store = open_store(args, create=False)
+    out = []
+    for wid, pid, host, threads, queues, started, beat in store.live_workers():
+        jobs = [r[0] for r in store.q(
+            "SELECT id FROM jobs WHERE state = 'processing' AND worker = ? "
+            "ORDER BY started_at", (wid,))]
+        out.append({"id": wid, "pid": pid, "host": host, "threads": threads,
+                    "queues": _loads(queues, None), "started_at": show_time(started),
+                    "heartbeat": show_time(beat), "jobs": jobs})
+    if args.json:
+        print_json(out)
+    elif not out:
+        print("no live workers")
+    else:
+        print(table(["ID", "PID", "HOST", "THREADS", "QUEUES", "STARTED",
+                     "HEARTBEAT", "JOBS"],
+                    [[w["id"], w["pid"], w["host"], w["threads"],
+                      ",".join(w["queues"] or ["*"]), relative(iso(epoch(
+                          w["started_at"][:-1] + ".0Z"))),
+                      relative(w["heartbeat"][:-1] + ".0Z"),
+                      ",".join(w["jobs"]) or "-"] for w in out], term_width()))
+    return EXIT_OK
+
+
+def cmd_status(args):
+    """Counts per state and queue, workers, oldest pending, next scheduled."""
+    if args.id:
+        return cmd_show(args)
+    store = open_store(args, create=False)
+    now = time.time()
+    counts = {s: 0 for s in STATES}
+    per_queue = {}
+    for state, queue, n in store.q(
+            "SELECT state, queue, count(*) FROM jobs GROUP BY state, queue"):
+        counts[state] = counts.get(state, 0) + n
+        per_queue.setdefault(queue, {s: 0 for s in STATES})[state] = n
+    workers = store.live_workers()
+    oldest = store.q("SELECT id, created_at FROM jobs WHERE state = 'pending' "
+                     "ORDER BY created_at LIMIT 1")
+    nxt = store.q("SELECT id, run_at FROM jobs INDEXED BY jobs_ready "
+                  "WHERE state IN ('pending', 'failed') AND blocked = 0 "
+                  "AND run_at > ? ORDER BY run_at LIMIT 1", (iso(now),))
+    paused = sorted(store.paused())
+    info = {
+        "counts": counts,
+        "queues": per_queue,
+        "workers": {"live": len(workers), "threads": sum(w[3] for w in workers)},
+        "oldest_pending": ({"id": oldest[0][0], "created_at": show_time(oldest[0][1]),
+                            "age_seconds": round(now - epoch(oldest[0][1]), 3)}
+                           if oldest else None),
+        "next_scheduled": ({"id": nxt[0][0], "run_at": show_time(nxt[0][1])}
+                           if nxt else None),
+        "paused": paused,
+    }
+    if args.json:
+        print_json(info)
+        return EXIT_OK
+    print("jobs: " + ", ".join(f"{counts[s]} {s}" for s in STATES))
+    if len(per_queue) > 1 or (per_queue and DEFAULT_QUEUE not in per_queue):
+        print(table(["QUEUE"] + [s.upper() for s in STATES],
+                    [[q] + [c[s] for s in STATES] for q, c in sorted(per_queue.items())]))
+    print(f"workers: {len(workers)} live ({info['workers']['threads']} threads)")
+    if oldest:
+        print(f"oldest pending: {oldest[0][0]}, enqueued {relative(oldest[0][1], now)}")
+    if nxt:
+        print(f"next scheduled: {nxt[0][0]} {relative(nxt[0][1], now)} "
+              f"({show_time(nxt[0][1])})")
+    if paused:
+        print("paused: " + ("all queues" if "*" in paused else ", ".join(paused)))
+    return EXIT_OK
+
+
+def cmd_show(args):
+    """Every field of one job, and its log path."""
+    store = open_store(args, create=False)
+    job = store.must_get(args.id)
+    pub = job_public(job, args.home)
+    blocked = blocked_on(store, job)
+    pub["blocked_on"] = [d for d, _ in blocked]
+    if args.json:
+        print_json(pub)
+        return EXIT_OK
+    width = max(len(k) for k in pub)
+    for k, v in pub.items():
+        if k == "blocked_on":
+            v = ", ".join(f"{d} ({s})" for d, s in blocked) or None
+        elif k in ("depends_on",):
+            v = ", ".join(v) or None
+        elif k == "env":
+            v = " ".join(f"{a}={b}" for a, b in v.items()) or None
+        elif k in ("run_at", "created_at", "updated_at", "started_at", "finished_at") \
+                and v is not None:
+            v = f"{v} ({relative(v[:-1] + '.0Z')})"
+        print(f"{k.ljust(width)}  {'-' if v is None else v}")
+    return EXIT_OK
+
+
+def cmd_list(args):
+    """Jobs in enqueue order, filtered by --state/--queue, at most --limit."""
+    if args.state and args.state not in STATES:
+        raise UsageError(f"unknown state {args.state!r}; use one of "
+                         + ", ".join(STATES))
+    if args.queue:
+        check_name(args.queue, "queue name")
+    if args.limit < 0:
+        raise UsageError(f"invalid --limit {args.limit}: use 0 (all) or more")
+    store = open_store(args, create=False)
+    return list_jobs(store, args, args.state)
+
+
+def list_jobs(store, args, state):
+    where, params = [], []
+    if state:
+        where.append("state = ?")
+        params.append(state)
+    if getattr(args, "queue", None):
+        where.append("queue = ?")
+        params.append(args.queue)
+    clause = (" WHERE " + " AND ".join(where)) if where else ""
+    limit = f" LIMIT {int(args.limit)}" if args.limit else ""
+    rows = [job_from_row(r) for r in store.q(
+        f"SELECT {JOB_COLUMNS} FROM jobs{clause} ORDER BY seq{limit}", params)]
+    more = 0
+    if args.limit and len(rows) == args.limit:
+        total = store.q(f"SELECT count(*) FROM jobs{clause}", params)[0][0]
+        more = total - len(rows)
+    if args.json:
+        print_json([job_public(j, args.home) for j in rows])
+        return EXIT_OK
+    if not rows:
+        print("no jobs")
+        return EXIT_OK
+    now = time.time()
+    print(table(["ID", "STATE", "QUEUE", "PRI", "TRIES", "WHEN", "COMMAND"],
+                [[j["id"], j["state"], j["queue"], j["priority"], j["attempts"],
+                  when_text(store, j, now), one_line(j["command"])] for j in rows],
+                term_width()))
+    if more:
+        print(f"… {more} more (use --limit 0 for all, or --state/--queue)")
+    return EXIT_OK
+
+
+def cmd_logs(args):
+    """Print a job's log; --tail N lines; --follow until the job ends."""
+    if args.tail is not None and args.tail < 0:
+        raise UsageError(f"invalid --tail {args.tail}: use 0 or more")
+    store = open_store(args, create=False)
+    job = store.must_get(args.id)
+    path = log_path(args.home, job["id"])
+    out = sys.stdout.buffer
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        if not args.follow:
+            return EXIT_OK          # no attempt has started yet: an empty log
+        f = None
+    pos = 0
+    if f is not None:
+        with f:
+            pos = tail_start(f, args.tail) if args.tail is not None else 0
+            pos = copy_from(path, pos, out)
+    if not args.follow:
+        return EXIT_OK
+    delay = 0.05
+    while True:
+        pos = copy_from(path, pos, out)
+        state = store.get(job["id"])
+        if state is None or state["state"] in FINISHED:
+            copy_from(path, pos, out)
+            return EXIT_OK
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+
+
+def tail_start(f, n):
+    """Offset where the last n lines of binary file f start."""
+    f.seek(0, 2)
+    end = f.tell()
+    if n == 0:
+        return end
+    pos, found = end, 0
+    block = 65536
+    # A final newline ends the last line; it does not start a new one.
+    if end:
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            found = -1
+    while pos > 0:
+        step = min(block, pos)
+        pos -= step
+        f.seek(pos)
+        data = f.read(step)
+        i = len(data)
+        while True:
+            i = data.rfind(b"\n", 0, i)
+            if i < 0:
+                break
+            found += 1
+            if found == n:
+                return pos + i + 1
+    return 0
+
+
+def copy_from(path, pos, out):
+    """Copy a file from offset pos to out; the new offset."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(pos)
+            while True:
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    break
+                out.write(chunk)
+                pos += len(chunk)
+    except FileNotFoundError:
+        pass
+    out.flush()
+    return pos
+
+
+def cmd_wait(args):
+    """Block until each job is finished: 0 if all completed, 1 otherwise."""
+    for i in args.ids:
+        check_name(i)
+    if args.timeout is not None and args.timeout < 0:
+        raise UsageError("invalid --timeout: use 0 or more seconds")
+    store = open_store(args, create=False)
+    for i in args.ids:
+        store.must_get(i)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    delay = 0.02
+    while True:
+        marks = ",".join("?" * len(args.ids))
+        states = dict(store.q(f"SELECT id, state FROM jobs WHERE id IN ({marks})",
+                              args.ids))
+        if all(states.get(i, DEAD) in FINISHED for i in args.ids):
+            bad = [f"{i} {states.get(i, 'deleted')}" for i in args.ids
+                   if states.get(i) != COMPLETED]
+            if bad:
+                sys.stderr.write(f"queuectl: error: not completed: {', '.join(bad)}\n")
+                return EXIT_FAIL
+            return EXIT_OK
+        if deadline is not None and time.monotonic() >= deadline:
+            waiting = [f"{i} {states[i]}" for i in args.ids if states.get(i) not in FINISHED]
+            sys.stderr.write(f"queuectl: error: timed out after {args.timeout:g}s; "
+                             f"still waiting for {', '.join(waiting)}\n")
+            return EXIT_FAIL
+        pause = delay if deadline is None else min(delay, max(deadline - time.monotonic(), 0))
+        time.sleep(pause)
+        delay = min(delay * 1.5, 0.5)
+
+
+def reset_jobs(store, ids, allowed, verb):
+    """retry / dlq retry: dead/cancelled/completed jobs back to pending,
+    attempts reset; all or nothing."""
+    jobs = [store.must_get(i) for i in dict.fromkeys(ids)]
+    for job in jobs:
+        if job["state"] not in allowed:
+            raise QueuectlError(f"cannot {verb} job {job['id']}: it is {job['state']}; "
+                                f"only {', '.join(allowed)} jobs can be")
+    now = iso(time.time())
+    with store.tx():
+        for job in jobs:
+            cur = store.x("UPDATE jobs SET state = 'pending', attempts = 0, "
+                          "run_at = ?, updated_at = ?, started_at = NULL, "
+                          "finished_at = NULL, exit_code = NULL, last_error = NULL, "
+                          "worker = NULL, claim = NULL, pid = NULL WHERE id = ? "
+                          "AND state = ?", (now, now, job["id"], job["state"]))
+            if not cur.rowcount:
+                raise QueuectlError(f"job {job['id']} changed meanwhile; try again")
+            deps = _loads(job["depends_on"], [])
+            if deps:
+                open_deps = store.x(
+                    f"SELECT count(*) FROM jobs WHERE id IN ({','.join('?' * len(deps))}) "
+                    "AND state != 'completed'", deps).fetchone()[0]
+                store.x("UPDATE jobs SET blocked = ? WHERE id = ?",
+                        (int(open_deps > 0), job["id"]))
+            if job["state"] == COMPLETED:
+                store.x(SQL_REBLOCK, (job["id"],))
+    wake_workers(store.home)
+    return jobs
+
+
+def cmd_retry(args):
+    """A dead, cancelled or completed job runs again (attempts reset)."""
+    store = open_store(args, create=False)
+    for job in reset_jobs(store, args.ids, (DEAD, CANCELLED, COMPLETED), "retry"):
+        print(job["id"])
+    return EXIT_OK
+
+
+def cmd_pause(args):
+    """Stop claiming from queues (all when none named); running jobs go on."""
+    names = [check_name(q, "queue name") for q in args.queues] or ["*"]
+    store = open_store(args, create=True)
+    with store.tx():
+        for q in names:
+            store.x("INSERT OR IGNORE INTO paused (queue) VALUES (?)", (q,))
+    print("paused: " + ("all queues" if names == ["*"] else ", ".join(names)))
+    return EXIT_OK
+
+
+def cmd_resume(args):
+    """Claim from queues again (all when none named)."""
+    names = [check_name(q, "queue name") for q in args.queues]
+    store = open_store(args, create=True)
+    with store.tx():
+        if names:
+            for q in names:
+                store.x("DELETE FROM paused WHERE queue = ?", (q,))
+        else:
+            store.x("DELETE FROM paused")
+    wake_workers(args.home)
+    left = store.paused()
+    print("resumed: " + (", ".join(names) if names else "all queues"))
+    if "*" in left:
+        sys.stderr.write("queuectl: note: all queues are still paused (by "
+                         "'queuectl pause' with no queue); run 'queuectl resume' "
+                         "to resume them all\n")
+    return EXIT_OK
+
+
+def cmd_cancel(args):
+    """Cancel jobs: pending/failed at once, processing ones by stopping their
+    process tree (within 2 s); returns once that is done."""
+    for i in args.ids:
+        check_name(i)
+    store = open_store(args, create=False)
+    jobs = [store.must_get(i) for i in dict.fromkeys(args.ids)]
+    for job in jobs:
+        if job["state"] not in (PENDING, FAILED, PROCESSING):
+            raise QueuectlError(f"cannot cancel job {job['id']}: it is {job['state']}")
+    now = iso(time.time())
+    with store.tx():
+        for job in jobs:
+            cur = store.x("UPDATE jobs SET state = 'cancelled', finished_at = ?, "
+                          "updated_at = ?, claim = NULL, last_error = 'cancelled' "
+                          "WHERE id = ? AND state = ? AND claim IS ?",
+                          (now, now, job["id"], job["state"], job["claim"]))
+            if not cur.rowcount:
+                raise QueuectlError(f"job {job['id']} changed meanwhile; try again")
+    for job in jobs:
+        if job["state"] == PROCESSING and job["pid"] and \
+                same_process(job["pid"], job["pid_start"]):
+            pid, start = job["pid"], job["pid_start"]
+            kill_group(pid, CANCEL_GRACE,
+                       lambda p=pid, s=start: not same_process(p, s))
+        print(job["id"])
+    return EXIT_OK
+
+
+def cmd_dlq(args):
+    """The dead letter queue: list, retry, purge."""
+    if args.dlq_command == "list":
+        store = open_store(args, create=False)
+        args.limit = args.limit if args.limit is not None else 100
+        return list_jobs(store, args, DEAD)
+    if bool(args.ids) == bool(args.all):
+        raise UsageError(f"dlq {args.dlq_command} takes job ids or --all")
+    store = open_store(args, create=False)
+    if args.all:
+        ids = [r[0] for r in store.q("SELECT id FROM jobs WHERE state = 'dead' ORDER BY seq")]
+    else:
+        ids = [check_name(i) for i in args.ids]
+    if args.dlq_command == "retry":
+        for job in reset_jobs(store, ids, (DEAD,), "dlq retry"):
+            print(job["id"])
+        return EXIT_OK
+    jobs = [store.must_get(i) for i in ids]
+    for job in jobs:
+        if job["state"] != DEAD:
+            raise QueuectlError(f"cannot purge job {job['id']}: it is {job['state']}, "
+                                "not dead")
+    delete_jobs(store, [j["id"] for j in jobs], (DEAD,))
+    print(f"purged {len(jobs)} job{'s' if len(jobs) != 1 else ''}")
+    return EXIT_OK
+
+
+def delete_jobs(store, ids, states):
+    """Delete finished jobs and their logs, in batches."""
+    for i in range(0, len(ids), 500):
+        batch = ids[i:i + 500]
+        marks = ",".join("?" * len(batch))
+        smarks = ",".join("?" * len(states))
+        with store.tx():
+            store.x(f"DELETE FROM jobs WHERE id IN ({marks}) AND state IN ({smarks})",
+                    batch + list(states))
+            store.x(f"DELETE FROM deps WHERE job IN ({marks})", batch)
+        for job_id in batch:
+            remove_file(log_path(store.home, job_id))
+
+
+def cmd_prune(args):
+    """Delete finished jobs older than --older-than, and their logs."""
+    age = parse_duration(args.older_than, "--older-than")
+    states = list(dict.fromkeys(args.state or FINISHED))
+    for s in states:
+        if s not in FINISHED:
+            raise UsageError(f"prune removes only finished jobs; --state takes "
+                             f"{', '.join(FINISHED)}, not {s!r}")
+    store = open_store(args, create=False)
+    cutoff = iso(time.time() - age)
+    ids = [r[0] for r in store.q(
+        f"SELECT id FROM jobs WHERE state IN ({','.join('?' * len(states))}) "
+        "AND finished_at < ?", states + [cutoff])]
+    delete_jobs(store, ids, states)
+    try:
+        store.db.execute("PRAGMA incremental_vacuum")
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except store.sqlite3.Error:
+        pass                    # space is reclaimed on a later run
+    print(f"pruned {len(ids)} job{'s' if len(ids) != 1 else ''}")
+    return EXIT_OK
+
+
+def cmd_config(args):
+    """config get KEY / set KEY VALUE / list."""
+    cfg = Config(args.home)
+    if args.config_command == "set":
+        key = normalize_key(args.key)
+        value = parse_config_text(key, args.value)
+        ensure_private_dir(args.home)
+        check_private(args.home, "home directory")
+        cfg.set(key, value)
+        print(f"{key} = {value}")
+        return EXIT_OK
+    if args.config_command == "get":
+        key = normalize_key(args.key)
+        value = cfg.load()[key]
+        print_json(value) if args.json else print(value)
+        return EXIT_OK
+    values, explicit = cfg.load(), cfg.read_set()
+    if args.json:
+        print_json(values)
+        return EXIT_OK
+    for k, v in values.items():
+        note = "" if k in explicit else "  (default)"
+        print(f"{k} = {v}{note}")
+    return EXIT_OK
+
+
+def cmd_metrics(args):
+    """Prometheus text format: jobs per state and queue, workers, attempts,
+    failures, durations, oldest pending age."""
+    store = open_store(args, create=False)
+    now = time.time()
+    lines = ["# HELP queuectl_jobs Jobs by state and queue.",
+             "# TYPE queuectl_jobs gauge"]
+    seen = set()
+    for state, queue, n in store.q(
+            "SELECT state, queue, count(*) FROM jobs GROUP BY state, queue"):
+        lines.append(f'queuectl_jobs{{queue="{queue}",state="{state}"}} {n}')
+        seen.add((queue, state))
+    for s in STATES:
+        if not any(st == s for _, st in seen):
+            lines.append(f'queuectl_jobs{{queue="{DEFAULT_QUEUE}",state="{s}"}} 0')
+    workers = store.live_workers()
+    lines += ["# HELP queuectl_workers Live worker processes.",
+              "# TYPE queuectl_workers gauge", f"queuectl_workers {len(workers)}",
+              "# HELP queuectl_worker_threads Job threads of live workers.",
+              "# TYPE queuectl_worker_threads gauge",
+              f"queuectl_worker_threads {sum(w[3] for w in workers)}"]
+    stats = store.q("SELECT queue, name, value FROM stats ORDER BY queue, name")
+    by = {}
+    for queue, name, value in stats:
+        by.setdefault(name, []).append((queue, value))
+    for name, metric, kind, help_ in (
+            ("attempts", "queuectl_attempts_total", "counter", "Attempts that ended."),
+            ("failures", "queuectl_failures_total", "counter",
+             "Attempts that failed (exit != 0, timeout, worker died)."),
+            ("duration_sum", "queuectl_job_duration_seconds_sum", "counter",
+             "Total run time of ended attempts."),
+            ("duration_count", "queuectl_job_duration_seconds_count", "counter",
+             "Ended attempts with a known run time.")):
+        lines += [f"# HELP {metric} {help_}", f"# TYPE {metric} {kind}"]
+        for queue, value in by.get(name, [(DEFAULT_QUEUE, 0)]):
+            lines.append(f'{metric}{{queue="{queue}"}} {value:g}')
+    oldest = store.q("SELECT min(created_at) FROM jobs WHERE state = 'pending'")[0][0]
+    lines += ["# HELP queuectl_oldest_pending_seconds Age of the oldest pending job.",
+              "# TYPE queuectl_oldest_pending_seconds gauge",
+              f"queuectl_oldest_pending_seconds {max(now - epoch(oldest), 0) if oldest else 0:.3f}"]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+# Command line ################################################################
+
+EXAMPLES = {
+    "enqueue": ["queuectl enqueue 'pg_dump mydb > /backup/mydb.sql'",
+                "queuectl enqueue --id nightly --unique --max-retries 5 './backup.sh'",
+                "queuectl enqueue '{\"id\":\"a\",\"command\":\"echo hi\",\"max_retries\":2}'"],
+    "worker start": ["queuectl worker start --count 4",
+                     "queuectl worker start --drain", "queuectl worker start --detach"],
+    "worker stop": ["queuectl worker stop --wait", "queuectl worker stop --now"],
+    "worker status": ["queuectl worker status"],
+    "status": ["queuectl status", "queuectl status --json"],
+    "show": ["queuectl show nightly"],
+    "list": ["queuectl list --state failed", "queuectl list --queue reports --limit 20"],
+    "logs": ["queuectl logs nightly --tail 50", "queuectl logs nightly --follow"],
+    "wait": ["id=$(queuectl enqueue 'make build') && queuectl wait \"$id\""],
+    "retry": ["queuectl retry k3x9qa"],
+    "pause": ["queuectl pause reports", "queuectl pause"],
+    "resume": ["queuectl resume reports", "queuectl resume"],
+    "cancel": ["queuectl cancel k3x9qa"],
+    "dlq list": ["queuectl dlq list"],
+    "dlq retry": ["queuectl dlq retry k3x9qa", "queuectl dlq retry --all"],
+    "dlq purge": ["queuectl dlq purge --all"],
+    "prune": ["queuectl prune --older-than 7d",
+              "queuectl prune --older-than 30d --state dead"],
+    "config get": ["queuectl config get max-retries"],
+    "config set": ["queuectl config set max-retries 5"],
+    "config list": ["queuectl config list"],
+    "metrics": ["queuectl metrics > /var/lib/node_exporter/queuectl.prom"],
+}
+
+SHORT_USAGE = """\
+usage: queuectl [--home DIR] COMMAND ...
+
+Common commands:
+  queuectl enqueue 'CMD'          add a job (prints its id)
+  queuectl worker start           run jobs (--count N, --drain, --detach)
+  queuectl status                 counts per state, workers, what is next
+  queuectl list [--state S]       jobs and their states
+  queuectl logs ID                a job's output
+  queuectl dlq list               jobs that failed for good
+
+Run 'queuectl --help' for every command, 'queuectl COMMAND --help' for one.
+"""
+
+
+def build_parser():
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            self.print_usage(sys.stderr)
+            raise UsageError(message)
+
+    def sub(parent, name, help_, full=None):
+        examples = EXAMPLES.get(full or name, [])
+        epilog = ("examples:\n" + "\n".join("  " + e for e in examples)) if examples else None
+        p = parent.add_parser(name, help=help_, description=help_, epilog=epilog,
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              parents=[common])
+        return p
+
+    common = Parser(add_help=False)
+    common.add_argument("--home", default=argparse.SUPPRESS, metavar="DIR",
+                        help="queue home (default: $QUEUECTL_HOME or ~/.queuectl)")
+    parser = Parser(prog="queuectl", description="A background job queue for "
+                    "shell commands: retries, backoff, a dead letter queue, "
+                    "timeouts and crash recovery, all in SQLite.")
+    parser.add_argument("--version", action="version", version=f"queuectl {__version__}")
+    parser.add_argument("--home", metavar="DIR",
+                        help="queue home (default: $QUEUECTL_HOME or ~/.queuectl)")
+    cmds = parser.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
+
+    p = sub(cmds, "enqueue", "add a job; prints its id")
+    p.add_argument("job", nargs="?", metavar="JOB",
+                   help="the shell command, or a JSON object when it starts with {")
+    p.add_argument("-c", "--command", help="the shell command")
+    p.add_argument("--id", help="the job id (default: a short random one)")
+    p.add_argument("-p", "--priority", type=_int_arg("--priority"),
+                   help="higher runs first (default 0)")
+    p.add_argument("--max-retries", type=_int_arg("--max-retries"),
+                   help="retries after the first attempt (default: config)")
+    p.add_argument("--timeout", type=_num_arg("--timeout"),
+                   help="seconds, 0 = none (default: config job_timeout)")
+    p.add_argument("--run-at", metavar="TIME", help="ISO-8601; naive = local time")
+    p.add_argument("--delay", metavar="DUR", help="90, 90s, 5m, 2h, 1d")
+    p.add_argument("--queue", help=f"queue name (default {DEFAULT_QUEUE})")
+    p.add_argument("--after", action="append", metavar="ID",
+                   help="run after this job completed (repeatable)")
+    p.add_argument("--cwd", help="working directory (default: the current one)")
+    p.add_argument("--env", action="append", metavar="K=V",
+                   help="environment variable for the job (repeatable)")
+    p.add_argument("--unique", action="store_true",
+                   help="if the id exists already, print it and change nothing")
+    p.add_argument("--stdin", action="store_true",
+                   help="one job per line (JSON or command), all or nothing")
+    p.add_argument("--json", action="store_true", help="print the job as JSON")
+
+    w = sub(cmds, "worker", "start, stop or list workers")
+    wcmds = w.add_subparsers(dest="worker_command", metavar="ACTION", parser_class=Parser)
+    w.set_defaults(sub_required=("worker_command", w))
+    p = sub(wcmds, "start", "run jobs until stopped", "worker start")
+    p.add_argument("--count", type=_int_arg("--count"), default=1,
+                   help="worker threads in this process (default 1)")
+    p.add_argument("--queue", action="append", metavar="Q",
+                   help="serve only this queue (repeatable; default: all)")
+    p.add_argument("--drain", action="store_true",
+                   help="exit when no job can run now and none awaits a retry")
+    p.add_argument("--detach", action="store_true",
+                   help="run in the background, log to HOME/worker.log, print the pid")
+    p = sub(wcmds, "stop", "stop every live worker of this home", "worker stop")
+    p.add_argument("--now", action="store_true",
+                   help="also stop running jobs (back to pending, attempt not counted)")
+    p.add_argument("--wait", action="store_true", help="return once they have exited")
+    p.add_argument("--timeout", type=_num_arg("--timeout"),
+                   help="with --wait: give up after this many seconds")
+    p = sub(wcmds, "status", "list live workers", "worker status")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub(cmds, "status", "counts per state, workers, oldest pending, next run")
+    p.add_argument("id", nargs="?", metavar="ID", help="show one job instead")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub(cmds, "show", "every field of one job, and its log path")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub(cmds, "list", "list jobs in enqueue order")
+    p.add_argument("--state", help="only jobs in this state: " + ", ".join(STATES))
+    p.add_argument("--queue", help="only jobs of this queue")
+    p.add_argument("--limit", type=_int_arg("--limit"), default=100,
+                   help="at most this many (default 100, 0 = all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub(cmds, "logs", "print a job's log")
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--tail", type=_int_arg("--tail"), metavar="N",
+                   help="only the last N lines")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing until the job ends")
+    p = sub(cmds, "wait", "block until jobs finish; 0 if all completed")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("--timeout", type=_num_arg("--timeout"),
+                   help="give up after this many seconds (exit 1)")
+    p = sub(cmds, "retry", "run a dead, cancelled or completed job again")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p = sub(cmds, "pause", "stop claiming from queues (all when none named)")
+    p.add_argument("queues", nargs="*", metavar="QUEUE")
+    p = sub(cmds, "resume", "claim from paused queues again (all when none named)")
+    p.add_argument("queues", nargs="*", metavar="QUEUE")
+    p = sub(cmds, "cancel", "cancel jobs; stops running ones within 2 s")
+    p.add_argument("ids", nargs="+", metavar="ID")
+
+    d = sub(cmds, "dlq", "the dead letter queue: list, retry, purge")
+    dcmds = d.add_subparsers(dest="dlq_command", metavar="ACTION", parser_class=Parser)
+    d.set_defaults(sub_required=("dlq_command", d))
+    p = sub(dcmds, "list", "list dead jobs", "dlq list")
+    p.add_argument("--limit", type=_int_arg("--limit"), default=100,
+                   help="at most this many (default 100, 0 = all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    for name, help_ in (("retry", "run dead jobs again (attempts reset)"),
+                        ("purge", "delete dead jobs and their logs")):
+        p = sub(dcmds, name, help_, "dlq " + name)
+        p.add_argument("ids", nargs="*", metavar="ID")
+        p.add_argument("--all", action="store_true", help="every dead job")
+
+    p = sub(cmds, "prune", "delete old finished jobs and their logs")
+    p.add_argument("--older-than", required=True, metavar="DUR",
+                   help="finished longer ago than this (7d, 12h)")
+    p.add_argument("--state", action="append", metavar="S",
+                   help="only this finished state (repeatable): " + ", ".join(FINISHED))
+
+    c = sub(cmds, "config", "get, set or list settings")
+    ccmds = c.add_subparsers(dest="config_command", metavar="ACTION", parser_class=Parser)
+    c.set_defaults(sub_required=("config_command", c))
+    p = sub(ccmds, "get", "print one setting", "config get")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub(ccmds, "set", "change one setting", "config set")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("value", metavar="VALUE")
+    p = sub(ccmds, "list", "every setting and its value", "config list")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    sub(cmds, "metrics", "Prometheus text format metrics")
+    return parser
+
+
+def _int_arg(flag):
+    def conv(text):
+        try:
+            return int(text)
+        except ValueError:
+            raise UsageError(f"invalid {flag} {text!r}: use a whole number") from None
+    return conv
+
+
+def _num_arg(flag):
+    def conv(text):
+        try:
+            v = float(text)
+        except ValueError:
+            v = None
+        if v is None or v != v or v in (float("inf"), float("-inf")) or v < 0:
+            raise UsageError(f"invalid {flag} {text!r}: use a number of seconds, 0 or more")
+        return int(v) if v == int(v) else v
+    return conv
+
+
+COMMANDS = {
+    "enqueue": cmd_enqueue, "status": cmd_status, "show": cmd_show,
+    "list": cmd_list, "logs": cmd_logs, "wait": cmd_wait, "retry": cmd_retry,
+    "pause": cmd_pause, "resume": cmd_resume, "cancel": cmd_cancel,
+    "dlq": cmd_dlq, "prune": cmd_prune, "config": cmd_config,
+    "metrics": cmd_metrics,
+    ("worker", "start"): cmd_worker_start, ("worker", "stop"): cmd_worker_stop,
+    ("worker", "status"): cmd_worker_status,
+}
+
+
+def main(argv=None):
+    """Run one command; returns its exit code. Errors become one line on
+    stderr; QUEUECTL_DEBUG=1 shows tracebacks of unexpected ones."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        sys.stdout.write(SHORT_USAGE)
+        return EXIT_OK
+    try:
+        args = build_parser().parse_args(argv)
+        args.home = resolve_home(getattr(args, "home", None))
+        if args.cmd is None:
+            sys.stdout.write(SHORT_USAGE)
+            return EXIT_OK
+        if hasattr(args, "sub_required"):
+            dest, p = args.sub_required
+            if getattr(args, dest) is None:
+                p.print_usage(sys.stderr)
+                raise UsageError(f"{args.cmd} needs an action: "
+                                 + ", ".join(p._subparsers._group_actions[0].choices))
+            func = COMMANDS.get((args.cmd, getattr(args, dest)), COMMANDS.get(args.cmd))
+        else:
+            func = COMMANDS[args.cmd]
+        return func(args)
+    except QueuectlError as e:
+        sys.stderr.write(f"queuectl: error: {e}\n")
+        return e.code
+    except KeyboardInterrupt:
+        sys.stderr.write("queuectl: error: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = None
+        except Exception:
+            pass
+        return EXIT_OK
+    except Exception as e:
+        if os.environ.get("QUEUECTL_DEBUG"):
+            raise
+        sys.stderr.write(f"queuectl: error: unexpected {type(e).__name__}: {e} "
+                         "(run with QUEUECTL_DEBUG=1 for details, and please "
+                         "report it)\n")
+        return EXIT_FAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
