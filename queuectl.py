@@ -2397,8 +2397,13 @@ Run 'queuectl --help' for every command, 'queuectl COMMAND --help' for one.
 """
 
 
-def build_parser():
+def build_parser(only=None):
+    """The argument parser; with only=NAME, just that command's subparser
+    (building all of them costs a cron-driven enqueue several ms)."""
     import argparse
+
+    def want(name):
+        return only is None or only == name
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):
@@ -2424,115 +2429,138 @@ def build_parser():
                         help="queue home (default: $QUEUECTL_HOME or ~/.queuectl)")
     cmds = parser.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
 
-    p = sub(cmds, "enqueue", "add a job; prints its id")
-    p.add_argument("job", nargs="?", metavar="JOB",
-                   help="the shell command, or a JSON object when it starts with {")
-    p.add_argument("-c", "--command", help="the shell command")
-    p.add_argument("--id", help="the job id (default: a short random one)")
-    p.add_argument("-p", "--priority", type=_int_arg("--priority"),
-                   help="higher runs first (default 0)")
-    p.add_argument("--max-retries", type=_int_arg("--max-retries"),
-                   help="retries after the first attempt (default: config)")
-    p.add_argument("--timeout", type=_num_arg("--timeout"),
-                   help="seconds, 0 = none (default: config job_timeout)")
-    p.add_argument("--run-at", metavar="TIME", help="ISO-8601; naive = local time")
-    p.add_argument("--delay", metavar="DUR", help="90, 90s, 5m, 2h, 1d")
-    p.add_argument("--queue", help=f"queue name (default {DEFAULT_QUEUE})")
-    p.add_argument("--after", action="append", metavar="ID",
-                   help="run after this job completed (repeatable)")
-    p.add_argument("--cwd", help="working directory (default: the current one)")
-    p.add_argument("--env", action="append", metavar="K=V",
-                   help="environment variable for the job (repeatable)")
-    p.add_argument("--unique", action="store_true",
-                   help="if the id exists already, print it and change nothing")
-    p.add_argument("--stdin", action="store_true",
-                   help="one job per line (JSON or command), all or nothing")
-    p.add_argument("--json", action="store_true", help="print the job as JSON")
+    if want("enqueue"):
+        p = sub(cmds, "enqueue", "add a job; prints its id")
+        p.add_argument("job", nargs="?", metavar="JOB",
+                       help="the shell command, or a JSON object when it starts with {")
+        p.add_argument("-c", "--command", help="the shell command")
+        p.add_argument("--id", help="the job id (default: a short random one)")
+        p.add_argument("-p", "--priority", type=_int_arg("--priority"),
+                       help="higher runs first (default 0)")
+        p.add_argument("--max-retries", type=_int_arg("--max-retries"),
+                       help="retries after the first attempt (default: config)")
+        p.add_argument("--timeout", type=_num_arg("--timeout"),
+                       help="seconds, 0 = none (default: config job_timeout)")
+        p.add_argument("--run-at", metavar="TIME", help="ISO-8601; naive = local time")
+        p.add_argument("--delay", metavar="DUR", help="90, 90s, 5m, 2h, 1d")
+        p.add_argument("--queue", help=f"queue name (default {DEFAULT_QUEUE})")
+        p.add_argument("--after", action="append", metavar="ID",
+                       help="run after this job completed (repeatable)")
+        p.add_argument("--cwd", help="working directory (default: the current one)")
+        p.add_argument("--env", action="append", metavar="K=V",
+                       help="environment variable for the job (repeatable)")
+        p.add_argument("--unique", action="store_true",
+                       help="if the id exists already, print it and change nothing")
+        p.add_argument("--stdin", action="store_true",
+                       help="one job per line (JSON or command), all or nothing")
+        p.add_argument("--json", action="store_true", help="print the job as JSON")
 
-    w = sub(cmds, "worker", "start, stop or list workers")
-    wcmds = w.add_subparsers(dest="worker_command", metavar="ACTION", parser_class=Parser)
-    w.set_defaults(sub_required=("worker_command", w))
-    p = sub(wcmds, "start", "run jobs until stopped", "worker start")
-    p.add_argument("--count", type=_int_arg("--count"), default=1,
-                   help="worker threads in this process (default 1)")
-    p.add_argument("--queue", action="append", metavar="Q",
-                   help="serve only this queue (repeatable; default: all)")
-    p.add_argument("--drain", action="store_true",
-                   help="exit when no job can run now and none awaits a retry")
-    p.add_argument("--detach", action="store_true",
-                   help="run in the background, log to HOME/worker.log, print the pid")
-    p = sub(wcmds, "stop", "stop every live worker of this home", "worker stop")
-    p.add_argument("--now", action="store_true",
-                   help="also stop running jobs (back to pending, attempt not counted)")
-    p.add_argument("--wait", action="store_true", help="return once they have exited")
-    p.add_argument("--timeout", type=_num_arg("--timeout"),
-                   help="with --wait: give up after this many seconds")
-    p = sub(wcmds, "status", "list live workers", "worker status")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    if want("worker"):
+        w = sub(cmds, "worker", "start, stop or list workers")
+        wcmds = w.add_subparsers(dest="worker_command", metavar="ACTION", parser_class=Parser)
+        w.set_defaults(sub_required=("worker_command", w))
+        p = sub(wcmds, "start", "run jobs until stopped", "worker start")
+        p.add_argument("--count", type=_int_arg("--count"), default=1,
+                       help="worker threads in this process (default 1)")
+        p.add_argument("--queue", action="append", metavar="Q",
+                       help="serve only this queue (repeatable; default: all)")
+        p.add_argument("--drain", action="store_true",
+                       help="exit when no job can run now and none awaits a retry")
+        p.add_argument("--detach", action="store_true",
+                       help="run in the background, log to HOME/worker.log, print the pid")
+        p = sub(wcmds, "stop", "stop every live worker of this home", "worker stop")
+        p.add_argument("--now", action="store_true",
+                       help="also stop running jobs (back to pending, attempt not counted)")
+        p.add_argument("--wait", action="store_true", help="return once they have exited")
+        p.add_argument("--timeout", type=_num_arg("--timeout"),
+                       help="with --wait: give up after this many seconds")
+        p = sub(wcmds, "status", "list live workers", "worker status")
+        p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub(cmds, "status", "counts per state, workers, oldest pending, next run")
-    p.add_argument("id", nargs="?", metavar="ID", help="show one job instead")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p = sub(cmds, "show", "every field of one job, and its log path")
-    p.add_argument("id", metavar="ID")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p = sub(cmds, "list", "list jobs in enqueue order")
-    p.add_argument("--state", help="only jobs in this state: " + ", ".join(STATES))
-    p.add_argument("--queue", help="only jobs of this queue")
-    p.add_argument("--limit", type=_int_arg("--limit"), default=100,
-                   help="at most this many (default 100, 0 = all)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p = sub(cmds, "logs", "print a job's log")
-    p.add_argument("id", metavar="ID")
-    p.add_argument("--tail", type=_int_arg("--tail"), metavar="N",
-                   help="only the last N lines")
-    p.add_argument("-f", "--follow", action="store_true",
-                   help="keep printing until the job ends")
-    p = sub(cmds, "wait", "block until jobs finish; 0 if all completed")
-    p.add_argument("ids", nargs="+", metavar="ID")
-    p.add_argument("--timeout", type=_num_arg("--timeout"),
-                   help="give up after this many seconds (exit 1)")
-    p = sub(cmds, "retry", "run a dead, cancelled or completed job again")
-    p.add_argument("ids", nargs="+", metavar="ID")
-    p = sub(cmds, "pause", "stop claiming from queues (all when none named)")
-    p.add_argument("queues", nargs="*", metavar="QUEUE")
-    p = sub(cmds, "resume", "claim from paused queues again (all when none named)")
-    p.add_argument("queues", nargs="*", metavar="QUEUE")
-    p = sub(cmds, "cancel", "cancel jobs; stops running ones within 2 s")
-    p.add_argument("ids", nargs="+", metavar="ID")
+    if want("status"):
+        p = sub(cmds, "status", "counts per state, workers, oldest pending, next run")
+        p.add_argument("id", nargs="?", metavar="ID", help="show one job instead")
+        p.add_argument("--json", action="store_true", help="print JSON")
 
-    d = sub(cmds, "dlq", "the dead letter queue: list, retry, purge")
-    dcmds = d.add_subparsers(dest="dlq_command", metavar="ACTION", parser_class=Parser)
-    d.set_defaults(sub_required=("dlq_command", d))
-    p = sub(dcmds, "list", "list dead jobs", "dlq list")
-    p.add_argument("--limit", type=_int_arg("--limit"), default=100,
-                   help="at most this many (default 100, 0 = all)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    for name, help_ in (("retry", "run dead jobs again (attempts reset)"),
-                        ("purge", "delete dead jobs and their logs")):
-        p = sub(dcmds, name, help_, "dlq " + name)
-        p.add_argument("ids", nargs="*", metavar="ID")
-        p.add_argument("--all", action="store_true", help="every dead job")
+    if want("show"):
+        p = sub(cmds, "show", "every field of one job, and its log path")
+        p.add_argument("id", metavar="ID")
+        p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub(cmds, "prune", "delete old finished jobs and their logs")
-    p.add_argument("--older-than", required=True, metavar="DUR",
-                   help="finished longer ago than this (7d, 12h)")
-    p.add_argument("--state", action="append", metavar="S",
-                   help="only this finished state (repeatable): " + ", ".join(FINISHED))
+    if want("list"):
+        p = sub(cmds, "list", "list jobs in enqueue order")
+        p.add_argument("--state", help="only jobs in this state: " + ", ".join(STATES))
+        p.add_argument("--queue", help="only jobs of this queue")
+        p.add_argument("--limit", type=_int_arg("--limit"), default=100,
+                       help="at most this many (default 100, 0 = all)")
+        p.add_argument("--json", action="store_true", help="print JSON")
 
-    c = sub(cmds, "config", "get, set or list settings")
-    ccmds = c.add_subparsers(dest="config_command", metavar="ACTION", parser_class=Parser)
-    c.set_defaults(sub_required=("config_command", c))
-    p = sub(ccmds, "get", "print one setting", "config get")
-    p.add_argument("key", metavar="KEY")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p = sub(ccmds, "set", "change one setting", "config set")
-    p.add_argument("key", metavar="KEY")
-    p.add_argument("value", metavar="VALUE")
-    p = sub(ccmds, "list", "every setting and its value", "config list")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    if want("logs"):
+        p = sub(cmds, "logs", "print a job's log")
+        p.add_argument("id", metavar="ID")
+        p.add_argument("--tail", type=_int_arg("--tail"), metavar="N",
+                       help="only the last N lines")
+        p.add_argument("-f", "--follow", action="store_true",
+                       help="keep printing until the job ends")
 
-    sub(cmds, "metrics", "Prometheus text format metrics")
+    if want("wait"):
+        p = sub(cmds, "wait", "block until jobs finish; 0 if all completed")
+        p.add_argument("ids", nargs="+", metavar="ID")
+        p.add_argument("--timeout", type=_num_arg("--timeout"),
+                       help="give up after this many seconds (exit 1)")
+
+    if want("retry"):
+        p = sub(cmds, "retry", "run a dead, cancelled or completed job again")
+        p.add_argument("ids", nargs="+", metavar="ID")
+
+    if want("pause"):
+        p = sub(cmds, "pause", "stop claiming from queues (all when none named)")
+        p.add_argument("queues", nargs="*", metavar="QUEUE")
+
+    if want("resume"):
+        p = sub(cmds, "resume", "claim from paused queues again (all when none named)")
+        p.add_argument("queues", nargs="*", metavar="QUEUE")
+
+    if want("cancel"):
+        p = sub(cmds, "cancel", "cancel jobs; stops running ones within 2 s")
+        p.add_argument("ids", nargs="+", metavar="ID")
+
+    if want("dlq"):
+        d = sub(cmds, "dlq", "the dead letter queue: list, retry, purge")
+        dcmds = d.add_subparsers(dest="dlq_command", metavar="ACTION", parser_class=Parser)
+        d.set_defaults(sub_required=("dlq_command", d))
+        p = sub(dcmds, "list", "list dead jobs", "dlq list")
+        p.add_argument("--limit", type=_int_arg("--limit"), default=100,
+                       help="at most this many (default 100, 0 = all)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        for name, help_ in (("retry", "run dead jobs again (attempts reset)"),
+                            ("purge", "delete dead jobs and their logs")):
+            p = sub(dcmds, name, help_, "dlq " + name)
+            p.add_argument("ids", nargs="*", metavar="ID")
+            p.add_argument("--all", action="store_true", help="every dead job")
+
+    if want("prune"):
+        p = sub(cmds, "prune", "delete old finished jobs and their logs")
+        p.add_argument("--older-than", required=True, metavar="DUR",
+                       help="finished longer ago than this (7d, 12h)")
+        p.add_argument("--state", action="append", metavar="S",
+                       help="only this finished state (repeatable): " + ", ".join(FINISHED))
+
+    if want("config"):
+        c = sub(cmds, "config", "get, set or list settings")
+        ccmds = c.add_subparsers(dest="config_command", metavar="ACTION", parser_class=Parser)
+        c.set_defaults(sub_required=("config_command", c))
+        p = sub(ccmds, "get", "print one setting", "config get")
+        p.add_argument("key", metavar="KEY")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p = sub(ccmds, "set", "change one setting", "config set")
+        p.add_argument("key", metavar="KEY")
+        p.add_argument("value", metavar="VALUE")
+        p = sub(ccmds, "list", "every setting and its value", "config list")
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    if want("metrics"):
+        sub(cmds, "metrics", "Prometheus text format metrics")
     return parser
 
 
@@ -2567,6 +2595,16 @@ COMMANDS = {
     ("worker", "status"): cmd_worker_status,
 }
 
+COMMAND_NAMES = {c if isinstance(c, str) else c[0] for c in COMMANDS}
+
+
+def _command_name(argv):
+    """The subcommand named in argv (after --home DIR), or None."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("--home"):
+        i += 1 if "=" in argv[i] else 2
+    return argv[i] if i < len(argv) and argv[i] in COMMAND_NAMES else None
+
 
 def main(argv=None):
     """Run one command; returns its exit code. Errors become one line on
@@ -2576,7 +2614,8 @@ def main(argv=None):
         sys.stdout.write(SHORT_USAGE)
         return EXIT_OK
     try:
-        args = build_parser().parse_args(argv)
+        only = _command_name(argv)
+        args = build_parser(only).parse_args(argv)
         args.home = resolve_home(getattr(args, "home", None))
         if args.cmd is None:
             sys.stdout.write(SHORT_USAGE)
