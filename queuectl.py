@@ -1408,7 +1408,13 @@ class Worker:
         env.update(_loads(job["env"], {}))
         env["QUEUECTL_JOB_ID"] = job["id"]
         env["QUEUECTL_ATTEMPT"] = str(attempt)
-        fd = open_private(log_path(self.home, job["id"]), os.O_RDWR | os.O_APPEND)
+        try:
+            fd = open_private(log_path(self.home, job["id"]), os.O_RDWR | os.O_APPEND)
+        except OSError as e:
+            # ELOOP: a symlink was planted at the log's name; never follow it.
+            error = f"could not open its log {log_path(self.home, job['id'])}: {e.strerror}"
+            self._record(store, job, None, error, None, None)
+            return
         try:
             size = os.fstat(fd).st_size
             nl = "\n" if size and os.pread(fd, 1, size - 1) != b"\n" else ""
@@ -2308,6 +2314,65 @@ def cmd_config(args):
     return EXIT_OK
 
 
+def cmd_doctor(args):
+    """Check the queue's health: integrity, permissions, orphaned, stuck and
+    blocked jobs, db size. Exit 1 when something is wrong."""
+    store = open_store(args, create=False)
+    now = time.time()
+    problems, notes = [], []
+    check = store.q("PRAGMA integrity_check")
+    if [r[0] for r in check] != ["ok"]:
+        problems.append("integrity_check: " + "; ".join(r[0] for r in check[:5]))
+    for path in (os.path.join(args.home, "config.json"), os.path.join(args.home, "logs")):
+        try:
+            check_private(path, "file" if path.endswith(".json") else "directory")
+        except FileNotFoundError:
+            pass
+        except UsageError as e:
+            problems.append(str(e))
+    try:
+        Config(args.home).load()
+    except UsageError as e:
+        problems.append(str(e))
+    live = {w[0] for w in store.live_workers()}
+    for job in map(job_from_row, store.q(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'processing'")):
+        if job["worker"] not in live:
+            problems.append(f"job {job['id']} is processing but its worker "
+                            f"{job['worker']} is gone; start a worker to recover it")
+        elif job["timeout"] and now - epoch(job["started_at"]) > job["timeout"] + LEASE + 60:
+            problems.append(f"job {job['id']} runs past its timeout "
+                            f"({human_duration(now - epoch(job['started_at']))})")
+    blocked = store.q(
+        "SELECT j.id, d.dep, coalesce(k.state, 'missing') FROM jobs j "
+        "JOIN deps d ON d.job = j.id LEFT JOIN jobs k ON k.id = d.dep "
+        "WHERE j.state IN ('pending', 'failed') AND j.blocked = 1 "
+        "AND coalesce(k.state, 'missing') IN ('dead', 'cancelled', 'missing')")
+    for job_id, dep, state in blocked:
+        problems.append(f"job {job_id} waits on {dep}, which is {state}; "
+                        f"retry {dep} or cancel {job_id}")
+    pending = store.q("SELECT count(*) FROM jobs WHERE state IN ('pending', 'failed')")[0][0]
+    if pending and not live:
+        notes.append(f"{pending} jobs wait and no worker is running: "
+                     "start one with 'queuectl worker start'")
+    size = sum(os.path.getsize(store.path + ext) for ext in ("", "-wal")
+               if os.path.exists(store.path + ext))
+    free = store.q("PRAGMA freelist_count")[0][0] * store.q("PRAGMA page_size")[0][0]
+    jobs = store.q("SELECT count(*) FROM jobs")[0][0]
+    notes.append(f"database {store.path}: {size / 1e6:.1f} MB with its WAL, "
+                 f"{free / 1e6:.1f} MB free pages, {jobs} jobs, schema {SCHEMA_VERSION}")
+    if args.json:
+        print_json({"ok": not problems, "problems": problems, "notes": notes})
+    else:
+        for p in problems:
+            print(f"problem: {p}")
+        for n in notes:
+            print(f"note: {n}")
+        print("ok" if not problems else f"{len(problems)} problem"
+              f"{'s' if len(problems) != 1 else ''} found")
+    return EXIT_OK if not problems else EXIT_FAIL
+
+
 def cmd_metrics(args):
     """Prometheus text format: jobs per state and queue, workers, attempts,
     failures, durations, oldest pending age."""
@@ -2380,6 +2445,7 @@ EXAMPLES = {
     "config set": ["queuectl config set max-retries 5"],
     "config list": ["queuectl config list"],
     "metrics": ["queuectl metrics > /var/lib/node_exporter/queuectl.prom"],
+    "doctor": ["queuectl doctor", "queuectl doctor --json"],
 }
 
 SHORT_USAGE = """\
@@ -2561,6 +2627,10 @@ def build_parser(only=None):
 
     if want("metrics"):
         sub(cmds, "metrics", "Prometheus text format metrics")
+
+    if want("doctor"):
+        p = sub(cmds, "doctor", "check integrity, permissions, stuck and orphaned jobs")
+        p.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -2590,7 +2660,7 @@ COMMANDS = {
     "list": cmd_list, "logs": cmd_logs, "wait": cmd_wait, "retry": cmd_retry,
     "pause": cmd_pause, "resume": cmd_resume, "cancel": cmd_cancel,
     "dlq": cmd_dlq, "prune": cmd_prune, "config": cmd_config,
-    "metrics": cmd_metrics,
+    "metrics": cmd_metrics, "doctor": cmd_doctor,
     ("worker", "start"): cmd_worker_start, ("worker", "stop"): cmd_worker_stop,
     ("worker", "status"): cmd_worker_status,
 }
