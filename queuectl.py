@@ -1637,20 +1637,45 @@ def cut(text, width):
     return text if len(text) <= width else text[:max(width - 1, 0)] + "…"
 
 
-def table(headers, rows, width=None):
-    """Aligned columns; the last column is cut with … to fit the width."""
+STATE_COLORS = {PROCESSING: "36", FAILED: "33", COMPLETED: "32", DEAD: "1;31",
+                CANCELLED: "2"}
+
+
+def use_color(stream=None):
+    """Colour only on a terminal, never with NO_COLOR set or TERM=dumb."""
+    stream = stream or sys.stdout
+    if "NO_COLOR" in os.environ or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def paint(text, code, on=True):
+    return f"\x1b[{code}m{text}\x1b[0m" if on and code else text
+
+
+def table(headers, rows, width=None, color_col=None):
+    """Aligned columns; the last column is cut with … to fit the width.
+    color_col: index of a column of states, coloured on a terminal."""
     rows = [[("-" if c is None else str(c)) for c in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         for i, c in enumerate(row[:-1]):
             widths[i] = max(widths[i], len(c))
+    color = color_col is not None and use_color()
     lines = []
-    for row in [list(headers)] + rows:
-        head = "  ".join(c.ljust(widths[i]) for i, c in enumerate(row[:-1]))
+    for n, row in enumerate([list(headers)] + rows):
+        cells = [c.ljust(widths[i]) for i, c in enumerate(row[:-1])]
+        head = "  ".join(cells)
         last = row[-1]
         if width:
             last = cut(last, max(width - len(head) - 2, 8))
-        lines.append((head + "  " + last).rstrip() if head else last)
+        if color and n and color_col < len(cells):
+            cells[color_col] = paint(cells[color_col], STATE_COLORS.get(row[color_col]))
+        line = "  ".join(cells)
+        lines.append((line + "  " + last).rstrip() if cells else last)
     return "\n".join(lines)
 
 
@@ -1930,7 +1955,9 @@ def cmd_status(args):
     if args.json:
         print_json(info)
         return EXIT_OK
-    print("jobs: " + ", ".join(f"{counts[s]} {s}" for s in STATES))
+    color = use_color()
+    print("jobs: " + ", ".join(f"{counts[s]} {paint(s, STATE_COLORS.get(s), color)}"
+                               for s in STATES))
     if len(per_queue) > 1 or (per_queue and DEFAULT_QUEUE not in per_queue):
         print(table(["QUEUE"] + [s.upper() for s in STATES],
                     [[q] + [c[s] for s in STATES] for q, c in sorted(per_queue.items())]))
@@ -2009,7 +2036,7 @@ def list_jobs(store, args, state):
     print(table(["ID", "STATE", "QUEUE", "PRI", "TRIES", "WHEN", "COMMAND"],
                 [[j["id"], j["state"], j["queue"], j["priority"], j["attempts"],
                   when_text(store, j, now), one_line(j["command"])] for j in rows],
-                term_width()))
+                term_width(), color_col=1))
     if more:
         print(f"… {more} more (use --limit 0 for all, or --state/--queue)")
     return EXIT_OK
@@ -2314,6 +2341,120 @@ def cmd_config(args):
     return EXIT_OK
 
 
+def render_top(store, home, width, height):
+    """One frame of `top`: counts, queues, running jobs, recent failures."""
+    now = time.time()
+    color = use_color()
+    counts = {s: 0 for s in STATES}
+    per_queue = {}
+    for state, queue, n in store.q(
+            "SELECT state, queue, count(*) FROM jobs GROUP BY state, queue"):
+        counts[state] += n
+        per_queue.setdefault(queue, {s: 0 for s in STATES})[state] = n
+    workers = store.live_workers()
+    paused = sorted(store.paused())
+    lines = [f"queuectl top  {home}  {show_time(iso(now))}  (q to quit)", "",
+             "jobs: " + ", ".join(f"{counts[s]} {paint(s, STATE_COLORS.get(s), color)}"
+                                  for s in STATES),
+             f"workers: {len(workers)} live, {sum(w[3] for w in workers)} threads"
+             + (("; paused: " + ("all queues" if "*" in paused else ", ".join(paused)))
+                if paused else ""), ""]
+    lines += table(["QUEUE"] + [s.upper() for s in STATES],
+                   [[q] + [c[s] for s in STATES] for q, c in sorted(per_queue.items())]
+                   or [[DEFAULT_QUEUE] + [0] * len(STATES)]).splitlines()
+    running = [job_from_row(r) for r in store.q(
+        f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'processing' ORDER BY started_at")]
+    lines += ["", f"running ({len(running)}):"]
+    if running:
+        lines += table(["ID", "QUEUE", "ATTEMPT", "ELAPSED", "COMMAND"],
+                       [[j["id"], j["queue"], j["attempts"] + 1,
+                         human_duration(now - epoch(j["started_at"])),
+                         one_line(j["command"])] for j in running[:10]],
+                       width).splitlines()
+    failures = [job_from_row(r) for r in store.q(
+        f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('failed', 'dead') "
+        "ORDER BY updated_at DESC LIMIT 5")]
+    lines += ["", "recent failures:"]
+    if failures:
+        lines += table(["ID", "STATE", "WHEN", "ERROR"],
+                       [[j["id"], j["state"], relative(j["updated_at"], now),
+                         one_line(j["last_error"])] for j in failures],
+                       width, color_col=1).splitlines()
+    return "\n".join(cut(line, width + line.count("\x1b") * 4) if width else line
+                     for line in lines[:height])
+
+
+def cmd_top(args):
+    """A live view refreshed in place; q or Ctrl-C to quit."""
+    import select
+    if args.interval <= 0:
+        raise UsageError("invalid --interval: use a number of seconds above 0")
+    store = open_store(args, create=False)
+    if args.once or not (sys.stdout.isatty() and sys.stdin.isatty()):
+        if not args.once:
+            raise UsageError("top needs a terminal; use 'top --once' or 'status'")
+        print(render_top(store, args.home, term_width(), 10_000))
+        return EXIT_OK
+    import termios
+    import tty
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    out = sys.stdout
+    try:
+        tty.setcbreak(fd)
+        out.write("\x1b[?1049h\x1b[?25l")          # alternate screen, no cursor
+        while True:
+            size = os.get_terminal_size(out.fileno())
+            frame = render_top(store, args.home, size.columns, size.lines - 1)
+            out.write("\x1b[H\x1b[2J" + frame.replace("\n", "\r\n"))
+            out.flush()
+            if select.select([fd], [], [], args.interval)[0]:
+                if os.read(fd, 64).lower().startswith(b"q"):
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        out.write("\x1b[?25h\x1b[?1049l")
+        out.flush()
+    return EXIT_OK
+
+
+def cmd_completion(args):
+    """Print a shell completion script (bash)."""
+    parser = build_parser()
+    cases = []
+
+    def walk(p, path):
+        subs = [a for a in p._actions if a.__class__.__name__ == "_SubParsersAction"]
+        words = [s for a in p._actions for s in a.option_strings]
+        for a in subs:
+            for name, child in a.choices.items():
+                walk(child, path + [name])
+            words = list(a.choices) + words
+        cases.append((path, words))
+
+    walk(parser, [])
+    cases.sort(key=lambda c: -len(c[0]))
+    lines = ["# queuectl bash completion: source <(queuectl completion bash)",
+             "_queuectl() {",
+             '    local cur=${COMP_WORDS[COMP_CWORD]} opts',
+             '    local words=" ${COMP_WORDS[*]:1:COMP_CWORD-1} "',
+             '    case "$words" in']
+    for path, words in cases:
+        pattern = '*" ' + " ".join(path) + ' "*' if path else "*"
+        lines.append(f'        {pattern}) opts="{" ".join(words)}" ;;')
+    lines += ["    esac",
+              '    case "${COMP_WORDS[COMP_CWORD-1]}" in',
+              f'        --state) opts="{" ".join(STATES)}" ;;',
+              "    esac",
+              '    COMPREPLY=($(compgen -W "$opts" -- "$cur"))',
+              "}",
+              "complete -F _queuectl queuectl queuectl.py ./queuectl.py"]
+    print("\n".join(lines))
+    return EXIT_OK
+
+
 def cmd_doctor(args):
     """Check the queue's health: integrity, permissions, orphaned, stuck and
     blocked jobs, db size. Exit 1 when something is wrong."""
@@ -2446,6 +2587,9 @@ EXAMPLES = {
     "config list": ["queuectl config list"],
     "metrics": ["queuectl metrics > /var/lib/node_exporter/queuectl.prom"],
     "doctor": ["queuectl doctor", "queuectl doctor --json"],
+    "top": ["queuectl top", "queuectl top --interval 5", "queuectl top --once"],
+    "completion": ["source <(queuectl completion bash)",
+                   "queuectl completion bash > /etc/bash_completion.d/queuectl"],
 }
 
 SHORT_USAGE = """\
@@ -2628,6 +2772,17 @@ def build_parser(only=None):
     if want("metrics"):
         sub(cmds, "metrics", "Prometheus text format metrics")
 
+    if want("top"):
+        p = sub(cmds, "top", "a live view: counts, running jobs, recent failures")
+        p.add_argument("--interval", type=_num_arg("--interval"), default=1.0,
+                       help="seconds between refreshes (default 1)")
+        p.add_argument("--once", action="store_true",
+                       help="print one frame and exit (no terminal needed)")
+
+    if want("completion"):
+        p = sub(cmds, "completion", "print a shell completion script")
+        p.add_argument("shell", choices=["bash"], help="the shell (bash)")
+
     if want("doctor"):
         p = sub(cmds, "doctor", "check integrity, permissions, stuck and orphaned jobs")
         p.add_argument("--json", action="store_true", help="print JSON")
@@ -2660,7 +2815,8 @@ COMMANDS = {
     "list": cmd_list, "logs": cmd_logs, "wait": cmd_wait, "retry": cmd_retry,
     "pause": cmd_pause, "resume": cmd_resume, "cancel": cmd_cancel,
     "dlq": cmd_dlq, "prune": cmd_prune, "config": cmd_config,
-    "metrics": cmd_metrics, "doctor": cmd_doctor,
+    "metrics": cmd_metrics, "doctor": cmd_doctor, "top": cmd_top,
+    "completion": cmd_completion,
     ("worker", "start"): cmd_worker_start, ("worker", "stop"): cmd_worker_stop,
     ("worker", "status"): cmd_worker_status,
 }
