@@ -57,6 +57,7 @@ LEASE = 30.0             # a worker whose heartbeat is older is presumed gone
 HEARTBEAT = 5.0          # seconds between heartbeats and recovery scans
 BUSY_TIMEOUT = 30.0      # seconds a command waits for a busy database
 CANCEL_GRACE = 1.0       # cancel: SIGTERM, then SIGKILL after this
+PID_DELAY = 0.05         # a job still running after this gets its pid recorded
 ID_CHARS = "0123456789abcdefghjkmnpqrstvwxyz"   # Crockford base32, lower case
 MAX_ID = 128
 
@@ -293,6 +294,29 @@ def proc_start(pid):
     return True, None
 
 
+def find_job_process(status):
+    """(pid, start) of the live job wrapper started with this status path,
+    found through /proc (Linux); (None, None) elsewhere or when none."""
+    needle = os.fsencode(status) + b"\0"
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None, None
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if needle not in f.read():
+                    continue
+            if os.getpgid(pid) != pid:      # a subshell of the job, not its leader
+                continue
+        except OSError:
+            continue
+        alive, start = proc_start(pid)
+        if alive:
+            return pid, start
+    return None, None
+
+
 def same_process(pid, start):
     """True while the process pid (started at start, if known) still runs."""
     if not pid:
@@ -470,8 +494,7 @@ SCHEMA = [
     # The claim is one walk of this partial index, in selection order.
     """CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq)
         WHERE state IN ('pending', 'failed') AND blocked = 0""",
-    "CREATE INDEX jobs_state ON jobs (state, queue)",
-    "CREATE INDEX jobs_finished ON jobs (state, finished_at)",
+    "CREATE INDEX jobs_state ON jobs (state, queue, finished_at)",
     """CREATE TABLE deps (
         job TEXT NOT NULL,
         dep TEXT NOT NULL,
@@ -487,10 +510,11 @@ SCHEMA = [
         heartbeat TEXT NOT NULL)""",
     "CREATE TABLE paused (queue TEXT PRIMARY KEY)",
     """CREATE TABLE stats (
-        queue TEXT NOT NULL,
-        name TEXT NOT NULL,
-        value REAL NOT NULL,
-        PRIMARY KEY (queue, name)) WITHOUT ROWID""",
+        queue TEXT PRIMARY KEY,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        failures INTEGER NOT NULL DEFAULT 0,
+        duration_sum REAL NOT NULL DEFAULT 0,
+        duration_count INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID""",
 ]
 # Migrations: MIGRATIONS[n] takes a db from version n to n + 1.
 MIGRATIONS = {}
@@ -505,13 +529,13 @@ JOB_COLUMNS = ", ".join(ROW_FIELDS)
 SQL_INSERT = """INSERT INTO jobs (id, command, state, queue, priority,
     max_retries, timeout, run_at, depends_on, blocked, cwd, env, created_at,
     updated_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
-SQL_CLAIMABLE = f"""SELECT {JOB_COLUMNS} FROM jobs
+SQL_CLAIMABLE = f"""SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_ready
     WHERE state IN ('pending', 'failed') AND blocked = 0 AND run_at <= ?{{where}}
     ORDER BY priority DESC, run_at, seq LIMIT 1"""
 SQL_CLAIM = """UPDATE jobs SET state = 'processing', claim = ?, worker = ?,
     started_at = ?, updated_at = ?, pid = NULL, pid_start = NULL
     WHERE seq = ?"""
-SQL_NEXT_RUN = """SELECT min(run_at) FROM jobs
+SQL_NEXT_RUN = """SELECT min(run_at) FROM jobs INDEXED BY jobs_ready
     WHERE state IN ('pending', 'failed') AND blocked = 0{where}"""
 SQL_UNBLOCK = """UPDATE jobs SET blocked = 0 WHERE blocked = 1
     AND id IN (SELECT job FROM deps WHERE dep = ?)
@@ -519,8 +543,11 @@ SQL_UNBLOCK = """UPDATE jobs SET blocked = 0 WHERE blocked = 1
                     WHERE d.job = jobs.id AND j.state != 'completed')"""
 SQL_REBLOCK = """UPDATE jobs SET blocked = 1 WHERE state IN ('pending', 'failed')
     AND id IN (SELECT job FROM deps WHERE dep = ?)"""
-SQL_STAT_ADD = """INSERT INTO stats (queue, name, value) VALUES (?, ?, ?)
-    ON CONFLICT (queue, name) DO UPDATE SET value = value + excluded.value"""
+SQL_STAT_ADD = """INSERT INTO stats (queue, attempts, failures, duration_sum,
+    duration_count) VALUES (?, 1, ?, ?, ?) ON CONFLICT (queue) DO UPDATE SET
+    attempts = attempts + 1, failures = failures + excluded.failures,
+    duration_sum = duration_sum + excluded.duration_sum,
+    duration_count = duration_count + excluded.duration_count"""
 
 
 def job_from_row(row):
@@ -535,10 +562,14 @@ class Store:
     means a job runs again, never a corrupt database.
     """
 
-    def __init__(self, home, durable=True, create=True):
+    def __init__(self, home, durable=True, create=True, local_lock=None):
         import sqlite3
         self.sqlite3 = sqlite3
         self.home = home
+        # Threads of one worker share local_lock around write transactions:
+        # they queue on it instead of in SQLite's busy handler, which sleeps
+        # a millisecond or more each time it finds the database locked.
+        self.local_lock = local_lock
         self.path = os.path.join(home, "queue.db")
         if create:
             ensure_private_dir(home)
@@ -699,13 +730,25 @@ class _Transaction:
         self.store = store
 
     def __enter__(self):
+        lock = self.store.local_lock
+        if lock is not None:
+            lock.acquire()
         try:
             self.store.db.execute("BEGIN IMMEDIATE")
         except self.store.sqlite3.Error as e:
+            if lock is not None:
+                lock.release()
             raise self.store._error(e) from None
         return self.store
 
     def __exit__(self, etype, exc, tb):
+        try:
+            return self._end(etype, exc)
+        finally:
+            if self.store.local_lock is not None:
+                self.store.local_lock.release()
+
+    def _end(self, etype, exc):
         db = self.store.db
         if etype is None:
             try:
@@ -965,58 +1008,58 @@ def describe_exit(rc):
     return rc, f"exit code {rc}"
 
 
+def log_line(fd, text):
+    """Append a queuectl line to an open log, on a line of its own."""
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        text = "\n" + text
+    os.write(fd, text.encode("utf-8", "replace"))
+
+
 def append_log(home, job_id, text):
-    """Append a queuectl line to a job's log, on a line of its own."""
     fd = open_private(log_path(home, job_id), os.O_RDWR | os.O_APPEND)
     try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            text = "\n" + text
-        os.write(fd, text.encode("utf-8", "replace"))
+        log_line(fd, text)
     finally:
         os.close(fd)
 
 
 def finish_attempt(store, job, worker, token, rc, error, cfg, duration, now=None):
-    """Record the end of an attempt; the job's new state, or None when the
-    claim no longer holds (cancelled, or recovered by another worker)."""
+    """Record the end of an attempt, inside the caller's store.tx(). Returns
+    (the job's new state, or None when the claim no longer holds: cancelled,
+    or recovered by another worker; how many dependents it unblocked)."""
     now = time.time() if now is None else now
     stamp = iso(now)
     attempts = job["attempts"] + 1
     exit_code = None if rc is None else (128 - rc if rc < 0 else rc)
     fence = (job["id"], worker, token)
-    with store.tx():
-        if error is None:
-            state = COMPLETED
-            cur = store.x("UPDATE jobs SET state = 'completed', attempts = ?, "
-                          "exit_code = ?, last_error = NULL, finished_at = ?, "
-                          "updated_at = ?, claim = NULL, pid = NULL" + FENCE,
-                          (attempts, exit_code, stamp, stamp) + fence)
-            if cur.rowcount:
-                store.x(SQL_UNBLOCK, (job["id"],))
+    unblocked = 0
+    if error is None:
+        state = COMPLETED
+        cur = store.x("UPDATE jobs SET state = 'completed', attempts = ?, "
+                      "exit_code = ?, last_error = NULL, finished_at = ?, "
+                      "updated_at = ?, claim = NULL, pid = NULL" + FENCE,
+                      (attempts, exit_code, stamp, stamp) + fence)
+        if cur.rowcount:
+            unblocked = store.x(SQL_UNBLOCK, (job["id"],)).rowcount
+    else:
+        limit = job["max_retries"]
+        limit = cfg["max_retries"] if limit is None else limit
+        if attempts > limit:
+            state, run_at, finished = DEAD, job["run_at"], stamp
         else:
-            limit = job["max_retries"]
-            limit = cfg["max_retries"] if limit is None else limit
-            if attempts > limit:
-                state, run_at, finished = DEAD, job["run_at"], stamp
-            else:
-                state, finished = FAILED, None
-                run_at = iso(now + backoff_delay(attempts, cfg))
-            cur = store.x("UPDATE jobs SET state = ?, attempts = ?, exit_code = ?, "
-                          "last_error = ?, run_at = ?, finished_at = ?, "
-                          "updated_at = ?, claim = NULL, pid = NULL" + FENCE,
-                          (state, attempts, exit_code, error, run_at, finished,
-                           stamp) + fence)
-        if not cur.rowcount:
-            return None
-        queue = job["queue"]
-        store.x(SQL_STAT_ADD, (queue, "attempts", 1))
-        if error is not None:
-            store.x(SQL_STAT_ADD, (queue, "failures", 1))
-        if duration is not None:
-            store.x(SQL_STAT_ADD, (queue, "duration_sum", duration))
-            store.x(SQL_STAT_ADD, (queue, "duration_count", 1))
-    return state
+            state, finished = FAILED, None
+            run_at = iso(now + backoff_delay(attempts, cfg))
+        cur = store.x("UPDATE jobs SET state = ?, attempts = ?, exit_code = ?, "
+                      "last_error = ?, run_at = ?, finished_at = ?, "
+                      "updated_at = ?, claim = NULL, pid = NULL" + FENCE,
+                      (state, attempts, exit_code, error, run_at, finished,
+                       stamp) + fence)
+    if not cur.rowcount:
+        return None, 0
+    store.x(SQL_STAT_ADD, (job["queue"], int(error is not None), duration or 0.0,
+                           int(duration is not None)))
+    return state, unblocked
 
 
 def requeue(store, job, worker, token):
@@ -1070,12 +1113,13 @@ def wait_exit(pid, timeout, proc=None):
 class Running:
     """A job this worker process runs (proc set) or adopted (proc None)."""
 
-    __slots__ = ("job", "token", "pid", "start", "proc", "stopped", "began")
+    __slots__ = ("job", "token", "pid", "start", "proc", "stopped", "began", "log_fd")
 
     def __init__(self, job, token, pid, start, proc):
         self.job, self.token, self.pid, self.start, self.proc = job, token, pid, start, proc
         self.stopped = False            # worker stop --now killed it
         self.began = time.monotonic()
+        self.log_fd = None              # an own job's log, open for its footer
 
     def gone(self):
         if self.proc is not None:
@@ -1106,6 +1150,7 @@ class Worker:
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.print_lock = threading.Lock()
+        self.db_lock = threading.Lock()  # write transactions of this process
         self.running = {}        # token -> Running
         self.active = 0          # job threads claiming or running a job
         self.generation = 0      # bumped on every wake-up
@@ -1117,6 +1162,8 @@ class Worker:
         self.config_mtime = self._config_mtime()
         self.signals = []
         self.threads = []
+        self.base_env = dict(os.environ)      # copied once, not per job
+        self.devnull = None
 
     # Output and wake-ups ---------------------------------------------------
 
@@ -1175,7 +1222,7 @@ class Worker:
         import signal
         rd = run_dir(self.home)
         ensure_private_dir(os.path.join(self.home, "logs"))
-        store = Store(self.home, durable=False)
+        store = Store(self.home, durable=False, local_lock=self.db_lock)
         self.lock_fd = open_private(os.path.join(rd, self.id + ".lock"), os.O_RDWR)
         fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fifo = os.path.join(rd, self.id + ".wake")
@@ -1235,6 +1282,8 @@ class Worker:
             store.close()
             remove_worker_files(self.home, self.id)
             os.close(self.lock_fd)
+            if self.devnull is not None:
+                os.close(self.devnull)
         self.say(f"worker {self.id} stopped: {self.completed} completed, "
                  f"{self.dead} dead")
         return EXIT_FAIL if self.drain and self.dead else EXIT_OK
@@ -1310,22 +1359,24 @@ class Worker:
 
     def claim(self, store):
         """Claim the next runnable job (one BEGIN IMMEDIATE); None if none."""
-        now = time.time()
         with store.tx():
-            paused = {r[0] for r in store.x("SELECT queue FROM paused")}
-            if "*" in paused:
-                return None
-            where, params = self._filter(paused)
-            row = store.x(SQL_CLAIMABLE.format(where=where),
-                          [iso(now)] + params).fetchone()
-            if row is None:
-                return None
-            job = job_from_row(row)
-            job["claim"] = new_id() + new_id()
-            job["worker"] = self.id
-            job["started_at"] = iso(now)
-            store.x(SQL_CLAIM, (job["claim"], self.id, job["started_at"],
-                                job["started_at"], job["seq"]))
+            return self._claim_in_tx(store)
+
+    def _claim_in_tx(self, store):
+        now = time.time()
+        paused = {r[0] for r in store.x("SELECT queue FROM paused")}
+        if "*" in paused:
+            return None
+        where, params = self._filter(paused)
+        row = store.x(SQL_CLAIMABLE.format(where=where), [iso(now)] + params).fetchone()
+        if row is None:
+            return None
+        job = job_from_row(row)
+        job["claim"] = new_id() + new_id()
+        job["worker"] = self.id
+        job["started_at"] = iso(now)
+        store.x(SQL_CLAIM, (job["claim"], self.id, job["started_at"],
+                            job["started_at"], job["seq"]))
         return job
 
     def _idle_wait(self, store):
@@ -1353,59 +1404,86 @@ class Worker:
         return HEARTBEAT
 
     def _job_thread(self):
-        store = None
+        """One job thread: run jobs until stopped; survive its own bugs."""
         try:
-            store = Store(self.home, durable=False)
-            while True:
-                with self.lock:
-                    if self.stopping:
-                        return
-                    gen = self.generation
-                    self.active += 1
+            while not self.stopping:
                 try:
-                    job = self.claim(store)
-                    if job is not None:
-                        self.execute(store, job)
-                finally:
-                    with self.lock:
-                        self.active -= 1
-                if job is not None:
-                    continue
-                wait = self._idle_wait(store)
-                if wait is None:
+                    self._job_loop()
                     return
-                with self.cond:
-                    if self.generation == gen and not self.stopping:
-                        self.cond.wait(wait)
-        except BusyError:
-            time.sleep(0.1)
-            return self._job_thread() if not self.stopping else None
-        except Exception as e:                     # a bug: keep the worker alive
-            self.say(f"worker thread error: {e!r}")
-            if os.environ.get("QUEUECTL_DEBUG"):
-                import traceback
-                traceback.print_exc()
-            time.sleep(1)
-            if not self.stopping:
-                return self._job_thread()
+                except BusyError:
+                    time.sleep(0.1)
+                except Exception as e:             # a bug: keep the worker alive
+                    self.say(f"worker thread error: {e!r}")
+                    if os.environ.get("QUEUECTL_DEBUG"):
+                        import traceback
+                        traceback.print_exc()
+                    time.sleep(1)
         finally:
-            if store is not None:
-                store.close()
             self.notify()
             self._poke_main()
 
+    def _job_loop(self):
+        # self.active counts threads that hold a claimed job (or are claiming),
+        # so that --drain never ends while a job is on its way.
+        store = Store(self.home, durable=False, local_lock=self.db_lock)
+        job = None
+        try:
+            while True:
+                if job is None:
+                    with self.lock:
+                        if self.stopping:
+                            return
+                        gen = self.generation
+                        self.active += 1
+                    try:
+                        job = self.claim(store)
+                    finally:
+                        if job is None:
+                            with self.lock:
+                                self.active -= 1
+                    if job is None:
+                        wait = self._idle_wait(store)
+                        if wait is None:
+                            return
+                        with self.cond:
+                            if self.generation == gen and not self.stopping:
+                                self.cond.wait(wait)
+                        continue
+                if self.stopping:
+                    return               # finally gives the unstarted job back
+                job = self.execute(store, job)
+                if job is None:
+                    with self.lock:
+                        self.active -= 1
+        finally:
+            if job is not None:
+                with self.lock:
+                    started = job["claim"] in self.running
+                    self.active -= 1
+                if not started:
+                    try:
+                        requeue(store, job, self.id, job["claim"])
+                    except QueuectlError:
+                        pass             # recovery will settle it
+            store.close()
+
     # Running one job -------------------------------------------------------
 
+    def _devnull(self):
+        if self.devnull is None:
+            self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        return self.devnull
+
     def execute(self, store, job):
-        """Run one claimed job to its end and record the outcome."""
+        """Run one claimed job to its end and record the outcome; returns the
+        next job, claimed in the same transaction (None if none)."""
         import subprocess
-        cfg = self.config
         attempt = job["attempts"] + 1
         token = job["claim"]
-        timeout = job["timeout"] if job["timeout"] is not None else cfg["job_timeout"]
-        status = status_path(self.home, job["id"], token)
-        env = dict(os.environ)
-        env.update(_loads(job["env"], {}))
+        timeout = job["timeout"] if job["timeout"] is not None else self.config["job_timeout"]
+        env = dict(self.base_env)
+        if job["env"]:
+            env.update(_loads(job["env"], {}))
         env["QUEUECTL_JOB_ID"] = job["id"]
         env["QUEUECTL_ATTEMPT"] = str(attempt)
         try:
@@ -1413,103 +1491,107 @@ class Worker:
         except OSError as e:
             # ELOOP: a symlink was planted at the log's name; never follow it.
             error = f"could not open its log {log_path(self.home, job['id'])}: {e.strerror}"
-            self._record(store, job, None, error, None, None)
-            return
+            return self._record(store, job, None, error, None, None)
+        log_line(fd, f"[queuectl] attempt {attempt} started "
+                     f"{show_time(job['started_at'])} on worker {self.id}\n")
+        began = time.monotonic()
         try:
-            size = os.fstat(fd).st_size
-            nl = "\n" if size and os.pread(fd, 1, size - 1) != b"\n" else ""
-            os.write(fd, (f"{nl}[queuectl] attempt {attempt} started "
-                          f"{show_time(job['started_at'])} on worker {self.id}\n").encode())
-            began = time.monotonic()
-            try:
-                proc = subprocess.Popen(
-                    ["/bin/sh", "-c", JOB_WRAPPER, "sh", status, job["command"]],
-                    cwd=job["cwd"], env=env, stdin=subprocess.DEVNULL,
-                    stdout=fd, stderr=fd, start_new_session=True)
-            except OSError as e:
-                error = f"could not start: {e.strerror or e} (cwd {job['cwd']})"
-                os.write(fd, f"[queuectl] attempt {attempt} {error}\n".encode())
-                self._record(store, job, None, error, None, None)
-                return
-        finally:
-            os.close(fd)
-        _, start = proc_start(proc.pid)
-        run = Running(job, token, proc.pid, start, proc)
-        run.began = began
+            proc = subprocess.Popen(
+                ["/bin/sh", "-c", JOB_WRAPPER, "sh",
+                 status_path(self.home, job["id"], token), job["command"]],
+                cwd=job["cwd"], env=env, stdin=self._devnull(),
+                stdout=fd, stderr=fd, start_new_session=True)
+        except OSError as e:
+            error = f"could not start: {e.strerror or e} (cwd {job['cwd']})"
+            return self._record(store, job, None, error, None, None, fd)
+        run = Running(job, token, proc.pid, None, proc)
+        run.began, run.log_fd = began, fd
         with self.lock:
             self.running[token] = run
             stop_now = self.now
-        try:
-            with store.tx():
-                held = store.x("UPDATE jobs SET pid = ?, pid_start = ?" + FENCE,
-                               (proc.pid, start, job["id"], self.id, token)).rowcount
-        except QueuectlError:
-            held = True          # the pid is unknown, the job still ours
-        if not held or stop_now:
-            run.stopped = stop_now
+        # Most jobs are short: their pid need not reach the database. One
+        # still running after PID_DELAY gets its pid recorded, for adoption
+        # and cancel; recovery finds a younger orphan by its status path.
+        if not wait_exit(proc.pid, PID_DELAY, proc):
+            _, run.start = proc_start(proc.pid)
+            try:
+                with store.tx():
+                    held = store.x("UPDATE jobs SET pid = ?, pid_start = ?" + FENCE,
+                                   (proc.pid, run.start, job["id"], self.id,
+                                    token)).rowcount
+            except QueuectlError:
+                held = True      # the pid is unknown, the job still ours
+            if not held:         # cancelled while starting
+                kill_group(proc.pid, CANCEL_GRACE, run.gone)
+        if stop_now:
+            run.stopped = True
             kill_group(proc.pid, CANCEL_GRACE, run.gone)
-        self._wait(run, timeout)
+        return self._wait(store, run, timeout)
 
-    def _wait(self, run, timeout):
-        """Wait for a running or adopted job, enforce its timeout, record."""
+    def _wait(self, store, run, timeout):
+        """Wait for a running or adopted job, enforce its timeout, record;
+        returns the next job for an own job, else None."""
         job = run.job
         timed_out = False
         if timeout:
-            started = epoch(job["started_at"])
-            remaining = started + timeout - time.time()
+            remaining = epoch(job["started_at"]) + timeout - time.time()
             if not wait_exit(run.pid, max(remaining, 0), run.proc):
                 timed_out = True
                 kill_group(run.pid, self.config["kill_grace"], run.gone)
         if run.proc is not None:
             rc = run.proc.wait()
+            duration = time.monotonic() - run.began
         else:
             wait_exit(run.pid, None)
             rc = read_status(status_path(self.home, job["id"], run.token))
+            duration = time.time() - epoch(job["started_at"])
         if (run.stopped or timed_out) and group_alive(run.pid):
             kill_group(run.pid, self.config["kill_grace"])
-        duration = time.time() - epoch(job["started_at"])
-        if run.proc is not None:
-            duration = time.monotonic() - run.began
         with self.lock:
             self.running.pop(run.token, None)
         remove_file(status_path(self.home, job["id"], run.token))
         if run.stopped:
-            store = Store(self.home, durable=False)
-            try:
-                held = requeue(store, job, self.id, run.token)
-            finally:
-                store.close()
+            held = requeue(store, job, self.id, run.token)
             self.say(f"{job['id']} stopped, back to pending" if held else
                      f"{job['id']} stopped")
-            _safe_append(self.home, job["id"], "[queuectl] attempt "
-                         f"{job['attempts'] + 1} stopped by worker stop --now; "
-                         "back to pending, not counted\n")
-            return
+            self._footer(job, run.log_fd, f"[queuectl] attempt {job['attempts'] + 1} "
+                         "stopped by worker stop --now; back to pending, not counted\n")
+            return None
         if timed_out:
-            error = f"timed out after {timeout:g}s"
-            exit_code = None
+            error, exit_code = f"timed out after {timeout:g}s", None
         else:
             exit_code, error = describe_exit(rc)
-        self._record(None, job, rc if not timed_out else None, error, duration,
-                     exit_code)
+        return self._record(store, job, None if timed_out else rc, error, duration,
+                            exit_code, run.log_fd, claim_next=run.proc is not None)
 
-    def _record(self, store, job, rc, error, duration, exit_code):
-        own = store is None
-        store = store or Store(self.home, durable=False)
+    def _footer(self, job, fd, text):
+        if fd is None:
+            _safe_append(self.home, job["id"], text)
+            return
         try:
-            for delay in (0.05, 0.2, 1, 2, 5, 10):
-                try:
-                    state = finish_attempt(store, job, self.id, job["claim"], rc,
-                                           error, self.config, duration)
-                    break
-                except BusyError:
-                    time.sleep(delay)
-            else:
-                state = finish_attempt(store, job, self.id, job["claim"], rc,
-                                       error, self.config, duration)
+            log_line(fd, text)
+        except OSError:
+            pass
         finally:
-            if own:
-                store.close()
+            os.close(fd)
+
+    def _record(self, store, job, rc, error, duration, exit_code, log_fd=None,
+                claim_next=False):
+        """Write an attempt's outcome (and claim the next job in the same
+        transaction when claim_next); report it; the next job or None."""
+        for delay in (0.05, 0.2, 1, 2, 5, 10, None):
+            try:
+                with store.tx():
+                    state, unblocked = finish_attempt(store, job, self.id, job["claim"],
+                                                      rc, error, self.config, duration)
+                    nxt = None
+                    if claim_next and not self.stopping:
+                        nxt = self._claim_in_tx(store)
+                break
+            except BusyError:
+                if delay is None:
+                    raise
+                time.sleep(delay)
         attempt = job["attempts"] + 1
         took = f" after {duration:.3f}s" if duration is not None else ""
         if state is None:
@@ -1520,9 +1602,8 @@ class Worker:
             outcome = f"{error}{took}"
         if exit_code is not None and error is not None and "exit code" not in error:
             outcome += f" (exit {exit_code})"
-        _safe_append(self.home, job["id"], f"[queuectl] attempt {attempt} "
-                     f"ended: {outcome}" + (f"; now {state}" if state and state
-                                             != COMPLETED else "") + "\n")
+        self._footer(job, log_fd, f"[queuectl] attempt {attempt} ended: {outcome}"
+                     + (f"; now {state}" if state and state != COMPLETED else "") + "\n")
         if state == COMPLETED:
             with self.lock:
                 self.completed += 1
@@ -1533,10 +1614,11 @@ class Worker:
             with self.lock:
                 self.dead += state == DEAD
             self.say(f"{job['id']} {state}: {error} (attempt {attempt}{took})")
-        if state != COMPLETED or self.drain:
+        if state != COMPLETED or unblocked or (self.drain and nxt is None):
             self.notify()
-        if state == COMPLETED:
+        if unblocked:
             wake_workers(self.home)
+        return nxt
 
     # Recovery --------------------------------------------------------------
 
@@ -1563,6 +1645,14 @@ class Worker:
         if not cur.rowcount:
             return
         job["worker"] = self.id
+        if not job["pid"]:                  # it died before recording the pid
+            job["pid"], job["pid_start"] = find_job_process(
+                status_path(self.home, job["id"], job["claim"]))
+            if job["pid"]:
+                with store.tx():
+                    store.x("UPDATE jobs SET pid = ?, pid_start = ?" + FENCE,
+                            (job["pid"], job["pid_start"], job["id"], self.id,
+                             job["claim"]))
         if same_process(job["pid"], job["pid_start"]):
             self.say(f"{job['id']} adopted from worker {old} (pid {job['pid']})")
             _safe_append(self.home, job["id"], f"[queuectl] worker {old} is gone; "
@@ -1588,13 +1678,17 @@ class Worker:
         self._record(store, job, rc, error, duration, exit_code)
 
     def _watch(self, run, timeout):
+        store = None
         try:
-            self._wait(run, timeout)
+            store = Store(self.home, durable=False, local_lock=self.db_lock)
+            self._wait(store, run, timeout)
         except Exception as e:                     # a bug: keep the worker alive
             self.say(f"watch of {run.job['id']} failed: {e!r}")
             with self.lock:
                 self.running.pop(run.token, None)
         finally:
+            if store is not None:
+                store.close()
             self._poke_main()
 
 
@@ -2535,10 +2629,11 @@ def cmd_metrics(args):
               "# HELP queuectl_worker_threads Job threads of live workers.",
               "# TYPE queuectl_worker_threads gauge",
               f"queuectl_worker_threads {sum(w[3] for w in workers)}"]
-    stats = store.q("SELECT queue, name, value FROM stats ORDER BY queue, name")
+    names = ("attempts", "failures", "duration_sum", "duration_count")
     by = {}
-    for queue, name, value in stats:
-        by.setdefault(name, []).append((queue, value))
+    for row in store.q(f"SELECT queue, {', '.join(names)} FROM stats ORDER BY queue"):
+        for name, value in zip(names, row[1:]):
+            by.setdefault(name, []).append((row[0], value))
     for name, metric, kind, help_ in (
             ("attempts", "queuectl_attempts_total", "counter", "Attempts that ended."),
             ("failures", "queuectl_failures_total", "counter",
