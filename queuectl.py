@@ -326,13 +326,30 @@ def same_process(pid, start):
 
 
 def group_alive(pgid):
+    """True while a process of the group runs. Zombies do not count: an
+    init that reaps orphans slowly must not make a kill wait for nothing."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return True                         # no /proc: trust kill(0)
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def signal_group(pgid, sig):
@@ -383,13 +400,13 @@ def check_config_value(key, value, source="value"):
     allowed = (f"{key} takes {'a whole number' if kind == 'int' else 'a number'} "
                f"from {lo} to {hi} ({meaning})")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UsageError(f"invalid {source} {value!r} for {allowed}")
+        raise UsageError(f"invalid {source} {value!r}: {allowed}")
     if value != value or value in (float("inf"), float("-inf")):
-        raise UsageError(f"invalid {source} {value!r} for {allowed}")
+        raise UsageError(f"invalid {source} {value!r}: {allowed}")
     if kind == "int" and value != int(value):
-        raise UsageError(f"invalid {source} {value!r} for {allowed}")
+        raise UsageError(f"invalid {source} {value!r}: {allowed}")
     if not lo <= value <= hi:
-        raise UsageError(f"invalid {source} {value!r} for {allowed}")
+        raise UsageError(f"invalid {source} {value!r}: {allowed}")
     return int(value) if kind == "int" or value == int(value) else float(value)
 
 
@@ -554,6 +571,21 @@ def job_from_row(row):
     return dict(zip(ROW_FIELDS, row))
 
 
+def busy_timeout():
+    """Seconds to wait for a busy database: $QUEUECTL_BUSY_TIMEOUT or 30."""
+    text = os.environ.get("QUEUECTL_BUSY_TIMEOUT")
+    if text is None:
+        return BUSY_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:
+        raise UsageError(f"invalid QUEUECTL_BUSY_TIMEOUT {text!r}: use seconds "
+                         "from 0 to 86400")
+    return value
+
+
 class Store:
     """One SQLite connection to home/queue.db; not shared between threads.
 
@@ -562,7 +594,7 @@ class Store:
     means a job runs again, never a corrupt database.
     """
 
-    def __init__(self, home, durable=True, create=True, local_lock=None):
+    def __init__(self, home, durable=True, local_lock=None):
         import sqlite3
         self.sqlite3 = sqlite3
         self.home = home
@@ -571,15 +603,16 @@ class Store:
         # a millisecond or more each time it finds the database locked.
         self.local_lock = local_lock
         self.path = os.path.join(home, "queue.db")
-        if create:
+        try:
             ensure_private_dir(home)
-        elif not os.path.isdir(home):
-            raise QueuectlError(f"no queue at {home} (nothing was enqueued yet)")
+        except OSError as e:
+            raise UsageError(f"cannot create the home directory {home}: "
+                             f"{e.strerror}") from None
         check_private(home, "home directory")
         if not os.path.exists(self.path):
             os.close(open_private(self.path, os.O_RDWR))
         check_private(self.path, "database")
-        timeout = float(os.environ.get("QUEUECTL_BUSY_TIMEOUT", BUSY_TIMEOUT))
+        timeout = busy_timeout()
         self.busy_timeout = timeout
         try:
             self.db = sqlite3.connect(self.path, timeout=timeout,
@@ -877,9 +910,9 @@ def check_spec(spec, where=""):
     if "\0" in cmd:
         raise UsageError(f"{pre}the command contains a NUL byte")
     if spec.get("id") is not None:
-        if not valid_name(spec["id"]):
-            check_name(repr(spec["id"]) if not isinstance(spec["id"], str)
-                       else spec["id"])
+        if not isinstance(spec["id"], str):
+            raise UsageError(f"{pre}invalid job id {spec['id']!r}: an id is a string")
+        check_name(spec["id"])
     if spec.get("queue") is not None:
         check_name(spec["queue"], "queue name")
     pri = spec.get("priority", 0)
@@ -894,6 +927,9 @@ def check_spec(spec, where=""):
     if to is not None and (not _is_num(to) or not 0 <= to <= 31_536_000):
         raise UsageError(f"{pre}invalid timeout {to!r}: use seconds from 0 "
                          "(none) to 31536000")
+    if spec.get("run_at") is not None and not isinstance(spec["run_at"], str):
+        raise UsageError(f"{pre}invalid run_at {spec['run_at']!r}: use an ISO-8601 "
+                         "string such as 2026-11-23T09:30:00Z")
     if spec.get("delay") is not None:
         d = spec.pop("delay")
         if _is_num(d):
@@ -901,11 +937,8 @@ def check_spec(spec, where=""):
         if not isinstance(d, str):
             raise UsageError(f"{pre}invalid delay {d!r}")
         spec["run_at"] = time.time() + parse_duration(d, "delay")
-    elif isinstance(spec.get("run_at"), str):
+    elif spec.get("run_at") is not None:
         spec["run_at"] = parse_time(spec["run_at"])
-    elif spec.get("run_at") is not None and not isinstance(spec["run_at"], float):
-        raise UsageError(f"{pre}invalid run_at {spec['run_at']!r}: use an "
-                         "ISO-8601 string")
     deps = spec.get("depends_on")
     if deps is not None:
         if isinstance(deps, str):
@@ -1162,6 +1195,7 @@ class Worker:
         self.config_mtime = self._config_mtime()
         self.signals = []
         self.threads = []
+        self.threads_left = 0            # job threads not yet returned
         self.base_env = dict(os.environ)      # copied once, not per job
         self.devnull = None
 
@@ -1186,7 +1220,10 @@ class Worker:
             if not self.stopping:
                 self.say(f"worker {self.id} stopping"
                          + (": killing running jobs" if now else
-                            ": finishing running jobs"))
+                            ": finishing running jobs (interrupt again or "
+                            "'worker stop --now' to kill them)"))
+            elif first_now:
+                self.say(f"worker {self.id} stopping now: killing running jobs")
             self.stopping = True
             self.now = self.now or now
             self.cond.notify_all()
@@ -1244,6 +1281,7 @@ class Worker:
                      f"{'s' if self.count != 1 else ''}, {what}"
                      + (", drain" if self.drain else ""))
             self._recover(store)
+            self.threads_left = self.count
             for _ in range(self.count):
                 t = self.threading.Thread(target=self._job_thread, daemon=True)
                 t.start()
@@ -1251,8 +1289,7 @@ class Worker:
             next_beat = time.monotonic() + HEARTBEAT
             while True:
                 with self.lock:
-                    threads_done = not any(t.is_alive() for t in self.threads)
-                    if threads_done and not self.running:
+                    if self.threads_left == 0 and not self.running:
                         break
                 ready = select.select([fifo_fd, sig_r], [], [], 1.0)[0]
                 if fifo_fd in ready:
@@ -1262,11 +1299,14 @@ class Worker:
                     _drain_fd(sig_r)
                 self._handle_signals()
                 self._reload_config()
-                if time.monotonic() >= next_beat and not self.stopping:
+                if time.monotonic() >= next_beat:
+                    # A stopping worker still heartbeats: its running jobs
+                    # are its own until they end.
                     next_beat = time.monotonic() + HEARTBEAT
                     self._heartbeat(store)
-                    self._recover(store)
-                    self.notify()   # a safety net for any missed wake-up
+                    if not self.stopping:
+                        self._recover(store)
+                        self.notify()   # a safety net for any missed wake-up
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
@@ -1419,6 +1459,8 @@ class Worker:
                         traceback.print_exc()
                     time.sleep(1)
         finally:
+            with self.lock:
+                self.threads_left -= 1
             self.notify()
             self._poke_main()
 
@@ -1595,9 +1637,13 @@ class Worker:
         attempt = job["attempts"] + 1
         took = f" after {duration:.3f}s" if duration is not None else ""
         if state is None:
-            outcome = "cancelled or taken over; result not recorded"
+            now = store.get(job["id"])
+            outcome = ("cancelled" if now and now["state"] == CANCELLED else
+                       "taken over by another worker") + "; result not recorded"
         elif error is None:
             outcome = f"exit 0{took}"
+        elif error.startswith("timed out"):
+            outcome = f"{error}; killed"
         else:
             outcome = f"{error}{took}"
         if exit_code is not None and error is not None and "exit code" not in error:
@@ -1609,7 +1655,7 @@ class Worker:
                 self.completed += 1
             self.say(f"{job['id']} completed (attempt {attempt}{took})")
         elif state is None:
-            self.say(f"{job['id']} cancelled or taken over (attempt {attempt})")
+            self.say(f"{job['id']} {outcome.split(';')[0]} (attempt {attempt})")
         else:
             with self.lock:
                 self.dead += state == DEAD
@@ -1822,8 +1868,8 @@ def when_text(store, job, now):
 # One cmd_<name>(args) -> exit code per subcommand, in --help order.
 
 
-def open_store(args, durable=True, create=False):
-    return Store(args.home, durable=durable, create=create)
+def open_store(args, durable=True):
+    return Store(args.home, durable=durable)
 
 
 def parse_specs(args):
@@ -1885,7 +1931,7 @@ def parse_specs(args):
 def cmd_enqueue(args):
     """Add jobs; print each job's id (or the jobs as JSON with --json)."""
     specs = parse_specs(args)
-    store = open_store(args, durable=True, create=True)
+    store = open_store(args)
     now = time.time()
     ids = []
     with store.tx():
@@ -1912,7 +1958,7 @@ def cmd_worker_start(args):
         raise UsageError(f"invalid --count {args.count}: use 1 to 256")
     for q in args.queue or []:
         check_name(q, "queue name")
-    open_store(args, durable=False, create=True).close()
+    open_store(args, durable=False).close()
     Config(args.home).load()
     if args.detach:
         return detach_worker(args)
@@ -1969,7 +2015,7 @@ def detach_worker(args):
 def cmd_worker_stop(args):
     """Ask every live worker of this home to stop; --wait until they have."""
     import signal
-    store = open_store(args, create=False)
+    store = open_store(args)
     workers = [w for w in store.live_workers() if w[2] == hostname()]
     for w in workers:
         try:
@@ -1992,7 +2038,7 @@ def cmd_worker_stop(args):
 
 def cmd_worker_status(args):
     """Live workers: id, pid, host, threads, started, heartbeat, current jobs."""
-    store = open_store(args, create=False)
+    store = open_store(args)
     out = []
     for wid, pid, host, threads, queues, started, beat in store.live_workers():
         jobs = [r[0] for r in store.q(
@@ -2020,7 +2066,7 @@ def cmd_status(args):
     """Counts per state and queue, workers, oldest pending, next scheduled."""
     if args.id:
         return cmd_show(args)
-    store = open_store(args, create=False)
+    store = open_store(args)
     now = time.time()
     counts = {s: 0 for s in STATES}
     per_queue = {}
@@ -2068,7 +2114,7 @@ def cmd_status(args):
 
 def cmd_show(args):
     """Every field of one job, and its log path."""
-    store = open_store(args, create=False)
+    store = open_store(args)
     job = store.must_get(args.id)
     pub = job_public(job, args.home)
     blocked = blocked_on(store, job)
@@ -2100,7 +2146,7 @@ def cmd_list(args):
         check_name(args.queue, "queue name")
     if args.limit < 0:
         raise UsageError(f"invalid --limit {args.limit}: use 0 (all) or more")
-    store = open_store(args, create=False)
+    store = open_store(args)
     return list_jobs(store, args, args.state)
 
 
@@ -2140,7 +2186,7 @@ def cmd_logs(args):
     """Print a job's log; --tail N lines; --follow until the job ends."""
     if args.tail is not None and args.tail < 0:
         raise UsageError(f"invalid --tail {args.tail}: use 0 or more")
-    store = open_store(args, create=False)
+    store = open_store(args)
     job = store.must_get(args.id)
     path = log_path(args.home, job["id"])
     out = sys.stdout.buffer
@@ -2220,7 +2266,7 @@ def cmd_wait(args):
         check_name(i)
     if args.timeout is not None and args.timeout < 0:
         raise UsageError("invalid --timeout: use 0 or more seconds")
-    store = open_store(args, create=False)
+    store = open_store(args)
     for i in args.ids:
         store.must_get(i)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
@@ -2279,7 +2325,7 @@ def reset_jobs(store, ids, allowed, verb):
 
 def cmd_retry(args):
     """A dead, cancelled or completed job runs again (attempts reset)."""
-    store = open_store(args, create=False)
+    store = open_store(args)
     for job in reset_jobs(store, args.ids, (DEAD, CANCELLED, COMPLETED), "retry"):
         print(job["id"])
     return EXIT_OK
@@ -2288,7 +2334,7 @@ def cmd_retry(args):
 def cmd_pause(args):
     """Stop claiming from queues (all when none named); running jobs go on."""
     names = [check_name(q, "queue name") for q in args.queues] or ["*"]
-    store = open_store(args, create=True)
+    store = open_store(args)
     with store.tx():
         for q in names:
             store.x("INSERT OR IGNORE INTO paused (queue) VALUES (?)", (q,))
@@ -2299,7 +2345,7 @@ def cmd_pause(args):
 def cmd_resume(args):
     """Claim from queues again (all when none named)."""
     names = [check_name(q, "queue name") for q in args.queues]
-    store = open_store(args, create=True)
+    store = open_store(args)
     with store.tx():
         if names:
             for q in names:
@@ -2321,7 +2367,7 @@ def cmd_cancel(args):
     process tree (within 2 s); returns once that is done."""
     for i in args.ids:
         check_name(i)
-    store = open_store(args, create=False)
+    store = open_store(args)
     jobs = [store.must_get(i) for i in dict.fromkeys(args.ids)]
     for job in jobs:
         if job["state"] not in (PENDING, FAILED, PROCESSING):
@@ -2348,12 +2394,12 @@ def cmd_cancel(args):
 def cmd_dlq(args):
     """The dead letter queue: list, retry, purge."""
     if args.dlq_command == "list":
-        store = open_store(args, create=False)
+        store = open_store(args)
         args.limit = args.limit if args.limit is not None else 100
         return list_jobs(store, args, DEAD)
     if bool(args.ids) == bool(args.all):
         raise UsageError(f"dlq {args.dlq_command} takes job ids or --all")
-    store = open_store(args, create=False)
+    store = open_store(args)
     if args.all:
         ids = [r[0] for r in store.q("SELECT id FROM jobs WHERE state = 'dead' ORDER BY seq")]
     else:
@@ -2394,7 +2440,7 @@ def cmd_prune(args):
         if s not in FINISHED:
             raise UsageError(f"prune removes only finished jobs; --state takes "
                              f"{', '.join(FINISHED)}, not {s!r}")
-    store = open_store(args, create=False)
+    store = open_store(args)
     cutoff = iso(time.time() - age)
     ids = [r[0] for r in store.q(
         f"SELECT id FROM jobs WHERE state IN ({','.join('?' * len(states))}) "
@@ -2483,7 +2529,7 @@ def cmd_top(args):
     import select
     if args.interval <= 0:
         raise UsageError("invalid --interval: use a number of seconds above 0")
-    store = open_store(args, create=False)
+    store = open_store(args)
     if args.once or not (sys.stdout.isatty() and sys.stdin.isatty()):
         if not args.once:
             raise UsageError("top needs a terminal; use 'top --once' or 'status'")
@@ -2552,7 +2598,7 @@ def cmd_completion(args):
 def cmd_doctor(args):
     """Check the queue's health: integrity, permissions, orphaned, stuck and
     blocked jobs, db size. Exit 1 when something is wrong."""
-    store = open_store(args, create=False)
+    store = open_store(args)
     now = time.time()
     problems, notes = [], []
     check = store.q("PRAGMA integrity_check")
@@ -2611,7 +2657,7 @@ def cmd_doctor(args):
 def cmd_metrics(args):
     """Prometheus text format: jobs per state and queue, workers, attempts,
     failures, durations, oldest pending age."""
-    store = open_store(args, create=False)
+    store = open_store(args)
     now = time.time()
     lines = ["# HELP queuectl_jobs Jobs by state and queue.",
              "# TYPE queuectl_jobs gauge"]
@@ -2744,8 +2790,8 @@ def build_parser(only=None):
                        help="higher runs first (default 0)")
         p.add_argument("--max-retries", type=_int_arg("--max-retries"),
                        help="retries after the first attempt (default: config)")
-        p.add_argument("--timeout", type=_num_arg("--timeout"),
-                       help="seconds, 0 = none (default: config job_timeout)")
+        p.add_argument("--timeout", type=_dur_arg("--timeout"),
+                       help="90, 90s, 5m, 2h; 0 = none (default: config job_timeout)")
         p.add_argument("--run-at", metavar="TIME", help="ISO-8601; naive = local time")
         p.add_argument("--delay", metavar="DUR", help="90, 90s, 5m, 2h, 1d")
         p.add_argument("--queue", help=f"queue name (default {DEFAULT_QUEUE})")
@@ -2890,6 +2936,13 @@ def _int_arg(flag):
             return int(text)
         except ValueError:
             raise UsageError(f"invalid {flag} {text!r}: use a whole number") from None
+    return conv
+
+
+def _dur_arg(flag):
+    def conv(text):
+        value = parse_duration(text, flag)
+        return int(value) if value == int(value) else value
     return conv
 
 
