@@ -64,8 +64,8 @@ MAX_ID = 128
 # The job's own wrapper: it runs the command in this shell (no extra process)
 # and writes the exit status beside the log, so the outcome of a job is known
 # even when the worker that started it has died.
-JOB_WRAPPER = ('__queuectl_status=$1 __queuectl_command=$2; shift 2; '
-               'trap \'echo $? > "$__queuectl_status"\' EXIT; '
+JOB_WRAPPER = ('__queuectl_status=$1 __queuectl_command=$2; cd -- "$3" || exit 126; '
+               'shift 3; trap \'echo $? > "$__queuectl_status"\' EXIT; '
                'eval "$__queuectl_command"')
 
 # Errors ######################################################################
@@ -1143,6 +1143,49 @@ def wait_exit(pid, timeout, proc=None):
             os.close(fd)
 
 
+class Child:
+    """A job shell started by spawn(): the part of Popen the worker uses."""
+
+    def __init__(self, pid):
+        import threading
+        self.pid = pid
+        self.returncode = None
+        self._lock = threading.Lock()      # one waitpid at a time
+
+    def poll(self):
+        return self._reap(os.WNOHANG)
+
+    def wait(self):
+        return self._reap(0)
+
+    def _reap(self, flags):
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    pid, status = os.waitpid(self.pid, flags)
+                except ChildProcessError:
+                    pid, status = self.pid, 255 << 8
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+
+def spawn(argv, cwd, env, stdin, out):
+    """Start argv in a new session with stdin/stdout/stderr set; a Child.
+    posix_spawn (vfork-fast, little Python) where it can set the session,
+    else subprocess.Popen. cwd is applied by JOB_WRAPPER's cd."""
+    if hasattr(os, "POSIX_SPAWN_DUP2"):
+        try:
+            return Child(os.posix_spawn(argv[0], argv, env, setsid=True, file_actions=[
+                (os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, out, 1),
+                (os.POSIX_SPAWN_DUP2, out, 2)]))
+        except NotImplementedError:
+            pass                            # no POSIX_SPAWN_SETSID here
+    import subprocess
+    return subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=out,
+                            stderr=out, start_new_session=True)
+
+
 class Running:
     """A job this worker process runs (proc set) or adopted (proc None)."""
 
@@ -1519,7 +1562,6 @@ class Worker:
     def execute(self, store, job):
         """Run one claimed job to its end and record the outcome; returns the
         next job, claimed in the same transaction (None if none)."""
-        import subprocess
         attempt = job["attempts"] + 1
         token = job["claim"]
         timeout = job["timeout"] if job["timeout"] is not None else self.config["job_timeout"]
@@ -1538,11 +1580,11 @@ class Worker:
                      f"{show_time(job['started_at'])} on worker {self.id}\n")
         began = time.monotonic()
         try:
-            proc = subprocess.Popen(
-                ["/bin/sh", "-c", JOB_WRAPPER, "sh",
-                 status_path(self.home, job["id"], token), job["command"]],
-                cwd=job["cwd"], env=env, stdin=self._devnull(),
-                stdout=fd, stderr=fd, start_new_session=True)
+            if not os.path.isdir(job["cwd"]):
+                raise FileNotFoundError(2, "no such directory")
+            proc = spawn(["/bin/sh", "-c", JOB_WRAPPER, "sh",
+                          status_path(self.home, job["id"], token), job["command"],
+                          job["cwd"]], job["cwd"], env, self._devnull(), fd)
         except OSError as e:
             error = f"could not start: {e.strerror or e} (cwd {job['cwd']})"
             return self._record(store, job, None, error, None, None, fd)
