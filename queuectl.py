@@ -1,5 +1,13 @@
-#!/usr/bin/env python3
-"""queuectl: a background job queue for shell commands, in one file.
+#!/bin/sh
+# queuectl: a background job queue for shell commands, in one file.
+# Run it as python3 queuectl.py, as ./queuectl.py, or as the `queuectl` that
+# `make install` puts on the PATH. As ./queuectl.py the shell reads the next
+# line (to Python, just a string): it imports the file as a module, so Python
+# reuses cached bytecode instead of compiling the whole file at every start
+# (cron runs enqueue all day). A copy under another name runs as a script.
+''''exec "${QUEUECTL_PYTHON:-python3}" -I -c "import os, sys; f = os.path.realpath(sys.argv.pop(1)); sys.path.insert(0, os.path.dirname(f)); m = f.endswith('/queuectl.py') and __import__('queuectl'); sys.exit(m.main()) if m else __import__('runpy').run_path(f, run_name='__main__')" "$0" "$@" # '''
+
+__doc__ = """queuectl: a background job queue for shell commands, in one file.
 
 Enqueue shell commands; workers run them with retries, exponential backoff,
 a dead letter queue, timeouts and crash recovery. State lives in SQLite
