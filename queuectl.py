@@ -204,14 +204,15 @@ def human_duration(secs):
     secs = abs(secs)
     if secs < 10:
         return f"{secs:.1f}s".replace(".0s", "s")
-    if secs < 60:
+    if secs < 59.5:
         return f"{secs:.0f}s"
-    if secs < 3600:
-        return f"{secs // 60:.0f}m"
-    if secs < 86400:
-        h, m = divmod(int(secs) // 60, 60)
+    minutes = round(secs / 60)
+    if minutes < 60:
+        return f"{minutes}m"
+    if minutes < 24 * 60:
+        h, m = divmod(minutes, 60)
         return f"{h}h{m}m" if m else f"{h}h"
-    return f"{secs // 86400:.0f}d"
+    return f"{round(secs / 86400)}d"
 
 
 def relative(s, now=None):
@@ -627,6 +628,8 @@ class Store:
                                       isolation_level=None,
                                       check_same_thread=False)
             self.db.execute("PRAGMA synchronous = " + ("FULL" if durable else "NORMAL"))
+            # Per connection: the WAL is truncated to this after a checkpoint.
+            self.db.execute("PRAGMA journal_size_limit = 67108864")
             self._setup()
         except sqlite3.Error as e:
             raise self._error(e) from None
@@ -672,7 +675,6 @@ class Store:
                     version += 1
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA journal_size_limit = 67108864")
 
     def _check_app_id(self):
         if self.db.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
