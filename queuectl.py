@@ -653,6 +653,11 @@ class Store:
             raise UsageError(
                 f"{self.path} has schema version {version}, newer than this "
                 f"queuectl {__version__} knows ({SCHEMA_VERSION}); use a newer queuectl")
+        if version == 0 and db.execute("PRAGMA page_count").fetchone()[0] == 0:
+            # A new file: these must be set before the first table exists,
+            # and auto_vacuum outside a transaction.
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+            db.execute("PRAGMA journal_mode = WAL")
         with self.tx():
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
@@ -661,8 +666,6 @@ class Store:
                 if tables:
                     raise UsageError(f"{self.path} is not a queuectl database; "
                                      "refusing to change it")
-                # auto_vacuum must be set before the first table exists.
-                db.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 for ddl in SCHEMA:
                     db.execute(ddl)
                 db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
@@ -2499,8 +2502,9 @@ def cmd_prune(args):
         "AND finished_at < ?", states + [cutoff])]
     delete_jobs(store, ids, states)
     try:
-        store.db.execute("PRAGMA incremental_vacuum")
-        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # executescript steps the pragma to its end (execute frees one page).
+        store.db.executescript("PRAGMA incremental_vacuum;")
+        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     except store.sqlite3.Error:
         pass                    # space is reclaimed on a later run
     print(f"pruned {len(ids)} job{'s' if len(ids) != 1 else ''}")
