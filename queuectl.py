@@ -2437,11 +2437,14 @@ def cmd_cancel(args):
             if not cur.rowcount:
                 raise QueuectlError(f"job {job['id']} changed meanwhile; try again")
     for job in jobs:
-        if job["state"] == PROCESSING and job["pid"] and \
-                same_process(job["pid"], job["pid_start"]):
+        if job["state"] == PROCESSING:
             pid, start = job["pid"], job["pid_start"]
-            kill_group(pid, CANCEL_GRACE,
-                       lambda p=pid, s=start: not same_process(p, s))
+            if not pid:         # younger than PID_DELAY: find it by its status path
+                pid, start = find_job_process(
+                    status_path(args.home, job["id"], job["claim"]))
+            if pid and same_process(pid, start):
+                kill_group(pid, CANCEL_GRACE,
+                           lambda p=pid, s=start: not same_process(p, s))
         print(job["id"])
     return EXIT_OK
 
