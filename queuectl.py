@@ -303,10 +303,21 @@ def proc_start(pid):
     return True, None
 
 
-def find_job_process(status):
+def find_job_process(status, tries=3):
     """(pid, start) of the live job wrapper started with this status path,
-    found through /proc (Linux); (None, None) elsewhere or when none."""
+    found through /proc (Linux); (None, None) elsewhere or when none. A
+    process still inside execve shows an empty cmdline: look again briefly."""
     needle = os.fsencode(status) + b"\0"
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(0.01 * attempt)
+        found = _scan_cmdlines(needle)
+        if found[0]:
+            return found
+    return None, None
+
+
+def _scan_cmdlines(needle):
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
@@ -1478,14 +1489,12 @@ class Worker:
     def _idle_wait(self, store):
         """Seconds an idle job thread may sleep, or None when draining is done."""
         paused = store.paused()
-        if "*" in paused:
-            where, params = " AND 0", []
-        else:
-            where, params = self._filter(paused)
+        everything_paused = "*" in paused
+        where, params = self._filter(paused)
         now = time.time()
         if self.drain:
-            row = store.q(SQL_NEXT_RUN.format(where=where + " AND state = 'failed'"),
-                          params)
+            row = [[None]] if everything_paused else store.q(
+                SQL_NEXT_RUN.format(where=where + " AND state = 'failed'"), params)
             if row[0][0] is not None:
                 return min(max(epoch(row[0][0]) - now, 0.001), HEARTBEAT)
             with self.lock:
@@ -1493,6 +1502,8 @@ class Worker:
                     self.stopping = True
                     self.cond.notify_all()
                     return None
+            return HEARTBEAT
+        if everything_paused:
             return HEARTBEAT
         row = store.q(SQL_NEXT_RUN.format(where=where), params)
         if row[0][0] is not None:

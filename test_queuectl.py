@@ -218,6 +218,14 @@ class RecordingTest(QueueTest):
     def error_line(self, r):
         return r.err.strip().splitlines()[-1]
 
+    def drain_within(self, seconds, *args):
+        """worker start --drain that must exit within seconds; the Result."""
+        try:
+            return self.drain(*args, timeout=seconds)
+        except subprocess.TimeoutExpired:
+            self.fail(f"worker start --drain {' '.join(args)} still running "
+                      f"after {seconds}s")
+
 
 class TestPureHelpers(unittest.TestCase):
     def test_parse_duration_accepts_the_documented_forms(self):
@@ -912,11 +920,13 @@ class TestReadCommands(RecordingTest):
                 self.assertEqual(r.code, 0, r)
                 json.loads(r.out)
 
-    def test_read_commands_do_not_create_a_home(self):
-        r = self.q("list")
-        self.assertNotEqual(r.code, 0)
-        self.assertFalse(os.path.exists(self.home))
-        self.assertIn(self.home, r.err)
+    def test_read_commands_on_a_fresh_home(self):
+        out = self.ok("status")
+        self.assertIn("jobs: 0 pending, 0 processing, 0 failed, 0 completed, 0 dead, "
+                      "0 cancelled", out)
+        self.assertEqual(self.ok("list", "--json"), "[]\n")
+        self.assertIn("no jobs", self.ok("list"))
+        self.assertEqual(os.stat(self.home).st_mode & 0o777, 0o700)
 
 
 class TestConfig(RecordingTest):
@@ -989,10 +999,24 @@ class TestConfig(RecordingTest):
                 self.assertIn(path, self.error_line(r))
         with open(path) as f:
             self.assertEqual(f.read(), '{"max_retries": 2,,}\n')
-        self.assertEqual(self.state("j"), "pending")
-        # Enqueue does not need the config: the job is accepted, not lost.
-        self.enqueue("--id", "k", "true")
-        self.assertEqual(self.state("k"), "pending")
+
+    def test_broken_config_refused_by_worker_and_doctor_not_by_enqueue(self):
+        # enqueue does not use the config: a typo in it must not stop cron
+        # from queueing work; the commands that use it name the file.
+        self.enqueue("--id", "j", "true")
+        path = os.path.join(self.home, "config.json")
+        for n, text in enumerate(('{"max_retries": 2,,}\n', '{"max_retries": "x"}\n')):
+            with self.subTest(text=text):
+                with open(path, "w") as f:
+                    f.write(text)
+                self.assertEqual(self.enqueue("--id", f"k{n}", "true"), f"k{n}")
+                before = self.db_dump()
+                r = self.fails(2, "worker", "start", "--drain")
+                self.assertIn(path, self.error_line(r))
+                self.assertEqual(self.db_dump(), before)      # nothing ran
+                r = self.q("doctor")
+                self.assertEqual(r.code, 1, r)
+                self.assertIn(path, r.out)
 
     def test_config_file_with_wrong_types(self):
         path = os.path.join(self.home, "config.json")
@@ -1165,16 +1189,25 @@ class TestScheduling(RecordingTest):
         self.enqueue("--id", "jd", RECORD)
         self.ok("pause")
         self.assertIn("paused: all queues", self.ok("status"))
-        self.assertEqual(self.drain().code, 0)
+        r = self.drain_within(15)
+        self.assertEqual(r.code, 0, r)
+        self.assertNotIn("error", r.out + r.err)
         self.assertEqual(self.order(), [])
         self.ok("resume")
-        self.assertEqual(self.drain().code, 0)
+        self.assertEqual(self.drain_within(15).code, 0)
         self.assertEqual(sorted(self.order()), ["ja", "jd"])
 
     def test_idle_worker_picks_up_a_new_job(self):
-        self.start_worker()
+        worker = self.start_worker()
         job_id = self.enqueue(RECORD)
-        self.wait_state(job_id, "completed", timeout=10)
+        try:
+            self.wait_state(job_id, "completed", timeout=10)
+        except AssertionError:
+            state = self.state(job_id)
+            worker.kill()
+            out, err = worker.communicate(timeout=10)
+            self.fail(f"{job_id} is {state} 10 s after its enqueue; worker output:\n"
+                      f"{out}{err}")
         self.assertEqual(self.order(), [job_id])
 
 
@@ -1247,6 +1280,711 @@ class TestPrune(RecordingTest):
                          "pruned 1 job\n")
         self.fails(1, "show", "bad")
         self.assertEqual(self.state("done"), "completed")
+
+
+# Robust execution ############################################################
+
+
+class RobustTest(QueueTest):
+    def job_pid(self, job_id):
+        row = self.db().execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
+
+    def wait_running(self, job_id, timeout=20):
+        self.wait_for(lambda: self.state(job_id) == "processing" and self.job_pid(job_id),
+                      timeout, f"{job_id} to run")
+        return self.job_pid(job_id)
+
+    def read_pid(self, name, timeout=10):
+        self.wait_for(lambda: "".join(self.lines(name)), timeout, f"{name} to be written")
+        return int(self.lines(name)[0])
+
+    def lines(self, name):
+        try:
+            with open(self.path(name)) as f:
+                return f.read().split()
+        except FileNotFoundError:
+            return []
+
+
+class TestConcurrency(RobustTest):
+    def test_two_processes_four_threads_run_each_job_exactly_once(self):
+        ids = [f"j{i}" for i in range(300)]
+        out = self.path("out")
+        lines = "".join(json.dumps({"id": i, "command": f"echo {i} >> {out}"}) + "\n"
+                        for i in ids)
+        self.ok("enqueue", "--stdin", input=lines)
+        procs = [subprocess.Popen([PY, PROG, "worker", "start", "--count", "4", "--drain"],
+                                  env=self.env, cwd=self.work, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        self.procs.extend(procs)
+        for p in procs:
+            self.assertEqual(p.wait(timeout=90), 0, p.stderr.read())
+        got = self.lines("out")
+        self.assertEqual(sorted(got), sorted(ids))       # each exactly once
+        counts = json.loads(self.ok("status", "--json"))["counts"]
+        self.assertEqual(counts["completed"], 300)
+        self.integrity_ok()
+
+    def test_concurrent_enqueues_while_a_worker_runs(self):
+        self.start_worker("--count", "2")
+        script = ("import sys; sys.path.insert(0, sys.argv[1]); import queuectl\n"
+                  "codes = [queuectl.main(['enqueue', '--id', f'p{sys.argv[2]}-{i}', 'true'])"
+                  " for i in range(25)]\n"
+                  "sys.exit(max(codes))\n")
+        procs = [subprocess.Popen([PY, "-c", script, os.path.dirname(PROG), str(n)],
+                                  env=self.env, cwd=self.work, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for n in range(20)]
+        self.procs.extend(procs)
+        for p in procs:
+            self.assertEqual(p.wait(timeout=90), 0, p.stderr.read())
+        self.wait_for(lambda: json.loads(self.ok("status", "--json"))["counts"]["completed"]
+                      == 500, 60, "500 jobs to complete")
+        ids = {j["id"] for j in json.loads(self.ok("list", "--limit", "0", "--json"))}
+        self.assertEqual(ids, {f"p{n}-{i}" for n in range(20) for i in range(25)})
+        self.integrity_ok()
+
+
+class TestCrashRecovery(RobustTest):
+    def test_killed_worker_running_job_is_adopted_not_rerun(self):
+        self.enqueue("--id", "backup", f"echo start >> {self.path('runs')}; sleep 3; "
+                     f"echo done >> {self.path('runs')}")
+        w = self.start_worker()
+        self.wait_running("backup")
+        os.kill(w.pid, signal.SIGKILL)
+        w.wait(timeout=10)
+        r = self.drain()                                  # a new worker adopts it
+        self.assertEqual(r.code, 0, r)
+        self.assertIn("adopted", r.out)
+        self.assertEqual(self.lines("runs"), ["start", "done"])   # ran exactly once
+        job = self.job("backup")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        self.integrity_ok()
+
+    def test_job_that_ended_while_its_worker_was_dead_keeps_its_status(self):
+        self.enqueue("--id", "quick", "--max-retries", "0", "sleep 1; exit 4")
+        w = self.start_worker()
+        self.wait_running("quick")
+        os.kill(w.pid, signal.SIGKILL)
+        w.wait(timeout=10)
+        pid = self.job_pid("quick")
+        self.wait_for(lambda: not pid_alive(pid), 10, "the job to end")
+        r = self.drain()
+        self.assertEqual(r.code, 1, r)                    # it ended dead
+        job = self.job("quick")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]), ("dead", 1, 4))
+
+    def test_killed_worker_and_job_count_a_failed_attempt_then_retry(self):
+        self.set_fast_retries()
+        runs = self.path("runs")
+        self.enqueue("--id", "flaky", f"echo run >> {runs}; "
+                     f"[ $(wc -l < {runs}) -ge 2 ] || sleep 30")
+        w = self.start_worker()
+        pid = self.wait_running("flaky")
+        os.kill(w.pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
+        w.wait(timeout=10)
+        r = self.drain()
+        self.assertEqual(r.code, 0, r)
+        job = self.job("flaky")
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 2))
+        self.assertEqual(self.lines("runs"), ["run", "run"])
+        self.assertIn("worker died", self.log("flaky"))
+        self.integrity_ok()
+
+    def test_job_that_kills_its_worker_every_time_ends_in_dlq(self):
+        self.set_fast_retries()
+        self.enqueue("--id", "killer", "--max-retries", "2",
+                     f"echo x >> {self.path('runs')}; kill -9 $PPID; kill -9 0")
+        for _ in range(8):
+            if self.state("killer") == "dead":
+                break
+            self.drain()
+        job = self.job("killer")
+        self.assertEqual((job["state"], job["attempts"]), ("dead", 3))
+        self.assertEqual(len(self.lines("runs")), 3)
+        self.assertIn("worker died", job["last_error"])
+        self.integrity_ok()
+
+    def test_stale_worker_cannot_overwrite_a_recovered_job(self):
+        self.enqueue("--id", "a", "true")
+        store = queuectl.Store(self.home, durable=False)
+        self.addCleanup(store.close)
+        worker = queuectl.Worker(self.home)
+        job = worker.claim(store)
+        cfg = queuectl.Config(self.home).load()
+        # Another worker takes the claim over; the stale one tries to record.
+        self.db().execute("UPDATE jobs SET worker = 'other' WHERE id = 'a'").connection.commit()
+        with store.tx():
+            self.assertEqual(queuectl.finish_attempt(store, job, worker.id, job["claim"], 0,
+                                                     None, cfg, 0.1), (None, 0))
+        self.assertEqual(self.state("a"), "processing")
+        # The right worker and claim can.
+        with store.tx():
+            self.assertEqual(queuectl.finish_attempt(store, job, "other", job["claim"], 0,
+                                                     None, cfg, 0.1), ("completed", 0))
+
+    def test_worker_status_shows_live_workers_and_forgets_dead_ones(self):
+        self.enqueue("--id", "long", "sleep 30")
+        w = self.start_worker("--count", "2")
+        self.wait_running("long")
+        info = json.loads(self.ok("worker", "status", "--json"))
+        self.assertEqual(len(info), 1)
+        self.assertEqual((info[0]["pid"], info[0]["threads"], info[0]["jobs"]),
+                         (w.pid, 2, ["long"]))
+        os.kill(w.pid, signal.SIGKILL)
+        w.wait(timeout=10)
+        self.assertEqual(json.loads(self.ok("worker", "status", "--json")), [])
+        self.assertIn("no live workers", self.ok("worker", "status"))
+
+
+class TestTimeoutsAndCancel(RobustTest):
+    def test_timeout_kills_the_whole_tree(self):
+        self.enqueue("--id", "slow", "--timeout", "1", "--max-retries", "0",
+                     f"echo before; sleep 301 & echo $! > {self.path('pid')}; wait")
+        r = self.drain()
+        self.assertEqual(r.code, 1, r)
+        job = self.job("slow")
+        self.assertEqual(job["state"], "dead")
+        self.assertIn("timed out", job["last_error"])
+        self.assertFalse(pid_alive(self.read_pid("pid")))
+        log = self.log("slow")
+        self.assertIn("before", log)                       # output kept
+        self.assertIn("timed out", log)
+
+    def test_timeout_escalates_to_sigkill_after_kill_grace(self):
+        self.ok("config", "set", "kill_grace", "0.5")
+        self.ok("config", "set", "job_timeout", "1")           # the config default
+        self.enqueue("--id", "stubborn", "--max-retries", "0",
+                     f"trap '' TERM; sleep 302 & echo $! > {self.path('pid')}; wait; "
+                     "sleep 302")
+        r = self.drain()
+        self.assertEqual(r.code, 1, r)
+        self.assertIn("timed out", self.job("stubborn")["last_error"])
+        self.assertFalse(pid_alive(self.read_pid("pid")))
+
+    def test_cancel_running_job_stops_its_tree_and_never_retries(self):
+        self.enqueue("--id", "c", f"sleep 303 & echo $! > {self.path('pid')}; wait")
+        self.start_worker()
+        self.wait_running("c")
+        child = self.read_pid("pid")
+        self.assertEqual(self.ok("cancel", "c").strip(), "c")
+        self.assertFalse(pid_alive(child))           # gone when cancel returns
+        self.assertEqual(self.state("c"), "cancelled")
+        time.sleep(0.5)
+        job = self.job("c")
+        self.assertEqual((job["state"], job["attempts"]), ("cancelled", 0))
+
+    def test_cancel_pending_and_refuse_finished(self):
+        self.enqueue("--id", "p", "--delay", "1h", "true")
+        self.ok("cancel", "p")
+        self.assertEqual(self.state("p"), "cancelled")
+        self.fails(1, "cancel", "p")
+        self.fails(1, "cancel", "nosuchjob")
+
+
+class TestWorkerShutdown(RobustTest):
+    def test_worker_stop_lets_running_job_finish(self):
+        self.enqueue("--id", "two", f"sleep 2; echo done > {self.path('done')}")
+        w = self.start_worker()
+        self.wait_running("two")
+        self.ok("worker", "stop", "--wait", "--timeout", "20")
+        self.assertEqual(w.wait(timeout=10), 0)
+        self.assertEqual(self.state("two"), "completed")
+        self.assertEqual(self.lines("done"), ["done"])
+
+    def test_sigterm_lets_running_job_finish(self):
+        self.enqueue("--id", "two", f"sleep 2; echo done > {self.path('done')}")
+        w = self.start_worker()
+        self.wait_running("two")
+        w.send_signal(signal.SIGTERM)
+        self.assertEqual(w.wait(timeout=20), 0)
+        self.assertEqual(self.state("two"), "completed")
+
+    def test_stop_now_puts_job_back_to_pending(self):
+        self.enqueue("--id", "long", f"sleep 304 & echo $! > {self.path('pid')}; wait")
+        w = self.start_worker()
+        self.wait_running("long")
+        child = self.read_pid("pid")
+        self.ok("worker", "stop", "--now", "--wait", "--timeout", "20")
+        self.assertEqual(w.wait(timeout=10), 0)
+        job = self.job("long")
+        self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
+        self.assertFalse(pid_alive(child))
+
+    def test_second_sigint_stops_running_jobs(self):
+        self.enqueue("--id", "long", "sleep 305")
+        w = self.start_worker()
+        self.wait_running("long")
+        w.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        self.assertIsNone(w.poll())                  # first SIGINT: finishing
+        w.send_signal(signal.SIGINT)
+        self.assertEqual(w.wait(timeout=20), 0)
+        self.assertEqual(self.state("long"), "pending")
+
+    def test_detach_runs_in_background_and_logs(self):
+        out = self.ok("worker", "start", "--detach").strip()
+        pid = int(out)
+        self.addCleanup(lambda: pid_alive(pid) and os.kill(pid, signal.SIGKILL))
+        self.wait_for(lambda: self.live_workers() == 1, 10, "detached worker")
+        job = self.enqueue("true")
+        self.ok("wait", job, "--timeout", "10")
+        self.ok("worker", "stop", "--wait", "--timeout", "10")
+        self.assertFalse(pid_alive(pid))
+        with open(os.path.join(self.home, "worker.log")) as f:
+            self.assertIn(f"{job} completed", f.read())
+
+
+# Hardening ###################################################################
+
+
+class TestFilesAndPermissions(RobustTest):
+    def test_files_are_private_whatever_the_umask(self):
+        old = os.umask(0)
+        try:
+            job = self.enqueue("echo hi")
+            self.drain()
+        finally:
+            os.umask(old)
+        for path, mode in ((self.home, 0o700), (os.path.join(self.home, "queue.db"), 0o600),
+                           (os.path.join(self.home, "logs", job + ".log"), 0o600)):
+            self.assertEqual(os.stat(path).st_mode & 0o777, mode, path)
+
+    def test_group_writable_db_is_refused(self):
+        self.enqueue("true")
+        db = os.path.join(self.home, "queue.db")
+        os.chmod(db, 0o664)
+        r = self.fails(2, "list")
+        self.assertIn(db, r.err)
+        self.assertIn("chmod go-w", r.err)
+
+    def test_planted_log_symlink_is_not_followed(self):
+        target = self.path("target")
+        with open(target, "w") as f:
+            f.write("precious\n")
+        self.enqueue("--id", "j", "--max-retries", "0", "echo clobbered")
+        os.makedirs(os.path.join(self.home, "logs"), exist_ok=True)
+        os.symlink(target, os.path.join(self.home, "logs", "j.log"))
+        r = self.drain()
+        self.assertEqual(r.code, 1, r)
+        with open(target) as f:
+            self.assertEqual(f.read(), "precious\n")
+        self.assertIn("could not open its log", self.job("j")["last_error"])
+
+    def test_not_a_queuectl_database_is_refused_unchanged(self):
+        os.mkdir(self.home, 0o700)
+        db = os.path.join(self.home, "queue.db")
+        con = sqlite3.connect(db)
+        con.execute("CREATE TABLE mine (x)")
+        con.commit()
+        con.close()
+        os.chmod(db, 0o600)
+        before = self.db_dump()
+        r = self.fails(2, "enqueue", "true")
+        self.assertIn("not a queuectl database", r.err)
+        self.assertEqual(self.db_dump(), before)
+
+    def test_garbage_file_as_database_is_refused(self):
+        os.mkdir(self.home, 0o700)
+        db = os.path.join(self.home, "queue.db")
+        with open(db, "wb") as f:
+            f.write(b"this is not sqlite at all" * 100)
+        os.chmod(db, 0o600)
+        r = self.fails(2, "list")
+        self.assertIn("not a usable queuectl database", r.err)
+
+    def test_newer_schema_is_refused(self):
+        self.enqueue("true")
+        con = self.db()
+        con.execute(f"PRAGMA user_version = {queuectl.SCHEMA_VERSION + 1}")
+        con.commit()
+        r = self.fails(2, "list")
+        self.assertIn("newer", r.err)
+
+    def test_older_schema_is_migrated_in_one_transaction(self):
+        self.enqueue("--id", "a", "true")
+        version = queuectl.SCHEMA_VERSION
+        saved = dict(queuectl.MIGRATIONS)
+        self.addCleanup(lambda: (queuectl.MIGRATIONS.clear(),
+                                 queuectl.MIGRATIONS.update(saved),
+                                 setattr(queuectl, "SCHEMA_VERSION", version)))
+        queuectl.SCHEMA_VERSION = version + 1
+        # A migration that fails half-way changes nothing.
+        queuectl.MIGRATIONS[version] = ["ALTER TABLE jobs ADD COLUMN note TEXT",
+                                        "SELECT no_such_function()"]
+        with self.assertRaises(queuectl.QueuectlError):
+            queuectl.Store(self.home)
+        con = self.db()
+        self.assertEqual(con.execute("PRAGMA user_version").fetchone()[0], version)
+        cols = [r[1] for r in con.execute("PRAGMA table_info(jobs)")]
+        self.assertNotIn("note", cols)
+        queuectl.MIGRATIONS[version] = ["ALTER TABLE jobs ADD COLUMN note TEXT"]
+        queuectl.Store(self.home).close()
+        self.assertEqual(con.execute("PRAGMA user_version").fetchone()[0], version + 1)
+        self.assertIn("note", [r[1] for r in con.execute("PRAGMA table_info(jobs)")])
+        self.assertEqual(con.execute("SELECT id FROM jobs").fetchall(), [("a",)])
+
+    def test_large_binary_output_is_stored_whole(self):
+        self.enqueue("--id", "big", "head -c 20000000 /dev/urandom; printf 'no newline'")
+        self.assertEqual(self.drain().code, 0)
+        path = os.path.join(self.home, "logs", "big.log")
+        self.assertGreater(os.path.getsize(path), 20_000_000)
+        tail = subprocess.run([PY, PROG, "logs", "big", "--tail", "1"], env=self.env,
+                              capture_output=True, timeout=30)
+        self.assertEqual(tail.returncode, 0)
+        self.assertTrue(tail.stdout.startswith(b"[queuectl] attempt 1 ended: exit 0"),
+                        tail.stdout[:200])
+        two = subprocess.run([PY, PROG, "logs", "big", "--tail", "2"], env=self.env,
+                             capture_output=True, timeout=30).stdout
+        self.assertIn(b"no newline\n[queuectl] attempt 1 ended", two)
+
+
+class TestDoctor(RobustTest):
+    def test_healthy_queue(self):
+        self.enqueue("true")
+        self.drain()
+        out = self.ok("doctor")
+        self.assertIn("ok", out.splitlines()[-1])
+
+    def test_reports_orphans_and_dead_dependencies(self):
+        self.enqueue("--id", "dep", "--max-retries", "0", "false")
+        self.enqueue("--id", "child", "--after", "dep", "true")
+        self.drain()
+        r = self.q("doctor")
+        self.assertEqual(r.code, 1, r)
+        self.assertIn("job child waits on dep, which is dead", r.out)
+        self.enqueue("--id", "orphan", "sleep 30")
+        w = self.start_worker()
+        self.wait_running("orphan")
+        os.kill(w.pid, signal.SIGKILL)
+        w.wait(timeout=10)
+        info = json.loads(self.q("doctor", "--json").out)
+        self.assertFalse(info["ok"])
+        self.assertTrue(any("orphan" in p and "gone" in p for p in info["problems"]))
+
+
+class TestFuzz(RobustTest):
+    """Seeded random CLI invocations, in-process: never a traceback, never an
+    exit code outside 0/1/2, and the database stays intact."""
+
+    SEED = 20261123
+
+    def test_random_invocations(self):
+        import contextlib
+        import io
+        import random
+        rnd = random.Random(self.SEED)
+        os.environ["QUEUECTL_HOME"] = self.home
+        self.addCleanup(os.environ.pop, "QUEUECTL_HOME", None)
+        cmds = [["enqueue"], ["status"], ["show"], ["list"], ["logs"], ["wait"],
+                ["retry"], ["pause"], ["resume"], ["cancel"], ["dlq", "list"],
+                ["dlq", "retry"], ["dlq", "purge"], ["prune"], ["config", "get"],
+                ["config", "set"], ["config", "list"], ["metrics"], ["doctor"],
+                ["worker", "status"], ["worker", "stop"], ["worker"], ["dlq"], ["bogus"]]
+        flags = ["--id", "--priority", "-p", "--max-retries", "--timeout", "--run-at",
+                 "--delay", "--queue", "--after", "--cwd", "--env", "--unique", "--json",
+                 "--state", "--limit", "--tail", "--all", "--older-than", "--now",
+                 "-c", "--command", "--bogus", "-x", "--"]
+        values = ["0", "-1", "1", "99999999999999999999", "1.5", "nan", "inf", "-inf",
+                  "", " ", "a", "../x", "a/b", "-x", "é", "日本", "\x01", "x" * 5000,
+                  "{", "{}", '{"command": 1}', '{"command": "true", "priority": "high"}',
+                  '{"command": "true", "env": {"A": 1}}', "[1, 2]", "null", "true",
+                  "2026-11-23T09:30:00Z", "tomorrowish", "5x", "1h30m", "pending", "dead",
+                  "max_retries", "backoff-base", "kill_grace", "NaN", "1e308", "k=v", "=v",
+                  "default", "q1", "processing", "completed"]
+        ids = []
+        for n in range(300):
+            argv = list(rnd.choice(cmds))
+            for _ in range(rnd.randint(0, 4)):
+                r = rnd.random()
+                if r < 0.4:
+                    argv.append(rnd.choice(flags))
+                if r < 0.9:
+                    argv.append(rnd.choice(values + ids))
+            if argv[0] == "wait":
+                argv += ["--timeout", "0"]
+            stdin = io.StringIO(rnd.choice(["true\n", "{\n", "", "echo a\n\n{}\n"]))
+            out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+            err = io.StringIO()
+            saved_stdin = sys.stdin
+            sys.stdin = stdin
+            try:
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    try:
+                        code = queuectl.main(argv)
+                    except SystemExit as e:          # --help / --version
+                        code = e.code or 0
+            finally:
+                sys.stdin = saved_stdin
+            with self.subTest(n=n, argv=argv):
+                self.assertIn(code, (0, 1, 2), err.getvalue())
+                self.assertNotIn("Traceback", err.getvalue())
+                self.assertNotIn("unexpected", err.getvalue())
+            if argv[0] == "enqueue" and code == 0:
+                out.flush()
+                ids += out.buffer.getvalue().decode().split()[:1]
+        self.integrity_ok()
+
+
+# A sysadmin's tool ###########################################################
+
+
+class TestHumanOutput(RobustTest):
+    def fixed_jobs(self):
+        self.enqueue("--id", "build-1", "make -C /srv/app all && echo " + "x" * 120)
+        self.enqueue("--id", "later", "--delay", "2h", "--queue", "reports", "./report.sh")
+        self.enqueue("--id", "after", "--after", "build-1", "true")
+
+    def test_list_table_fits_80_columns_and_cuts_commands(self):
+        self.fixed_jobs()
+        out = self.ok("list")
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split(), ["ID", "STATE", "QUEUE", "PRI", "TRIES", "WHEN",
+                                            "COMMAND"])
+        self.assertTrue(all(len(line) <= 80 for line in lines), out)
+        self.assertTrue(lines[1].endswith("…"), lines[1])
+        self.assertEqual(lines[1].split()[:6], ["build-1", "pending", "default", "0", "0",
+                                                "ready"])
+        self.assertIn("due in 2h", lines[2])
+        self.assertIn("blocked on build-1", lines[3])
+        self.assertNotIn("\x1b[", out)                   # not a terminal: no colour
+
+    def test_not_a_tty_without_columns_keeps_whole_commands(self):
+        self.fixed_jobs()
+        env = dict(self.env)
+        env.pop("COLUMNS")
+        out = self.ok("list", env=env)
+        self.assertIn("x" * 120, out)
+
+    def test_status_counts_in_stable_order(self):
+        self.fixed_jobs()
+        out = self.ok("status")
+        self.assertEqual(out.splitlines()[0], "jobs: 3 pending, 0 processing, 0 failed, "
+                                              "0 completed, 0 dead, 0 cancelled")
+        self.assertIn("reports", out)                     # per-queue breakdown
+        self.assertIn("next scheduled: later in 2h", out)
+
+    def test_colour_only_on_a_terminal_and_never_with_no_color(self):
+        import pty
+        self.fixed_jobs()
+
+        def run_in_pty(extra_env):
+            env = dict(self.env, **extra_env)
+            pid, fd = pty.fork()
+            if pid == 0:
+                os.execve(PY, [PY, PROG, "status"], env)
+            out = b""
+            while True:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            os.waitpid(pid, 0)
+            os.close(fd)
+            return out.decode()
+
+        self.assertIn("\x1b[", run_in_pty({}))
+        self.assertNotIn("\x1b[", run_in_pty({"NO_COLOR": "1"}))
+
+
+class TestMachineOutput(RobustTest):
+    def test_json_shapes(self):
+        job = self.enqueue("--id", "a", "echo hi")
+        self.drain()
+        status = json.loads(self.ok("status", "--json"))
+        self.assertEqual(set(status), {"counts", "queues", "workers", "oldest_pending",
+                                       "next_scheduled", "paused"})
+        self.assertEqual(list(status["counts"]), list(queuectl.STATES))
+        listed = json.loads(self.ok("list", "--json"))
+        self.assertEqual([j["id"] for j in listed], [job])
+        self.assertEqual(set(listed[0]), set(queuectl.JOB_FIELDS) | {"log"})
+        self.assertEqual(json.loads(self.ok("dlq", "list", "--json")), [])
+        self.assertEqual(json.loads(self.ok("worker", "status", "--json")), [])
+        cfg = json.loads(self.ok("config", "list", "--json"))
+        self.assertEqual(cfg, queuectl.CONFIG_DEFAULTS)
+
+    def test_enqueue_prints_only_the_id(self):
+        out = self.ok("enqueue", "true")
+        self.assertRegex(out, r"^[0-9a-z]{6}\n$")
+
+    def test_metrics_parse_as_prometheus_text(self):
+        import re
+        self.set_fast_retries()
+        self.enqueue("--queue", "q1", "true")
+        self.enqueue("--max-retries", "1", "false")
+        self.drain()
+        out = self.ok("metrics")
+        sample = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? '
+                            r'-?[0-9.e+]+$')
+        values = {}
+        for line in out.splitlines():
+            if line.startswith("#"):
+                self.assertRegex(line, r"^# (HELP|TYPE) queuectl_[a-z_]+ .+")
+                continue
+            self.assertRegex(line, sample)
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+        self.assertEqual(values['queuectl_jobs{queue="q1",state="completed"}'], 1)
+        self.assertEqual(values['queuectl_jobs{queue="default",state="dead"}'], 1)
+        self.assertEqual(values['queuectl_attempts_total{queue="default"}'], 2)
+        self.assertEqual(values['queuectl_failures_total{queue="default"}'], 2)
+        self.assertEqual(values["queuectl_workers"], 0)
+
+
+class TestLiveView(RobustTest):
+    def test_top_refreshes_in_a_pty_and_quits_on_q(self):
+        import pty
+        import select
+        import termios
+        self.enqueue("--id", "long-job", "sleep 30")
+        self.start_worker()
+        self.wait_running("long-job")
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.execve(PY, [PY, PROG, "top", "--interval", "0.2"], self.env)
+        self.addCleanup(lambda: pid_alive(pid) and os.kill(pid, signal.SIGKILL))
+        out = b""
+        deadline = time.monotonic() + 15
+        while b"long-job" not in out and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                out += os.read(fd, 65536)
+        self.assertIn(b"long-job", out)                   # running jobs shown
+        self.assertIn(b"\x1b[?1049h", out)                # alternate screen
+        attrs = termios.tcgetattr(fd)
+        self.assertFalse(attrs[3] & termios.ICANON)       # cbreak while running
+        os.write(fd, b"q")
+        while time.monotonic() < deadline:
+            if not select.select([fd], [], [], 0.5)[0]:
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        self.assertTrue(out.endswith(b"\x1b[?25h\x1b[?1049l"), out[-40:])   # restored
+
+    def test_top_once_without_a_terminal(self):
+        self.enqueue("true")
+        out = self.ok("top", "--once")
+        self.assertIn("jobs: 1 pending", out)
+        self.fails(2, "top")                               # no terminal
+
+
+class TestInstallAndHelp(RobustTest):
+    def test_make_install_into_a_temp_prefix(self):
+        prefix = os.path.join(self.tmp, "prefix")
+        r = subprocess.run(["make", "-s", "-C", os.path.dirname(PROG), "install",
+                            f"PREFIX={prefix}", f"PYTHON={PY}"], capture_output=True,
+                           text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        exe = os.path.join(prefix, "bin", "queuectl")
+        out = subprocess.run([exe, "enqueue", "echo installed"], env=self.env,
+                             capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(self.drain().code, 0)
+        self.assertIn("installed", self.log(out.stdout.strip()))
+        pyc = os.listdir(os.path.join(prefix, "lib", "queuectl", "__pycache__"))
+        self.assertTrue(any(p.startswith("queuectl.") for p in pyc), pyc)
+
+    def test_direct_execution_of_the_file(self):
+        env = dict(self.env, QUEUECTL_PYTHON=PY)
+        r = subprocess.run([PROG, "--version"], env=env, capture_output=True, text=True,
+                           timeout=30)
+        self.assertEqual((r.returncode, r.stdout.strip()),
+                         (0, f"queuectl {queuectl.__version__}"))
+
+    def test_every_command_has_help_with_examples(self):
+        for cmd in (["enqueue"], ["worker", "start"], ["worker", "stop"], ["status"],
+                    ["list"], ["logs"], ["wait"], ["cancel"], ["dlq", "retry"], ["prune"],
+                    ["config", "set"], ["metrics"], ["doctor"], ["top"]):
+            examples = self.ok(*cmd, "--help").partition("\nexamples:\n")[2]
+            self.assertIn(f"queuectl {' '.join(cmd)}", examples, cmd)
+
+    def test_no_arguments_prints_short_usage(self):
+        out = self.ok()
+        self.assertIn("Common commands:", out)
+
+    def test_bash_completion(self):
+        script = self.ok("completion", "bash")
+        r = subprocess.run(["bash", "-c", script + "\nCOMP_WORDS=(queuectl worker st); "
+                            "COMP_CWORD=2; _queuectl; echo ${COMPREPLY[@]}\n"
+                            "COMP_WORDS=(queuectl en); COMP_CWORD=1; _queuectl; "
+                            "echo ${COMPREPLY[@]}"], capture_output=True, text=True,
+                           timeout=30)
+        self.assertEqual(r.stdout.splitlines(), ["start stop status", "enqueue"])
+
+
+class TestClaimPlan(RobustTest):
+    def test_claim_is_one_walk_of_the_ready_index(self):
+        self.enqueue("--id", "a", "true")
+        self.enqueue("--after", "a", "--queue", "q2", "true")
+        con = self.db()
+        for where, params in (("", []), (" AND queue IN (?,?)", ["a", "b"]),
+                              (" AND queue NOT IN (?)", ["p"])):
+            plan = " ".join(r[-1] for r in con.execute(
+                "EXPLAIN QUERY PLAN " + queuectl.SQL_CLAIMABLE.format(where=where),
+                ["2030-01-01T00:00:00.000000Z"] + params))
+            self.assertIn("jobs_ready", plan)
+            self.assertNotIn("TEMP B-TREE", plan)
+
+    def test_prune_reclaims_space(self):
+        lines = "".join(f"echo {'x' * 2000}\n" for _ in range(2000))
+        self.ok("enqueue", "--stdin", input=lines.replace("echo", "true ||"))
+        self.assertEqual(self.drain("--count", "2", timeout=120).code, 0)
+        con = self.db()
+        before = con.execute("PRAGMA page_count").fetchone()[0]
+        self.assertIn("pruned 2000 jobs", self.ok("prune", "--older-than", "0"))
+        after = con.execute("PRAGMA page_count").fetchone()[0]
+        self.assertLess(after, before / 4)
+        self.assertEqual(os.listdir(os.path.join(self.home, "logs")), [])
+
+
+class TestOwnership(RobustTest):
+    @unittest.skipUnless(os.geteuid() == 0, "needs root to give a file away")
+    def test_home_owned_by_another_user_is_refused(self):
+        self.enqueue("true")
+        os.chown(self.home, 12345, -1)
+        self.addCleanup(os.chown, self.home, 0, -1)
+        before = self.db_dump()
+        r = self.fails(2, "enqueue", "true")
+        self.assertIn("belongs to uid 12345", r.err)
+        self.assertEqual(self.db_dump(), before)
+
+    @unittest.skipUnless(os.geteuid() == 0, "needs root to give a file away")
+    def test_db_owned_by_another_user_is_refused(self):
+        self.enqueue("true")
+        db = os.path.join(self.home, "queue.db")
+        os.chown(db, 12345, -1)
+        r = self.fails(2, "list")
+        self.assertIn(db, r.err)
+
+
+class TestFindJobProcess(RobustTest):
+    @unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc")
+    def test_a_job_is_found_by_its_status_path(self):
+        status = self.path("j.tok.exit")
+        with open(os.devnull, "rb") as null:
+            child = queuectl.spawn(["/bin/sh", "-c", queuectl.JOB_WRAPPER, "sh", status,
+                                    "sleep 0.5 | cat", self.work], self.work,
+                                   dict(os.environ), null.fileno(), null.fileno())
+        try:
+            pid, start = queuectl.find_job_process(status)
+            self.assertEqual(pid, child.pid)          # the leader, not the subshells
+            self.assertTrue(queuectl.same_process(pid, start))
+        finally:
+            self.assertEqual(child.wait(), 0)
+        self.assertEqual(queuectl.read_status(status), 0)
+        self.assertEqual(queuectl.find_job_process(status), (None, None))
 
 
 # Runner ######################################################################
