@@ -127,15 +127,23 @@ def _days_from_civil(y, m, d):
     return era * 146097 + doe - 719468
 
 
+_iso_second = (None, "")     # the last second formatted and its text, swapped whole
+
+
 def iso(ts):
     """Epoch seconds -> the stored form, UTC ISO-8601 with microseconds."""
     if ts is None:
         return None
     whole = int(ts // 1)
-    us = int(round((ts - whole) * 1_000_000))
+    us = round((ts - whole) * 1_000_000)
     if us >= 1_000_000:
         whole, us = whole + 1, us - 1_000_000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{us:06d}Z"
+    global _iso_second
+    second, text = _iso_second
+    if second != whole:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _iso_second = (whole, text)
+    return f"{text}.{us:06d}Z"
 
 
 def epoch(s):
@@ -1143,8 +1151,7 @@ def wait_exit(pid, timeout, proc=None):
             fd = None
     try:
         if fd is not None:
-            if proc is not None and proc.poll() is not None:
-                return True
+            # A pidfd is readable once the process has ended, reaped or not.
             ready = select.select([fd], [], [], timeout)[0]
             if ready and proc is not None:
                 proc.wait()
