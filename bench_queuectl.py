@@ -423,25 +423,31 @@ def bench_enqueue(rep, n):
             sb.cli("enqueue", "true", launcher=argv)
         subprocess.run([PY, "-c", "pass"], check=True, timeout=CHILD_TIMEOUT)
 
-        times = {name: [] for name in ["bare"] + list(launchers)}
+        times = {name: [] for name in ["bare", "bare -I"] + list(launchers)}
         for _ in range(n):
             t, _p = timed(subprocess.run, [PY, "-c", "pass"], env=sb.env,
                           cwd=sb.root, timeout=CHILD_TIMEOUT, check=True)
             times["bare"].append(t)
+            # ./queuectl.py and the installed launcher run python -I (no
+            # site hooks): compare them with an interpreter that does too.
+            t, _p = timed(subprocess.run, [PY, "-I", "-c", "pass"], env=sb.env,
+                          cwd=sb.root, timeout=CHILD_TIMEOUT, check=True)
+            times["bare -I"].append(t)
             for name, argv in launchers.items():
                 t, _p = sb.cli("enqueue", "true", launcher=argv)
                 times[name].append(t)
 
-    bare = times["bare"]
     targets = {"python queuectl.py": 2.0, "installed queuectl": 1.5}
     for name in launchers:
+        isolated = name != "python queuectl.py"
+        bare = times["bare -I" if isolated else "bare"]
         ms = [t * 1000 for t in times[name]]
         base_ms = [t * 1000 for t in bare]
         limit = targets.get(name)
         r = ratio(median(ms), median(base_ms))
         rep.add(f"enqueue_{name.replace(' ', '_').replace('./', 'direct_')}",
                 f"enqueue cost: {name} (median)", median(ms), "ms",
-                median(base_ms), "python -c pass",
+                median(base_ms), "python -I -c pass" if isolated else "python -c pass",
                 f"<= {limit}x" if limit else None,
                 (r <= limit) if limit else None, ratio_value=r)
         rep.note(f"enqueue {name}: mean {mean(ms):.1f} ms, median {median(ms):.1f} ms, "
