@@ -1987,6 +1987,22 @@ class TestFindJobProcess(RobustTest):
         self.assertEqual(queuectl.find_job_process(status), (None, None))
 
 
+# Benchmark ###################################################################
+
+
+class TestBenchSmoke(unittest.TestCase):
+    def test_quick_bench_runs_and_prints_json(self):
+        bench = os.path.join(HERE, "bench_queuectl.py")
+        r = subprocess.run([PY, bench, "--quick", "--json"], capture_output=True,
+                           text=True, timeout=240)
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        report = json.loads(r.stdout)
+        text = json.dumps(report)
+        for key in ("throughput", "enqueue", "bulk", "pickup", "status", "claim",
+                    "idle", "rss"):
+            self.assertIn(key, text)
+
+
 # Runner ######################################################################
 
 
