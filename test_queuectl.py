@@ -1987,6 +1987,36 @@ class TestFindJobProcess(RobustTest):
         self.assertEqual(queuectl.find_job_process(status), (None, None))
 
 
+class TestLiveWorkerBehaviour(RobustTest):
+    def test_logs_follow_streams_until_the_job_ends(self):
+        self.enqueue("--id", "f", "echo one; sleep 1; echo two")
+        self.start_worker()
+        out = self.ok("logs", "f", "--follow", timeout=30)
+        self.assertIn("one\ntwo\n", out)
+        self.assertIn("[queuectl] attempt 1 ended: exit 0", out)
+
+    def test_running_worker_picks_up_a_config_change(self):
+        w = self.start_worker()
+        self.ok("config", "set", "max-retries", "0")
+        self.wait_for(lambda: "config reloaded" in self._worker_output(w), 10,
+                      "the worker to reload its config")
+        self.enqueue("--id", "once", "false")
+        self.wait_state("once", "dead")
+        self.assertEqual(self.job("once")["attempts"], 1)
+
+    def _worker_output(self, w):
+        # The worker's stdout is a pipe; read what is there without blocking.
+        import select
+        buf = getattr(w, "_seen", "")
+        while select.select([w.stdout], [], [], 0)[0]:
+            line = w.stdout.readline()
+            if not line:
+                break
+            buf += line
+        w._seen = buf
+        return buf
+
+
 # Benchmark ###################################################################
 
 
