@@ -176,6 +176,14 @@ class QueueTest(unittest.TestCase):
     def path(self, *parts):
         return os.path.join(self.work, *parts)
 
+    def lines(self, name):
+        """Words of a file a job wrote in self.work ([] if there is none)."""
+        try:
+            with open(self.path(name)) as f:
+                return f.read().split()
+        except FileNotFoundError:
+            return []
+
 
 def pid_alive(pid):
     try:
@@ -204,13 +212,6 @@ RECORD = 'echo "$QUEUECTL_JOB_ID" >> order.txt'
 
 class RecordingTest(QueueTest):
     """Helpers for jobs that record what they did in files of self.work."""
-
-    def lines(self, name):
-        try:
-            with open(self.path(name)) as f:
-                return f.read().split()
-        except FileNotFoundError:
-            return []
 
     def order(self):
         return self.lines("order.txt")
@@ -1299,12 +1300,6 @@ class RobustTest(QueueTest):
         self.wait_for(lambda: "".join(self.lines(name)), timeout, f"{name} to be written")
         return int(self.lines(name)[0])
 
-    def lines(self, name):
-        try:
-            with open(self.path(name)) as f:
-                return f.read().split()
-        except FileNotFoundError:
-            return []
 
 
 class TestConcurrency(RobustTest):
