@@ -311,31 +311,35 @@ def proc_start(pid):
     return True, None
 
 
-def find_job_process(status, tries=3):
-    """(pid, start) of the live job wrapper started with this status path,
-    found through /proc (Linux); (None, None) elsewhere or when none. A
-    process still inside execve shows an empty cmdline: look again briefly."""
-    needle = os.fsencode(status) + b"\0"
-    for attempt in range(tries):
-        if attempt:
-            time.sleep(0.01 * attempt)
-        found = _scan_cmdlines(needle)
+def find_job_process(job_id, attempt, tries=3):
+    """(pid, start) of the live leader of a job's attempt, found through
+    /proc (Linux) by the QUEUECTL_JOB_ID and QUEUECTL_ATTEMPT in its
+    environment (which an `exec` in the command keeps); (None, None)
+    elsewhere or when none. A process still inside execve shows an empty
+    environment: look again briefly."""
+    needles = (f"\0QUEUECTL_JOB_ID={job_id}\0".encode(),
+               f"\0QUEUECTL_ATTEMPT={attempt}\0".encode())
+    for n in range(tries):
+        if n:
+            time.sleep(0.01 * n)
+        found = _scan_environs(needles)
         if found[0]:
             return found
     return None, None
 
 
-def _scan_cmdlines(needle):
+def _scan_environs(needles):
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
         return None, None
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if needle not in f.read():
-                    continue
-            if os.getpgid(pid) != pid:      # a subshell of the job, not its leader
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = b"\0" + f.read()
+            if not all(n in env for n in needles):
+                continue
+            if os.getpgid(pid) != pid:      # a child of the job, not its leader
                 continue
         except OSError:
             continue
@@ -409,6 +413,8 @@ def kill_group(pgid, grace, leader_gone=lambda: True):
 
 
 def resolve_home(arg=None):
+    if arg is not None and not arg.strip():
+        raise UsageError("--home needs a directory")
     home = arg or os.environ.get("QUEUECTL_HOME") or os.path.join(
         os.path.expanduser("~"), ".queuectl")
     return os.path.abspath(home)
@@ -789,6 +795,16 @@ class Store:
     def paused(self):
         return {r[0] for r in self.q("SELECT queue FROM paused")}
 
+    def counts(self):
+        """({state: n}, {queue: {state: n}}), every state present, in order."""
+        counts = dict.fromkeys(STATES, 0)
+        per_queue = {}
+        for state, queue, n in self.q(
+                "SELECT state, queue, count(*) FROM jobs GROUP BY state, queue"):
+            counts[state] = counts.get(state, 0) + n
+            per_queue.setdefault(queue, dict.fromkeys(STATES, 0))[state] = n
+        return counts, per_queue
+
 
 class _Transaction:
     def __init__(self, store):
@@ -855,12 +871,8 @@ def run_dir(home):
     return ensure_private_dir(os.path.join(home, "run"))
 
 
-def worker_alive(home, row):
-    wid, host, heartbeat = row[0], row[2], row[6]
-    if time.time() - epoch(heartbeat) > LEASE:
-        return False
-    if host != hostname():
-        return True
+def lock_held(home, wid):
+    """True while the worker wid (on this host) holds its lock file."""
     import fcntl
     try:
         fd = os.open(os.path.join(home, "run", wid + ".lock"), os.O_RDWR)
@@ -874,6 +886,21 @@ def worker_alive(home, row):
         return False
     finally:
         os.close(fd)
+
+
+def worker_alive(home, row):
+    """Is the process of this workers row alive? On this host its lock says
+    so (a stopped or suspended worker is still alive); elsewhere, only a
+    heartbeat younger than the lease does."""
+    if row[2] == hostname():
+        return lock_held(home, row[0])
+    return time.time() - epoch(row[6]) <= LEASE
+
+
+def worker_stale(row):
+    """Its heartbeat is older than the lease: its jobs are recovered even if
+    it lives (stopped, suspended, stuck); fencing keeps its late writes out."""
+    return time.time() - epoch(row[6]) > LEASE
 
 
 def remove_worker_files(home, wid):
@@ -920,6 +947,14 @@ SPEC_FIELDS = {"id", "command", "queue", "priority", "max_retries", "timeout",
                "run_at", "delay", "depends_on", "cwd", "env", "unique"}
 
 
+def _utf8(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:           # undecodable bytes from argv or a file
+        return False
+    return True
+
+
 def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -939,6 +974,9 @@ def check_spec(spec, where=""):
     cmd = spec.get("command")
     if not isinstance(cmd, str) or not cmd.strip():
         raise UsageError(f"{pre}a job needs a non-empty command string")
+    for field in ("command", "cwd"):
+        if isinstance(spec.get(field), str) and not _utf8(spec[field]):
+            raise UsageError(f"{pre}the {field} is not valid UTF-8")
     if "\0" in cmd:
         raise UsageError(f"{pre}the command contains a NUL byte")
     if spec.get("id") is not None:
@@ -970,7 +1008,11 @@ def check_spec(spec, where=""):
             raise UsageError(f"{pre}invalid delay {d!r}")
         spec["run_at"] = time.time() + parse_duration(d, "delay")
     elif spec.get("run_at") is not None:
-        spec["run_at"] = parse_time(spec["run_at"])
+        text = spec["run_at"]
+        spec["run_at"] = parse_time(text)
+        if not 0 <= spec["run_at"] < 253402300800:     # 1970 to 9999
+            raise UsageError(f"{pre}run_at {text!r} is out of range: use a time "
+                             "from 1970 to 9999")
     deps = spec.get("depends_on")
     if deps is not None:
         if isinstance(deps, str):
@@ -990,7 +1032,11 @@ def check_spec(spec, where=""):
                 raise UsageError(f"{pre}invalid environment variable name {k!r}")
     cwd = spec.get("cwd")
     if cwd is None:
-        spec["cwd"] = os.getcwd()
+        try:
+            spec["cwd"] = os.getcwd()
+        except OSError:
+            raise UsageError(f"{pre}the current directory no longer exists; "
+                             "give the job a --cwd") from None
     elif not isinstance(cwd, str) or not cwd:
         raise UsageError(f"{pre}cwd must be a directory path")
     else:
@@ -1013,8 +1059,6 @@ def spec_from_text(text, where=""):
         except ValueError as e:
             pre = f"{where}: " if where else ""
             raise UsageError(f"{pre}invalid JSON job ({e})") from None
-        if not isinstance(obj, dict):
-            raise UsageError(f"{where}: a JSON job must be an object")
         return obj
     return {"command": text}
 
@@ -1140,9 +1184,6 @@ def wait_exit(pid, timeout, proc=None):
     """Wait up to timeout seconds (None: forever) for a process to end.
     proc: our own Popen child (reaped here); else any process, by pid."""
     import select
-    if proc is not None and timeout is None:
-        proc.wait()
-        return True
     fd = None
     if hasattr(os, "pidfd_open"):
         try:
@@ -1204,12 +1245,17 @@ class Child:
 def spawn(argv, cwd, env, stdin, out):
     """Start argv in a new session with stdin/stdout/stderr set; a Child.
     posix_spawn (vfork-fast, little Python) where it can set the session,
-    else subprocess.Popen. cwd is applied by JOB_WRAPPER's cd."""
+    else subprocess.Popen. JOB_WRAPPER's cd applies cwd either way."""
+    import signal
     if hasattr(os, "POSIX_SPAWN_DUP2"):
         try:
+            # Python ignores SIGPIPE and SIGXFSZ; a shell cannot undo an
+            # ignore it inherits, so jobs get the defaults back here (Popen's
+            # restore_signals does the same).
             return Child(os.posix_spawn(argv[0], argv, env, setsid=True, file_actions=[
                 (os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, out, 1),
-                (os.POSIX_SPAWN_DUP2, out, 2)]))
+                (os.POSIX_SPAWN_DUP2, out, 2)],
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ)))
         except NotImplementedError:
             pass                            # no POSIX_SPAWN_SETSID here
     import subprocess
@@ -1268,7 +1314,6 @@ class Worker:
         self.config = self.config_file.load()
         self.config_mtime = self._config_mtime()
         self.signals = []
-        self.threads = []
         self.threads_left = 0            # job threads not yet returned
         self.base_env = dict(os.environ)      # copied once, not per job
         self.devnull = None
@@ -1357,9 +1402,7 @@ class Worker:
             self._recover(store)
             self.threads_left = self.count
             for _ in range(self.count):
-                t = self.threading.Thread(target=self._job_thread, daemon=True)
-                t.start()
-                self.threads.append(t)
+                self.threading.Thread(target=self._job_thread, daemon=True).start()
             next_beat = time.monotonic() + HEARTBEAT
             while True:
                 with self.lock:
@@ -1626,7 +1669,7 @@ class Worker:
             stop_now = self.now
         # Most jobs are short: their pid need not reach the database. One
         # still running after PID_DELAY gets its pid recorded, for adoption
-        # and cancel; recovery finds a younger orphan by its status path.
+        # and cancel; they find a younger one by its environment.
         if not wait_exit(proc.pid, PID_DELAY, proc):
             _, run.start = proc_start(proc.pid)
             try:
@@ -1664,9 +1707,11 @@ class Worker:
             kill_group(run.pid, self.config["kill_grace"])
         with self.lock:
             self.running.pop(run.token, None)
-        remove_file(status_path(self.home, job["id"], run.token))
         if run.stopped:
             held = requeue(store, job, self.id, run.token)
+            if held:
+                remove_file(status_path(self.home, job["id"], run.token))
+                wake_workers(self.home)
             self.say(f"{job['id']} stopped, back to pending" if held else
                      f"{job['id']} stopped")
             self._footer(job, run.log_fd, f"[queuectl] attempt {job['attempts'] + 1} "
@@ -1694,7 +1739,8 @@ class Worker:
                 claim_next=False):
         """Write an attempt's outcome (and claim the next job in the same
         transaction when claim_next); report it; the next job or None."""
-        for delay in (0.05, 0.2, 1, 2, 5, 10, None):
+        delay = 0.05
+        while True:          # a busy database only delays the record
             try:
                 with store.tx():
                     state, unblocked = finish_attempt(store, job, self.id, job["claim"],
@@ -1703,15 +1749,21 @@ class Worker:
                     if claim_next and not self.stopping:
                         nxt = self._claim_in_tx(store)
                 break
-            except BusyError:
-                if delay is None:
-                    raise
+            except BusyError as e:
+                self.say(f"{job['id']}: cannot record its outcome yet ({e})")
                 time.sleep(delay)
+                delay = min(delay * 4, 5)
+        status = status_path(self.home, job["id"], job["claim"])
+        current = None if state is not None else store.get(job["id"])
+        if current is None or current["state"] != PROCESSING or \
+                current["claim"] != job["claim"]:
+            # Recorded, or cancelled: nobody needs the status file. A worker
+            # that took the job over (same claim) still reads it.
+            remove_file(status)
         attempt = job["attempts"] + 1
         took = f" after {duration:.3f}s" if duration is not None else ""
         if state is None:
-            now = store.get(job["id"])
-            outcome = ("cancelled" if now and now["state"] == CANCELLED else
+            outcome = ("cancelled" if current and current["state"] == CANCELLED else
                        "taken over by another worker") + "; result not recorded"
         elif error is None:
             outcome = f"exit 0{took}"
@@ -1742,12 +1794,15 @@ class Worker:
     # Recovery --------------------------------------------------------------
 
     def _recover(self, store):
-        """Settle or adopt processing jobs whose worker is gone."""
+        """Settle or adopt processing jobs whose worker is gone; remove
+        status files nobody will read (their job was cancelled meanwhile)."""
         try:
             rows = store.q(f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'processing'")
+            self._sweep_status_files({f"{r[0]}.{r[ROW_FIELDS.index('claim')]}.exit"
+                                      for r in rows})
             if not rows:
                 return
-            live = {r[0] for r in store.live_workers()}
+            live = {r[0] for r in store.live_workers() if not worker_stale(r)}
             live.add(self.id)
             for row in rows:
                 job = job_from_row(row)
@@ -1755,6 +1810,20 @@ class Worker:
                     self._adopt(store, job)
         except QueuectlError as e:
             self.say(f"recovery scan failed, will retry: {e}")
+
+    def _sweep_status_files(self, wanted):
+        rd = os.path.join(self.home, "run")
+        try:
+            names = [n for n in os.listdir(rd) if n.endswith(".exit") and n not in wanted]
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(rd, name)
+            try:
+                if time.time() - os.stat(path).st_mtime > LEASE:
+                    os.unlink(path)
+            except OSError:
+                pass
 
     def _adopt(self, store, job):
         old = job["worker"]
@@ -1765,8 +1834,8 @@ class Worker:
             return
         job["worker"] = self.id
         if not job["pid"]:                  # it died before recording the pid
-            job["pid"], job["pid_start"] = find_job_process(
-                status_path(self.home, job["id"], job["claim"]))
+            job["pid"], job["pid_start"] = find_job_process(job["id"],
+                                                            job["attempts"] + 1)
             if job["pid"]:
                 with store.tx():
                     store.x("UPDATE jobs SET pid = ?, pid_start = ?" + FENCE,
@@ -1789,7 +1858,6 @@ class Worker:
         started = epoch(job["started_at"]) if job["started_at"] else None
         ended = os.stat(status).st_mtime if rc is not None else time.time()
         duration = None if started is None else max(ended - started, 0)
-        remove_file(status)
         if rc is not None:
             self.say(f"{job['id']} ended while worker {old} was gone; "
                      "recording its exit status")
@@ -2102,7 +2170,7 @@ def cmd_worker_stop(args):
           + (" now" if args.now else ""))
     if args.wait:
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
-        while any(worker_alive(args.home, w) for w in workers):
+        while any(lock_held(args.home, w[0]) for w in workers):
             if deadline is not None and time.monotonic() > deadline:
                 raise QueuectlError(f"workers still running after {args.timeout:g}s")
             time.sleep(0.05)
@@ -2128,9 +2196,8 @@ def cmd_worker_status(args):
         print(table(["ID", "PID", "HOST", "THREADS", "QUEUES", "STARTED",
                      "HEARTBEAT", "JOBS"],
                     [[w["id"], w["pid"], w["host"], w["threads"],
-                      ",".join(w["queues"] or ["*"]), relative(iso(epoch(
-                          w["started_at"][:-1] + ".0Z"))),
-                      relative(w["heartbeat"][:-1] + ".0Z"),
+                      ",".join(w["queues"] or ["*"]), relative(w["started_at"]),
+                      relative(w["heartbeat"]),
                       ",".join(w["jobs"]) or "-"] for w in out], term_width()))
     return EXIT_OK
 
@@ -2141,12 +2208,7 @@ def cmd_status(args):
         return cmd_show(args)
     store = open_store(args)
     now = time.time()
-    counts = {s: 0 for s in STATES}
-    per_queue = {}
-    for state, queue, n in store.q(
-            "SELECT state, queue, count(*) FROM jobs GROUP BY state, queue"):
-        counts[state] = counts.get(state, 0) + n
-        per_queue.setdefault(queue, {s: 0 for s in STATES})[state] = n
+    counts, per_queue = store.counts()
     workers = store.live_workers()
     oldest = store.q("SELECT id, created_at FROM jobs WHERE state = 'pending' "
                      "ORDER BY created_at LIMIT 1")
@@ -2205,7 +2267,7 @@ def cmd_show(args):
             v = " ".join(f"{a}={b}" for a, b in v.items()) or None
         elif k in ("run_at", "created_at", "updated_at", "started_at", "finished_at") \
                 and v is not None:
-            v = f"{v} ({relative(v[:-1] + '.0Z')})"
+            v = f"{v} ({relative(v)})"
         print(f"{k.ljust(width)}  {'-' if v is None else v}")
     return EXIT_OK
 
@@ -2217,13 +2279,13 @@ def cmd_list(args):
                          + ", ".join(STATES))
     if args.queue:
         check_name(args.queue, "queue name")
-    if args.limit < 0:
-        raise UsageError(f"invalid --limit {args.limit}: use 0 (all) or more")
     store = open_store(args)
     return list_jobs(store, args, args.state)
 
 
 def list_jobs(store, args, state):
+    if not 0 <= args.limit <= 10**9:
+        raise UsageError(f"invalid --limit {args.limit}: use 0 (all) to 1000000000")
     where, params = [], []
     if state:
         where.append("state = ?")
@@ -2368,21 +2430,19 @@ def cmd_wait(args):
 def reset_jobs(store, ids, allowed, verb):
     """retry / dlq retry: dead/cancelled/completed jobs back to pending,
     attempts reset; all or nothing."""
-    jobs = [store.must_get(i) for i in dict.fromkeys(ids)]
-    for job in jobs:
-        if job["state"] not in allowed:
-            raise QueuectlError(f"cannot {verb} job {job['id']}: it is {job['state']}; "
-                                f"only {', '.join(allowed)} jobs can be")
     now = iso(time.time())
-    with store.tx():
+    with store.tx():             # read and change under one write lock
+        jobs = [store.must_get(i) for i in dict.fromkeys(ids)]
         for job in jobs:
-            cur = store.x("UPDATE jobs SET state = 'pending', attempts = 0, "
-                          "run_at = ?, updated_at = ?, started_at = NULL, "
-                          "finished_at = NULL, exit_code = NULL, last_error = NULL, "
-                          "worker = NULL, claim = NULL, pid = NULL WHERE id = ? "
-                          "AND state = ?", (now, now, job["id"], job["state"]))
-            if not cur.rowcount:
-                raise QueuectlError(f"job {job['id']} changed meanwhile; try again")
+            if job["state"] not in allowed:
+                raise QueuectlError(f"cannot {verb} job {job['id']}: it is "
+                                    f"{job['state']}; only {', '.join(allowed)} jobs can be")
+        for job in jobs:
+            store.x("UPDATE jobs SET state = 'pending', attempts = 0, "
+                    "run_at = ?, updated_at = ?, started_at = NULL, "
+                    "finished_at = NULL, exit_code = NULL, last_error = NULL, "
+                    "worker = NULL, claim = NULL, pid = NULL WHERE id = ?",
+                    (now, now, job["id"]))
             deps = _loads(job["depends_on"], [])
             if deps:
                 open_deps = store.x(
@@ -2441,25 +2501,21 @@ def cmd_cancel(args):
     for i in args.ids:
         check_name(i)
     store = open_store(args)
-    jobs = [store.must_get(i) for i in dict.fromkeys(args.ids)]
-    for job in jobs:
-        if job["state"] not in (PENDING, FAILED, PROCESSING):
-            raise QueuectlError(f"cannot cancel job {job['id']}: it is {job['state']}")
     now = iso(time.time())
-    with store.tx():
+    with store.tx():             # read and change under one write lock
+        jobs = [store.must_get(i) for i in dict.fromkeys(args.ids)]
         for job in jobs:
-            cur = store.x("UPDATE jobs SET state = 'cancelled', finished_at = ?, "
-                          "updated_at = ?, claim = NULL, last_error = 'cancelled' "
-                          "WHERE id = ? AND state = ? AND claim IS ?",
-                          (now, now, job["id"], job["state"], job["claim"]))
-            if not cur.rowcount:
-                raise QueuectlError(f"job {job['id']} changed meanwhile; try again")
+            if job["state"] not in (PENDING, FAILED, PROCESSING):
+                raise QueuectlError(f"cannot cancel job {job['id']}: it is {job['state']}")
+        for job in jobs:
+            store.x("UPDATE jobs SET state = 'cancelled', finished_at = ?, "
+                    "updated_at = ?, claim = NULL, last_error = 'cancelled' "
+                    "WHERE id = ?", (now, now, job["id"]))
     for job in jobs:
         if job["state"] == PROCESSING:
             pid, start = job["pid"], job["pid_start"]
-            if not pid:         # younger than PID_DELAY: find it by its status path
-                pid, start = find_job_process(
-                    status_path(args.home, job["id"], job["claim"]))
+            if not pid:         # younger than PID_DELAY: find it in /proc
+                pid, start = find_job_process(job["id"], job["attempts"] + 1)
             if pid and same_process(pid, start):
                 kill_group(pid, CANCEL_GRACE,
                            lambda p=pid, s=start: not same_process(p, s))
@@ -2538,9 +2594,12 @@ def cmd_config(args):
     if args.config_command == "set":
         key = normalize_key(args.key)
         value = parse_config_text(key, args.value)
-        ensure_private_dir(args.home)
-        check_private(args.home, "home directory")
-        cfg.set(key, value)
+        try:
+            ensure_private_dir(args.home)
+            check_private(args.home, "home directory")
+            cfg.set(key, value)
+        except OSError as e:
+            raise UsageError(f"cannot write {cfg.path}: {e.strerror}") from None
         print(f"{key} = {value}")
         return EXIT_OK
     if args.config_command == "get":
@@ -2562,12 +2621,7 @@ def render_top(store, home, width, height):
     """One frame of `top`: counts, queues, running jobs, recent failures."""
     now = time.time()
     color = use_color()
-    counts = {s: 0 for s in STATES}
-    per_queue = {}
-    for state, queue, n in store.q(
-            "SELECT state, queue, count(*) FROM jobs GROUP BY state, queue"):
-        counts[state] += n
-        per_queue.setdefault(queue, {s: 0 for s in STATES})[state] = n
+    counts, per_queue = store.counts()
     workers = store.live_workers()
     paused = sorted(store.paused())
     lines = [f"queuectl top  {home}  {show_time(iso(now))}  (q to quit)", "",
@@ -2692,7 +2746,13 @@ def cmd_doctor(args):
         Config(args.home).load()
     except UsageError as e:
         problems.append(str(e))
-    live = {w[0] for w in store.live_workers()}
+    workers = store.live_workers()
+    for w in workers:
+        if worker_stale(w):
+            problems.append(f"worker {w[0]} (pid {w[1]}) has not heartbeated since "
+                            f"{show_time(w[6])}: stopped or stuck? Its jobs are "
+                            "recovered by other workers")
+    live = {w[0] for w in workers if not worker_stale(w)}
     for job in map(job_from_row, store.q(
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'processing'")):
         if job["worker"] not in live:

@@ -1434,6 +1434,62 @@ class TestCrashRecovery(RobustTest):
         self.assertIn("no live workers", self.ok("worker", "status"))
 
 
+class TestSuspendedWorker(RobustTest):
+    def test_worker_past_its_lease_stays_visible_and_its_job_runs_once(self):
+        runs = self.path("runs")
+        self.enqueue("--id", "long", f"echo run >> {runs}; sleep 2")
+        a = self.start_worker()
+        self.wait_running("long")
+        os.kill(a.pid, signal.SIGSTOP)                   # Ctrl-Z, a suspended VM...
+        self.addCleanup(lambda: a.poll() is None and os.kill(a.pid, signal.SIGCONT))
+        con = self.db()
+        con.execute("UPDATE workers SET heartbeat = '2000-01-01T00:00:00.000000Z'")
+        con.commit()
+        info = json.loads(self.ok("worker", "status", "--json"))
+        self.assertEqual([w["pid"] for w in info], [a.pid])    # alive: it holds its lock
+        r = self.drain()                                  # recovers the stale worker's job
+        self.assertEqual(r.code, 0, r)
+        self.assertIn("adopted", r.out)
+        job = self.job("long")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        os.kill(a.pid, signal.SIGCONT)
+        self.ok("worker", "stop", "--wait", "--timeout", "20")
+        self.assertEqual(a.wait(timeout=10), 0)
+        job = self.job("long")                            # the late worker changed nothing
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
+        self.assertEqual(self.lines("runs"), ["run"])
+        self.assertEqual([n for n in os.listdir(os.path.join(self.home, "run"))
+                          if n.endswith(".exit")], [])
+        self.integrity_ok()
+
+
+class TestMoreBadInput(RobustTest):
+    def test_each_is_refused_with_one_line_and_no_change(self):
+        self.enqueue("--id", "keep", "true")
+        before = self.db_dump()
+        for args in (["enqueue", "--run-at", "0999-06-01T00:00:00Z", "x"],
+                     ["enqueue", "--run-at", "9999-12-31T23:00:00-05:00", "x"],
+                     ["enqueue", '{"command": "x", "run_at": "0500-01-01"}'],
+                     ["list", "--limit", "99999999999999999999"],
+                     ["dlq", "list", "--limit", "-1"],
+                     ["--home=", "list"]):
+            with self.subTest(args=args):
+                self.fails(2, *args)
+        r = subprocess.run([PY, PROG, "enqueue", b"echo \xff\xfe"], env=self.env,
+                           capture_output=True, timeout=30)
+        self.assertEqual(r.returncode, 2)
+        self.assertEqual(r.stderr, b"queuectl: error: the command is not valid UTF-8\n")
+        gone = self.path("gone")
+        os.mkdir(gone)
+        r = subprocess.run([PY, PROG, "enqueue", "true"], env=self.env, cwd=gone,
+                           capture_output=True, text=True, timeout=30,
+                           preexec_fn=lambda: os.rmdir(gone))
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("current directory no longer exists", r.stderr)
+        self.assertEqual(self.db_dump(), before)
+
+
 class TestTimeoutsAndCancel(RobustTest):
     def test_timeout_kills_the_whole_tree(self):
         self.enqueue("--id", "slow", "--timeout", "1", "--max-retries", "0",
@@ -1966,20 +2022,28 @@ class TestOwnership(RobustTest):
 
 class TestFindJobProcess(RobustTest):
     @unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc")
-    def test_a_job_is_found_by_its_status_path(self):
-        status = self.path("j.tok.exit")
-        with open(os.devnull, "rb") as null:
-            child = queuectl.spawn(["/bin/sh", "-c", queuectl.JOB_WRAPPER, "sh", status,
-                                    "sleep 0.5 | cat", self.work], self.work,
-                                   dict(os.environ), null.fileno(), null.fileno())
-        try:
-            pid, start = queuectl.find_job_process(status)
-            self.assertEqual(pid, child.pid)          # the leader, not the subshells
-            self.assertTrue(queuectl.same_process(pid, start))
-        finally:
-            self.assertEqual(child.wait(), 0)
-        self.assertEqual(queuectl.read_status(status), 0)
-        self.assertEqual(queuectl.find_job_process(status), (None, None))
+    def test_a_job_is_found_by_its_environment_even_after_exec(self):
+        for command in ("sleep 0.5 | cat", "exec sleep 0.5"):
+            with self.subTest(command=command):
+                status = self.path("j.tok.exit")
+                env = dict(os.environ, QUEUECTL_JOB_ID="j", QUEUECTL_ATTEMPT="2")
+                with open(os.devnull, "rb") as null:
+                    child = queuectl.spawn(["/bin/sh", "-c", queuectl.JOB_WRAPPER, "sh",
+                                            status, command, self.work], self.work,
+                                           env, null.fileno(), null.fileno())
+                try:
+                    self.assertEqual(queuectl.find_job_process("j", 3), (None, None))
+                    pid, start = queuectl.find_job_process("j", 2)
+                    self.assertEqual(pid, child.pid)      # the leader, not its children
+                    self.assertTrue(queuectl.same_process(pid, start))
+                finally:
+                    self.assertEqual(child.wait(), 0)
+                self.assertEqual(queuectl.find_job_process("j", 2), (None, None))
+
+    def test_jobs_get_default_sigpipe(self):
+        self.enqueue("--id", "p", "yes | head -c 3")
+        self.assertEqual(self.drain().code, 0)
+        self.assertNotIn("Broken pipe", self.log("p"))
 
 
 class TestLiveWorkerBehaviour(RobustTest):
