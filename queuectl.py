@@ -1180,9 +1180,10 @@ def requeue(store, job, worker, token):
                        (iso(time.time()), job["id"], worker, token)).rowcount
 
 
-def wait_exit(pid, timeout, proc=None):
-    """Wait up to timeout seconds (None: forever) for a process to end.
-    proc: our own Popen child (reaped here); else any process, by pid."""
+def wait_exit(pid, timeout, proc=None, start=None):
+    """Wait up to timeout seconds (None: forever) for a process to end; True
+    if it did. proc: our own child (reaped here); else any process, by pid
+    and, against pid reuse, its start time."""
     import select
     fd = None
     if hasattr(os, "pidfd_open"):
@@ -1190,6 +1191,8 @@ def wait_exit(pid, timeout, proc=None):
             fd = os.pidfd_open(pid)
         except OSError:
             fd = None
+        if fd is not None and proc is None and not same_process(pid, start):
+            return True          # it ended before the pidfd; the pid is another's now
     try:
         if fd is not None:
             # A pidfd is readable once the process has ended, reaped or not.
@@ -1203,7 +1206,7 @@ def wait_exit(pid, timeout, proc=None):
             if proc is not None:
                 if proc.poll() is not None:
                     return True
-            elif not same_process(pid, None):
+            elif not same_process(pid, start):
                 return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
@@ -1693,14 +1696,14 @@ class Worker:
         timed_out = False
         if timeout:
             remaining = epoch(job["started_at"]) + timeout - time.time()
-            if not wait_exit(run.pid, max(remaining, 0), run.proc):
+            if not wait_exit(run.pid, max(remaining, 0), run.proc, run.start):
                 timed_out = True
                 kill_group(run.pid, self.config["kill_grace"], run.gone)
         if run.proc is not None:
             rc = run.proc.wait()
             duration = time.monotonic() - run.began
         else:
-            wait_exit(run.pid, None)
+            wait_exit(run.pid, None, start=run.start)
             rc = read_status(status_path(self.home, job["id"], run.token))
             duration = time.time() - epoch(job["started_at"])
         if (run.stopped or timed_out) and group_alive(run.pid):
