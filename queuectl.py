@@ -2548,23 +2548,29 @@ def cmd_dlq(args):
         if job["state"] != DEAD:
             raise QueuectlError(f"cannot purge job {job['id']}: it is {job['state']}, "
                                 "not dead")
-    delete_jobs(store, [j["id"] for j in jobs], (DEAD,))
-    print(f"purged {len(jobs)} job{'s' if len(jobs) != 1 else ''}")
+    n = delete_jobs(store, [j["id"] for j in jobs], (DEAD,))
+    print(f"purged {n} job{'s' if n != 1 else ''}")
     return EXIT_OK
 
 
 def delete_jobs(store, ids, states):
-    """Delete finished jobs and their logs, in batches."""
+    """Delete the jobs of ids still in states, and their logs, in batches;
+    how many were deleted."""
+    deleted = 0
     for i in range(0, len(ids), 500):
         batch = ids[i:i + 500]
-        marks = ",".join("?" * len(batch))
         smarks = ",".join("?" * len(states))
-        with store.tx():
-            store.x(f"DELETE FROM jobs WHERE id IN ({marks}) AND state IN ({smarks})",
-                    batch + list(states))
-            store.x(f"DELETE FROM deps WHERE job IN ({marks})", batch)
-        for job_id in batch:
+        with store.tx():         # only jobs still finished: one retried meanwhile stays
+            gone = [r[0] for r in store.x(
+                f"SELECT id FROM jobs WHERE id IN ({','.join('?' * len(batch))}) "
+                f"AND state IN ({smarks})", batch + list(states))]
+            marks = ",".join("?" * len(gone))
+            store.x(f"DELETE FROM jobs WHERE id IN ({marks})", gone)
+            store.x(f"DELETE FROM deps WHERE job IN ({marks})", gone)
+        for job_id in gone:
             remove_file(log_path(store.home, job_id))
+        deleted += len(gone)
+    return deleted
 
 
 def cmd_prune(args):
@@ -2580,14 +2586,14 @@ def cmd_prune(args):
     ids = [r[0] for r in store.q(
         f"SELECT id FROM jobs WHERE state IN ({','.join('?' * len(states))}) "
         "AND finished_at < ?", states + [cutoff])]
-    delete_jobs(store, ids, states)
+    n = delete_jobs(store, ids, states)
     try:
         # executescript steps the pragma to its end (execute frees one page).
         store.db.executescript("PRAGMA incremental_vacuum;")
         store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
     except store.sqlite3.Error:
         pass                    # space is reclaimed on a later run
-    print(f"pruned {len(ids)} job{'s' if len(ids) != 1 else ''}")
+    print(f"pruned {n} job{'s' if n != 1 else ''}")
     return EXIT_OK
 
 
