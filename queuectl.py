@@ -1140,7 +1140,7 @@ def finish_attempt(store, job, worker, token, rc, error, cfg, duration, now=None
     now = time.time() if now is None else now
     stamp = iso(now)
     attempts = job["attempts"] + 1
-    exit_code = None if rc is None else (128 - rc if rc < 0 else rc)
+    exit_code = describe_exit(rc)[0]
     fence = (job["id"], worker, token)
     unblocked = 0
     if error is None:
@@ -1652,7 +1652,7 @@ class Worker:
         except OSError as e:
             # ELOOP: a symlink was planted at the log's name; never follow it.
             error = f"could not open its log {log_path(self.home, job['id'])}: {e.strerror}"
-            return self._record(store, job, None, error, None, None)
+            return self._record(store, job, None, error, None)
         log_line(fd, f"[queuectl] attempt {attempt} started "
                      f"{show_time(job['started_at'])} on worker {self.id}\n")
         began = time.monotonic()
@@ -1664,7 +1664,7 @@ class Worker:
                           job["cwd"]], job["cwd"], env, self._devnull(), fd)
         except OSError as e:
             error = f"could not start: {e.strerror or e} (cwd {job['cwd']})"
-            return self._record(store, job, None, error, None, None, fd)
+            return self._record(store, job, None, error, None, fd)
         run = Running(job, token, proc.pid, None, proc)
         run.began, run.log_fd = began, fd
         with self.lock:
@@ -1721,11 +1721,11 @@ class Worker:
                          "stopped by worker stop --now; back to pending, not counted\n")
             return None
         if timed_out:
-            error, exit_code = f"timed out after {timeout:g}s", None
+            rc, error = None, f"timed out after {timeout:g}s"
         else:
-            exit_code, error = describe_exit(rc)
-        return self._record(store, job, None if timed_out else rc, error, duration,
-                            exit_code, run.log_fd, claim_next=run.proc is not None)
+            error = describe_exit(rc)[1]
+        return self._record(store, job, rc, error, duration, run.log_fd,
+                            claim_next=run.proc is not None)
 
     def _footer(self, job, fd, text):
         if fd is None:
@@ -1738,8 +1738,7 @@ class Worker:
         finally:
             os.close(fd)
 
-    def _record(self, store, job, rc, error, duration, exit_code, log_fd=None,
-                claim_next=False):
+    def _record(self, store, job, rc, error, duration, log_fd=None, claim_next=False):
         """Write an attempt's outcome (and claim the next job in the same
         transaction when claim_next); report it; the next job or None."""
         delay = 0.05
@@ -1774,6 +1773,7 @@ class Worker:
             outcome = f"{error}; killed"
         else:
             outcome = f"{error}{took}"
+        exit_code = describe_exit(rc)[0]
         if exit_code is not None and error is not None and "exit code" not in error:
             outcome += f" (exit {exit_code})"
         self._footer(job, log_fd, f"[queuectl] attempt {attempt} ended: {outcome}"
@@ -1864,8 +1864,7 @@ class Worker:
         if rc is not None:
             self.say(f"{job['id']} ended while worker {old} was gone; "
                      "recording its exit status")
-        exit_code, error = describe_exit(rc)
-        self._record(store, job, rc, error, duration, exit_code)
+        self._record(store, job, rc, describe_exit(rc)[1], duration)
 
     def _watch(self, run, timeout):
         store = None
