@@ -66,15 +66,30 @@ HEARTBEAT = 5.0          # seconds between heartbeats and recovery scans
 BUSY_TIMEOUT = 30.0      # seconds a command waits for a busy database
 CANCEL_GRACE = 1.0       # cancel: SIGTERM, then SIGKILL after this
 PID_DELAY = 0.05         # a job still running after this gets its pid recorded
+FDS_BASE = 32            # descriptors a worker process needs, besides its threads
+FDS_PER_THREAD = 8       # a job thread's: db, WAL, shm, log, pidfd, spawn, spare
 ID_CHARS = "0123456789abcdefghjkmnpqrstvwxyz"   # Crockford base32, lower case
 MAX_ID = 128
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
-# The job's own wrapper: it runs the command in this shell (no extra process)
-# and writes the exit status beside the log, so the outcome of a job is known
+# The job's own wrapper, run as `sh -c JOB_WRAPPER queuectl-job`. Its inputs
+# travel in the environment (only the owner can read a process's environment;
+# anyone can read its argv with ps) and are unset before the command runs.
+# It first creates the status file exclusively (noclobber uses O_EXCL): that
+# is the start fence. Recovery and cancel revoke a claim that has not started
+# by creating the file first, so a worker that was frozen between its claim
+# and its spawn can never start a job it has lost (exit 125, nothing run).
+# The EXIT trap writes the exit status there, so the outcome of a job is known
 # even when the worker that started it has died.
-JOB_WRAPPER = ('__queuectl_status=$1 __queuectl_command=$2; cd -- "$3" || exit 126; '
-               'shift 3; trap \'echo $? > "$__queuectl_status"\' EXIT; '
-               'eval "$__queuectl_command"')
+JOB_WRAPPER = (
+    '__queuectl_s=$__QUEUECTL_STATUS __queuectl_c=$__QUEUECTL_COMMAND '
+    '__queuectl_d=$__QUEUECTL_CWD __queuectl_u=$__QUEUECTL_UMASK; '
+    'unset __QUEUECTL_STATUS __QUEUECTL_COMMAND __QUEUECTL_CWD __QUEUECTL_UMASK; '
+    'umask 077; set -C; { true > "$__queuectl_s"; } 2>/dev/null || exit 125; set +C; '
+    'trap \'echo $? >| "$__queuectl_s"\' EXIT; umask "$__queuectl_u"; '
+    'cd -- "$__queuectl_d" || exit 126; eval "$__queuectl_c"')
+WRAPPER_REFUSED = 125        # the wrapper's exit when its start fence was taken
 
 # Errors ######################################################################
 
@@ -90,6 +105,44 @@ class UsageError(QueuectlError):
 
 class BusyError(QueuectlError):
     code = EXIT_TEMPFAIL
+
+
+# Fault points ################################################################
+# Tests freeze or break a worker at a named point, deterministically, instead
+# of sleeping and hoping to hit a window: QUEUECTL_FAULT="after-claim:stop" or
+# "record:fail*3" (points and actions are listed in test_queuectl.py). Unset,
+# a point costs one list lookup.
+
+_FAULTS = []         # [parsed QUEUECTL_FAULT]: {point: [action, job id, times]}
+
+
+def fault(point, job_id=None):
+    """Act as QUEUECTL_FAULT asks at this point, if it names it."""
+    if not _FAULTS:
+        _FAULTS.append(_parse_faults(os.environ.get("QUEUECTL_FAULT", "")))
+    armed = _FAULTS[0].get(point)
+    if not armed or armed[2] <= 0 or armed[1] not in (None, job_id):
+        return
+    armed[2] -= 1
+    import signal
+    if armed[0] == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)      # frozen until SIGCONT
+    elif armed[0] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif armed[0] == "raise":
+        raise RuntimeError(f"injected fault at {point}")
+    elif armed[0] == "fail":
+        raise QueuectlError(f"database error: injected fault at {point}: disk I/O error")
+
+
+def _parse_faults(text):
+    faults = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        point, _, action = item.partition(":")
+        action, _, times = action.partition("*")
+        action, _, job_id = action.partition("@")
+        faults[point] = [action, job_id or None, int(times or 1)]
+    return faults
 
 
 # Small helpers ###############################################################
@@ -204,7 +257,11 @@ def parse_time(text):
         raise UsageError(
             f"invalid time {text!r}: use ISO-8601 such as 2026-11-23T09:30:00Z, "
             "2026-11-23 09:30 (local time) or 2026-11-23T09:30+02:00") from None
-    return dt.timestamp()   # naive datetimes are taken as local time
+    try:
+        return dt.timestamp()   # naive datetimes are taken as local time
+    except (OverflowError, OSError, ValueError):
+        raise UsageError(f"run_at {text!r} is out of range: use a time from "
+                         "1970 to 9999") from None
 
 
 def human_duration(secs):
@@ -259,10 +316,9 @@ def check_private(path, what):
 
 def open_private(path, flags):
     """Open a file 0600 without following a symlink at its name."""
-    fd = os.open(path, flags | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
-                 | getattr(os, "O_CLOEXEC", 0), 0o600)
+    fd = os.open(path, flags | os.O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
     try:
-        if os.fstat(fd).st_mode & 0o077:
+        if os.fstat(fd).st_mode & 0o777 != 0o600:      # a umask such as 0277
             os.fchmod(fd, 0o600)
     except OSError:
         os.close(fd)
@@ -311,42 +367,47 @@ def proc_start(pid):
     return True, None
 
 
-def find_job_process(job_id, attempt, tries=3):
-    """(pid, start) of the live leader of a job's attempt, found through
-    /proc (Linux) by the QUEUECTL_JOB_ID and QUEUECTL_ATTEMPT in its
-    environment (which an `exec` in the command keeps); (None, None)
-    elsewhere or when none. A process still inside execve shows an empty
-    environment: look again briefly."""
-    needles = (f"\0QUEUECTL_JOB_ID={job_id}\0".encode(),
-               f"\0QUEUECTL_ATTEMPT={attempt}\0".encode())
+def find_job_process(token, tries=3):
+    """(pid, start) of the live leader of the attempt whose claim token is
+    token, found through /proc (Linux) by the QUEUECTL_CLAIM in its
+    environment (which an `exec` in the command keeps, and which no other
+    attempt or home shares); (None, None) elsewhere or when none. A process
+    still inside execve shows an empty environment: look again briefly.
+    OSError when /proc cannot be read: that is not evidence of an end."""
     for n in range(tries):
         if n:
             time.sleep(0.01 * n)
-        found = _scan_environs(needles)
-        if found[0]:
-            return found
+        found = claim_processes(token, leader_only=True)
+        if found:
+            return found[0]
     return None, None
 
 
-def _scan_environs(needles):
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return None, None
-    for pid in pids:
+def claim_processes(token, leader_only=False):
+    """[(pid, start)] of the live processes whose environment carries the
+    claim token (only process group leaders with leader_only). Raises
+    OSError when /proc cannot be listed (EMFILE...); [] without /proc."""
+    if not os.path.isdir("/proc/self"):
+        return []
+    needle = f"\0QUEUECTL_CLAIM={token}\0".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 env = b"\0" + f.read()
-            if not all(n in env for n in needles):
+            if needle not in env:
                 continue
-            if os.getpgid(pid) != pid:      # a child of the job, not its leader
+            if leader_only and os.getpgid(pid) != pid:   # a child of the job
                 continue
-        except OSError:
-            continue
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue                        # gone, or not ours
         alive, start = proc_start(pid)
         if alive:
-            return pid, start
-    return None, None
+            found.append((pid, start))
+    return found
 
 
 def same_process(pid, start):
@@ -391,11 +452,14 @@ def signal_group(pgid, sig):
         pass
 
 
-def kill_group(pgid, grace, leader_gone=lambda: True):
+def kill_group(pgid, grace, leader_gone=lambda: True, send=None):
     """SIGTERM the process group, SIGKILL it after grace seconds if any
-    member is left; returns once no member is left (or after 5 s more)."""
+    member is left; returns once no member is left (or after 5 s more).
+    send(sig), when given, sends each signal (a worker checks there that the
+    job is still its own)."""
     import signal
-    signal_group(pgid, signal.SIGTERM)
+    send = send or (lambda sig: signal_group(pgid, sig))
+    send(signal.SIGTERM)
     deadline = time.monotonic() + grace
     delay = 0.005
     while time.monotonic() < deadline:
@@ -403,7 +467,7 @@ def kill_group(pgid, grace, leader_gone=lambda: True):
             return
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 0.1)
-    signal_group(pgid, signal.SIGKILL)
+    send(signal.SIGKILL)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and not (leader_gone() and not group_alive(pgid)):
         time.sleep(0.01)
@@ -642,6 +706,9 @@ class Store:
         except OSError as e:
             raise UsageError(f"cannot create the home directory {home}: "
                              f"{e.strerror}") from None
+        if not os.path.isdir(home):
+            raise UsageError(f"the home {home} is not a directory; give --home "
+                             "(or QUEUECTL_HOME) a directory")
         check_private(home, "home directory")
         if not os.path.exists(self.path):
             os.close(open_private(self.path, os.O_RDWR))
@@ -875,13 +942,16 @@ def lock_held(home, wid):
     """True while the worker wid (on this host) holds its lock file."""
     import fcntl
     try:
-        fd = os.open(os.path.join(home, "run", wid + ".lock"), os.O_RDWR)
+        fd = os.open(os.path.join(home, "run", wid + ".lock"),
+                     os.O_RDWR | O_NOFOLLOW | O_CLOEXEC)
+    except FileNotFoundError:
+        return False        # its files are gone: it ended
     except OSError:
-        return False
+        return True         # EMFILE, EIO...: uncertainty is never death
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        return True         # held: the worker lives
+        return True         # held (or cannot tell): the worker lives
     else:
         return False
     finally:
@@ -913,6 +983,7 @@ def remove_worker_files(home, wid):
 
 def wake_workers(home):
     """Tell idle workers that a job may be runnable (cheap; never blocks)."""
+    import stat
     path = os.path.join(home, "run")
     try:
         names = os.listdir(path)
@@ -921,11 +992,13 @@ def wake_workers(home):
     for name in names:
         if name.endswith(".wake"):
             try:
-                fd = os.open(os.path.join(path, name), os.O_WRONLY | os.O_NONBLOCK)
+                fd = os.open(os.path.join(path, name), os.O_WRONLY | os.O_NONBLOCK
+                             | O_NOFOLLOW | O_CLOEXEC)
             except OSError:
-                continue        # ENXIO: nobody reads it, its worker is gone
+                continue        # ENXIO: nobody reads it; ELOOP: a planted symlink
             try:
-                os.write(fd, b"!")
+                if stat.S_ISFIFO(os.fstat(fd).st_mode):     # never a planted file
+                    os.write(fd, b"!")
             except OSError:
                 pass            # full: it has been woken already
             finally:
@@ -1030,6 +1103,8 @@ def check_spec(spec, where=""):
         for k, v in env.items():
             if not k or "=" in k or "\0" in k or "\0" in v:
                 raise UsageError(f"{pre}invalid environment variable name {k!r}")
+            if not _utf8(k) or not _utf8(v):
+                raise UsageError(f"{pre}env {k!r} is not valid UTF-8")
     cwd = spec.get("cwd")
     if cwd is None:
         try:
@@ -1070,7 +1145,7 @@ def spec_from_text(text, where=""):
 # update of a claimed job is fenced on (worker, claim) so a stale worker can
 # never overwrite what another recorded.
 
-FENCE = " WHERE id = ? AND worker = ? AND claim = ?"
+FENCE = " WHERE id = ? AND worker = ? AND claim = ? AND state = 'processing'"
 
 
 def log_path(home, job_id):
@@ -1082,16 +1157,52 @@ def status_path(home, job_id, token):
 
 
 def read_status(path):
-    """The exit status the job's wrapper wrote, or None."""
+    """What the job's wrapper left at path, as (kind, value):
+    ('absent', None)     the attempt has not started (its fence is free);
+    ('revoked', worker)  the claim of worker was revoked before it started;
+    ('running', None)    it started and has no exit status yet (or died
+                         without writing one);
+    ('exit', status)     it ended with this exit status;
+    ('unknown', error)   the file cannot be read now (EMFILE, EIO...):
+                         uncertainty, on which nothing may be decided."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+    except FileNotFoundError:
+        return "absent", None
+    except OSError as e:
+        return "unknown", e.strerror
     try:
-        return int(data) if data.endswith(b"\n") else None
+        data = os.read(fd, 256)
+    except OSError as e:
+        return "unknown", e.strerror
+    finally:
+        os.close(fd)
+    if data.startswith(b"revoked "):
+        return "revoked", data[8:].decode("ascii", "replace").strip()
+    try:
+        return ("exit", int(data)) if data.endswith(b"\n") else ("running", None)
     except ValueError:
-        return None
+        return "running", None
+
+
+def revoke(path, worker):
+    """Take the start fence of worker's claim: True when taken (its shell can
+    never run the command now), False when the attempt started first.
+    OSError when neither can be known (EMFILE...)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW
+                     | O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        # On a full disk the file stays empty and reads as 'running': the
+        # claim is still fenced, and its end counts as unknown, not a rerun.
+        os.write(fd, f"revoked {worker}\n".encode())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return True
 
 
 def remove_file(path):
@@ -1225,24 +1336,36 @@ class Child:
         import threading
         self.pid = pid
         self.returncode = None
-        self._lock = threading.Lock()      # one waitpid at a time
+        # One waitpid at a time, and never a blocking one under the lock:
+        # poll() from another thread (stop --now) must not wait for the end.
+        self._lock = threading.Lock()
 
     def poll(self):
-        return self._reap(os.WNOHANG)
-
-    def wait(self):
-        return self._reap(0)
-
-    def _reap(self, flags):
         with self._lock:
             if self.returncode is None:
                 try:
-                    pid, status = os.waitpid(self.pid, flags)
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
                 except ChildProcessError:
                     pid, status = self.pid, 255 << 8
                 if pid:
                     self.returncode = os.waitstatus_to_exitcode(status)
             return self.returncode
+
+    def wait(self):
+        import select
+        delay = 0.001
+        while self.poll() is None:
+            try:
+                fd = os.pidfd_open(self.pid)
+            except (AttributeError, OSError):
+                time.sleep(delay)          # no pidfd here: poll, backing off
+                delay = min(delay * 2, 0.05)
+                continue
+            try:
+                select.select([fd], [], [])    # readable once it has ended
+            finally:
+                os.close(fd)
+        return self.returncode
 
 
 def spawn(argv, cwd, env, stdin, out):
@@ -1309,17 +1432,23 @@ class Worker:
         self.db_lock = threading.Lock()  # write transactions of this process
         self.running = {}        # token -> Running
         self.active = 0          # job threads claiming or running a job
+        self.settling = 0        # threads recording a recovered job's outcome
         self.generation = 0      # bumped on every wake-up
         self.stopping = False
-        self.now = False
+        self.kill_jobs = False   # stop --now: kill the running jobs
         self.completed = self.dead = 0
         self.config_file = Config(home)
         self.config = self.config_file.load()
         self.config_mtime = self._config_mtime()
         self.signals = []
         self.threads_left = 0            # job threads not yet returned
-        self.base_env = dict(os.environ)      # copied once, not per job
-        self.devnull = None
+        # Copied once, not per job; the wrapper's own variables never leak in.
+        self.base_env = {k: v for k, v in os.environ.items()
+                         if not k.upper().startswith("__QUEUECTL_")}
+        umask = os.umask(0o077)          # read it: no thread runs yet
+        os.umask(umask)
+        self.umask = f"{umask:04o}"
+        self.devnull = None              # opened by run(), before any thread
 
     # Output and wake-ups ---------------------------------------------------
 
@@ -1338,7 +1467,7 @@ class Worker:
 
     def request_stop(self, now=False):
         with self.cond:
-            first_now = now and not self.now
+            first_now = now and not self.kill_jobs
             if not self.stopping:
                 self.say(f"worker {self.id} stopping"
                          + (": killing running jobs" if now else
@@ -1347,29 +1476,36 @@ class Worker:
             elif first_now:
                 self.say(f"worker {self.id} stopping now: killing running jobs")
             self.stopping = True
-            self.now = self.now or now
+            self.kill_jobs = self.kill_jobs or now
             self.cond.notify_all()
         if first_now:
             self.threading.Thread(target=self._kill_running, daemon=True).start()
 
     def _kill_running(self):
+        """stop --now: kill the jobs this worker still owns; they go back to
+        pending uncounted (see _wait)."""
         import signal
-        with self.lock:
-            items = list(self.running.values())
-            for r in items:
-                r.stopped = True
-        for r in items:
-            if r.proc is not None or same_process(r.pid, r.start):
-                signal_group(r.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.config["kill_grace"]
-        while time.monotonic() < deadline:
+        store = None
+        try:
+            store = Store(self.home, durable=False, local_lock=self.db_lock)
             with self.lock:
-                if not any(r in items for r in self.running.values()):
-                    return
-            time.sleep(0.05)
-        for r in items:
-            if r.proc is not None or same_process(r.pid, r.start):
-                signal_group(r.pid, signal.SIGKILL)
+                items = list(self.running.values())
+            for r in items:
+                self._signal_owned(store, r, signal.SIGTERM, stop=True)
+            deadline = time.monotonic() + self.config["kill_grace"]
+            while time.monotonic() < deadline:
+                with self.lock:
+                    if not any(r in items for r in self.running.values()):
+                        return
+                time.sleep(0.05)
+            for r in items:
+                if not r.gone():
+                    self._signal_owned(store, r, signal.SIGKILL)
+        except QueuectlError as e:
+            self.say(f"could not stop running jobs: {e}")
+        finally:
+            if store is not None:
+                store.close()
 
     # Lifecycle -------------------------------------------------------------
 
@@ -1382,19 +1518,21 @@ class Worker:
         rd = run_dir(self.home)
         ensure_private_dir(os.path.join(self.home, "logs"))
         store = Store(self.home, durable=False, local_lock=self.db_lock)
+        self.devnull = os.open(os.devnull, os.O_RDONLY | O_CLOEXEC)
         self.lock_fd = open_private(os.path.join(rd, self.id + ".lock"), os.O_RDWR)
         fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fifo = os.path.join(rd, self.id + ".wake")
         os.mkfifo(fifo, 0o600)
+        os.chmod(fifo, 0o600)                    # whatever the umask
         # O_RDWR keeps a writer open, so select() does not see EOF forever.
-        fifo_fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        fifo_fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | O_CLOEXEC)
         sig_r, sig_w = os.pipe()
         os.set_blocking(sig_r, False)
         os.set_blocking(sig_w, False)
         self.poke_fd = sig_w
         old_wakeup = signal.set_wakeup_fd(sig_w)
         handlers = {}
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             handlers[sig] = signal.signal(sig, self._on_signal)
         try:
             self._register(store)
@@ -1409,7 +1547,7 @@ class Worker:
             next_beat = time.monotonic() + HEARTBEAT
             while True:
                 with self.lock:
-                    if self.threads_left == 0 and not self.running:
+                    if self.threads_left == 0 and not self.running and not self.settling:
                         break
                 ready = select.select([fifo_fd, sig_r], [], [], 1.0)[0]
                 if fifo_fd in ready:
@@ -1442,8 +1580,7 @@ class Worker:
             store.close()
             remove_worker_files(self.home, self.id)
             os.close(self.lock_fd)
-            if self.devnull is not None:
-                os.close(self.devnull)
+            os.close(self.devnull)
         self.say(f"worker {self.id} stopped: {self.completed} completed, "
                  f"{self.dead} dead")
         return EXIT_FAIL if self.drain and self.dead else EXIT_OK
@@ -1452,7 +1589,7 @@ class Worker:
         """Wake the main loop (a job thread ended or a watch finished)."""
         try:
             os.write(self.poke_fd, b"\0")
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, TypeError):
             pass
 
     def _on_signal(self, signum, frame):
@@ -1466,7 +1603,7 @@ class Worker:
                 self.request_stop(now=True)
             elif sig == signal.SIGINT and self.stopping:
                 self.request_stop(now=True)
-            else:
+            else:                        # SIGTERM, SIGHUP, a first SIGINT
                 self.request_stop()
 
     def _config_mtime(self):
@@ -1551,7 +1688,7 @@ class Worker:
             if row[0][0] is not None:
                 return min(max(epoch(row[0][0]) - now, 0.001), HEARTBEAT)
             with self.lock:
-                if self.active == 0 and not self.running:
+                if self.active == 0 and not self.running and not self.settling:
                     self.stopping = True
                     self.cond.notify_all()
                     return None
@@ -1570,8 +1707,9 @@ class Worker:
                 try:
                     self._job_loop()
                     return
-                except BusyError:
-                    time.sleep(0.1)
+                except QueuectlError as e:         # the database, for a moment
+                    self.say(f"cannot claim a job yet, will retry: {e}")
+                    time.sleep(0.5)
                 except Exception as e:             # a bug: keep the worker alive
                     self.say(f"worker thread error: {e!r}")
                     if os.environ.get("QUEUECTL_DEBUG"):
@@ -1613,107 +1751,171 @@ class Worker:
                         continue
                 if self.stopping:
                     return               # finally gives the unstarted job back
-                job = self.execute(store, job)
-                if job is None:
-                    with self.lock:
-                        self.active -= 1
+                claimed, job = job, None
+                try:
+                    job = self.execute(store, claimed)   # the next one, or None
+                finally:
+                    if job is None:
+                        with self.lock:
+                            self.active -= 1
         finally:
             if job is not None:
+                # Stopping with a claimed job not yet started: give it back
+                # uncounted (a worker stop is not the job's failure).
+                try:
+                    requeue(store, job, self.id, job["claim"])
+                except QueuectlError:
+                    pass             # recovery will settle it
                 with self.lock:
-                    started = job["claim"] in self.running
                     self.active -= 1
-                if not started:
-                    try:
-                        requeue(store, job, self.id, job["claim"])
-                    except QueuectlError:
-                        pass             # recovery will settle it
             store.close()
 
     # Running one job -------------------------------------------------------
 
-    def _devnull(self):
-        if self.devnull is None:
-            self.devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        return self.devnull
-
-    def execute(self, store, job):
-        """Run one claimed job to its end and record the outcome; returns the
-        next job, claimed in the same transaction (None if none)."""
-        attempt = job["attempts"] + 1
-        token = job["claim"]
-        timeout = job["timeout"] if job["timeout"] is not None else self.config["job_timeout"]
+    def _job_env(self, job, token, attempt):
         env = dict(self.base_env)
         if job["env"]:
             env.update(_loads(job["env"], {}))
         env["QUEUECTL_JOB_ID"] = job["id"]
         env["QUEUECTL_ATTEMPT"] = str(attempt)
+        env["QUEUECTL_CLAIM"] = token       # how its processes are found again
+        env["__QUEUECTL_STATUS"] = status_path(self.home, job["id"], token)
+        env["__QUEUECTL_COMMAND"] = job["command"]
+        env["__QUEUECTL_CWD"] = job["cwd"]
+        env["__QUEUECTL_UMASK"] = self.umask
+        return env
+
+    def execute(self, store, job):
+        """Run one claimed job to its end and record the outcome; returns the
+        next job, claimed in the same transaction (None if none). Any failure
+        to start it is a counted, failed attempt with its reason."""
+        attempt = job["attempts"] + 1
+        token = job["claim"]
+        timeout = job["timeout"] if job["timeout"] is not None else self.config["job_timeout"]
+        path = log_path(self.home, job["id"])
+        fd = None
         try:
-            fd = open_private(log_path(self.home, job["id"]), os.O_RDWR | os.O_APPEND)
-        except OSError as e:
-            # ELOOP: a symlink was planted at the log's name; never follow it.
-            error = f"could not open its log {log_path(self.home, job['id'])}: {e.strerror}"
-            return self._record(store, job, None, error, None)
-        log_line(fd, f"[queuectl] attempt {attempt} started "
-                     f"{show_time(job['started_at'])} on worker {self.id}\n")
-        began = time.monotonic()
-        try:
+            fault("after-claim", job["id"])
+            try:
+                fd = open_private(path, os.O_RDWR | os.O_APPEND)
+            except OSError as e:
+                # ELOOP: a symlink was planted at the log's name; never follow it.
+                raise OSError(e.errno, f"could not open its log {path}: "
+                              f"{e.strerror}") from None
+            try:
+                log_line(fd, f"[queuectl] attempt {attempt} started "
+                             f"{show_time(job['started_at'])} on worker {self.id}\n")
+            except OSError:
+                pass                     # a full disk: the job may still run
+            began = time.monotonic()
+            fault("before-spawn", job["id"])
             if not os.path.isdir(job["cwd"]):
-                raise FileNotFoundError(2, "no such directory")
-            proc = spawn(["/bin/sh", "-c", JOB_WRAPPER, "sh",
-                          status_path(self.home, job["id"], token), job["command"],
-                          job["cwd"]], job["cwd"], env, self._devnull(), fd)
-        except OSError as e:
-            error = f"could not start: {e.strerror or e} (cwd {job['cwd']})"
-            return self._record(store, job, None, error, None, fd)
+                raise FileNotFoundError(2, f"no such directory (cwd {job['cwd']})")
+            proc = spawn(["/bin/sh", "-c", JOB_WRAPPER, "queuectl-job"], job["cwd"],
+                         self._job_env(job, token, attempt), self.devnull, fd)
+        except Exception as e:           # OSError, an unencodable env, a bug
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else repr(e)
+            return self._record(store, job, None, f"could not start: {reason}", None, fd)
         run = Running(job, token, proc.pid, None, proc)
         run.began, run.log_fd = began, fd
         with self.lock:
             self.running[token] = run
-            stop_now = self.now
+            stop_now = self.kill_jobs
+        fault("after-spawn", job["id"])
         # Most jobs are short: their pid need not reach the database. One
         # still running after PID_DELAY gets its pid recorded, for adoption
-        # and cancel; they find a younger one by its environment.
+        # and cancel; they find a younger one by its claim token.
         if not wait_exit(proc.pid, PID_DELAY, proc):
             _, run.start = proc_start(proc.pid)
-            try:
-                with store.tx():
-                    held = store.x("UPDATE jobs SET pid = ?, pid_start = ?" + FENCE,
-                                   (proc.pid, run.start, job["id"], self.id,
-                                    token)).rowcount
-            except QueuectlError:
-                held = True      # the pid is unknown, the job still ours
-            if not held:         # cancelled while starting
-                kill_group(proc.pid, CANCEL_GRACE, run.gone)
+            self._record_pid(store, run)
         if stop_now:
             run.stopped = True
-            kill_group(proc.pid, CANCEL_GRACE, run.gone)
+            self._kill(store, run, self.config["kill_grace"])
         return self._wait(store, run, timeout)
+
+    def _record_pid(self, store, run):
+        job = run.job
+        try:
+            with store.tx():
+                held = store.x("UPDATE jobs SET pid = ?, pid_start = ?" + FENCE,
+                               (run.pid, run.start, job["id"], self.id,
+                                run.token)).rowcount
+                row = None if held else store.x(
+                    "SELECT state, worker, claim FROM jobs WHERE id = ?",
+                    (job["id"],)).fetchone()
+        except QueuectlError:
+            return               # the pid stays unknown: it is found by its claim
+        if held or row is None or row[2] != run.token:
+            return
+        if row[0] == CANCELLED:
+            # Cancelled while starting; cancel kills it too, but may have
+            # looked while it was still in execve. It is our unreaped child,
+            # so its pid cannot belong to anyone else.
+            kill_group(run.pid, CANCEL_GRACE, run.gone)
+        elif row[1] != self.id:
+            # Adopted while this worker was frozen: it is the adopter's now.
+            self.say(f"{job['id']} was taken over by worker {row[1]} while "
+                     "starting; leaving it running")
+
+    def _signal_owned(self, store, run, sig, stop=False):
+        """Signal a job's process group only while this worker still owns its
+        claim. The check and the signal share one write transaction, so no
+        adoption can come between them however long this thread sleeps; an
+        error (busy, disk full) is retried, never taken as ownership. stop:
+        mark the job stopped by stop --now first. True if it was ours."""
+        delay = 0.05
+        while True:
+            try:
+                with store.tx():
+                    mine = store.x("SELECT 1 FROM jobs" + FENCE, (
+                        run.job["id"], self.id, run.token)).fetchone() is not None
+                    if mine and not run.gone():
+                        run.stopped = run.stopped or stop
+                        signal_group(run.pid, sig)
+                return mine
+            except QueuectlError:
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def _kill(self, store, run, grace):
+        """kill_group for a job this worker owns; False if it is not ours."""
+        owned = [True]
+
+        def send(sig):
+            if owned[0]:
+                owned[0] = self._signal_owned(store, run, sig)
+        kill_group(run.pid, grace, run.gone, send)
+        return owned[0]
 
     def _wait(self, store, run, timeout):
         """Wait for a running or adopted job, enforce its timeout, record;
         returns the next job for an own job, else None."""
         job = run.job
         timed_out = False
+        status = status_path(self.home, job["id"], run.token)
         if timeout:
             remaining = epoch(job["started_at"]) + timeout - time.time()
             if not wait_exit(run.pid, max(remaining, 0), run.proc, run.start):
-                timed_out = True
-                kill_group(run.pid, self.config["kill_grace"], run.gone)
+                timed_out = self._kill(store, run, self.config["kill_grace"])
         if run.proc is not None:
             rc = run.proc.wait()
             duration = time.monotonic() - run.began
         else:
             wait_exit(run.pid, None, start=run.start)
-            rc = read_status(status_path(self.home, job["id"], run.token))
+            kind, rc = read_status(status)
+            rc = rc if kind == "exit" else None
             duration = time.time() - epoch(job["started_at"])
+        fault("before-record", job["id"])
         if (run.stopped or timed_out) and group_alive(run.pid):
-            kill_group(run.pid, self.config["kill_grace"])
+            self._kill(store, run, self.config["kill_grace"])
         with self.lock:
             self.running.pop(run.token, None)
-        if run.stopped:
-            held = requeue(store, job, self.id, run.token)
+        if run.stopped and rc != 0:
+            # Killed by stop --now: back to pending, not counted. A job that
+            # exited 0 as it was stopped is recorded completed below.
+            held = self._retry_db(lambda: requeue(store, job, self.id, run.token))
             if held:
-                remove_file(status_path(self.home, job["id"], run.token))
+                remove_file(status)
                 wake_workers(self.home)
             self.say(f"{job['id']} stopped, back to pending" if held else
                      f"{job['id']} stopped")
@@ -1722,10 +1924,29 @@ class Worker:
             return None
         if timed_out:
             rc, error = None, f"timed out after {timeout:g}s"
+        elif rc == WRAPPER_REFUSED and run.proc is not None:
+            kind, _ = read_status(status)
+            if kind == "revoked":
+                rc, error = None, "not started: its claim was revoked before it started"
+            elif kind == "absent":
+                rc, error = None, f"could not start: cannot create {status}"
+            else:
+                error = describe_exit(rc)[1]
         else:
             error = describe_exit(rc)[1]
         return self._record(store, job, rc, error, duration, run.log_fd,
                             claim_next=run.proc is not None)
+
+    def _retry_db(self, action):
+        """Run action until the database takes it (busy, full, I/O error)."""
+        delay = 0.05
+        while True:
+            try:
+                return action()
+            except QueuectlError as e:
+                self.say(f"database error, will retry: {e}")
+                time.sleep(delay)
+                delay = min(delay * 4, 5)
 
     def _footer(self, job, fd, text):
         if fd is None:
@@ -1740,10 +1961,13 @@ class Worker:
 
     def _record(self, store, job, rc, error, duration, log_fd=None, claim_next=False):
         """Write an attempt's outcome (and claim the next job in the same
-        transaction when claim_next); report it; the next job or None."""
-        delay = 0.05
-        while True:          # a busy database only delays the record
+        transaction when claim_next); report it; the next job or None. An
+        outcome is retried until it is written: busy, a full disk, an I/O
+        error only delay it, and its status file stays until then."""
+        delay, complained = 0.05, None
+        while True:
             try:
+                fault("record", job["id"])
                 with store.tx():
                     state, unblocked = finish_attempt(store, job, self.id, job["claim"],
                                                       rc, error, self.config, duration)
@@ -1751,22 +1975,38 @@ class Worker:
                     if claim_next and not self.stopping:
                         nxt = self._claim_in_tx(store)
                 break
-            except BusyError as e:
-                self.say(f"{job['id']}: cannot record its outcome yet ({e})")
+            except QueuectlError as e:
+                if complained is None or time.monotonic() - complained > 60:
+                    complained = time.monotonic()
+                    self.say(f"{job['id']}: cannot record its outcome yet, "
+                             f"will retry: {e}")
                 time.sleep(delay)
                 delay = min(delay * 4, 5)
         status = status_path(self.home, job["id"], job["claim"])
-        current = None if state is not None else store.get(job["id"])
-        if current is None or current["state"] != PROCESSING or \
+        try:
+            current = None if state is not None else store.get(job["id"])
+        except QueuectlError:
+            current = {"state": PROCESSING, "claim": job["claim"]}   # keep the file
+        kind, claimant = read_status(status)
+        if kind == "revoked":
+            # The fence that keeps a frozen claimant from starting the job:
+            # only the claimant itself, which will never spawn it now, or the
+            # sweep once the claimant is gone, may remove it.
+            if claimant == self.id:
+                remove_file(status)
+        elif current is None or current["state"] != PROCESSING or \
                 current["claim"] != job["claim"]:
             # Recorded, or cancelled: nobody needs the status file. A worker
-            # that took the job over (same claim) still reads it.
+            # that took a running job over (same claim) still reads it.
             remove_file(status)
         attempt = job["attempts"] + 1
         took = f" after {duration:.3f}s" if duration is not None else ""
+        not_started = error is not None and error.startswith("not started")
         if state is None:
             outcome = ("cancelled" if current and current["state"] == CANCELLED else
                        "taken over by another worker") + "; result not recorded"
+            if not_started:
+                outcome = "not started: taken over by another worker"
         elif error is None:
             outcome = f"exit 0{took}"
         elif error.startswith("timed out"):
@@ -1776,8 +2016,10 @@ class Worker:
         exit_code = describe_exit(rc)[0]
         if exit_code is not None and error is not None and "exit code" not in error:
             outcome += f" (exit {exit_code})"
-        self._footer(job, log_fd, f"[queuectl] attempt {attempt} ended: {outcome}"
-                     + (f"; now {state}" if state and state != COMPLETED else "") + "\n")
+        self._footer(job, log_fd, f"[queuectl] attempt {attempt} "
+                     + ("" if outcome.startswith("not started") else "ended: ")
+                     + outcome + (f"; now {state}" if state and state != COMPLETED else "")
+                     + "\n")
         if state == COMPLETED:
             with self.lock:
                 self.completed += 1
@@ -1795,76 +2037,144 @@ class Worker:
         return nxt
 
     # Recovery --------------------------------------------------------------
+    # A processing job whose worker is dead, or past its lease (stopped,
+    # frozen, on another host), is settled by its start fence and its status
+    # file: not started -> revoked and counted; running -> adopted, never
+    # re-run or killed; ended -> its exit status recorded. The main thread
+    # only decides; records and watches run in threads of their own, so
+    # heartbeats never wait on a busy database.
 
     def _recover(self, store):
-        """Settle or adopt processing jobs whose worker is gone; remove
-        status files nobody will read (their job was cancelled meanwhile)."""
         try:
-            rows = store.q(f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'processing'")
-            self._sweep_status_files({f"{r[0]}.{r[ROW_FIELDS.index('claim')]}.exit"
-                                      for r in rows})
-            if not rows:
-                return
-            live = {r[0] for r in store.live_workers() if not worker_stale(r)}
-            live.add(self.id)
-            for row in rows:
-                job = job_from_row(row)
-                if job["worker"] not in live:
-                    self._adopt(store, job)
-        except QueuectlError as e:
+            rows = [job_from_row(r) for r in store.q(
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'processing'")]
+            workers = store.live_workers()
+            alive = {w[0] for w in workers} | {self.id}
+            self._sweep_status_files({(j["id"], j["claim"]) for j in rows}, alive)
+            fresh = {w[0] for w in workers if not worker_stale(w)} | {self.id}
+            for job in rows:
+                if job["worker"] not in fresh:
+                    self._recover_job(store, job, job["worker"] in alive)
+        except (QueuectlError, OSError) as e:
             self.say(f"recovery scan failed, will retry: {e}")
 
-    def _sweep_status_files(self, wanted):
+    def _sweep_status_files(self, wanted, alive):
+        """Remove status files nobody will read: not a processing job's, older
+        than the lease, with no process of their claim left, and, for a
+        revoked claim, whose worker is gone (it could still try to start)."""
         rd = os.path.join(self.home, "run")
         try:
-            names = [n for n in os.listdir(rd) if n.endswith(".exit") and n not in wanted]
+            names = [n for n in os.listdir(rd) if n.endswith(".exit")]
         except OSError:
             return
         for name in names:
+            job_id, _, token = name[:-5].rpartition(".")
             path = os.path.join(rd, name)
             try:
-                if time.time() - os.stat(path).st_mtime > LEASE:
-                    os.unlink(path)
+                if (job_id, token) in wanted or time.time() - os.stat(path).st_mtime <= LEASE:
+                    continue
+                kind, who = read_status(path)
+                if kind == "revoked" and who in alive or kind == "unknown":
+                    continue
+                if kind == "running" and claim_processes(token):
+                    continue
+                os.unlink(path)
             except OSError:
                 pass
 
-    def _adopt(self, store, job):
-        old = job["worker"]
-        with store.tx():
-            cur = store.x("UPDATE jobs SET worker = ?, updated_at = ?" + FENCE,
-                          (self.id, iso(time.time()), job["id"], old, job["claim"]))
-        if not cur.rowcount:
+    def _recover_job(self, store, job, alive):
+        old, token = job["worker"], job["claim"]
+        status = status_path(self.home, job["id"], token)
+        kind, value = read_status(status)
+        if kind == "absent":
+            if revoke(status, old):
+                how = "stopped" if alive else "died"
+                self._settle(store, job, None, f"not started: worker {old} {how} "
+                             "before starting it", None)
+                return
+            kind, value = read_status(status)       # it has just started
+        if kind == "unknown":
+            return                                  # decide nothing; next scan
+        if kind == "running":
+            pid, start = job["pid"], job["pid_start"]
+            if not same_process(pid, start):
+                pid, start = find_job_process(token)
+            if pid:
+                self._adopt(store, job, pid, start)
+                return
+            kind, value = read_status(status)       # it may have just ended
+            if kind == "unknown":
+                return
+        if kind == "revoked":
+            self._settle(store, job, None, "not started: its claim was revoked "
+                         "before it started", None)
             return
-        job["worker"] = self.id
-        if not job["pid"]:                  # it died before recording the pid
-            job["pid"], job["pid_start"] = find_job_process(job["id"],
-                                                            job["attempts"] + 1)
-            if job["pid"]:
-                with store.tx():
-                    store.x("UPDATE jobs SET pid = ?, pid_start = ?" + FENCE,
-                            (job["pid"], job["pid_start"], job["id"], self.id,
-                             job["claim"]))
-        if same_process(job["pid"], job["pid_start"]):
-            self.say(f"{job['id']} adopted from worker {old} (pid {job['pid']})")
-            _safe_append(self.home, job["id"], f"[queuectl] worker {old} is gone; "
-                         f"worker {self.id} adopted the running job\n")
-            run = Running(job, job["claim"], job["pid"], job["pid_start"], None)
-            with self.lock:
-                self.running[run.token] = run
-            timeout = job["timeout"] if job["timeout"] is not None \
-                else self.config["job_timeout"]
-            self.threading.Thread(target=self._watch, args=(run, timeout),
-                                  daemon=True).start()
-            return
-        status = status_path(self.home, job["id"], job["claim"])
-        rc = read_status(status)
+        rc = value if kind == "exit" else None
         started = epoch(job["started_at"]) if job["started_at"] else None
-        ended = os.stat(status).st_mtime if rc is not None else time.time()
+        try:
+            ended = os.stat(status).st_mtime if rc is not None else time.time()
+        except OSError:
+            ended = time.time()
         duration = None if started is None else max(ended - started, 0)
         if rc is not None:
             self.say(f"{job['id']} ended while worker {old} was gone; "
                      "recording its exit status")
-        self._record(store, job, rc, describe_exit(rc)[1], duration)
+        self._settle(store, job, rc, describe_exit(rc)[1], duration)
+
+    def _take(self, store, job):
+        """Make a recovered job this worker's (fenced on its old worker and
+        claim); False when someone else settled or took it first."""
+        with store.tx():
+            cur = store.x("UPDATE jobs SET worker = ?, updated_at = ?" + FENCE,
+                          (self.id, iso(time.time()), job["id"], job["worker"],
+                           job["claim"]))
+        if cur.rowcount:
+            job["worker"] = self.id
+        return bool(cur.rowcount)
+
+    def _settle(self, store, job, rc, error, duration):
+        """Record a recovered job's outcome, in a thread of its own."""
+        if not self._take(store, job):
+            return
+        with self.lock:
+            self.settling += 1
+
+        def record():
+            st = None
+            try:
+                st = Store(self.home, durable=False, local_lock=self.db_lock)
+                self._record(st, job, rc, error, duration)
+            except Exception as e:             # a bug: keep the worker alive
+                self.say(f"recording {job['id']} failed: {e!r}")
+            finally:
+                if st is not None:
+                    st.close()
+                with self.lock:
+                    self.settling -= 1
+                self._poke_main()
+        self.threading.Thread(target=record, daemon=True).start()
+
+    def _adopt(self, store, job, pid, start):
+        old = job["worker"]
+        if not self._take(store, job):
+            return
+        job["pid"], job["pid_start"] = pid, start
+        try:
+            with store.tx():
+                store.x("UPDATE jobs SET pid = ?, pid_start = ?" + FENCE,
+                        (pid, start, job["id"], self.id, job["claim"]))
+        except QueuectlError:
+            pass                 # the pid stays unknown: it is found by its claim
+        self.say(f"{job['id']} adopted from worker {old} (pid {pid})")
+        _safe_append(self.home, job["id"], f"[queuectl] worker {old} is gone; "
+                     f"worker {self.id} adopted the running job\n")
+        run = Running(job, job["claim"], pid, start, None)
+        with self.lock:
+            self.running[run.token] = run
+        timeout = job["timeout"] if job["timeout"] is not None \
+            else self.config["job_timeout"]
+        self.threading.Thread(target=self._watch, args=(run, timeout),
+                              daemon=True).start()
 
     def _watch(self, run, timeout):
         store = None
@@ -2022,7 +2332,12 @@ def parse_specs(args):
             raise UsageError("--stdin reads the jobs from standard input; "
                              "give no JOB or --command with it")
         items = []
-        for n, line in enumerate(sys.stdin.read().splitlines(), 1):
+        # Only \n ends a line: \f, \x1c or U+2028 belong to the command.
+        for n, raw in enumerate(sys.stdin.buffer.read().split(b"\n"), 1):
+            try:
+                line = raw.removesuffix(b"\r").decode("utf-8")
+            except UnicodeDecodeError:
+                raise UsageError(f"--stdin: line {n} is not valid UTF-8") from None
             if line.strip():
                 items.append((f"line {n}", spec_from_text(line, f"line {n}")))
         if not items:
@@ -2099,6 +2414,13 @@ def cmd_worker_start(args):
     """Run workers in this process until stopped (or drained)."""
     if not 1 <= args.count <= 256:
         raise UsageError(f"invalid --count {args.count}: use 1 to 256")
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    need = FDS_BASE + FDS_PER_THREAD * args.count
+    if soft != resource.RLIM_INFINITY and need > soft:
+        raise UsageError(f"invalid --count {args.count}: {args.count} threads need "
+                         f"about {need} open files but the limit is {soft} "
+                         "(ulimit -n); raise the limit or use a smaller --count")
     for q in args.queue or []:
         check_name(q, "queue name")
     open_store(args, durable=False).close()
@@ -2327,12 +2649,9 @@ def cmd_logs(args):
     job = store.must_get(args.id)
     path = log_path(args.home, job["id"])
     out = sys.stdout.buffer
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        if not args.follow:
-            return EXIT_OK          # no attempt has started yet: an empty log
-        f = None
+    f = open_log(path)
+    if f is None and not args.follow:
+        return EXIT_OK              # no attempt has started yet: an empty log
     pos = 0
     if f is not None:
         with f:
@@ -2380,10 +2699,31 @@ def tail_start(f, n):
     return 0
 
 
+def open_log(path):
+    """A job's log opened for reading, never through a planted symlink or
+    anything but a regular file; None when it does not exist (yet)."""
+    import errno
+    import stat
+    try:
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise QueuectlError(f"the log {path} is not a regular file; refusing "
+                                "to read it") from None
+        raise QueuectlError(f"cannot read the log {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise QueuectlError(f"the log {path} is not a regular file; refusing to read it")
+    return os.fdopen(fd, "rb")
+
+
 def copy_from(path, pos, out):
     """Copy a file from offset pos to out; the new offset."""
-    try:
-        with open(path, "rb") as f:
+    f = open_log(path)
+    if f is not None:
+        with f:
             f.seek(pos)
             while True:
                 chunk = f.read(1 << 16)
@@ -2391,8 +2731,6 @@ def copy_from(path, pos, out):
                     break
                 out.write(chunk)
                 pos += len(chunk)
-    except FileNotFoundError:
-        pass
     out.flush()
     return pos
 
@@ -2432,10 +2770,13 @@ def cmd_wait(args):
 def reset_jobs(store, ids, allowed, verb):
     """retry / dlq retry: dead/cancelled/completed jobs back to pending,
     attempts reset; all or nothing."""
+    for job in [store.must_get(i) for i in dict.fromkeys(ids)]:
+        wait_attempt_gone(job)
     now = iso(time.time())
     with store.tx():             # read and change under one write lock
         jobs = [store.must_get(i) for i in dict.fromkeys(ids)]
         for job in jobs:
+            wait_attempt_gone(job, timeout=0)
             if job["state"] not in allowed:
                 raise QueuectlError(f"cannot {verb} job {job['id']}: it is "
                                     f"{job['state']}; only {', '.join(allowed)} jobs can be")
@@ -2510,19 +2851,56 @@ def cmd_cancel(args):
             if job["state"] not in (PENDING, FAILED, PROCESSING):
                 raise QueuectlError(f"cannot cancel job {job['id']}: it is {job['state']}")
         for job in jobs:
+            # The claim stays: it names the cancelled attempt's processes,
+            # and retry waits until none of them is left.
             store.x("UPDATE jobs SET state = 'cancelled', finished_at = ?, "
-                    "updated_at = ?, claim = NULL, last_error = 'cancelled' "
-                    "WHERE id = ?", (now, now, job["id"]))
+                    "updated_at = ?, last_error = 'cancelled' WHERE id = ?",
+                    (now, now, job["id"]))
     for job in jobs:
         if job["state"] == PROCESSING:
-            pid, start = job["pid"], job["pid_start"]
-            if not pid:         # younger than PID_DELAY: find it in /proc
-                pid, start = find_job_process(job["id"], job["attempts"] + 1)
-            if pid and same_process(pid, start):
-                kill_group(pid, CANCEL_GRACE,
-                           lambda p=pid, s=start: not same_process(p, s))
+            stop_attempt(args.home, job)
         print(job["id"])
     return EXIT_OK
+
+
+def stop_attempt(home, job):
+    """Stop the attempt of a job that was processing: revoke its start if it
+    has not started (its worker can then never start it), else kill its
+    process group, found by pid or by its claim token."""
+    try:
+        if revoke(status_path(home, job["id"], job["claim"]), job["worker"]):
+            return
+    except OSError:
+        pass
+    pid, start = job["pid"], job["pid_start"]
+    if not same_process(pid, start):    # younger than PID_DELAY: find it in /proc
+        try:
+            pid, start = find_job_process(job["claim"])
+        except OSError:
+            pid = None
+    if pid:
+        kill_group(pid, CANCEL_GRACE, lambda p=pid, s=start: not same_process(p, s))
+
+
+def wait_attempt_gone(job, timeout=10.0):
+    """Wait until no process of a cancelled job's last attempt lives; else
+    refuse: a job never runs while its previous attempt does."""
+    if job["state"] != CANCELLED or not job["claim"]:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            left = claim_processes(job["claim"])
+        except OSError:
+            left = [(None, None)]
+        if not left:
+            return
+        if time.monotonic() >= deadline:
+            pid = f" (pid {left[0][0]})" if left[0][0] else ""
+            raise QueuectlError(f"cannot retry job {job['id']}: its cancelled attempt "
+                                f"still has running processes{pid}; try again once "
+                                "they have stopped")
+        time.sleep(0.05)
 
 
 def cmd_dlq(args):
@@ -2566,8 +2944,10 @@ def delete_jobs(store, ids, states):
             marks = ",".join("?" * len(gone))
             store.x(f"DELETE FROM jobs WHERE id IN ({marks})", gone)
             store.x(f"DELETE FROM deps WHERE job IN ({marks})", gone)
-        for job_id in gone:
-            remove_file(log_path(store.home, job_id))
+            # Under the write lock: no job of the same id can be enqueued
+            # and start a new log before these are gone.
+            for job_id in gone:
+                remove_file(log_path(store.home, job_id))
         deleted += len(gone)
     return deleted
 
@@ -2761,14 +3141,25 @@ def cmd_doctor(args):
                             f"{show_time(w[6])}: stopped or stuck? Its jobs are "
                             "recovered by other workers")
     live = {w[0] for w in workers if not worker_stale(w)}
+    unrecorded = []
     for job in map(job_from_row, store.q(
             f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'processing'")):
         if job["worker"] not in live:
             problems.append(f"job {job['id']} is processing but its worker "
                             f"{job['worker']} is gone; start a worker to recover it")
+        elif attempt_ended(args.home, job):
+            unrecorded.append(job)
         elif job["timeout"] and now - epoch(job["started_at"]) > job["timeout"] + LEASE + 60:
             problems.append(f"job {job['id']} runs past its timeout "
                             f"({human_duration(now - epoch(job['started_at']))})")
+    if unrecorded:
+        time.sleep(0.5)          # a worker records an ended job within milliseconds
+    for job in unrecorded:
+        again = store.get(job["id"])
+        if again and again["state"] == PROCESSING and again["claim"] == job["claim"]:
+            problems.append(f"job {job['id']} is processing but its process has "
+                            f"ended; worker {job['worker']} has not recorded the "
+                            "outcome yet (full disk? database errors?)")
     blocked = store.q(
         "SELECT j.id, d.dep, coalesce(k.state, 'missing') FROM jobs j "
         "JOIN deps d ON d.job = j.id LEFT JOIN jobs k ON k.id = d.dep "
@@ -2797,6 +3188,20 @@ def cmd_doctor(args):
         print("ok" if not problems else f"{len(problems)} problem"
               f"{'s' if len(problems) != 1 else ''} found")
     return EXIT_OK if not problems else EXIT_FAIL
+
+
+def attempt_ended(home, job):
+    """True when a processing job's attempt has started and no process of it
+    is left (an outcome its worker has not written yet)."""
+    kind, _ = read_status(status_path(home, job["id"], job["claim"]))
+    if kind == "exit":
+        return True
+    if kind != "running":
+        return False             # not started yet, or cannot tell
+    try:
+        return not claim_processes(job["claim"])
+    except OSError:
+        return False
 
 
 def cmd_metrics(args):

@@ -2022,23 +2022,43 @@ class TestOwnership(RobustTest):
 
 class TestFindJobProcess(RobustTest):
     @unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc")
-    def test_a_job_is_found_by_its_environment_even_after_exec(self):
-        for command in ("sleep 0.5 | cat", "exec sleep 0.5"):
+    def spawn_job(self, command, token, status):
+        env = dict(os.environ, QUEUECTL_JOB_ID="j", QUEUECTL_ATTEMPT="2",
+                   QUEUECTL_CLAIM=token, __QUEUECTL_STATUS=status,
+                   __QUEUECTL_COMMAND=command, __QUEUECTL_CWD=self.work,
+                   __QUEUECTL_UMASK="0022")
+        with open(os.devnull, "rb") as null:
+            return queuectl.spawn(["/bin/sh", "-c", queuectl.JOB_WRAPPER, "queuectl-job"],
+                                  self.work, env, null.fileno(), null.fileno())
+
+    @unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc")
+    def test_a_job_is_found_by_its_claim_token_even_after_exec(self):
+        for n, command in enumerate(("sleep 0.5 | cat", "exec sleep 0.5")):
             with self.subTest(command=command):
-                status = self.path("j.tok.exit")
-                env = dict(os.environ, QUEUECTL_JOB_ID="j", QUEUECTL_ATTEMPT="2")
-                with open(os.devnull, "rb") as null:
-                    child = queuectl.spawn(["/bin/sh", "-c", queuectl.JOB_WRAPPER, "sh",
-                                            status, command, self.work], self.work,
-                                           env, null.fileno(), null.fileno())
+                token = f"tok{n}"
+                child = self.spawn_job(command, token, self.path(f"j.{token}.exit"))
                 try:
-                    self.assertEqual(queuectl.find_job_process("j", 3), (None, None))
-                    pid, start = queuectl.find_job_process("j", 2)
+                    self.assertEqual(queuectl.find_job_process("other"), (None, None))
+                    pid, start = queuectl.find_job_process(token)
                     self.assertEqual(pid, child.pid)      # the leader, not its children
                     self.assertTrue(queuectl.same_process(pid, start))
                 finally:
                     self.assertEqual(child.wait(), 0)
-                self.assertEqual(queuectl.find_job_process("j", 2), (None, None))
+                self.assertEqual(queuectl.find_job_process(token), (None, None))
+
+    def test_start_fence_revoked_first_means_the_command_never_runs(self):
+        status = self.path("j.t1.exit")
+        self.assertTrue(queuectl.revoke(status, "w1"))
+        child = self.spawn_job(f"echo ran > {self.path('ran')}", "t1", status)
+        self.assertEqual(child.wait(), queuectl.WRAPPER_REFUSED)
+        self.assertFalse(os.path.exists(self.path("ran")))
+        self.assertEqual(queuectl.read_status(status), ("revoked", "w1"))
+        # Started first: the fence is the job's, and its status is written.
+        status = self.path("j.t2.exit")
+        child = self.spawn_job("exit 7", "t2", status)
+        self.assertEqual(child.wait(), 7)
+        self.assertFalse(queuectl.revoke(status, "w1"))
+        self.assertEqual(queuectl.read_status(status), ("exit", 7))
 
     def test_jobs_get_default_sigpipe(self):
         self.enqueue("--id", "p", "yes | head -c 3")
