@@ -125,10 +125,12 @@ def fault(point, job_id=None):
         return
     armed[2] -= 1
     import signal
-    if armed[0] == "stop":
-        os.kill(os.getpid(), signal.SIGSTOP)      # frozen until SIGCONT
-    elif armed[0] == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
+    import threading
+    if armed[0] in ("stop", "kill"):
+        # To this very thread: it cannot run on while the stop spreads to
+        # the whole process (os.kill could let it take a few more steps).
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP
+                            if armed[0] == "stop" else signal.SIGKILL)
     elif armed[0] == "raise":
         raise RuntimeError(f"injected fault at {point}")
     elif armed[0] == "fail":
@@ -1392,13 +1394,15 @@ def spawn(argv, cwd, env, stdin, out):
 class Running:
     """A job this worker process runs (proc set) or adopted (proc None)."""
 
-    __slots__ = ("job", "token", "pid", "start", "proc", "stopped", "began", "log_fd")
+    __slots__ = ("job", "token", "pid", "start", "proc", "stopped", "began", "log_fd",
+                 "lost_to")
 
     def __init__(self, job, token, pid, start, proc):
         self.job, self.token, self.pid, self.start, self.proc = job, token, pid, start, proc
         self.stopped = False            # worker stop --now killed it
         self.began = time.monotonic()
         self.log_fd = None              # an own job's log, open for its footer
+        self.lost_to = None             # the worker that adopted it from us
 
     def gone(self):
         if self.proc is not None:
@@ -1545,6 +1549,7 @@ class Worker:
             for _ in range(self.count):
                 self.threading.Thread(target=self._job_thread, daemon=True).start()
             next_beat = time.monotonic() + HEARTBEAT
+            next_release = 0.0
             while True:
                 with self.lock:
                     if self.threads_left == 0 and not self.running and not self.settling:
@@ -1557,6 +1562,9 @@ class Worker:
                     _drain_fd(sig_r)
                 self._handle_signals()
                 self._reload_config()
+                if self.stopping and time.monotonic() >= next_release:
+                    next_release = time.monotonic() + 1.0
+                    self._release_lost(store)
                 if time.monotonic() >= next_beat:
                     # A stopping worker still heartbeats: its running jobs
                     # are its own until they end.
@@ -1584,6 +1592,22 @@ class Worker:
         self.say(f"worker {self.id} stopped: {self.completed} completed, "
                  f"{self.dead} dead")
         return EXIT_FAIL if self.drain and self.dead else EXIT_OK
+
+    def _release_lost(self, store):
+        """A stopping worker does not wait for a job of its own that another
+        worker adopted while this one was frozen: its waiting thread lets go
+        (the adopter records it)."""
+        with self.lock:
+            own = [r for r in self.running.values() if r.proc is not None]
+        for r in own:
+            try:
+                row = store.q("SELECT worker, claim, state FROM jobs WHERE id = ?",
+                              (r.job["id"],))
+            except QueuectlError:
+                return
+            if row and row[0][1] == r.token and row[0][2] == PROCESSING \
+                    and row[0][0] != self.id:
+                r.lost_to = row[0][0]
 
     def _poke_main(self):
         """Wake the main loop (a job thread ended or a watch finished)."""
@@ -1898,7 +1922,10 @@ class Worker:
             if not wait_exit(run.pid, max(remaining, 0), run.proc, run.start):
                 timed_out = self._kill(store, run, self.config["kill_grace"])
         if run.proc is not None:
-            rc = run.proc.wait()
+            while not wait_exit(run.pid, 1.0, run.proc):
+                if run.lost_to:
+                    return self._let_go(run)
+            rc = run.proc.returncode
             duration = time.monotonic() - run.began
         else:
             wait_exit(run.pid, None, start=run.start)
@@ -1936,6 +1963,15 @@ class Worker:
             error = describe_exit(rc)[1]
         return self._record(store, job, rc, error, duration, run.log_fd,
                             claim_next=run.proc is not None)
+
+    def _let_go(self, run):
+        with self.lock:
+            self.running.pop(run.token, None)
+        self.say(f"{run.job['id']} belongs to worker {run.lost_to} now; leaving it "
+                 "running")
+        if run.log_fd is not None:
+            os.close(run.log_fd)
+        return None
 
     def _retry_db(self, action):
         """Run action until the database takes it (busy, full, I/O error)."""
@@ -2151,6 +2187,7 @@ class Worker:
                     st.close()
                 with self.lock:
                     self.settling -= 1
+                self.notify()            # a draining thread may end now
                 self._poke_main()
         self.threading.Thread(target=record, daemon=True).start()
 

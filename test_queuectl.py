@@ -5,17 +5,40 @@ Run: python3 test_queuectl.py   (or: make test)
 
 Every test uses its own temporary home; every worker a test starts is
 stopped by pid in cleanup; every wait has a timeout.
+
+Fault points. A worker started with QUEUECTL_FAULT set stops or fails at a
+named point, so that a freeze or an odd error hits exactly the window a test
+is about (no sleep that hopes to). Only tests arm them.
+
+    QUEUECTL_FAULT="POINT:ACTION[@JOB][*N]"   (comma-separated for several)
+
+fires when the worker reaches POINT (for job JOB only, if given), N times per
+process (default once). Points, in the order a job meets them:
+
+    after-claim    its claim is committed; before the log header and spawn
+    before-spawn   just before the job's shell is spawned
+    after-spawn    the shell is spawned; before its pid is recorded
+    before-record  the job ended and was reaped; before its outcome is written
+    record         each try of the outcome's transaction (use fail*N)
+
+Actions: stop (SIGSTOP to the worker: frozen, all threads, until SIGCONT),
+kill (SIGKILL), raise (an unexpected exception: a bug), fail (a database
+error such as a full disk or EIO).
 """
 
+import errno
 import json
 import os
+import resource
 import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
+import uuid
 
 import queuectl
 
@@ -2099,6 +2122,1057 @@ class TestLiveWorkerBehaviour(RobustTest):
 # Benchmark ###################################################################
 
 
+# Faults: frozen workers, odd errors, other homes ##############################
+# Deterministic: workers are frozen or broken at named fault points
+# (QUEUECTL_FAULT, see the module docstring), never by a sleep that hopes to
+# hit a window.
+
+OLD_HEARTBEAT = "2000-01-01T00:00:00.000000Z"
+WAIT_GO = "while [ ! -f {go} ]; do sleep 0.05; done"
+
+
+def proc_state(pid):
+    """The state letter of a process (R, S, T, Z...), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def all_stopped(pid):
+    """True when every thread of the process is stopped (SIGSTOP)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return bool(tids) and all(proc_state(f"{pid}/task/{t}") == "T" for t in tids)
+
+
+def now_iso():
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+
+
+class FaultTest(RobustTest):
+    """Helpers: workers with fault points and their output, other homes."""
+
+    def fault_env(self, spec, env=None):
+        return dict(env or self.env, QUEUECTL_FAULT=spec)
+
+    def run_q(self, *args, env=None, timeout=30, **kw):
+        """self.q that fails the test (not errors it) on a timeout."""
+        try:
+            return self.q(*args, env=env, timeout=timeout, **kw)
+        except subprocess.TimeoutExpired:
+            self.fail(f"queuectl {' '.join(args)} still running after {timeout}s")
+
+    def drain_env(self, env=None, timeout=20, *args):
+        return self.run_q("worker", "start", "--drain", *args, env=env, timeout=timeout)
+
+    def spawn_worker(self, *args, env=None):
+        """A background `worker start ARGS` whose output is collected by a
+        thread (self.output(p)); killed by pid in cleanup."""
+        p = subprocess.Popen([PY, PROG, "worker", "start", *args], env=env or self.env,
+                             cwd=self.work, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        self.procs.append(p)
+        p.seen = []
+
+        def read():
+            try:
+                for line in p.stdout:
+                    p.seen.append(line)
+            except (OSError, ValueError):
+                pass
+        threading.Thread(target=read, daemon=True).start()
+        return p
+
+    def output(self, p):
+        return "".join(p.seen)
+
+    def wait_listed(self, p, env=None):
+        """Wait until worker p is in `worker status --json`; its entry."""
+        found = []
+
+        def listed():
+            r = self.q("worker", "status", "--json", env=env)
+            try:
+                found[:] = [w for w in json.loads(r.out) if w["pid"] == p.pid]
+            except ValueError:
+                return False
+            return bool(found) or p.poll() is not None
+        self.wait_for(listed, what="the worker to be listed")
+        self.assertIsNone(p.poll(), self.output(p))
+        return found[0]
+
+    def show(self, job_id, env=None):
+        r = self.q("show", job_id, "--json", env=env)
+        self.assertEqual(r.code, 0, r)
+        return json.loads(r.out)
+
+    def cont_in_cleanup(self, p):
+        self.addCleanup(lambda: p.poll() is None and os.kill(p.pid, signal.SIGCONT))
+
+    def touch(self, name):
+        with open(self.path(name), "w"):
+            pass
+
+
+# Defect 3 ####################################################################
+
+
+class TestPoisonJob(FaultTest):
+    """A job that cannot be started is a counted failed attempt; it never
+    blocks the queue, never loops uncounted, and --drain ends."""
+
+    def test_enqueue_refuses_env_that_is_not_utf8(self):
+        self.enqueue("--id", "keep", "true")
+        before = self.db_dump()
+        r = self.fails(2, "enqueue", '{"command":"true","env":{"X":"\\ud800"}}')
+        self.assertEqual(r.err.strip().splitlines(),
+                         ["queuectl: error: env 'X' is not valid UTF-8"])
+        self.assertEqual(r.out, "")
+        r = self.fails(2, "enqueue", '{"command":"true","env":{"\\ud800":"v"}}')
+        self.assertIn("is not valid UTF-8", r.err)
+        self.assertEqual(len(r.err.strip().splitlines()), 1, r)
+        self.assertEqual(self.db_dump(), before)              # stored nothing
+        ids = [j["id"] for j in json.loads(self.ok("list", "--json"))]
+        self.assertEqual(ids, ["keep"])
+
+    def test_unencodable_env_in_an_old_row_is_a_counted_failure(self):
+        self.set_fast_retries()
+        self.enqueue("--id", "poison", "--max-retries", "1",
+                     f"echo ran >> {self.path('poison-runs')}")
+        self.enqueue("--id", "other", f"echo ran >> {self.path('other-runs')}")
+        con = self.db()                     # a row an older queuectl let in
+        con.execute("UPDATE jobs SET env = ? WHERE id = 'poison'", ('{"X":"\\ud800"}',))
+        con.commit()
+        r = self.drain_env(timeout=15)
+        self.assertEqual(r.code, 1, r)                        # one job is dead
+        self.assertNotIn("Traceback", r.out + r.err)
+        poison = self.job("poison")
+        self.assertEqual((poison["state"], poison["attempts"]), ("dead", 2), poison)
+        self.assertTrue(poison["last_error"].startswith("could not start: "), poison)
+        self.assertEqual(self.lines("poison-runs"), [])       # never ran
+        other = self.job("other")
+        self.assertEqual((other["state"], other["attempts"]), ("completed", 1))
+        self.assertEqual(self.lines("other-runs"), ["ran"])
+
+    def test_any_exception_before_the_spawn_is_a_counted_failure(self):
+        self.enqueue("--id", "poison", "--max-retries", "0",
+                     f"echo ran >> {self.path('poison-runs')}")
+        self.enqueue("--id", "other", f"echo ran >> {self.path('other-runs')}")
+        r = self.drain_env(self.fault_env("before-spawn:raise@poison"), timeout=15)
+        self.assertEqual(r.code, 1, r)
+        self.assertNotIn("Traceback", r.out + r.err)
+        poison = self.job("poison")
+        self.assertEqual((poison["state"], poison["attempts"]), ("dead", 1), poison)
+        self.assertTrue(poison["last_error"].startswith("could not start: "), poison)
+        self.assertEqual(self.lines("poison-runs"), [])
+        self.assertEqual(self.state("other"), "completed")
+        self.assertEqual(self.lines("other-runs"), ["ran"])
+
+
+# Defect 5 ####################################################################
+
+# queuectl run in-process with everything it imports lazily already loaded, so
+# that a low descriptor limit hits its own opens (the db, then the lock files)
+# rather than Python's imports.
+PRELOADED_STATUS = """
+import sys, resource
+sys.path.insert(0, sys.argv[1])
+import queuectl
+import fcntl, sqlite3, json, signal, select, threading, errno, stat, shutil
+import argparse, datetime, math, re, textwrap
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE,
+                   (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+sys.exit(queuectl.main(["worker", "status", "--json"]))
+"""
+
+
+class TestDescriptorExhaustion(FaultTest):
+    """Out of descriptors, `worker status` fails clearly or lists the live
+    worker: it never forgets it nor deletes its files."""
+
+    def check_status(self, r, w, limit):
+        """The rule for one `worker status --json` run under a limit."""
+        what = f"limit {limit}: {r!r}"
+        self.assertNotIn("Traceback", r.err, what)
+        if r.code == 0:
+            self.assertIn(w.pid, [x["pid"] for x in json.loads(r.out)], what)
+        else:
+            lines = r.err.strip().splitlines()
+            self.assertEqual(len(lines), 1, what)
+            self.assertTrue(lines[0].startswith("queuectl: error: "), what)
+
+    def check_worker_kept(self, w, info):
+        now = json.loads(self.ok("worker", "status", "--json"))
+        self.assertEqual([(x["pid"], x["jobs"]) for x in now], [(w.pid, ["long"])])
+        for suffix in (".lock", ".wake"):
+            self.assertTrue(os.path.exists(os.path.join(self.home, "run",
+                                                        info["id"] + suffix)), suffix)
+
+    def start_long(self):
+        self.enqueue("--id", "long", WAIT_GO.format(go=self.path("go")))
+        w = self.spawn_worker()
+        info = self.wait_listed(w)
+        self.wait_running("long")
+        return w, info
+
+    def stop(self, w):
+        self.touch("go")
+        self.ok("worker", "stop", "--wait", "--timeout", "20")
+        self.assertEqual(w.wait(timeout=10), 0)
+        self.assertEqual(self.state("long"), "completed")
+
+    def test_worker_status_under_low_descriptor_limits(self):
+        w, info = self.start_long()
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        for limit in range(8, 41):
+            r = Result(subprocess.run(
+                [PY, PROG, "worker", "status", "--json"], capture_output=True,
+                text=True, timeout=30, env=self.env, cwd=self.work,
+                preexec_fn=lambda n=limit: resource.setrlimit(
+                    resource.RLIMIT_NOFILE, (n, hard))))
+            self.check_status(r, w, limit)
+        self.check_worker_kept(w, info)
+        self.stop(w)
+
+    def test_worker_status_when_only_the_lock_file_cannot_be_opened(self):
+        # Limits low enough that the db opens but the lock files may not.
+        w, info = self.start_long()
+        for limit in range(4, 17):
+            r = Result(subprocess.run(
+                [PY, "-c", PRELOADED_STATUS, HERE, str(limit)], capture_output=True,
+                text=True, timeout=30, env=self.env, cwd=self.work))
+            self.check_status(r, w, limit)
+            self.check_worker_kept(w, info)
+        self.stop(w)
+
+    def test_count_beyond_the_descriptor_limit_is_refused(self):
+        self.enqueue("--id", "j", f"echo ran >> {self.path('runs')}")
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+        def run(*args):
+            return Result(subprocess.run(
+                [PY, PROG, "worker", "start", *args], capture_output=True, text=True,
+                timeout=30, env=self.env, cwd=self.work,
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                      (min(256, hard), hard))))
+        r = run("--count", "256", "--drain")
+        self.assertEqual(r.code, 2, r)
+        self.assertNotIn("Traceback", r.err)
+        self.assertEqual(len(r.err.strip().splitlines()), 1, r)
+        line = r.err.strip()
+        self.assertTrue(line.startswith("queuectl: error: invalid --count 256: 256 threads "
+                                        "need about "), line)
+        self.assertIn(" open files but the limit is 256 (ulimit -n); raise the limit "
+                      "or use a smaller --count", line)
+        self.assertEqual(self.lines("runs"), [])              # started nothing
+        self.assertEqual(self.state("j"), "pending")
+        self.assertEqual(json.loads(self.ok("worker", "status", "--json")), [])
+        r = run("--count", "2", "--drain")                    # a count that fits runs
+        self.assertEqual(r.code, 0, r)
+        self.assertEqual(self.lines("runs"), ["ran"])
+
+
+# Defect 6 ####################################################################
+
+
+class TestTwoHomes(FaultTest):
+    """Jobs of the same id in two homes never mix: a worker of one home never
+    adopts, waits on, or kills the other home's process."""
+
+    def setUp(self):
+        super().setUp()
+        self.home_b = os.path.join(self.tmp, "home-b")
+        self.env_b = dict(self.env, QUEUECTL_HOME=self.home_b)
+        self.addCleanup(self._kill_b_jobs)
+
+    def _kill_b_jobs(self):
+        for p in self.procs:                  # workers first, by pid
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+        pids = []
+        try:
+            pids.append(int(self.lines("b-pid")[0]))
+        except (IndexError, ValueError):
+            pass
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def start_b(self):
+        """Home B's nightly: a long job, running under B's worker; its pid."""
+        r = self.q("enqueue", "--id", "nightly", "--max-retries", "0",
+                   f"echo $$ > {self.path('b-pid')}; "
+                   + WAIT_GO.format(go=self.path("b-go"))
+                   + f"; echo done >> {self.path('b-runs')}", env=self.env_b)
+        self.assertEqual(r.code, 0, r)
+        w = self.spawn_worker(env=self.env_b)
+        self.wait_for(lambda: "".join(self.lines("b-pid")) or w.poll() is not None,
+                      what="B's nightly to start")
+        self.assertIsNone(w.poll(), self.output(w))
+        pid = int(self.lines("b-pid")[0])
+        self.wait_for(lambda: self.show("nightly", self.env_b)["state"] == "processing",
+                      what="B's nightly to run")
+        return pid
+
+    def check_b_untouched_then_finish(self, b_pid):
+        self.assertTrue(pid_alive(b_pid))
+        self.assertEqual(self.show("nightly", self.env_b)["state"], "processing")
+        self.touch("b-go")
+        self.wait_for(lambda: self.show("nightly", self.env_b)["state"] == "completed",
+                      what="B's nightly to complete")
+        b = self.show("nightly", self.env_b)
+        self.assertEqual((b["attempts"], b["exit_code"]), (1, 0))
+        self.assertEqual(self.lines("b-runs"), ["done"])
+
+    def test_worker_killed_after_spawn_is_recovered_in_its_own_home(self):
+        b_pid = self.start_b()
+        self.enqueue("--id", "nightly", f"echo ran >> {self.path('a-runs')}")
+        a = self.spawn_worker("--drain", env=self.fault_env("after-spawn:kill"))
+        self.assertEqual(a.wait(timeout=20), -signal.SIGKILL, self.output(a))
+        self.wait_for(lambda: self.lines("a-runs") == ["ran"], what="A's nightly to run")
+        r = self.drain_env(timeout=10)                 # quick: not B's process
+        self.assertEqual(r.code, 0, r)
+        job = self.job("nightly")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0), job)
+        self.assertEqual(self.lines("a-runs"), ["ran"])
+        self.assertTrue(pid_alive(b_pid))
+        r = self.fails(1, "cancel", "nightly")        # A's is completed
+        self.assertIn("completed", r.err)
+        self.check_b_untouched_then_finish(b_pid)
+
+    def test_orphaned_claim_is_never_matched_to_another_homes_process(self):
+        # A's nightly claimed by a worker that died before its shell started
+        # (no pid, no status file), while B's nightly, same id and attempt,
+        # runs. Works without fault points, so it shows the old fault too.
+        b_pid = self.start_b()
+        self.enqueue("--id", "nightly", "--max-retries", "0",
+                     f"echo ran >> {self.path('a-runs')}")
+        con = self.db()
+        stamp = now_iso()
+        con.execute("UPDATE jobs SET state = 'processing', worker = 'ghost-1', "
+                    "claim = 'ghostclaim00', started_at = ?, updated_at = ? "
+                    "WHERE id = 'nightly'", (stamp, stamp))
+        con.commit()
+        r = self.drain_env(timeout=10)
+        self.assertNotIn("adopted", r.out)
+        job = self.job("nightly")
+        self.assertEqual((job["state"], job["attempts"]), ("dead", 1), (job, r))
+        self.assertEqual(r.code, 1, r)
+        self.assertEqual(self.lines("a-runs"), [])
+        self.check_b_untouched_then_finish(b_pid)
+
+
+# Defect 7 ####################################################################
+
+
+class TestCancelThenRetry(FaultTest):
+    """retry at once after cancel: the new attempt never starts while a
+    process of the cancelled one lives."""
+
+    def command(self, trap):
+        # Each attempt logs start:PID, an overlap:P line for any earlier
+        # attempt's shell P still alive (not a zombie), and end:PID.
+        trace, pids = self.path("trace"), self.path("pids")
+        return (f"echo start:$$ >> {trace}; "
+                f"for p in $(cat {pids} 2>/dev/null); do "
+                f"s=$(cut -d' ' -f3 /proc/$p/stat 2>/dev/null); "
+                f"if [ -n \"$s\" ] && [ \"$s\" != Z ]; then echo overlap:$p >> {trace}; fi; "
+                f"done; echo $$ >> {pids}; {trap}; "
+                + WAIT_GO.format(go=self.path("go")) + f"; echo end:$$ >> {trace}")
+
+    def cancel_then_retry(self, trap):
+        self.enqueue("--id", "c", self.command(trap))
+        self.spawn_worker("--count", "2")
+        self.wait_running("c")
+        self.wait_for(lambda: self.lines("trace"), what="the job to start")
+        cancel = subprocess.Popen([PY, PROG, "cancel", "c"], env=self.env, cwd=self.work,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        self.procs.append(cancel)
+        con = self.db()
+        self.wait_for(lambda: con.execute("SELECT state FROM jobs WHERE id = 'c'")
+                      .fetchone()[0] == "cancelled", what="c to be cancelled")
+        r = self.run_q("retry", "c", timeout=20)
+        self.assertEqual(r.code, 0, r)
+        self.assertEqual(r.out.strip(), "c")
+        self.assertEqual(cancel.wait(timeout=20), 0, cancel.stderr.read())
+        self.touch("go")
+        self.wait_state("c", "completed")
+        self.assertEqual(self.job("c")["attempts"], 1)
+        return self.lines("trace"), [int(p) for p in self.lines("pids")]
+
+    def test_retry_right_after_cancel_waits_for_the_trapping_job(self):
+        trace, pids = self.cancel_then_retry(
+            f"trap 'sleep 0.5; echo end:$$ >> {self.path('trace')}; exit 143' TERM")
+        self.assertEqual(len(pids), 2, trace)
+        p1, p2 = pids
+        self.assertEqual(trace, [f"start:{p1}", f"end:{p1}", f"start:{p2}", f"end:{p2}"])
+
+    def test_retry_right_after_cancel_waits_for_a_job_ignoring_term(self):
+        trace, pids = self.cancel_then_retry("trap '' TERM")     # SIGKILL after ~1 s
+        self.assertEqual(len(pids), 2, trace)
+        p1, p2 = pids
+        self.assertEqual(trace, [f"start:{p1}", f"start:{p2}", f"end:{p2}"])
+
+
+# Defect 4 ####################################################################
+
+
+def can_mount_tmpfs():
+    if os.geteuid() != 0 or not os.path.exists("/proc/mounts"):
+        return False
+    import tempfile
+    d = tempfile.mkdtemp(prefix="queuectl-mnt-probe-")
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", d],
+                           capture_output=True, timeout=10)
+        if r.returncode != 0:
+            return False
+        subprocess.run(["umount", d], capture_output=True, timeout=10)
+        return True
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    finally:
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
+class TestOutcomeWrites(FaultTest):
+    """An outcome that cannot be written yet is retried until written (the
+    job never runs again), and doctor shows the job meanwhile."""
+
+    def problem_line(self, job_id, wid):
+        return (f"problem: job {job_id} is processing but its process has ended; "
+                f"worker {wid} has not recorded the outcome yet (full disk? "
+                "database errors?)")
+
+    def check_doctor_reports(self, job_id, wid):
+        r = self.run_q("doctor")
+        self.assertEqual(r.code, 1, r)
+        self.assertIn(self.problem_line(job_id, wid), r.out.splitlines())
+        self.assertNotIn("is gone", r.out)              # its worker is alive
+
+    def check_doctor_ok(self):
+        r = self.run_q("doctor")
+        self.assertEqual(r.code, 0, r)
+        self.assertEqual(r.out.strip().splitlines()[-1], "ok")
+
+    def test_failed_outcome_writes_are_retried(self):
+        self.enqueue("--id", "j", f"echo hi >> {self.path('runs')}")
+        r = self.drain_env(self.fault_env("record:fail*3"), timeout=20)
+        self.assertEqual(r.code, 0, r)
+        self.assertIn("j: cannot record its outcome yet, will retry: ", r.out)
+        job = self.job("j")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        self.assertEqual(self.lines("runs"), ["hi"])
+        self.assertIn("[queuectl] attempt 1 ended: exit 0", self.log("j"))
+
+    def test_doctor_shows_an_ended_job_not_yet_recorded(self):
+        # Fault point: the worker freezes after reaping, before recording.
+        self.enqueue("--id", "j", f"echo ran >> {self.path('runs')}")
+        w = self.spawn_worker(env=self.fault_env("before-record:stop"))
+        self.cont_in_cleanup(w)
+        self.wait_for(lambda: all_stopped(w.pid) or w.poll() is not None,
+                      what="the worker to stop before recording")
+        self.assertIsNone(w.poll(), self.output(w))
+        self.assertEqual(self.lines("runs"), ["ran"])
+        wid = json.loads(self.ok("worker", "status", "--json"))[0]["id"]
+        self.assertEqual(self.state("j"), "processing")
+        self.check_doctor_reports("j", wid)
+        os.kill(w.pid, signal.SIGCONT)
+        self.wait_state("j", "completed")
+        self.assertEqual(self.job("j")["attempts"], 1)
+        self.check_doctor_ok()
+        self.assertEqual(self.lines("runs"), ["ran"])
+
+    def test_doctor_shows_a_job_that_ended_under_a_frozen_worker(self):
+        # No fault point: SIGSTOP the worker while its job runs, then let the
+        # job end (a zombie its worker cannot reap yet).
+        self.enqueue("--id", "j", WAIT_GO.format(go=self.path("go"))
+                     + f"; echo ran >> {self.path('runs')}")
+        w = self.spawn_worker()
+        wid = self.wait_listed(w)["id"]
+        pid = self.wait_running("j")
+        os.kill(w.pid, signal.SIGSTOP)
+        self.cont_in_cleanup(w)
+        self.wait_for(lambda: all_stopped(w.pid), what="the worker to be stopped")
+        self.touch("go")
+        self.wait_for(lambda: proc_state(pid) in ("Z", None), what="the job to end")
+        self.check_doctor_reports("j", wid)
+        os.kill(w.pid, signal.SIGCONT)
+        self.wait_state("j", "completed")
+        self.check_doctor_ok()
+        self.assertEqual(self.lines("runs"), ["ran"])
+
+    @unittest.skipUnless(can_mount_tmpfs(), "needs root and mount -t tmpfs")
+    def test_full_disk_delays_the_outcome_and_never_reruns_the_job(self):
+        mnt = os.path.join(self.tmp, "mnt")
+        os.mkdir(mnt)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs",
+                            mnt], capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            self.skipTest(f"mount failed: {r.stderr}")
+        self.addCleanup(self._stop_and_umount, mnt)
+        self.home = os.path.join(mnt, "home")
+        self.env["QUEUECTL_HOME"] = self.home
+        runs = self.path("runs")
+        self.enqueue("--id", "j", f"echo run >> {runs}; "
+                     + WAIT_GO.format(go=self.path("go")))
+        w = self.spawn_worker()
+        wid = self.wait_listed(w)["id"]
+        self.wait_running("j")
+        filler = os.path.join(mnt, "filler")
+        self.fill(filler)
+        self.touch("go")
+        self.wait_for(lambda: "j: cannot record its outcome yet, will retry: "
+                      in self.output(w), what="the worker to say it cannot record yet")
+        self.assertEqual(self.state("j"), "processing")
+        self.check_doctor_reports("j", wid)
+        os.unlink(filler)                                # space comes back
+        r = self.drain_env(timeout=20)                   # a 2nd worker: not again
+        self.assertEqual(r.code, 0, r)
+        self.wait_state("j", "completed")
+        job = self.job("j")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        r = self.drain_env(timeout=20)
+        self.assertEqual(r.code, 0, r)
+        self.assertEqual(self.lines("runs"), ["run"])    # ran exactly once
+        self.check_doctor_ok()
+        self.assertIsNone(w.poll(), self.output(w))      # the worker lived through it
+
+    def fill(self, path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            size = 1 << 16
+            while size:
+                try:
+                    if os.write(fd, b"\0" * size) == 0:
+                        size //= 2
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    size //= 2
+        finally:
+            os.close(fd)
+
+    def _stop_and_umount(self, mnt):
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(timeout=10)
+        for pgid in self._job_pgids():
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for _ in range(50):
+            if subprocess.run(["umount", mnt], capture_output=True,
+                              timeout=10).returncode == 0:
+                return
+            time.sleep(0.1)
+        subprocess.run(["umount", "-l", mnt], capture_output=True, timeout=10)
+
+
+class FrozenWorkerTest(RobustTest):
+    """Background workers whose output goes to files; frozen-worker helpers."""
+
+    def bg(self, *args, fault=None):
+        """A background `worker start ARGS` (QUEUECTL_FAULT=fault if given);
+        its stdout/stderr go to files (read with out()/err()). Returns once
+        its workers row exists (or it has exited or stopped)."""
+        env = dict(self.env)
+        if fault:
+            env["QUEUECTL_FAULT"] = fault
+        n = len(self.procs)
+        outpath = os.path.join(self.tmp, f"worker{n}.out")
+        errpath = os.path.join(self.tmp, f"worker{n}.err")
+        with open(outpath, "w") as out, open(errpath, "w") as err:
+            p = subprocess.Popen([PY, PROG, "worker", "start", *args], env=env,
+                                 cwd=self.work, stdout=out, stderr=err)
+        p.outpath, p.errpath = outpath, errpath
+        self.procs.append(p)
+        self.wait_for(lambda: self.worker_row(p) is not None or p.poll() is not None
+                      or self.proc_state(p.pid) == "T", 20, "the worker to start")
+        return p
+
+    def worker_row(self, p):
+        try:
+            return self.db().execute("SELECT id FROM workers WHERE pid = ?",
+                                     (p.pid,)).fetchone()
+        except sqlite3.Error:
+            return None
+
+    def worker_id(self, p):
+        self.wait_for(lambda: self.worker_row(p) is not None, 20,
+                      f"worker pid {p.pid} to register")
+        return self.worker_row(p)[0]
+
+    def out(self, p):
+        with open(p.outpath) as f:
+            return f.read()
+
+    def err(self, p):
+        with open(p.errpath) as f:
+            return f.read()
+
+    @staticmethod
+    def proc_state(pid):
+        return proc_state(pid)
+
+    def wait_stopped(self, p, timeout=10):
+        """Wait until p is in state T (it hit a `stop` fault or got SIGSTOP)."""
+        self.wait_for(lambda: self.proc_state(p.pid) == "T" or p.poll() is not None,
+                      timeout, f"worker pid {p.pid} to stop (fault point)")
+        self.assertEqual(self.proc_state(p.pid), "T",
+                         f"worker exited instead of stopping: {p.returncode}; "
+                         f"out={self.out(p)!r} err={self.err(p)!r}")
+
+    def wait_out(self, p, text, what, timeout=20):
+        """Wait until worker p has printed text (a failure shows its output)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.out(p):
+            if time.monotonic() > deadline:
+                self.fail(f"timed out waiting for {what}: no {text!r} in its "
+                          f"output {self.out(p)!r}, stderr {self.err(p)!r}")
+            time.sleep(0.05)
+
+    def stop_workers(self, *args):
+        """worker stop ARGS --wait --timeout 20, which must succeed."""
+        r = self.q("worker", "stop", *args, "--wait", "--timeout", "20")
+        self.assertEqual(r.code, 0, f"{r}; worker output: " + " | ".join(
+            self.out(p) + self.err(p) for p in self.procs if hasattr(p, "outpath")))
+
+    def freeze(self, p, tries=20):
+        """SIGSTOP p at a moment it holds no database write lock (else the
+        test could not write either): retried with SIGCONT if it does."""
+        for _ in range(tries):
+            os.kill(p.pid, signal.SIGSTOP)
+            self.wait_stopped(p)
+            con = sqlite3.connect(os.path.join(self.home, "queue.db"), timeout=0.5,
+                                  isolation_level=None)
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                con.execute("ROLLBACK")
+                return
+            except sqlite3.OperationalError:
+                os.kill(p.pid, signal.SIGCONT)
+                time.sleep(0.1)
+            finally:
+                con.close()
+        self.fail("could not freeze the worker outside a write transaction")
+
+    def resume_in_cleanup(self, p):
+        # Runs before QueueTest._cleanup (cleanups are LIFO), which kills p.
+        def resume():
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+        self.addCleanup(resume)
+
+    def adopt_from(self, a, job_id):
+        """Age frozen worker a past its lease and start worker B, which must
+        adopt job_id; (B, B's worker id)."""
+        self.age(a)
+        b = self.bg()
+        bid = self.worker_id(b)
+        self.wait_for(lambda: self.job(job_id)["worker"] == bid, 20,
+                      f"worker B to adopt {job_id}")
+        return b, bid
+
+    def age(self, p):
+        """Make worker p look past its lease."""
+        con = self.db()
+        con.execute("UPDATE workers SET heartbeat = ? WHERE pid = ?", (OLD_HEARTBEAT, p.pid))
+        con.commit()
+
+    def gate_cmd(self, tail=""):
+        """A job that appends start, waits for the file `go`, appends done.
+        It ends by itself (exit 3) if the test's directory is removed."""
+        runs, go = self.path("runs"), self.path("go")
+        return (f"echo start >> {runs}; while [ ! -f {go} ]; do "
+                f"[ -d {self.work} ] || exit 3; sleep 0.05; done; "
+                f"echo done >> {runs}{tail}")
+
+    def go(self):
+        with open(self.path("go"), "w"):
+            pass
+
+    def run_files(self, suffixes):
+        try:
+            names = os.listdir(os.path.join(self.home, "run"))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.endswith(suffixes))
+
+    def qb(self, *args, input=None, **kw):
+        """Run queuectl with bytes input/output; the CompletedProcess."""
+        return subprocess.run([PY, PROG, *args], input=input, capture_output=True,
+                              env=self.env, cwd=self.work, timeout=30, **kw)
+
+
+# Defect 1: a frozen worker must never kill a job another worker adopted ######
+
+
+class TestFrozenWorker(FrozenWorkerTest):
+    def test_worker_frozen_after_spawn_leaves_the_adopted_job_running(self):
+        self.enqueue("--id", "long", self.gate_cmd())
+        a = self.bg(fault="after-spawn:stop")
+        self.resume_in_cleanup(a)
+        self.wait_stopped(a)                       # spawned, pid not yet recorded
+        self.wait_for(lambda: self.lines("runs") == ["start"], 10, "long to start")
+        b, bid = self.adopt_from(a, "long")
+        os.kill(a.pid, signal.SIGCONT)
+        self.wait_out(a, "was taken over by worker", "A to see that long was taken over")
+        self.assertIn(f"long was taken over by worker {bid}", self.out(a))
+        self.assertTrue(pid_alive(self.job_pid("long")), "A killed the adopted job")
+        self.assertEqual(self.lines("runs"), ["start"])
+        self.assertEqual(self.state("long"), "processing")
+        self.go()
+        self.wait_state("long", "completed")
+        job = self.job("long")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        self.assertEqual(self.lines("runs"), ["start", "done"])
+        # INTERFACE.md: "long taken over by another worker; result not recorded
+        # (attempt 1)"; the worker's line has always dropped the "; ..." part
+        # (the log footer keeps it): accept either.
+        self.wait_out(a, "long taken over by another worker", "A to give up on long")
+        self.assertRegex(self.out(a), r"long taken over by another worker"
+                         r"(; result not recorded)? \(attempt 1\)")
+        self.assertEqual((a.poll(), b.poll()), (None, None))  # both still serve
+        self.assertNotIn("Traceback", self.err(a) + self.err(b))
+        self.integrity_ok()
+
+
+class TestStopNowOfFrozenWorker(FrozenWorkerTest):
+    def test_stop_now_of_a_woken_worker_spares_the_job_it_lost(self):
+        self.enqueue("--id", "long", self.gate_cmd())
+        a = self.bg()
+        self.resume_in_cleanup(a)
+        pid = self.wait_running("long")
+        self.wait_for(lambda: self.lines("runs") == ["start"], 10, "long to start")
+        self.freeze(a)
+        b, bid = self.adopt_from(a, "long")
+        os.kill(a.pid, signal.SIGCONT)
+        os.kill(a.pid, signal.SIGUSR1)             # = worker stop --now, for A only
+        try:
+            code = a.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.go()          # does A only wait for the job it no longer owns?
+            try:
+                a.wait(timeout=10)
+                late = f"A exited ({a.returncode}) only once the job ended"
+            except subprocess.TimeoutExpired:
+                late = "A still runs after the job ended"
+            self.fail(f"A did not exit within 15s of SIGUSR1 ({late}); "
+                      f"out={self.out(a)!r}")
+        self.assertEqual(code, 0, self.err(a))
+        self.assertTrue(pid_alive(pid), "A killed the job B adopted")
+        self.assertEqual(self.lines("runs"), ["start"])
+        job = self.job("long")
+        self.assertEqual((job["state"], job["worker"]), ("processing", bid))
+        self.go()
+        self.wait_state("long", "completed")
+        job = self.job("long")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        self.assertEqual(self.lines("runs"), ["start", "done"])
+        self.assertIsNone(b.poll())
+        self.assertNotIn("Traceback", self.err(a) + self.err(b))
+
+
+# Defect 2: a worker frozen between claim and spawn never starts a lost job ####
+
+
+class TestFrozenBeforeSpawn(FrozenWorkerTest):
+    def test_revoked_claim_is_never_started_by_the_woken_worker(self):
+        self.set_fast_retries()
+        self.enqueue("--id", "once", f"echo run >> {self.path('runs')}")
+        a = self.bg(fault="after-claim:stop")
+        self.resume_in_cleanup(a)
+        self.wait_stopped(a)                       # claimed, not started
+        self.assertEqual(self.state("once"), "processing")
+        self.age(a)
+        r = self.drain()                           # B: revokes, retries, runs it
+        self.assertEqual(r.code, 0, r)
+        self.assertEqual(self.lines("runs"), ["run"])
+        job = self.job("once")
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 2))
+        self.assertIn("not started", self.log("once"))
+        os.kill(a.pid, signal.SIGCONT)
+        self.stop_workers()
+        self.assertEqual(a.wait(timeout=10), 0, self.err(a))
+        self.assertEqual(self.lines("runs"), ["run"])  # A never started it
+        job = self.job("once")
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 2))
+        self.assertIn("once not started: taken over by another worker (attempt 1)",
+                      self.out(a))
+        self.assertEqual(self.run_files(".exit"), [])
+        self.assertNotIn("Traceback", self.err(a))
+        self.integrity_ok()
+
+    def test_revocation_is_a_counted_attempt_with_a_clear_error(self):
+        self.enqueue("--id", "once", "--max-retries", "0",
+                     f"echo run >> {self.path('runs')}")
+        a = self.bg(fault="after-claim:stop")
+        self.resume_in_cleanup(a)
+        self.wait_stopped(a)
+        aid = self.worker_id(a)
+        self.age(a)
+        r = self.drain()
+        self.assertEqual(r.code, 1, r)             # its only attempt ended dead
+        job = self.job("once")
+        self.assertEqual((job["state"], job["attempts"]), ("dead", 1))
+        self.assertEqual(job["last_error"],
+                         f"not started: worker {aid} stopped before starting it")
+        self.assertEqual(self.lines("runs"), [])
+
+
+# stop --now: a job that exits 0 as it is stopped is completed ###############
+
+
+class TestStopNow(FrozenWorkerTest):
+    def test_job_that_exits_0_on_sigterm_is_recorded_completed(self):
+        ready = self.path("ready")
+        self.enqueue("--id", "t", f"trap 'exit 0' TERM; echo x > {ready}; "
+                     f"while :; do [ -d {self.work} ] || exit 3; sleep 0.05; done")
+        w = self.bg()
+        self.wait_running("t")
+        self.wait_for(lambda: self.lines("ready") == ["x"], 10, "the trap to be set")
+        self.stop_workers("--now")
+        self.assertEqual(w.wait(timeout=10), 0, self.err(w))
+        job = self.job("t")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+
+    def test_job_killed_by_sigterm_goes_back_to_pending_uncounted(self):
+        self.enqueue("--id", "s", "sleep 30")
+        w = self.bg()
+        pid = self.wait_running("s")
+        self.stop_workers("--now")
+        self.assertEqual(w.wait(timeout=10), 0, self.err(w))
+        job = self.job("s")
+        self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
+        self.assertFalse(pid_alive(pid))
+
+
+# enqueue --stdin splits on "\n" only ########################################
+
+
+class TestStdinSplitting(FrozenWorkerTest):
+    def one_job(self, data):
+        r = self.qb("enqueue", "--stdin", input=data)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        ids = r.stdout.decode().split()
+        self.assertEqual(len(ids), 1, r.stdout)
+        self.assertEqual(len(json.loads(self.ok("list", "--limit", "0", "--json"))), 1)
+        return self.job(ids[0])
+
+    def test_form_feed_stays_inside_the_line(self):
+        self.assertEqual(self.one_job(b"echo a\fb\n")["command"], "echo a\fb")
+
+    def test_file_separator_stays_inside_the_line(self):
+        self.assertEqual(self.one_job(b"echo a\x1cb\n")["command"], "echo a\x1cb")
+
+    def test_json_line_with_a_raw_line_separator_is_one_job(self):
+        line = '{"id": "u", "command": "echo a\u2028b"}\n'.encode()
+        job = self.one_job(line)
+        self.assertEqual((job["id"], job["command"]), ("u", "echo a\u2028b"))
+
+
+# Bad input: exit 2, one error line, no traceback, nothing changed ###########
+
+
+class TestExitCodes(FrozenWorkerTest):
+    def setUp(self):
+        super().setUp()
+        self.enqueue("--id", "keep", "true")
+        self.before = self.db_dump()
+
+    def unchanged(self):
+        self.assertEqual(self.db_dump(), self.before)
+
+    def test_run_at_year_1_is_out_of_range(self):
+        r = self.fails(2, "enqueue", "--run-at", "0001-01-01", "x")
+        self.assertIn("out of range", r.err)
+        self.assertIn("from 1970 to 9999", r.err)
+        self.assertEqual(len(r.err.strip().splitlines()), 1, r)
+        self.unchanged()
+
+    def test_non_utf8_bytes_on_stdin(self):
+        for data, n in ((b"echo ok\necho \xff\n", 2),
+                        (b'echo ok\n{"command": "true", "env": {"A": "\xff"}}\n', 2),
+                        (b"\xfe\n", 1)):
+            with self.subTest(data=data):
+                self.before = self.db_dump()
+                r = self.qb("enqueue", "--stdin", input=data)
+                self.assertEqual(r.returncode, 2, r)
+                err = r.stderr.decode("utf-8", "replace")
+                self.assertNotIn("Traceback", err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertTrue(err.startswith("queuectl: error: "), err)
+                self.assertIn(f"line {n}", err)
+                self.assertIn("not valid UTF-8", err)
+                self.assertEqual(r.stdout, b"")
+                self.unchanged()
+
+    def test_home_that_is_a_regular_file(self):
+        f = self.path("afile")
+        with open(f, "w") as fh:
+            fh.write("mine\n")
+        r = self.fails(2, "--home", f, "list")
+        self.assertIn(f"the home {f} is not a directory", r.err)
+        self.assertEqual(len(r.err.strip().splitlines()), 1, r)
+        self.fails(2, "--home", f, "enqueue", "true")
+        with open(f) as fh:
+            self.assertEqual(fh.read(), "mine\n")
+        self.unchanged()
+
+
+# A restrictive umask ########################################################
+
+
+class TestUmask(FrozenWorkerTest):
+    def test_home_works_under_umask_0277(self):
+        def run(*args):
+            return subprocess.run([PY, PROG, *args], capture_output=True, text=True,
+                                  env=self.env, cwd=self.work, timeout=60,
+                                  preexec_fn=lambda: os.umask(0o277))
+        r = run("enqueue", "--id", "u", "echo hi")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = run("worker", "start", "--drain")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertNotIn("Traceback", r.stderr)
+        job = self.job("u")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        self.assertIn("hi", self.log("u"))
+        for path, mode in ((self.home, 0o700),
+                           (os.path.join(self.home, "logs"), 0o700),
+                           (os.path.join(self.home, "queue.db"), 0o600),
+                           (os.path.join(self.home, "logs", "u.log"), 0o600)):
+            self.assertEqual(oct(os.stat(path).st_mode & 0o777), oct(mode), path)
+
+
+# Symlinks planted in the home ###############################################
+
+
+class TestPlantedSymlinks(FrozenWorkerTest):
+    def precious(self):
+        target = self.path("target")
+        with open(target, "w") as f:
+            f.write("precious\n")
+        return target
+
+    def test_wake_symlink_is_never_written_through(self):
+        target = self.precious()
+        w = self.bg()
+        os.symlink(target, os.path.join(self.home, "run", "planted.wake"))
+        self.enqueue("--id", "j", "true")           # wakes the workers
+        self.wait_state("j", "completed")
+        with open(target) as f:
+            self.assertEqual(f.read(), "precious\n")
+        self.assertIsNone(w.poll())
+
+    def test_log_symlink_is_not_read(self):
+        secret = self.path("secret")
+        with open(secret, "w") as f:
+            f.write("top secret content\n")
+        self.enqueue("--id", "j", "echo hi")
+        self.assertEqual(self.drain().code, 0)
+        log = os.path.join(self.home, "logs", "j.log")
+        os.unlink(log)
+        os.symlink(secret, log)
+        r = self.fails(1, "logs", "j")
+        self.assertEqual(r.err, f"queuectl: error: the log {log} is not a regular file; "
+                         "refusing to read it\n")
+        self.assertNotIn("top secret", r.out)
+        r = self.fails(1, "logs", "j", "--tail", "1")
+        self.assertNotIn("top secret", r.out)
+
+
+# SIGHUP is a graceful stop ##################################################
+
+
+class TestSighup(FrozenWorkerTest):
+    def test_sighup_stops_gracefully_after_the_running_job(self):
+        self.enqueue("--id", "g", self.gate_cmd())
+        w = self.bg()
+        self.wait_running("g")
+        w.send_signal(signal.SIGHUP)
+        self.wait_for(lambda: "stopping" in self.out(w) or w.poll() is not None, 20,
+                      "the worker to react to SIGHUP")
+        self.assertIsNone(w.poll(), f"SIGHUP ended the worker at once: {w.returncode}")
+        self.assertEqual(self.state("g"), "processing")
+        self.go()
+        try:
+            code = w.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.fail(f"worker still running after SIGHUP; out={self.out(w)!r}")
+        self.assertEqual(code, 0, self.err(w))
+        self.assertIn("stopping", self.out(w))
+        job = self.job("g")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        self.assertEqual(self.lines("runs"), ["start", "done"])
+        self.assertEqual(self.run_files((".lock", ".wake")), [])
+        self.assertEqual(json.loads(self.ok("worker", "status", "--json")), [])
+
+
+# Neither the command nor the claim token shows in ps ########################
+
+
+@unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc")
+class TestCommandVisibility(FrozenWorkerTest):
+    def cmdlines(self):
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/cmdline", "rb") as f:
+                        yield int(name), f.read()
+                except OSError:
+                    pass
+
+    def test_command_and_claim_are_not_in_any_argv(self):
+        secret = "s3cr3t" + uuid.uuid4().hex[:8]
+        # Through stdin, so that not even the enqueue's argv holds the secret.
+        self.ok("enqueue", "--stdin", input=json.dumps(
+            {"id": "v", "command": self.gate_cmd(f" # {secret}")}) + "\n")
+        self.bg()
+        pid = self.wait_running("v")
+        self.wait_for(lambda: self.lines("runs") == ["start"], 10, "v to start")
+        token = self.db().execute("SELECT claim FROM jobs WHERE id = 'v'").fetchone()[0]
+        self.assertTrue(token)
+        for p, cmdline in self.cmdlines():
+            self.assertNotIn(secret.encode(), cmdline, f"pid {p}: {cmdline!r}")
+            self.assertNotIn(token.encode(), cmdline, f"pid {p}: {cmdline!r}")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            self.assertEqual(f.read().split(b"\0")[-2:], [b"queuectl-job", b""])
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            self.assertIn(b"QUEUECTL_CLAIM=" + token.encode(), f.read().split(b"\0"))
+        self.go()
+        self.wait_state("v", "completed")
+
+
 class TestBenchSmoke(unittest.TestCase):
     def test_quick_bench_runs_and_prints_json(self):
         bench = os.path.join(HERE, "bench_queuectl.py")
@@ -2115,16 +3189,62 @@ class TestBenchSmoke(unittest.TestCase):
 # Runner ######################################################################
 
 
-def run_all():
-    """Run every test; close with 'N passed, N failed, N skipped'."""
+def _flatten(suite):
+    for item in suite:
+        if isinstance(item, unittest.TestSuite):
+            yield from _flatten(item)
+        else:
+            yield item
+
+
+def run_shard(shard, shards, verbosity):
+    """Run every shards-th test from the shard-th on; (passed, failed, skipped)."""
     suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
-    runner = unittest.TextTestRunner(verbosity=2 if "-v" in sys.argv else 1)
-    result = runner.run(suite)
+    tests = list(_flatten(suite))[shard::shards]
+    result = unittest.TextTestRunner(verbosity=verbosity).run(unittest.TestSuite(tests))
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
-    passed = result.testsRun - failed - skipped
+    return result.testsRun - failed - skipped, failed, skipped
+
+
+def run_all():
+    """Run every test; close with 'N passed, N failed, N skipped'. Most tests
+    wait on workers rather than use the CPU, so the tests are shared out over
+    QUEUECTL_TEST_JOBS processes (default 3; 1 runs them all in this one);
+    each one's output is printed whole once it is done."""
+    verbosity = 2 if "-v" in sys.argv else 1
+    shard = os.environ.get("QUEUECTL_TEST_SHARD")
+    if shard:
+        n, k = map(int, shard.split("/"))
+        counts = run_shard(n, k, verbosity)
+        print("shard: %d passed, %d failed, %d skipped" % counts)
+        return 0
+    jobs = int(os.environ.get("QUEUECTL_TEST_JOBS", "3"))
+    if jobs <= 1:
+        passed, failed, skipped = run_shard(0, 1, verbosity)
+    else:
+        procs = []
+        for n in range(jobs):
+            out = tempfile.TemporaryFile()
+            env = dict(os.environ, QUEUECTL_TEST_SHARD=f"{n}/{jobs}")
+            procs.append((subprocess.Popen([PY, os.path.abspath(__file__), *sys.argv[1:]],
+                                           env=env, stdout=out, stderr=subprocess.STDOUT),
+                          out))
+        passed = failed = skipped = 0
+        for n, (p, out) in enumerate(procs):
+            code = p.wait()
+            out.seek(0)
+            text = out.read().decode("utf-8", "replace")
+            out.close()
+            sys.stdout.write(f"--- test shard {n + 1} of {jobs} ---\n{text}")
+            last = [ln for ln in text.splitlines() if ln.startswith("shard: ")]
+            if code != 0 or not last:
+                failed += 1                  # a shard that crashed fails the run
+                continue
+            p_, f_, s_ = (int(w) for w in last[-1].split()[1::2])
+            passed, failed, skipped = passed + p_, failed + f_, skipped + s_
     print(f"unittest: {passed} passed, {failed} failed, {skipped} skipped")
-    return 0 if failed == 0 and result.testsRun > 0 else 1
+    return 0 if failed == 0 and passed + skipped > 0 else 1
 
 
 if __name__ == "__main__":
