@@ -1190,21 +1190,28 @@ def read_status(path):
 def revoke(path, worker):
     """Take the start fence of worker's claim: True when taken (its shell can
     never run the command now), False when the attempt started first.
-    OSError when neither can be known (EMFILE...)."""
+    OSError when it could not be taken (a full disk, EMFILE...): then
+    nothing changed. The marker is written whole to a temporary file and
+    linked into place, so the fence never exists without saying "revoked"
+    (an empty one would read as "started")."""
+    tmp = f"{path}.{os.getpid()}.{new_id()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW
+                 | O_CLOEXEC, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW
-                     | O_CLOEXEC, 0o600)
-    except FileExistsError:
-        return False
-    try:
-        # On a full disk the file stays empty and reads as 'running': the
-        # claim is still fenced, and its end counts as unknown, not a rerun.
-        os.write(fd, f"revoked {worker}\n".encode())
-    except OSError:
-        pass
-    finally:
+        data = f"revoked {worker}\n".encode()
+        if os.write(fd, data) != len(data):
+            raise OSError(28, "short write")
         os.close(fd)
-    return True
+        fd = None
+        try:
+            os.link(tmp, path)              # EEXIST: the attempt started first
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        if fd is not None:
+            os.close(fd)
+        remove_file(tmp)
 
 
 def remove_file(path):
@@ -1409,6 +1416,14 @@ class Running:
             return self.proc.poll() is not None
         return not same_process(self.pid, self.start)
 
+    def group_alive(self):
+        """True while its process group may be signalled: an own leader not
+        yet reaped keeps the pgid from being reused; after that, while any
+        member lives (a pgid is not reused while its group has members)."""
+        if self.proc is not None and self.proc.returncode is None:
+            return True
+        return group_alive(self.pid)
+
 
 # Workers #####################################################################
 # Threading model: one worker process runs `count` job threads, each with its
@@ -1503,7 +1518,7 @@ class Worker:
                         return
                 time.sleep(0.05)
             for r in items:
-                if not r.gone():
+                if r.group_alive():
                     self._signal_owned(store, r, signal.SIGKILL)
         except QueuectlError as e:
             self.say(f"could not stop running jobs: {e}")
@@ -1852,10 +1867,14 @@ class Worker:
         if not wait_exit(proc.pid, PID_DELAY, proc):
             _, run.start = proc_start(proc.pid)
             self._record_pid(store, run)
-        if stop_now:
-            run.stopped = True
-            self._kill(store, run, self.config["kill_grace"])
-        return self._wait(store, run, timeout)
+        try:
+            if stop_now:
+                run.stopped = True
+                self._kill(store, run, self.config["kill_grace"])
+            return self._wait(store, run, timeout)
+        except Exception as e:           # a bug: never leave the job stuck
+            self._abandon(store, job, token, e)
+            return None
 
     def _record_pid(self, store, run):
         job = run.job
@@ -1893,8 +1912,8 @@ class Worker:
                 with store.tx():
                     mine = store.x("SELECT 1 FROM jobs" + FENCE, (
                         run.job["id"], self.id, run.token)).fetchone() is not None
-                    if mine and not run.gone():
-                        run.stopped = run.stopped or stop
+                    if mine and run.group_alive():
+                        run.stopped = run.stopped or (stop and not run.gone())
                         signal_group(run.pid, sig)
                 return mine
             except QueuectlError:
@@ -1933,7 +1952,7 @@ class Worker:
             rc = rc if kind == "exit" else None
             duration = time.time() - epoch(job["started_at"])
         fault("before-record", job["id"])
-        if (run.stopped or timed_out) and group_alive(run.pid):
+        if (run.stopped or timed_out) and run.group_alive():
             self._kill(store, run, self.config["kill_grace"])
         with self.lock:
             self.running.pop(run.token, None)
@@ -2024,7 +2043,9 @@ class Worker:
         except QueuectlError:
             current = {"state": PROCESSING, "claim": job["claim"]}   # keep the file
         kind, claimant = read_status(status)
-        if kind == "revoked":
+        if kind == "unknown":
+            pass                 # cannot tell what it holds: the sweep decides later
+        elif kind == "revoked":
             # The fence that keeps a frozen claimant from starting the job:
             # only the claimant itself, which will never spawn it now, or the
             # sweep once the claimant is gone, may remove it.
@@ -2089,8 +2110,17 @@ class Worker:
             self._sweep_status_files({(j["id"], j["claim"]) for j in rows}, alive)
             fresh = {w[0] for w in workers if not worker_stale(w)} | {self.id}
             for job in rows:
-                if job["worker"] not in fresh:
-                    self._recover_job(store, job, job["worker"] in alive)
+                if job["worker"] in fresh:
+                    continue
+                with self.lock:
+                    mine = self.running.get(job["claim"])
+                if mine is not None and mine.proc is not None:
+                    # Our own child, adopted away while we were frozen, whose
+                    # adopter is gone now: ours again, our thread records it.
+                    if self._take(store, job):
+                        mine.lost_to = None
+                    continue
+                self._recover_job(store, job, job["worker"] in alive)
         except (QueuectlError, OSError) as e:
             self.say(f"recovery scan failed, will retry: {e}")
 
@@ -2157,6 +2187,33 @@ class Worker:
                      "recording its exit status")
         self._settle(store, job, rc, describe_exit(rc)[1], duration)
 
+    def _abandon(self, store, job, token, error, recover=True):
+        """After a bug in this worker while it held a job: stop waiting for
+        it and hand it to recovery, which settles it from its status file
+        (at once when recover, else at the next scan, so that a bug that
+        keeps happening cannot spin); never leave it processing for good."""
+        with self.lock:
+            self.settling += 1       # a draining thread must not end meanwhile
+            self.running.pop(token, None)
+        try:
+            self.say(f"{job['id']}: internal error ({error!r}); handing it to recovery")
+            if os.environ.get("QUEUECTL_DEBUG"):
+                import traceback
+                traceback.print_exc()
+            store = store or Store(self.home, durable=False, local_lock=self.db_lock)
+            with store.tx():
+                store.x("UPDATE jobs SET worker = ?" + FENCE,
+                        (self.id + "!abandoned", job["id"], self.id, token))
+            row = store.get(job["id"])
+            if recover and row and row["state"] == PROCESSING and row["claim"] == token:
+                self._recover_job(store, row, True)
+        except Exception as e:       # the next recovery scan (ours or another's)
+            self.say(f"{job['id']}: cannot hand it to recovery yet: {e!r}")
+        finally:
+            with self.lock:
+                self.settling -= 1
+            self.notify()
+
     def _take(self, store, job):
         """Make a recovered job this worker's (fenced on its old worker and
         claim); False when someone else settled or took it first."""
@@ -2170,10 +2227,17 @@ class Worker:
 
     def _settle(self, store, job, rc, error, duration):
         """Record a recovered job's outcome, in a thread of its own."""
-        if not self._take(store, job):
-            return
         with self.lock:
-            self.settling += 1
+            self.settling += 1       # first: a draining thread must not end now
+        taken = False
+        try:
+            taken = self._take(store, job)
+        finally:
+            if not taken:
+                with self.lock:
+                    self.settling -= 1
+        if not taken:
+            return
 
         def record():
             st = None
@@ -2181,7 +2245,7 @@ class Worker:
                 st = Store(self.home, durable=False, local_lock=self.db_lock)
                 self._record(st, job, rc, error, duration)
             except Exception as e:             # a bug: keep the worker alive
-                self.say(f"recording {job['id']} failed: {e!r}")
+                self._abandon(st, job, job["claim"], e, recover=False)
             finally:
                 if st is not None:
                     st.close()
@@ -2219,9 +2283,7 @@ class Worker:
             store = Store(self.home, durable=False, local_lock=self.db_lock)
             self._wait(store, run, timeout)
         except Exception as e:                     # a bug: keep the worker alive
-            self.say(f"watch of {run.job['id']} failed: {e!r}")
-            with self.lock:
-                self.running.pop(run.token, None)
+            self._abandon(store, run.job, run.token, e)
         finally:
             if store is not None:
                 store.close()
@@ -2882,33 +2944,45 @@ def cmd_cancel(args):
         check_name(i)
     store = open_store(args)
     now = iso(time.time())
-    with store.tx():             # read and change under one write lock
-        jobs = [store.must_get(i) for i in dict.fromkeys(args.ids)]
-        for job in jobs:
-            if job["state"] not in (PENDING, FAILED, PROCESSING):
-                raise QueuectlError(f"cannot cancel job {job['id']}: it is {job['state']}")
-        for job in jobs:
-            # The claim stays: it names the cancelled attempt's processes,
-            # and retry waits until none of them is left.
-            store.x("UPDATE jobs SET state = 'cancelled', finished_at = ?, "
-                    "updated_at = ?, last_error = 'cancelled' WHERE id = ?",
-                    (now, now, job["id"]))
+    revoked = []
+    try:
+        with store.tx():         # read and change under one write lock
+            jobs = [store.must_get(i) for i in dict.fromkeys(args.ids)]
+            for job in jobs:
+                if job["state"] not in (PENDING, FAILED, PROCESSING):
+                    raise QueuectlError(f"cannot cancel job {job['id']}: it is "
+                                        f"{job['state']}")
+            for job in jobs:
+                # Before the commit: an attempt that has not started must
+                # never start, even if this command dies right after it.
+                if job["state"] == PROCESSING:
+                    path = status_path(args.home, job["id"], job["claim"])
+                    try:
+                        job["revoked"] = revoke(path, job["worker"])
+                    except OSError as e:
+                        raise QueuectlError(f"cannot cancel job {job['id']} now: "
+                                            f"{e.strerror or e}; try again") from None
+                    if job["revoked"]:
+                        revoked.append(path)
+                # The claim stays: it names the cancelled attempt's
+                # processes, and retry waits until none of them is left.
+                store.x("UPDATE jobs SET state = 'cancelled', finished_at = ?, "
+                        "updated_at = ?, last_error = 'cancelled' WHERE id = ?",
+                        (now, now, job["id"]))
+    except BaseException:
+        for path in revoked:     # nothing was cancelled: undo, all or nothing
+            remove_file(path)
+        raise
     for job in jobs:
-        if job["state"] == PROCESSING:
-            stop_attempt(args.home, job)
+        if job["state"] == PROCESSING and not job["revoked"]:
+            stop_attempt(job)
         print(job["id"])
     return EXIT_OK
 
 
-def stop_attempt(home, job):
-    """Stop the attempt of a job that was processing: revoke its start if it
-    has not started (its worker can then never start it), else kill its
-    process group, found by pid or by its claim token."""
-    try:
-        if revoke(status_path(home, job["id"], job["claim"]), job["worker"]):
-            return
-    except OSError:
-        pass
+def stop_attempt(job):
+    """Kill the process group of a cancelled attempt that had started, found
+    by its recorded pid or by its claim token."""
     pid, start = job["pid"], job["pid_start"]
     if not same_process(pid, start):    # younger than PID_DELAY: find it in /proc
         try:

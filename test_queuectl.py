@@ -2217,6 +2217,53 @@ class FaultTest(RobustTest):
         with open(self.path(name), "w"):
             pass
 
+    def mount_tmpfs(self, path, size):
+        """A small tmpfs at path (root only: skips the test otherwise),
+        unmounted in cleanup after every process of the test is stopped."""
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700",
+                            "tmpfs", path], capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            self.skipTest(f"mount failed: {r.stderr}")
+        self.addCleanup(self._stop_and_umount, path)
+        return path
+
+    def fill(self, path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            size = 1 << 16
+            while size:
+                try:
+                    if os.write(fd, b"\0" * size) == 0:
+                        size //= 2
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    size //= 2
+        finally:
+            os.close(fd)
+
+    def _stop_and_umount(self, mnt):
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(timeout=10)
+        for pgid in self._job_pgids():
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for _ in range(50):
+            if subprocess.run(["umount", mnt], capture_output=True,
+                              timeout=10).returncode == 0:
+                return
+            time.sleep(0.1)
+        subprocess.run(["umount", "-l", mnt], capture_output=True, timeout=10)
+
 
 # Defect 3 ####################################################################
 
@@ -2618,13 +2665,7 @@ class TestOutcomeWrites(FaultTest):
 
     @unittest.skipUnless(can_mount_tmpfs(), "needs root and mount -t tmpfs")
     def test_full_disk_delays_the_outcome_and_never_reruns_the_job(self):
-        mnt = os.path.join(self.tmp, "mnt")
-        os.mkdir(mnt)
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs",
-                            mnt], capture_output=True, text=True, timeout=10)
-        if r.returncode != 0:
-            self.skipTest(f"mount failed: {r.stderr}")
-        self.addCleanup(self._stop_and_umount, mnt)
+        mnt = self.mount_tmpfs(os.path.join(self.tmp, "mnt"), "4m")
         self.home = os.path.join(mnt, "home")
         self.env["QUEUECTL_HOME"] = self.home
         runs = self.path("runs")
@@ -2653,41 +2694,79 @@ class TestOutcomeWrites(FaultTest):
         self.check_doctor_ok()
         self.assertIsNone(w.poll(), self.output(w))      # the worker lived through it
 
-    def fill(self, path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            size = 1 << 16
-            while size:
-                try:
-                    if os.write(fd, b"\0" * size) == 0:
-                        size //= 2
-                except OSError as e:
-                    if e.errno != errno.ENOSPC:
-                        raise
-                    size //= 2
-        finally:
-            os.close(fd)
+class TestFencesOnAFullDisk(FaultTest):
+    """Taking a start fence is all or nothing: on a full disk it fails and
+    changes nothing, so a frozen claimant can never start a job twice."""
 
-    def _stop_and_umount(self, mnt):
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.kill(p.pid, signal.SIGCONT)
-                    os.kill(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait(timeout=10)
-        for pgid in self._job_pgids():
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for _ in range(50):
-            if subprocess.run(["umount", mnt], capture_output=True,
-                              timeout=10).returncode == 0:
-                return
-            time.sleep(0.1)
-        subprocess.run(["umount", "-l", mnt], capture_output=True, timeout=10)
+    def test_revoke_on_a_full_disk_fails_and_leaves_no_file(self):
+        run = self.mount_tmpfs(os.path.join(self.tmp, "mnt"), "64k")
+        self.fill(os.path.join(run, "filler"))
+        path = os.path.join(run, "j.tok.exit")
+        with self.assertRaises(OSError):
+            queuectl.revoke(path, "w1")
+        self.assertEqual(queuectl.read_status(path), ("absent", None))
+        self.assertEqual(os.listdir(run), ["filler"])
+
+    def test_cancel_that_cannot_take_the_fence_changes_nothing(self):
+        self.ok("status")                                # creates the home
+        run = self.mount_tmpfs(os.path.join(self.home, "run"), "256k")
+        self.enqueue("--id", "j", f"echo run >> {self.path('runs')}")
+        a = self.spawn_worker(env=self.fault_env("after-claim:stop"))
+        self.cont_in_cleanup(a)
+        self.wait_for(lambda: proc_state(a.pid) == "T", what="A to stop after its claim")
+        filler = os.path.join(run, "filler")
+        self.fill(filler)
+        r = self.fails(1, "cancel", "j")
+        self.assertIn("cannot cancel job j now: No space left on device; try again", r.err)
+        self.assertEqual(self.state("j"), "processing")
+        self.assertEqual(sorted(n for n in os.listdir(run) if ".exit" in n), [])
+        os.unlink(filler)
+        self.assertEqual(self.ok("cancel", "j"), "j\n")
+        os.kill(a.pid, signal.SIGCONT)
+        self.wait_for(lambda: "j not started" in self.output(a), what="A to give up on j")
+        self.assertEqual(self.state("j"), "cancelled")
+        self.assertEqual(self.lines("runs"), [])         # never ran
+
+
+class TestTimeoutKillsTheWholeGroup(FaultTest):
+    def test_children_that_ignore_sigterm_are_killed_after_the_leader_died(self):
+        self.ok("config", "set", "kill_grace", "0.5")
+        pidfile = self.path("pid")
+        self.enqueue("--id", "t", "--timeout", "1", "--max-retries", "0",
+                     f"sh -c 'trap \"\" TERM; echo $$ > {pidfile}; exec sleep 40' & wait")
+        r = self.drain_env(timeout=30)
+        self.assertEqual(r.code, 1, r)
+        self.assertEqual(self.job("t")["last_error"], "timed out after 1s")
+        pid = int(self.lines("pid")[0])
+        self.wait_for(lambda: not pid_alive(pid), 5, "the TERM-proof child to be killed")
+
+
+class TestWorkerBugs(FaultTest):
+    """A bug in the worker after a job started never leaves the job
+    processing for good nor a worker that cannot stop."""
+
+    def test_bug_after_the_job_ended_is_settled_from_its_status(self):
+        self.enqueue("--id", "j", f"echo run >> {self.path('runs')}")
+        r = self.drain_env(self.fault_env("before-record:raise"), timeout=20)
+        self.assertEqual(r.code, 0, r)
+        self.assertIn("j: internal error (RuntimeError('injected fault at "
+                      "before-record')); handing it to recovery", r.out)
+        job = self.job("j")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        self.assertEqual(self.lines("runs"), ["run"])
+
+    def test_a_bug_that_keeps_happening_does_not_spin_or_hang_the_drain(self):
+        self.enqueue("--id", "j", f"echo run >> {self.path('runs')}")
+        r = self.drain_env(self.fault_env("record:raise*1000"), timeout=20)
+        self.assertEqual(r.code, 0, r)
+        self.assertLess(r.out.count("internal error"), 5, r.out)
+        self.assertEqual(self.state("j"), "processing")  # left for recovery
+        r = self.drain_env(timeout=20)                   # a healthy worker settles it
+        self.assertEqual(r.code, 0, r)
+        job = self.job("j")
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
+        self.assertEqual(self.lines("runs"), ["run"])
 
 
 class FrozenWorkerTest(RobustTest):
