@@ -643,17 +643,55 @@ JOB_FIELDS = ("id", "command", "state", "queue", "priority", "attempts",
 ROW_FIELDS = JOB_FIELDS + ("seq", "blocked", "claim", "pid", "pid_start")
 JOB_COLUMNS = ", ".join(ROW_FIELDS)
 
+# The transitions of a job. Each is one statement below, the one place that
+# writes its columns; every write to a claimed job is fenced on its worker,
+# claim token and state (FENCE), so a stale worker cannot overwrite another's.
+#
+#   transition  from                         to          sets / clears
+#   enqueue     -                            pending     every column given
+#   claim       pending, failed              processing  claim worker started_at / pid pid_start
+#   record pid  processing (fenced)          processing  pid pid_start
+#   take        processing (fenced)          processing  worker (adoption, recovery)
+#   complete    processing (fenced)          completed   attempts exit_code finished_at /
+#                                                        last_error claim pid pid_start
+#   fail        processing (fenced)          failed/dead attempts exit_code last_error run_at
+#                                                        finished_at / claim pid pid_start
+#   requeue     processing (fenced)          pending     / claim worker pid pid_start started_at
+#   cancel      pending, failed, processing  cancelled   finished_at last_error; keeps claim
+#                                                        and pid: they name the cancelled
+#                                                        attempt's processes until they end
+#   reset       completed, dead, cancelled   pending     attempts=0 run_at blocked / worker
+#                                                        claim pid pid_start started_at
+#                                                        finished_at exit_code last_error
+# updated_at is set by all but record pid; blocked changes with dependencies.
+
+FENCE = " WHERE id = ? AND worker = ? AND claim = ? AND state = 'processing'"
 SQL_INSERT = """INSERT INTO jobs (id, command, state, queue, priority,
     max_retries, timeout, run_at, depends_on, blocked, cwd, env, created_at,
     updated_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+SQL_INSERT_DEP = "INSERT OR IGNORE INTO deps (job, dep) VALUES (?, ?)"
 SQL_CLAIMABLE = f"""SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_ready
     WHERE state IN ('pending', 'failed') AND blocked = 0 AND run_at <= ?{{where}}
     ORDER BY priority DESC, run_at, seq LIMIT 1"""
 SQL_CLAIM = """UPDATE jobs SET state = 'processing', claim = ?, worker = ?,
     started_at = ?, updated_at = ?, pid = NULL, pid_start = NULL
     WHERE seq = ?"""
-SQL_NEXT_RUN = """SELECT min(run_at) FROM jobs INDEXED BY jobs_ready
-    WHERE state IN ('pending', 'failed') AND blocked = 0{where}"""
+SQL_RECORD_PID = "UPDATE jobs SET pid = ?, pid_start = ?" + FENCE
+SQL_TAKE = "UPDATE jobs SET worker = ?, updated_at = ?" + FENCE
+SQL_COMPLETE = """UPDATE jobs SET state = 'completed', attempts = ?,
+    exit_code = ?, finished_at = ?, updated_at = ?, last_error = NULL,
+    claim = NULL, pid = NULL, pid_start = NULL""" + FENCE
+SQL_FAIL = """UPDATE jobs SET state = ?, attempts = ?, exit_code = ?,
+    last_error = ?, run_at = ?, finished_at = ?, updated_at = ?,
+    claim = NULL, pid = NULL, pid_start = NULL""" + FENCE
+SQL_REQUEUE = """UPDATE jobs SET state = 'pending', updated_at = ?, claim = NULL,
+    worker = NULL, pid = NULL, pid_start = NULL, started_at = NULL""" + FENCE
+SQL_CANCEL = """UPDATE jobs SET state = 'cancelled', finished_at = ?,
+    updated_at = ?, last_error = 'cancelled' WHERE id = ?"""
+SQL_RESET = """UPDATE jobs SET state = 'pending', attempts = 0, run_at = ?,
+    updated_at = ?, blocked = ?, worker = NULL, claim = NULL, pid = NULL,
+    pid_start = NULL, started_at = NULL, finished_at = NULL, exit_code = NULL,
+    last_error = NULL WHERE id = ?"""
 SQL_UNBLOCK = """UPDATE jobs SET blocked = 0 WHERE blocked = 1
     AND id IN (SELECT job FROM deps WHERE dep = ?)
     AND NOT EXISTS (SELECT 1 FROM deps d JOIN jobs j ON j.id = d.dep
@@ -665,6 +703,55 @@ SQL_STAT_ADD = """INSERT INTO stats (queue, attempts, failures, duration_sum,
     attempts = attempts + 1, failures = failures + excluded.failures,
     duration_sum = duration_sum + excluded.duration_sum,
     duration_count = duration_count + excluded.duration_count"""
+SQL_DELETE_JOBS = "DELETE FROM jobs WHERE id IN ({marks})"
+SQL_DELETE_DEPS = "DELETE FROM deps WHERE job IN ({marks})"
+
+# Reads of jobs
+SQL_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+SQL_JOB_EXISTS = "SELECT 1 FROM jobs WHERE id = ?"
+SQL_JOB_STATES = "SELECT id, state FROM jobs WHERE id IN ({marks})"
+SQL_OWNED = "SELECT 1 FROM jobs" + FENCE
+SQL_PROCESSING = f"""SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'processing'
+    ORDER BY started_at"""
+SQL_WORKER_JOBS = """SELECT id FROM jobs WHERE state = 'processing' AND worker = ?
+    ORDER BY started_at"""
+SQL_RECENT_FAILURES = f"""SELECT {JOB_COLUMNS} FROM jobs
+    WHERE state IN ('failed', 'dead') ORDER BY updated_at DESC LIMIT ?"""
+SQL_LIST = f"SELECT {JOB_COLUMNS} FROM jobs{{where}} ORDER BY seq{{limit}}"
+SQL_LIST_COUNT = "SELECT count(*) FROM jobs{where}"
+SQL_IDS_IN_STATE = "SELECT id FROM jobs WHERE state = ? ORDER BY seq"
+SQL_FINISHED_BEFORE = """SELECT id FROM jobs WHERE state IN ({marks})
+    AND finished_at < ?"""
+SQL_IDS_STILL_IN = "SELECT id FROM jobs WHERE id IN ({marks}) AND state IN ({smarks})"
+SQL_OPEN_DEPS = "SELECT count(*) FROM jobs WHERE id IN ({marks}) AND state != 'completed'"
+SQL_COUNTS = "SELECT state, queue, count(*) FROM jobs GROUP BY state, queue"
+SQL_OLDEST_PENDING = """SELECT id, created_at FROM jobs WHERE state = 'pending'
+    ORDER BY created_at LIMIT 1"""
+SQL_NEXT_SCHEDULED = """SELECT id, run_at FROM jobs INDEXED BY jobs_ready
+    WHERE state IN ('pending', 'failed') AND blocked = 0 AND run_at > ?
+    ORDER BY run_at LIMIT 1"""
+SQL_NEXT_RUN = """SELECT min(run_at) FROM jobs INDEXED BY jobs_ready
+    WHERE state IN ('pending', 'failed') AND blocked = 0{where}"""
+SQL_WAITING = "SELECT count(*) FROM jobs WHERE state IN ('pending', 'failed')"
+SQL_JOB_COUNT = "SELECT count(*) FROM jobs"
+SQL_BLOCKED_ON_DEAD = """SELECT j.id, d.dep, coalesce(k.state, 'missing') FROM jobs j
+    JOIN deps d ON d.job = j.id LEFT JOIN jobs k ON k.id = d.dep
+    WHERE j.state IN ('pending', 'failed') AND j.blocked = 1
+    AND coalesce(k.state, 'missing') IN ('dead', 'cancelled', 'missing')"""
+SQL_STATS = "SELECT queue, {names} FROM stats ORDER BY queue"
+SQL_COUNT_TABLES = "SELECT count(*) FROM sqlite_master"
+
+# Workers and paused queues
+SQL_WORKER_FIELDS = ("id", "pid", "host", "threads", "queues", "started_at", "heartbeat")
+SQL_WORKERS = f"SELECT {', '.join(SQL_WORKER_FIELDS)} FROM workers ORDER BY started_at"
+SQL_REGISTER = """INSERT OR REPLACE INTO workers (id, pid, host, threads, queues,
+    started_at, heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?)"""
+SQL_HEARTBEAT = "UPDATE workers SET heartbeat = ? WHERE id = ?"
+SQL_DELETE_WORKER = "DELETE FROM workers WHERE id = ?"
+SQL_PAUSED = "SELECT queue FROM paused"
+SQL_PAUSE = "INSERT OR IGNORE INTO paused (queue) VALUES (?)"
+SQL_RESUME = "DELETE FROM paused WHERE queue = ?"
+SQL_RESUME_ALL = "DELETE FROM paused"
 
 
 def job_from_row(row):
@@ -755,8 +842,7 @@ class Store:
         with self.tx():
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
-                tables = db.execute(
-                    "SELECT count(*) FROM sqlite_master").fetchone()[0]
+                tables = db.execute(SQL_COUNT_TABLES).fetchone()[0]
                 if tables:
                     raise UsageError(f"{self.path} is not a queuectl database; "
                                      "refusing to change it")
@@ -796,10 +882,10 @@ class Store:
     def close(self):
         self.db.close()
 
-    # Jobs ------------------------------------------------------------------
+    # Jobs: reads ------------------------------------------------------------
 
     def get(self, job_id):
-        rows = self.q(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        rows = self.q(SQL_JOB, (job_id,))
         return job_from_row(rows[0]) if rows else None
 
     def must_get(self, job_id):
@@ -808,12 +894,102 @@ class Store:
             raise QueuectlError(f"no job with id {job_id!r}")
         return job
 
+    def states(self, ids):
+        """{id: state} of the jobs of ids that exist."""
+        return dict(self.q(SQL_JOB_STATES.format(marks=_marks(ids)), list(ids)))
+
+    def processing(self):
+        return [job_from_row(r) for r in self.q(SQL_PROCESSING)]
+
+    def worker_jobs(self, worker):
+        return [r[0] for r in self.q(SQL_WORKER_JOBS, (worker,))]
+
+    def recent_failures(self, n):
+        return [job_from_row(r) for r in self.q(SQL_RECENT_FAILURES, (n,))]
+
+    def list_jobs(self, state=None, queue=None, limit=0):
+        """(jobs in enqueue order, how many more match past limit; 0 = all)."""
+        where, params = [], []
+        if state:
+            where.append("state = ?")
+            params.append(state)
+        if queue:
+            where.append("queue = ?")
+            params.append(queue)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        rows = [job_from_row(r) for r in self.q(SQL_LIST.format(
+            where=clause, limit=f" LIMIT {int(limit)}" if limit else ""), params)]
+        more = 0
+        if limit and len(rows) == limit:
+            more = self.q(SQL_LIST_COUNT.format(where=clause), params)[0][0] - len(rows)
+        return rows, more
+
+    def ids_in_state(self, state):
+        return [r[0] for r in self.q(SQL_IDS_IN_STATE, (state,))]
+
+    def finished_before(self, states, cutoff):
+        return [r[0] for r in self.q(SQL_FINISHED_BEFORE.format(marks=_marks(states)),
+                                     list(states) + [cutoff])]
+
+    def counts(self):
+        """({state: n}, {queue: {state: n}}), every state present, in order."""
+        counts = dict.fromkeys(STATES, 0)
+        per_queue = {}
+        for state, queue, n in self.q(SQL_COUNTS):
+            counts[state] = counts.get(state, 0) + n
+            per_queue.setdefault(queue, dict.fromkeys(STATES, 0))[state] = n
+        return counts, per_queue
+
+    def oldest_pending(self):
+        """(id, created_at) of the oldest pending job, or None."""
+        rows = self.q(SQL_OLDEST_PENDING)
+        return rows[0] if rows else None
+
+    def next_scheduled(self, now):
+        """(id, run_at) of the next job that waits for its time, or None."""
+        rows = self.q(SQL_NEXT_SCHEDULED, (iso(now),))
+        return rows[0] if rows else None
+
+    def next_run(self, where, params):
+        return self.q(SQL_NEXT_RUN.format(where=where), params)[0][0]
+
+    def waiting(self):
+        return self.q(SQL_WAITING)[0][0]
+
+    def job_count(self):
+        return self.q(SQL_JOB_COUNT)[0][0]
+
+    def blocked_on_dead(self):
+        """[(job, dependency, its state)] of jobs that wait on a dependency
+        that is dead, cancelled or missing."""
+        return self.q(SQL_BLOCKED_ON_DEAD)
+
+    def stats(self, names):
+        return self.q(SQL_STATS.format(names=", ".join(names)))
+
+    def health(self):
+        """(integrity_check lines, free bytes in the file)."""
+        check = [r[0] for r in self.q("PRAGMA integrity_check")]
+        free = self.q("PRAGMA freelist_count")[0][0] * self.q("PRAGMA page_size")[0][0]
+        return check, free
+
+    def reclaim_space(self):
+        """Give freed pages back to the file system (best effort)."""
+        try:
+            # executescript steps the pragma to its end (execute frees one page).
+            self.db.executescript("PRAGMA incremental_vacuum;")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except self.sqlite3.Error:
+            pass                    # space is reclaimed on a later run
+
+    # Jobs: transitions (inside tx() unless said) ------------------------------
+
     def insert(self, spec, now):
-        """Insert one validated job spec (inside tx()); returns the id, or
-        None when spec['unique'] and the id exists."""
+        """enqueue: one validated job spec; returns the id, or None when
+        spec['unique'] and the id exists."""
         job_id = spec.get("id")
         if job_id is not None:
-            if self.x("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
+            if self.x(SQL_JOB_EXISTS, (job_id,)).fetchone():
                 if spec.get("unique"):
                     return None
                 raise QueuectlError(f"a job with id {job_id!r} exists already "
@@ -823,10 +999,10 @@ class Store:
         for dep in deps:
             if dep == job_id:
                 raise UsageError(f"job {job_id!r} cannot depend on itself")
-            row = self.x("SELECT state FROM jobs WHERE id = ?", (dep,)).fetchone()
-            if row is None:
+            state = self.x(SQL_JOB_STATES.format(marks="?"), (dep,)).fetchone()
+            if state is None:
                 raise QueuectlError(f"unknown job {dep!r} in --after/depends_on")
-            blocked |= row[0] != COMPLETED
+            blocked |= state[1] != COMPLETED
         stamp = iso(now)
         run_at = iso(spec["run_at"]) if spec.get("run_at") is not None else stamp
         env = spec.get("env")
@@ -843,36 +1019,173 @@ class Store:
                 if job_id is not None:
                     raise QueuectlError(f"a job with id {job_id!r} exists already") from None
         for dep in deps:
-            self.x("INSERT OR IGNORE INTO deps (job, dep) VALUES (?, ?)", (try_id, dep))
+            self.x(SQL_INSERT_DEP, (try_id, dep))
         return try_id
 
+    def claim(self, worker, queues, now):
+        """claim: the next runnable job of queues (None: all) that is not
+        paused, for worker; the job, or None."""
+        paused = {r[0] for r in self.x(SQL_PAUSED)}
+        if "*" in paused:
+            return None
+        where, params = claim_filter(queues, paused)
+        row = self.x(SQL_CLAIMABLE.format(where=where), [iso(now)] + params).fetchone()
+        if row is None:
+            return None
+        job = job_from_row(row)
+        job["claim"] = new_id() + new_id()
+        job["worker"] = worker
+        job["started_at"] = iso(now)
+        self.x(SQL_CLAIM, (job["claim"], worker, job["started_at"], job["started_at"],
+                           job["seq"]))
+        return job
+
+    def record_pid(self, job_id, worker, token, pid, start):
+        """record pid; when the claim no longer holds: (False, (state,
+        worker, claim) of the job now, or None)."""
+        if self.x(SQL_RECORD_PID, (pid, start, job_id, worker, token)).rowcount:
+            return True, None
+        row = self.x(SQL_JOB, (job_id,)).fetchone()
+        job = row and job_from_row(row)
+        return False, job and (job["state"], job["worker"], job["claim"])
+
+    def owns(self, job_id, worker, token):
+        """Whether worker still holds the claim (inside the tx that acts on it)."""
+        return self.x(SQL_OWNED, (job_id, worker, token)).fetchone() is not None
+
+    def take(self, job_id, old, token, new):
+        """take: a processing job from worker old to worker new, fenced on
+        old and the claim; False when someone else settled or took it."""
+        return bool(self.x(SQL_TAKE, (new, iso(time.time()), job_id, old,
+                                      token)).rowcount)
+
+    def finish(self, job, worker, token, rc, error, cfg, duration, now=None):
+        """complete or fail: the end of an attempt. Returns (the job's new
+        state, or None when the claim no longer holds: cancelled, or
+        recovered by another worker; how many dependents it unblocked)."""
+        now = time.time() if now is None else now
+        stamp = iso(now)
+        attempts = job["attempts"] + 1
+        exit_code = describe_exit(rc)[0]
+        fence = (job["id"], worker, token)
+        unblocked = 0
+        if error is None:
+            state = COMPLETED
+            cur = self.x(SQL_COMPLETE, (attempts, exit_code, stamp, stamp) + fence)
+            if cur.rowcount:
+                unblocked = self.x(SQL_UNBLOCK, (job["id"],)).rowcount
+        else:
+            limit = job["max_retries"]
+            limit = cfg["max_retries"] if limit is None else limit
+            if attempts > limit:
+                state, run_at, finished = DEAD, job["run_at"], stamp
+            else:
+                state, finished = FAILED, None
+                run_at = iso(now + backoff_delay(attempts, cfg))
+            cur = self.x(SQL_FAIL, (state, attempts, exit_code, error, run_at,
+                                    finished, stamp) + fence)
+        if not cur.rowcount:
+            return None, 0
+        self.x(SQL_STAT_ADD, (job["queue"], int(error is not None), duration or 0.0,
+                              int(duration is not None)))
+        return state, unblocked
+
+    def requeue(self, job_id, worker, token):
+        """requeue, in a transaction of its own: back to pending, the attempt
+        not counted. Whether the claim still held."""
+        with self.tx():
+            return bool(self.x(SQL_REQUEUE, (iso(time.time()), job_id, worker,
+                                             token)).rowcount)
+
+    def cancel(self, job_id, now):
+        self.x(SQL_CANCEL, (iso(now), iso(now), job_id))
+
+    def reset(self, job, now):
+        """reset: a finished job back to pending, runnable now, attempts 0;
+        blocked again on its unfinished dependencies; a completed one blocks
+        again the jobs that depend on it."""
+        deps = _loads(job["depends_on"], [])
+        open_deps = self.x(SQL_OPEN_DEPS.format(marks=_marks(deps)),
+                           deps).fetchone()[0] if deps else 0
+        self.x(SQL_RESET, (iso(now), iso(now), int(open_deps > 0), job["id"]))
+        if job["state"] == COMPLETED:
+            self.x(SQL_REBLOCK, (job["id"],))
+
+    def delete(self, ids, states):
+        """The jobs of ids still in states, deleted with their dependency
+        rows; their ids."""
+        gone = [r[0] for r in self.x(SQL_IDS_STILL_IN.format(
+            marks=_marks(ids), smarks=_marks(states)), list(ids) + list(states))]
+        self.x(SQL_DELETE_JOBS.format(marks=_marks(gone)), gone)
+        self.x(SQL_DELETE_DEPS.format(marks=_marks(gone)), gone)
+        return gone
+
+    # Workers and paused queues ------------------------------------------------
+
+    def workers(self):
+        return [dict(zip(SQL_WORKER_FIELDS, r)) for r in self.q(SQL_WORKERS)]
+
     def live_workers(self):
-        """Rows of workers that are alive; removes the dead ones' rows."""
-        rows = self.q("SELECT id, pid, host, threads, queues, started_at, "
-                      "heartbeat FROM workers ORDER BY started_at")
+        """Workers that are alive (dicts of SQL_WORKER_FIELDS); removes the
+        rows and files of the dead ones."""
         alive, dead = [], []
-        for row in rows:
-            (alive if worker_alive(self.home, row) else dead).append(row)
+        for w in self.workers():
+            (alive if worker_alive(self.home, w) else dead).append(w)
         if dead:
             with self.tx():
-                for row in dead:
-                    self.x("DELETE FROM workers WHERE id = ?", (row[0],))
-            for row in dead:
-                remove_worker_files(self.home, row[0])
+                for w in dead:
+                    self.x(SQL_DELETE_WORKER, (w["id"],))
+            for w in dead:
+                remove_worker_files(self.home, w["id"])
         return alive
 
-    def paused(self):
-        return {r[0] for r in self.q("SELECT queue FROM paused")}
+    def register(self, wid, threads, queues):
+        stamp = iso(time.time())
+        with self.tx():
+            self.x(SQL_REGISTER, (wid, os.getpid(), hostname(), threads,
+                                  _json_or_none(queues), stamp, stamp))
 
-    def counts(self):
-        """({state: n}, {queue: {state: n}}), every state present, in order."""
-        counts = dict.fromkeys(STATES, 0)
-        per_queue = {}
-        for state, queue, n in self.q(
-                "SELECT state, queue, count(*) FROM jobs GROUP BY state, queue"):
-            counts[state] = counts.get(state, 0) + n
-            per_queue.setdefault(queue, dict.fromkeys(STATES, 0))[state] = n
-        return counts, per_queue
+    def heartbeat(self, wid):
+        """One heartbeat; False when the worker's row is gone."""
+        with self.tx():
+            return bool(self.x(SQL_HEARTBEAT, (iso(time.time()), wid)).rowcount)
+
+    def unregister(self, wid):
+        with self.tx():
+            self.x(SQL_DELETE_WORKER, (wid,))
+
+    def paused(self):
+        return {r[0] for r in self.q(SQL_PAUSED)}
+
+    def pause(self, queues):
+        with self.tx():
+            for q in queues:
+                self.x(SQL_PAUSE, (q,))
+
+    def resume(self, queues):
+        """Resume queues (all, with none named)."""
+        with self.tx():
+            if not queues:
+                self.x(SQL_RESUME_ALL)
+            for q in queues:
+                self.x(SQL_RESUME, (q,))
+
+
+def _marks(items):
+    return ",".join("?" * len(items))
+
+
+def claim_filter(queues, paused):
+    """The WHERE tail and parameters that keep a claim to queues (None: all)
+    and out of paused ones."""
+    where, params = "", []
+    if queues:
+        where += f" AND queue IN ({_marks(queues)})"
+        params += list(queues)
+    if paused:
+        where += f" AND queue NOT IN ({_marks(paused)})"
+        params += sorted(paused)
+    return where, params
 
 
 class _Transaction:
@@ -964,15 +1277,15 @@ def worker_alive(home, row):
     """Is the process of this workers row alive? On this host its lock says
     so (a stopped or suspended worker is still alive); elsewhere, only a
     heartbeat younger than the lease does."""
-    if row[2] == hostname():
-        return lock_held(home, row[0])
-    return time.time() - epoch(row[6]) <= LEASE
+    if row["host"] == hostname():
+        return lock_held(home, row["id"])
+    return time.time() - epoch(row["heartbeat"]) <= LEASE
 
 
 def worker_stale(row):
     """Its heartbeat is older than the lease: its jobs are recovered even if
     it lives (stopped, suspended, stuck); fencing keeps its late writes out."""
-    return time.time() - epoch(row[6]) > LEASE
+    return time.time() - epoch(row["heartbeat"]) > LEASE
 
 
 def remove_worker_files(home, wid):
@@ -1143,12 +1456,9 @@ def spec_from_text(text, where=""):
 # Execution ###################################################################
 # A job runs as /bin/sh -c JOB_WRAPPER in a new session (its own process
 # group), stdin /dev/null, stdout and stderr appended straight to its log.
-# finish_attempt() is the one place an attempt's outcome is written; every
+# Store.finish() is the one place an attempt's outcome is written; every
 # update of a claimed job is fenced on (worker, claim) so a stale worker can
 # never overwrite what another recorded.
-
-FENCE = " WHERE id = ? AND worker = ? AND claim = ? AND state = 'processing'"
-
 
 def log_path(home, job_id):
     return os.path.join(home, "logs", job_id + ".log")
@@ -1251,53 +1561,6 @@ def append_log(home, job_id, text):
         log_line(fd, text)
     finally:
         os.close(fd)
-
-
-def finish_attempt(store, job, worker, token, rc, error, cfg, duration, now=None):
-    """Record the end of an attempt, inside the caller's store.tx(). Returns
-    (the job's new state, or None when the claim no longer holds: cancelled,
-    or recovered by another worker; how many dependents it unblocked)."""
-    now = time.time() if now is None else now
-    stamp = iso(now)
-    attempts = job["attempts"] + 1
-    exit_code = describe_exit(rc)[0]
-    fence = (job["id"], worker, token)
-    unblocked = 0
-    if error is None:
-        state = COMPLETED
-        cur = store.x("UPDATE jobs SET state = 'completed', attempts = ?, "
-                      "exit_code = ?, last_error = NULL, finished_at = ?, "
-                      "updated_at = ?, claim = NULL, pid = NULL" + FENCE,
-                      (attempts, exit_code, stamp, stamp) + fence)
-        if cur.rowcount:
-            unblocked = store.x(SQL_UNBLOCK, (job["id"],)).rowcount
-    else:
-        limit = job["max_retries"]
-        limit = cfg["max_retries"] if limit is None else limit
-        if attempts > limit:
-            state, run_at, finished = DEAD, job["run_at"], stamp
-        else:
-            state, finished = FAILED, None
-            run_at = iso(now + backoff_delay(attempts, cfg))
-        cur = store.x("UPDATE jobs SET state = ?, attempts = ?, exit_code = ?, "
-                      "last_error = ?, run_at = ?, finished_at = ?, "
-                      "updated_at = ?, claim = NULL, pid = NULL" + FENCE,
-                      (state, attempts, exit_code, error, run_at, finished,
-                       stamp) + fence)
-    if not cur.rowcount:
-        return None, 0
-    store.x(SQL_STAT_ADD, (job["queue"], int(error is not None), duration or 0.0,
-                           int(duration is not None)))
-    return state, unblocked
-
-
-def requeue(store, job, worker, token):
-    """Put a claimed job back to pending without counting the attempt."""
-    with store.tx():
-        return store.x("UPDATE jobs SET state = 'pending', claim = NULL, "
-                       "worker = NULL, pid = NULL, pid_start = NULL, "
-                       "started_at = NULL, updated_at = ?" + FENCE,
-                       (iso(time.time()), job["id"], worker, token)).rowcount
 
 
 def wait_exit(pid, timeout, proc=None, start=None):
@@ -1596,8 +1859,7 @@ class Worker:
             for fd in (sig_r, sig_w, fifo_fd):
                 os.close(fd)
             try:
-                with store.tx():
-                    store.x("DELETE FROM workers WHERE id = ?", (self.id,))
+                store.unregister(self.id)
             except QueuectlError:
                 pass
             store.close()
@@ -1616,13 +1878,12 @@ class Worker:
             own = [r for r in self.running.values() if r.proc is not None]
         for r in own:
             try:
-                row = store.q("SELECT worker, claim, state FROM jobs WHERE id = ?",
-                              (r.job["id"],))
+                job = store.get(r.job["id"])
             except QueuectlError:
                 return
-            if row and row[0][1] == r.token and row[0][2] == PROCESSING \
-                    and row[0][0] != self.id:
-                r.lost_to = row[0][0]
+            if job and job["claim"] == r.token and job["state"] == PROCESSING \
+                    and job["worker"] != self.id:
+                r.lost_to = job["worker"]
 
     def _poke_main(self):
         """Wake the main loop (a job thread ended or a watch finished)."""
@@ -1664,68 +1925,33 @@ class Worker:
             self.say(f"config not reloaded, keeping the last good one: {e}")
 
     def _register(self, store):
-        stamp = iso(time.time())
-        with store.tx():
-            store.x("INSERT OR REPLACE INTO workers (id, pid, host, threads, "
-                    "queues, started_at, heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (self.id, os.getpid(), hostname(), self.count,
-                     _json_or_none(self.queues), stamp, stamp))
+        store.register(self.id, self.count, self.queues)
 
     def _heartbeat(self, store):
         try:
-            with store.tx():
-                cur = store.x("UPDATE workers SET heartbeat = ? WHERE id = ?",
-                              (iso(time.time()), self.id))
-            if not cur.rowcount:
+            if not store.heartbeat(self.id):
                 self._register(store)
         except QueuectlError as e:
             self.say(f"heartbeat failed, will retry: {e}")
 
     # Claiming --------------------------------------------------------------
 
-    def _filter(self, paused):
-        where, params = "", []
-        if self.queues:
-            where += f" AND queue IN ({','.join('?' * len(self.queues))})"
-            params += self.queues
-        if paused:
-            where += f" AND queue NOT IN ({','.join('?' * len(paused))})"
-            params += sorted(paused)
-        return where, params
-
     def claim(self, store):
         """Claim the next runnable job (one BEGIN IMMEDIATE); None if none."""
         with store.tx():
-            return self._claim_in_tx(store)
-
-    def _claim_in_tx(self, store):
-        now = time.time()
-        paused = {r[0] for r in store.x("SELECT queue FROM paused")}
-        if "*" in paused:
-            return None
-        where, params = self._filter(paused)
-        row = store.x(SQL_CLAIMABLE.format(where=where), [iso(now)] + params).fetchone()
-        if row is None:
-            return None
-        job = job_from_row(row)
-        job["claim"] = new_id() + new_id()
-        job["worker"] = self.id
-        job["started_at"] = iso(now)
-        store.x(SQL_CLAIM, (job["claim"], self.id, job["started_at"],
-                            job["started_at"], job["seq"]))
-        return job
+            return store.claim(self.id, self.queues, time.time())
 
     def _idle_wait(self, store):
         """Seconds an idle job thread may sleep, or None when draining is done."""
         paused = store.paused()
         everything_paused = "*" in paused
-        where, params = self._filter(paused)
+        where, params = claim_filter(self.queues, paused)
         now = time.time()
         if self.drain:
-            row = [[None]] if everything_paused else store.q(
-                SQL_NEXT_RUN.format(where=where + " AND state = 'failed'"), params)
-            if row[0][0] is not None:
-                return min(max(epoch(row[0][0]) - now, 0.001), HEARTBEAT)
+            nxt = None if everything_paused else store.next_run(
+                where + " AND state = 'failed'", params)
+            if nxt is not None:
+                return min(max(epoch(nxt) - now, 0.001), HEARTBEAT)
             with self.lock:
                 if self.active == 0 and not self.running and not self.settling:
                     self.stopping = True
@@ -1734,9 +1960,9 @@ class Worker:
             return HEARTBEAT
         if everything_paused:
             return HEARTBEAT
-        row = store.q(SQL_NEXT_RUN.format(where=where), params)
-        if row[0][0] is not None:
-            return min(max(epoch(row[0][0]) - now, 0.001), HEARTBEAT)
+        nxt = store.next_run(where, params)
+        if nxt is not None:
+            return min(max(epoch(nxt) - now, 0.001), HEARTBEAT)
         return HEARTBEAT
 
     def _job_thread(self):
@@ -1802,7 +2028,7 @@ class Worker:
                 # Stopping with a claimed job not yet started: give it back
                 # uncounted (a worker stop is not the job's failure).
                 try:
-                    requeue(store, job, self.id, job["claim"])
+                    store.requeue(job["id"], self.id, job["claim"])
                 except QueuectlError:
                     pass             # recovery will settle it
                 with self.lock:
@@ -1880,24 +2106,23 @@ class Worker:
         job = run.job
         try:
             with store.tx():
-                held = store.x("UPDATE jobs SET pid = ?, pid_start = ?" + FENCE,
-                               (run.pid, run.start, job["id"], self.id,
-                                run.token)).rowcount
-                row = None if held else store.x(
-                    "SELECT state, worker, claim FROM jobs WHERE id = ?",
-                    (job["id"],)).fetchone()
+                held, row = store.record_pid(job["id"], self.id, run.token,
+                                             run.pid, run.start)
         except QueuectlError:
             return               # the pid stays unknown: it is found by its claim
-        if held or row is None or row[2] != run.token:
+        if held or row is None:
             return
-        if row[0] == CANCELLED:
+        state, owner, claim = row
+        if claim != run.token:
+            return
+        if state == CANCELLED:
             # Cancelled while starting; cancel kills it too, but may have
             # looked while it was still in execve. It is our unreaped child,
             # so its pid cannot belong to anyone else.
             kill_group(run.pid, CANCEL_GRACE, run.gone)
-        elif row[1] != self.id:
+        elif owner != self.id:
             # Adopted while this worker was frozen: it is the adopter's now.
-            self.say(f"{job['id']} was taken over by worker {row[1]} while "
+            self.say(f"{job['id']} was taken over by worker {owner} while "
                      "starting; leaving it running")
 
     def _signal_owned(self, store, run, sig, stop=False):
@@ -1910,8 +2135,7 @@ class Worker:
         while True:
             try:
                 with store.tx():
-                    mine = store.x("SELECT 1 FROM jobs" + FENCE, (
-                        run.job["id"], self.id, run.token)).fetchone() is not None
+                    mine = store.owns(run.job["id"], self.id, run.token)
                     if mine and run.group_alive():
                         run.stopped = run.stopped or (stop and not run.gone())
                         signal_group(run.pid, sig)
@@ -1959,7 +2183,7 @@ class Worker:
         if run.stopped and rc != 0:
             # Killed by stop --now: back to pending, not counted. A job that
             # exited 0 as it was stopped is recorded completed below.
-            held = self._retry_db(lambda: requeue(store, job, self.id, run.token))
+            held = self._retry_db(lambda: store.requeue(job["id"], self.id, run.token))
             if held:
                 remove_file(status)
                 wake_workers(self.home)
@@ -2024,11 +2248,11 @@ class Worker:
             try:
                 fault("record", job["id"])
                 with store.tx():
-                    state, unblocked = finish_attempt(store, job, self.id, job["claim"],
-                                                      rc, error, self.config, duration)
+                    state, unblocked = store.finish(job, self.id, job["claim"], rc,
+                                                    error, self.config, duration)
                     nxt = None
                     if claim_next and not self.stopping:
-                        nxt = self._claim_in_tx(store)
+                        nxt = store.claim(self.id, self.queues, time.time())
                 break
             except QueuectlError as e:
                 if complained is None or time.monotonic() - complained > 60:
@@ -2103,12 +2327,11 @@ class Worker:
 
     def _recover(self, store):
         try:
-            rows = [job_from_row(r) for r in store.q(
-                f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'processing'")]
+            rows = store.processing()
             workers = store.live_workers()
-            alive = {w[0] for w in workers} | {self.id}
+            alive = {w["id"] for w in workers} | {self.id}
             self._sweep_status_files({(j["id"], j["claim"]) for j in rows}, alive)
-            fresh = {w[0] for w in workers if not worker_stale(w)} | {self.id}
+            fresh = {w["id"] for w in workers if not worker_stale(w)} | {self.id}
             for job in rows:
                 if job["worker"] in fresh:
                     continue
@@ -2202,8 +2425,7 @@ class Worker:
                 traceback.print_exc()
             store = store or Store(self.home, durable=False, local_lock=self.db_lock)
             with store.tx():
-                store.x("UPDATE jobs SET worker = ?" + FENCE,
-                        (self.id + "!abandoned", job["id"], self.id, token))
+                store.take(job["id"], self.id, token, self.id + "!abandoned")
             row = store.get(job["id"])
             if recover and row and row["state"] == PROCESSING and row["claim"] == token:
                 self._recover_job(store, row, True)
@@ -2218,12 +2440,10 @@ class Worker:
         """Make a recovered job this worker's (fenced on its old worker and
         claim); False when someone else settled or took it first."""
         with store.tx():
-            cur = store.x("UPDATE jobs SET worker = ?, updated_at = ?" + FENCE,
-                          (self.id, iso(time.time()), job["id"], job["worker"],
-                           job["claim"]))
-        if cur.rowcount:
+            taken = store.take(job["id"], job["worker"], job["claim"], self.id)
+        if taken:
             job["worker"] = self.id
-        return bool(cur.rowcount)
+        return taken
 
     def _settle(self, store, job, rc, error, duration):
         """Record a recovered job's outcome, in a thread of its own."""
@@ -2262,8 +2482,7 @@ class Worker:
         job["pid"], job["pid_start"] = pid, start
         try:
             with store.tx():
-                store.x("UPDATE jobs SET pid = ?, pid_start = ?" + FENCE,
-                        (pid, start, job["id"], self.id, job["claim"]))
+                store.record_pid(job["id"], self.id, job["claim"], pid, start)
         except QueuectlError:
             pass                 # the pid stays unknown: it is found by its claim
         self.say(f"{job['id']} adopted from worker {old} (pid {pid})")
@@ -2397,8 +2616,7 @@ def blocked_on(store, job):
     deps = _loads(job["depends_on"], [])
     if not deps or not job["blocked"]:
         return []
-    states = dict(store.q(f"SELECT id, state FROM jobs WHERE id IN "
-                          f"({','.join('?' * len(deps))})", deps))
+    states = store.states(deps)
     return [(d, states.get(d, "missing")) for d in deps
             if states.get(d) != COMPLETED]
 
@@ -2580,10 +2798,10 @@ def cmd_worker_stop(args):
     """Ask every live worker of this home to stop; --wait until they have."""
     import signal
     store = open_store(args)
-    workers = [w for w in store.live_workers() if w[2] == hostname()]
+    workers = [w for w in store.live_workers() if w["host"] == hostname()]
     for w in workers:
         try:
-            os.kill(w[1], signal.SIGUSR1 if args.now else signal.SIGTERM)
+            os.kill(w["pid"], signal.SIGUSR1 if args.now else signal.SIGTERM)
         except ProcessLookupError:
             pass
     if not workers:
@@ -2593,7 +2811,7 @@ def cmd_worker_stop(args):
           + (" now" if args.now else ""))
     if args.wait:
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
-        while any(lock_held(args.home, w[0]) for w in workers):
+        while any(lock_held(args.home, w["id"]) for w in workers):
             if deadline is not None and time.monotonic() > deadline:
                 raise QueuectlError(f"workers still running after {args.timeout:g}s")
             time.sleep(0.05)
@@ -2604,13 +2822,12 @@ def cmd_worker_status(args):
     """Live workers: id, pid, host, threads, started, heartbeat, current jobs."""
     store = open_store(args)
     out = []
-    for wid, pid, host, threads, queues, started, beat in store.live_workers():
-        jobs = [r[0] for r in store.q(
-            "SELECT id FROM jobs WHERE state = 'processing' AND worker = ? "
-            "ORDER BY started_at", (wid,))]
-        out.append({"id": wid, "pid": pid, "host": host, "threads": threads,
-                    "queues": _loads(queues, None), "started_at": show_time(started),
-                    "heartbeat": show_time(beat), "jobs": jobs})
+    for w in store.live_workers():
+        out.append({"id": w["id"], "pid": w["pid"], "host": w["host"],
+                    "threads": w["threads"], "queues": _loads(w["queues"], None),
+                    "started_at": show_time(w["started_at"]),
+                    "heartbeat": show_time(w["heartbeat"]),
+                    "jobs": store.worker_jobs(w["id"])})
     if args.json:
         print_json(out)
     elif not out:
@@ -2633,20 +2850,18 @@ def cmd_status(args):
     now = time.time()
     counts, per_queue = store.counts()
     workers = store.live_workers()
-    oldest = store.q("SELECT id, created_at FROM jobs WHERE state = 'pending' "
-                     "ORDER BY created_at LIMIT 1")
-    nxt = store.q("SELECT id, run_at FROM jobs INDEXED BY jobs_ready "
-                  "WHERE state IN ('pending', 'failed') AND blocked = 0 "
-                  "AND run_at > ? ORDER BY run_at LIMIT 1", (iso(now),))
+    oldest = store.oldest_pending()
+    nxt = store.next_scheduled(now)
     paused = sorted(store.paused())
     info = {
         "counts": counts,
         "queues": per_queue,
-        "workers": {"live": len(workers), "threads": sum(w[3] for w in workers)},
-        "oldest_pending": ({"id": oldest[0][0], "created_at": show_time(oldest[0][1]),
-                            "age_seconds": round(now - epoch(oldest[0][1]), 3)}
+        "workers": {"live": len(workers),
+                    "threads": sum(w["threads"] for w in workers)},
+        "oldest_pending": ({"id": oldest[0], "created_at": show_time(oldest[1]),
+                            "age_seconds": round(now - epoch(oldest[1]), 3)}
                            if oldest else None),
-        "next_scheduled": ({"id": nxt[0][0], "run_at": show_time(nxt[0][1])}
+        "next_scheduled": ({"id": nxt[0], "run_at": show_time(nxt[1])}
                            if nxt else None),
         "paused": paused,
     }
@@ -2661,10 +2876,10 @@ def cmd_status(args):
                     [[q] + [c[s] for s in STATES] for q, c in sorted(per_queue.items())]))
     print(f"workers: {len(workers)} live ({info['workers']['threads']} threads)")
     if oldest:
-        print(f"oldest pending: {oldest[0][0]}, enqueued {relative(oldest[0][1], now)}")
+        print(f"oldest pending: {oldest[0]}, enqueued {relative(oldest[1], now)}")
     if nxt:
-        print(f"next scheduled: {nxt[0][0]} {relative(nxt[0][1], now)} "
-              f"({show_time(nxt[0][1])})")
+        print(f"next scheduled: {nxt[0]} {relative(nxt[1], now)} "
+              f"({show_time(nxt[1])})")
     if paused:
         print("paused: " + ("all queues" if "*" in paused else ", ".join(paused)))
     return EXIT_OK
@@ -2709,21 +2924,7 @@ def cmd_list(args):
 def list_jobs(store, args, state):
     if not 0 <= args.limit <= 10**9:
         raise UsageError(f"invalid --limit {args.limit}: use 0 (all) to 1000000000")
-    where, params = [], []
-    if state:
-        where.append("state = ?")
-        params.append(state)
-    if getattr(args, "queue", None):
-        where.append("queue = ?")
-        params.append(args.queue)
-    clause = (" WHERE " + " AND ".join(where)) if where else ""
-    limit = f" LIMIT {int(args.limit)}" if args.limit else ""
-    rows = [job_from_row(r) for r in store.q(
-        f"SELECT {JOB_COLUMNS} FROM jobs{clause} ORDER BY seq{limit}", params)]
-    more = 0
-    if args.limit and len(rows) == args.limit:
-        total = store.q(f"SELECT count(*) FROM jobs{clause}", params)[0][0]
-        more = total - len(rows)
+    rows, more = store.list_jobs(state, getattr(args, "queue", None), args.limit)
     if args.json:
         print_json([job_public(j, args.home) for j in rows])
         return EXIT_OK
@@ -2846,9 +3047,7 @@ def cmd_wait(args):
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     delay = 0.02
     while True:
-        marks = ",".join("?" * len(args.ids))
-        states = dict(store.q(f"SELECT id, state FROM jobs WHERE id IN ({marks})",
-                              args.ids))
+        states = store.states(args.ids)
         if all(states.get(i, DEAD) in FINISHED for i in args.ids):
             bad = [f"{i} {states.get(i, 'deleted')}" for i in args.ids
                    if states.get(i) != COMPLETED]
@@ -2871,7 +3070,7 @@ def reset_jobs(store, ids, allowed, verb):
     attempts reset; all or nothing."""
     for job in [store.must_get(i) for i in dict.fromkeys(ids)]:
         wait_attempt_gone(job)
-    now = iso(time.time())
+    now = time.time()
     with store.tx():             # read and change under one write lock
         jobs = [store.must_get(i) for i in dict.fromkeys(ids)]
         for job in jobs:
@@ -2880,20 +3079,7 @@ def reset_jobs(store, ids, allowed, verb):
                 raise QueuectlError(f"cannot {verb} job {job['id']}: it is "
                                     f"{job['state']}; only {', '.join(allowed)} jobs can be")
         for job in jobs:
-            store.x("UPDATE jobs SET state = 'pending', attempts = 0, "
-                    "run_at = ?, updated_at = ?, started_at = NULL, "
-                    "finished_at = NULL, exit_code = NULL, last_error = NULL, "
-                    "worker = NULL, claim = NULL, pid = NULL WHERE id = ?",
-                    (now, now, job["id"]))
-            deps = _loads(job["depends_on"], [])
-            if deps:
-                open_deps = store.x(
-                    f"SELECT count(*) FROM jobs WHERE id IN ({','.join('?' * len(deps))}) "
-                    "AND state != 'completed'", deps).fetchone()[0]
-                store.x("UPDATE jobs SET blocked = ? WHERE id = ?",
-                        (int(open_deps > 0), job["id"]))
-            if job["state"] == COMPLETED:
-                store.x(SQL_REBLOCK, (job["id"],))
+            store.reset(job, now)
     wake_workers(store.home)
     return jobs
 
@@ -2910,9 +3096,7 @@ def cmd_pause(args):
     """Stop claiming from queues (all when none named); running jobs go on."""
     names = [check_name(q, "queue name") for q in args.queues] or ["*"]
     store = open_store(args)
-    with store.tx():
-        for q in names:
-            store.x("INSERT OR IGNORE INTO paused (queue) VALUES (?)", (q,))
+    store.pause(names)
     print("paused: " + ("all queues" if names == ["*"] else ", ".join(names)))
     return EXIT_OK
 
@@ -2921,12 +3105,7 @@ def cmd_resume(args):
     """Claim from queues again (all when none named)."""
     names = [check_name(q, "queue name") for q in args.queues]
     store = open_store(args)
-    with store.tx():
-        if names:
-            for q in names:
-                store.x("DELETE FROM paused WHERE queue = ?", (q,))
-        else:
-            store.x("DELETE FROM paused")
+    store.resume(names)
     wake_workers(args.home)
     left = store.paused()
     print("resumed: " + (", ".join(names) if names else "all queues"))
@@ -2943,7 +3122,7 @@ def cmd_cancel(args):
     for i in args.ids:
         check_name(i)
     store = open_store(args)
-    now = iso(time.time())
+    now = time.time()
     revoked = []
     try:
         with store.tx():         # read and change under one write lock
@@ -2966,9 +3145,7 @@ def cmd_cancel(args):
                         revoked.append(path)
                 # The claim stays: it names the cancelled attempt's
                 # processes, and retry waits until none of them is left.
-                store.x("UPDATE jobs SET state = 'cancelled', finished_at = ?, "
-                        "updated_at = ?, last_error = 'cancelled' WHERE id = ?",
-                        (now, now, job["id"]))
+                store.cancel(job["id"], now)
     except BaseException:
         for path in revoked:     # nothing was cancelled: undo, all or nothing
             remove_file(path)
@@ -3024,7 +3201,7 @@ def cmd_dlq(args):
         raise UsageError(f"dlq {args.dlq_command} takes job ids or --all")
     store = open_store(args)
     if args.all:
-        ids = [r[0] for r in store.q("SELECT id FROM jobs WHERE state = 'dead' ORDER BY seq")]
+        ids = store.ids_in_state(DEAD)
     else:
         ids = [check_name(i) for i in args.ids]
     if args.dlq_command == "retry":
@@ -3047,14 +3224,8 @@ def delete_jobs(store, ids, states):
     deleted = 0
     for i in range(0, len(ids), 500):
         batch = ids[i:i + 500]
-        smarks = ",".join("?" * len(states))
         with store.tx():         # only jobs still finished: one retried meanwhile stays
-            gone = [r[0] for r in store.x(
-                f"SELECT id FROM jobs WHERE id IN ({','.join('?' * len(batch))}) "
-                f"AND state IN ({smarks})", batch + list(states))]
-            marks = ",".join("?" * len(gone))
-            store.x(f"DELETE FROM jobs WHERE id IN ({marks})", gone)
-            store.x(f"DELETE FROM deps WHERE job IN ({marks})", gone)
+            gone = store.delete(batch, states)
             # Under the write lock: no job of the same id can be enqueued
             # and start a new log before these are gone.
             for job_id in gone:
@@ -3073,16 +3244,8 @@ def cmd_prune(args):
                              f"{', '.join(FINISHED)}, not {s!r}")
     store = open_store(args)
     cutoff = iso(time.time() - age)
-    ids = [r[0] for r in store.q(
-        f"SELECT id FROM jobs WHERE state IN ({','.join('?' * len(states))}) "
-        "AND finished_at < ?", states + [cutoff])]
-    n = delete_jobs(store, ids, states)
-    try:
-        # executescript steps the pragma to its end (execute frees one page).
-        store.db.executescript("PRAGMA incremental_vacuum;")
-        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-    except store.sqlite3.Error:
-        pass                    # space is reclaimed on a later run
+    n = delete_jobs(store, store.finished_before(states, cutoff), states)
+    store.reclaim_space()
     print(f"pruned {n} job{'s' if n != 1 else ''}")
     return EXIT_OK
 
@@ -3126,14 +3289,13 @@ def render_top(store, home, width, height):
     lines = [f"queuectl top  {home}  {show_time(iso(now))}  (q to quit)", "",
              "jobs: " + ", ".join(f"{counts[s]} {paint(s, STATE_COLORS.get(s), color)}"
                                   for s in STATES),
-             f"workers: {len(workers)} live, {sum(w[3] for w in workers)} threads"
+             f"workers: {len(workers)} live, {sum(w['threads'] for w in workers)} threads"
              + (("; paused: " + ("all queues" if "*" in paused else ", ".join(paused)))
                 if paused else ""), ""]
     lines += table(["QUEUE"] + [s.upper() for s in STATES],
                    [[q] + [c[s] for s in STATES] for q, c in sorted(per_queue.items())]
                    or [[DEFAULT_QUEUE] + [0] * len(STATES)]).splitlines()
-    running = [job_from_row(r) for r in store.q(
-        f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'processing' ORDER BY started_at")]
+    running = store.processing()
     lines += ["", f"running ({len(running)}):"]
     if running:
         lines += table(["ID", "QUEUE", "ATTEMPT", "ELAPSED", "COMMAND"],
@@ -3141,9 +3303,7 @@ def render_top(store, home, width, height):
                          human_duration(now - epoch(j["started_at"])),
                          one_line(j["command"])] for j in running[:10]],
                        width).splitlines()
-    failures = [job_from_row(r) for r in store.q(
-        f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('failed', 'dead') "
-        "ORDER BY updated_at DESC LIMIT 5")]
+    failures = store.recent_failures(5)
     lines += ["", "recent failures:"]
     if failures:
         lines += table(["ID", "STATE", "WHEN", "ERROR"],
@@ -3231,9 +3391,9 @@ def cmd_doctor(args):
     store = open_store(args)
     now = time.time()
     problems, notes = [], []
-    check = store.q("PRAGMA integrity_check")
-    if [r[0] for r in check] != ["ok"]:
-        problems.append("integrity_check: " + "; ".join(r[0] for r in check[:5]))
+    check, free = store.health()
+    if check != ["ok"]:
+        problems.append("integrity_check: " + "; ".join(check[:5]))
     for path in (os.path.join(args.home, "config.json"), os.path.join(args.home, "logs")):
         try:
             check_private(path, "file" if path.endswith(".json") else "directory")
@@ -3248,13 +3408,12 @@ def cmd_doctor(args):
     workers = store.live_workers()
     for w in workers:
         if worker_stale(w):
-            problems.append(f"worker {w[0]} (pid {w[1]}) has not heartbeated since "
-                            f"{show_time(w[6])}: stopped or stuck? Its jobs are "
+            problems.append(f"worker {w['id']} (pid {w['pid']}) has not heartbeated "
+                            f"since {show_time(w['heartbeat'])}: stopped or stuck? Its jobs are "
                             "recovered by other workers")
-    live = {w[0] for w in workers if not worker_stale(w)}
+    live = {w["id"] for w in workers if not worker_stale(w)}
     unrecorded = []
-    for job in map(job_from_row, store.q(
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'processing'")):
+    for job in store.processing():
         if job["worker"] not in live:
             problems.append(f"job {job['id']} is processing but its worker "
                             f"{job['worker']} is gone; start a worker to recover it")
@@ -3271,22 +3430,16 @@ def cmd_doctor(args):
             problems.append(f"job {job['id']} is processing but its process has "
                             f"ended; worker {job['worker']} has not recorded the "
                             "outcome yet (full disk? database errors?)")
-    blocked = store.q(
-        "SELECT j.id, d.dep, coalesce(k.state, 'missing') FROM jobs j "
-        "JOIN deps d ON d.job = j.id LEFT JOIN jobs k ON k.id = d.dep "
-        "WHERE j.state IN ('pending', 'failed') AND j.blocked = 1 "
-        "AND coalesce(k.state, 'missing') IN ('dead', 'cancelled', 'missing')")
-    for job_id, dep, state in blocked:
+    for job_id, dep, state in store.blocked_on_dead():
         problems.append(f"job {job_id} waits on {dep}, which is {state}; "
                         f"retry {dep} or cancel {job_id}")
-    pending = store.q("SELECT count(*) FROM jobs WHERE state IN ('pending', 'failed')")[0][0]
+    pending = store.waiting()
     if pending and not live:
         notes.append(f"{pending} jobs wait and no worker is running: "
                      "start one with 'queuectl worker start'")
     size = sum(os.path.getsize(store.path + ext) for ext in ("", "-wal")
                if os.path.exists(store.path + ext))
-    free = store.q("PRAGMA freelist_count")[0][0] * store.q("PRAGMA page_size")[0][0]
-    jobs = store.q("SELECT count(*) FROM jobs")[0][0]
+    jobs = store.job_count()
     notes.append(f"database {store.path}: {size / 1e6:.1f} MB with its WAL, "
                  f"{free / 1e6:.1f} MB free pages, {jobs} jobs, schema {SCHEMA_VERSION}")
     if args.json:
@@ -3322,23 +3475,24 @@ def cmd_metrics(args):
     now = time.time()
     lines = ["# HELP queuectl_jobs Jobs by state and queue.",
              "# TYPE queuectl_jobs gauge"]
-    seen = set()
-    for state, queue, n in store.q(
-            "SELECT state, queue, count(*) FROM jobs GROUP BY state, queue"):
-        lines.append(f'queuectl_jobs{{queue="{queue}",state="{state}"}} {n}')
-        seen.add((queue, state))
-    for s in STATES:
-        if not any(st == s for _, st in seen):
-            lines.append(f'queuectl_jobs{{queue="{DEFAULT_QUEUE}",state="{s}"}} 0')
+    _, per_queue = store.counts()
+    for queue, counts in sorted(per_queue.items()):
+        for state in STATES:
+            if counts[state]:
+                lines.append(f'queuectl_jobs{{queue="{queue}",state="{state}"}} '
+                             f'{counts[state]}')
+    for state in STATES:
+        if not any(c[state] for c in per_queue.values()):
+            lines.append(f'queuectl_jobs{{queue="{DEFAULT_QUEUE}",state="{state}"}} 0')
     workers = store.live_workers()
     lines += ["# HELP queuectl_workers Live worker processes.",
               "# TYPE queuectl_workers gauge", f"queuectl_workers {len(workers)}",
               "# HELP queuectl_worker_threads Job threads of live workers.",
               "# TYPE queuectl_worker_threads gauge",
-              f"queuectl_worker_threads {sum(w[3] for w in workers)}"]
+              f"queuectl_worker_threads {sum(w['threads'] for w in workers)}"]
     names = ("attempts", "failures", "duration_sum", "duration_count")
     by = {}
-    for row in store.q(f"SELECT queue, {', '.join(names)} FROM stats ORDER BY queue"):
+    for row in store.stats(names):
         for name, value in zip(names, row[1:]):
             by.setdefault(name, []).append((row[0], value))
     for name, metric, kind, help_ in (
@@ -3352,10 +3506,11 @@ def cmd_metrics(args):
         lines += [f"# HELP {metric} {help_}", f"# TYPE {metric} {kind}"]
         for queue, value in by.get(name, [(DEFAULT_QUEUE, 0)]):
             lines.append(f'{metric}{{queue="{queue}"}} {value:g}')
-    oldest = store.q("SELECT min(created_at) FROM jobs WHERE state = 'pending'")[0][0]
+    oldest = store.oldest_pending()
+    age = max(now - epoch(oldest[1]), 0) if oldest else 0
     lines += ["# HELP queuectl_oldest_pending_seconds Age of the oldest pending job.",
               "# TYPE queuectl_oldest_pending_seconds gauge",
-              f"queuectl_oldest_pending_seconds {max(now - epoch(oldest), 0) if oldest else 0:.3f}"]
+              f"queuectl_oldest_pending_seconds {age:.3f}"]
     sys.stdout.write("\n".join(lines) + "\n")
     return EXIT_OK
 

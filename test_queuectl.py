@@ -1435,13 +1435,13 @@ class TestCrashRecovery(RobustTest):
         # Another worker takes the claim over; the stale one tries to record.
         self.db().execute("UPDATE jobs SET worker = 'other' WHERE id = 'a'").connection.commit()
         with store.tx():
-            self.assertEqual(queuectl.finish_attempt(store, job, worker.id, job["claim"], 0,
-                                                     None, cfg, 0.1), (None, 0))
+            self.assertEqual(store.finish(job, worker.id, job["claim"], 0, None, cfg, 0.1),
+                             (None, 0))
         self.assertEqual(self.state("a"), "processing")
         # The right worker and claim can.
         with store.tx():
-            self.assertEqual(queuectl.finish_attempt(store, job, "other", job["claim"], 0,
-                                                     None, cfg, 0.1), ("completed", 0))
+            self.assertEqual(store.finish(job, "other", job["claim"], 0, None, cfg, 0.1),
+                             ("completed", 0))
 
     def test_worker_status_shows_live_workers_and_forgets_dead_ones(self):
         self.enqueue("--id", "long", "sleep 30")
