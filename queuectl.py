@@ -345,18 +345,46 @@ def write_atomic(path, text):
         os.close(dfd)
 
 
-def proc_start(pid):
-    """(alive, start time) of a process; start time from /proc where the OS
-    has it (guards against pid reuse), else None."""
+def poll_until(cond, timeout=None, first=0.001, cap=0.1):
+    """Call cond() until it is true (True) or timeout seconds have passed
+    (False; None: no limit), sleeping first, then twice as long each time,
+    up to cap. The one polling loop: every wait that has no event to block
+    on goes through here, and every one has a limit or says why not."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = first
+    while not cond():
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            delay = min(delay, left)
+        time.sleep(delay)
+        delay = min(delay * 2, cap)
+    return True
+
+
+def proc_stat(pid):
+    """The fields of /proc/<pid>/stat after the command name (state first,
+    then ppid, pgrp, ...; start time at index 19); None when the process is
+    gone. OSError when /proc cannot tell (none here, EMFILE...)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except FileNotFoundError:
-        return False, None
+        return None
+    return data[data.rfind(b")") + 2:].split()
+
+
+def proc_start(pid):
+    """(alive, start time) of a process; start time from /proc where the OS
+    has it (guards against pid reuse), else None. Zombies are not alive."""
+    try:
+        fields = proc_stat(pid)
     except OSError:
-        data = None
-    if data is not None:
-        fields = data[data.rfind(b")") + 2:].split()
+        fields = False
+    if fields is None:
+        return False, None
+    if fields:
         if fields[0] in (b"Z", b"X"):
             return False, None
         return True, fields[19].decode()
@@ -376,13 +404,14 @@ def find_job_process(token, tries=3):
     attempt or home shares); (None, None) elsewhere or when none. A process
     still inside execve shows an empty environment: look again briefly.
     OSError when /proc cannot be read: that is not evidence of an end."""
-    for n in range(tries):
-        if n:
-            time.sleep(0.01 * n)
-        found = claim_processes(token, leader_only=True)
-        if found:
-            return found[0]
-    return None, None
+    found, left = [], [tries]
+
+    def look():
+        found[:] = claim_processes(token, leader_only=True)
+        left[0] -= 1
+        return bool(found) or left[0] <= 0
+    poll_until(look, first=0.01, cap=0.02)
+    return found[0] if found else (None, None)
 
 
 def claim_processes(token, leader_only=False):
@@ -437,12 +466,10 @@ def group_alive(pgid):
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
+            fields = proc_stat(name)
         except OSError:
             continue
-        fields = data[data.rfind(b")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+        if fields and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
             return True
     return False
 
@@ -461,18 +488,13 @@ def kill_group(pgid, grace, leader_gone=lambda: True, send=None):
     job is still its own)."""
     import signal
     send = send or (lambda sig: signal_group(pgid, sig))
+    def ended():
+        return leader_gone() and not group_alive(pgid)
     send(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    delay = 0.005
-    while time.monotonic() < deadline:
-        if leader_gone() and not group_alive(pgid):
-            return
-        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 2, 0.1)
+    if poll_until(ended, grace, first=0.005):
+        return
     send(signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not (leader_gone() and not group_alive(pgid)):
-        time.sleep(0.01)
+    poll_until(ended, 5, first=0.005)
 
 
 # Home and config #############################################################
@@ -1583,19 +1605,9 @@ def wait_exit(pid, timeout, proc=None, start=None):
             if ready and proc is not None:
                 proc.wait()
             return bool(ready) or (proc is not None and proc.poll() is not None)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.001
-        while True:
-            if proc is not None:
-                if proc.poll() is not None:
-                    return True
-            elif not same_process(pid, start):
-                return True
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            pause = delay if deadline is None else min(delay, deadline - time.monotonic())
-            time.sleep(max(pause, 0))
-            delay = min(delay * 2, 0.1)
+        if proc is not None:
+            return poll_until(lambda: proc.poll() is not None, timeout)
+        return poll_until(lambda: not same_process(pid, start), timeout)
     finally:
         if fd is not None:
             os.close(fd)
@@ -1625,18 +1637,16 @@ class Child:
 
     def wait(self):
         import select
-        delay = 0.001
-        while self.poll() is None:
-            try:
-                fd = os.pidfd_open(self.pid)
-            except (AttributeError, OSError):
-                time.sleep(delay)          # no pidfd here: poll, backing off
-                delay = min(delay * 2, 0.05)
-                continue
-            try:
-                select.select([fd], [], [])    # readable once it has ended
-            finally:
-                os.close(fd)
+        try:
+            fd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):   # no pidfd here, or already reaped
+            poll_until(lambda: self.poll() is not None, cap=0.05)
+            return self.returncode
+        try:
+            select.select([fd], [], [])     # readable once it has ended
+        finally:
+            os.close(fd)
+        poll_until(lambda: self.poll() is not None)
         return self.returncode
 
 
@@ -1774,12 +1784,11 @@ class Worker:
                 items = list(self.running.values())
             for r in items:
                 self._signal_owned(store, r, signal.SIGTERM, stop=True)
-            deadline = time.monotonic() + self.config["kill_grace"]
-            while time.monotonic() < deadline:
+            def ended():
                 with self.lock:
-                    if not any(r in items for r in self.running.values()):
-                        return
-                time.sleep(0.05)
+                    return not any(r in items for r in self.running.values())
+            if poll_until(ended, self.config["kill_grace"], first=0.05, cap=0.05):
+                return
             for r in items:
                 if r.group_alive():
                     self._signal_owned(store, r, signal.SIGKILL)
@@ -2131,18 +2140,15 @@ class Worker:
         adoption can come between them however long this thread sleeps; an
         error (busy, disk full) is retried, never taken as ownership. stop:
         mark the job stopped by stop --now first. True if it was ours."""
-        delay = 0.05
-        while True:
-            try:
-                with store.tx():
-                    mine = store.owns(run.job["id"], self.id, run.token)
-                    if mine and run.group_alive():
-                        run.stopped = run.stopped or (stop and not run.gone())
-                        signal_group(run.pid, sig)
-                return mine
-            except QueuectlError:
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        def check_and_signal():
+            with store.tx():
+                mine = store.owns(run.job["id"], self.id, run.token)
+                if mine and run.group_alive():
+                    run.stopped = run.stopped or (stop and not run.gone())
+                    signal_group(run.pid, sig)
+            return mine
+        return self._until_written(check_and_signal, f"{run.job['id']}: cannot check "
+                                   "that it is still ours before signalling it")
 
     def _kill(self, store, run, grace):
         """kill_group for a job this worker owns; False if it is not ours."""
@@ -2183,7 +2189,9 @@ class Worker:
         if run.stopped and rc != 0:
             # Killed by stop --now: back to pending, not counted. A job that
             # exited 0 as it was stopped is recorded completed below.
-            held = self._retry_db(lambda: store.requeue(job["id"], self.id, run.token))
+            held = self._until_written(
+                lambda: store.requeue(job["id"], self.id, run.token),
+                f"{job['id']}: cannot put it back to pending yet")
             if held:
                 remove_file(status)
                 wake_workers(self.home)
@@ -2216,14 +2224,18 @@ class Worker:
             os.close(run.log_fd)
         return None
 
-    def _retry_db(self, action):
-        """Run action until the database takes it (busy, full, I/O error)."""
-        delay = 0.05
+    def _until_written(self, action, what):
+        """Run action until the database takes it: busy, a full disk or an
+        I/O error only delay it (said at most once a minute), and an error
+        is never taken as done."""
+        delay, said = 0.05, None
         while True:
             try:
                 return action()
             except QueuectlError as e:
-                self.say(f"database error, will retry: {e}")
+                if said is None or time.monotonic() - said > 60:
+                    said = time.monotonic()
+                    self.say(f"{what}, will retry: {e}")
                 time.sleep(delay)
                 delay = min(delay * 4, 5)
 
@@ -2243,24 +2255,17 @@ class Worker:
         transaction when claim_next); report it; the next job or None. An
         outcome is retried until it is written: busy, a full disk, an I/O
         error only delay it, and its status file stays until then."""
-        delay, complained = 0.05, None
-        while True:
-            try:
-                fault("record", job["id"])
-                with store.tx():
-                    state, unblocked = store.finish(job, self.id, job["claim"], rc,
-                                                    error, self.config, duration)
-                    nxt = None
-                    if claim_next and not self.stopping:
-                        nxt = store.claim(self.id, self.queues, time.time())
-                break
-            except QueuectlError as e:
-                if complained is None or time.monotonic() - complained > 60:
-                    complained = time.monotonic()
-                    self.say(f"{job['id']}: cannot record its outcome yet, "
-                             f"will retry: {e}")
-                time.sleep(delay)
-                delay = min(delay * 4, 5)
+        def write():
+            fault("record", job["id"])
+            with store.tx():
+                state, unblocked = store.finish(job, self.id, job["claim"], rc,
+                                                error, self.config, duration)
+                nxt = None
+                if claim_next and not self.stopping:
+                    nxt = store.claim(self.id, self.queues, time.time())
+            return state, unblocked, nxt
+        state, unblocked, nxt = self._until_written(
+            write, f"{job['id']}: cannot record its outcome yet")
         status = status_path(self.home, job["id"], job["claim"])
         try:
             current = None if state is not None else store.get(job["id"])
@@ -2809,12 +2814,10 @@ def cmd_worker_stop(args):
         return EXIT_OK
     print(f"stopping {len(workers)} worker{'s' if len(workers) != 1 else ''}"
           + (" now" if args.now else ""))
-    if args.wait:
-        deadline = None if args.timeout is None else time.monotonic() + args.timeout
-        while any(lock_held(args.home, w["id"]) for w in workers):
-            if deadline is not None and time.monotonic() > deadline:
-                raise QueuectlError(f"workers still running after {args.timeout:g}s")
-            time.sleep(0.05)
+    if args.wait and not poll_until(
+            lambda: not any(lock_held(args.home, w["id"]) for w in workers),
+            args.timeout, first=0.01, cap=0.05):
+        raise QueuectlError(f"workers still running after {args.timeout:g}s")
     return EXIT_OK
 
 
@@ -2959,15 +2962,15 @@ def cmd_logs(args):
             pos = copy_from(path, pos, out)
     if not args.follow:
         return EXIT_OK
-    delay = 0.05
-    while True:
-        pos = copy_from(path, pos, out)
-        state = store.get(job["id"])
-        if state is None or state["state"] in FINISHED:
-            copy_from(path, pos, out)
-            return EXIT_OK
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
+    at = [pos]
+
+    def ended():
+        at[0] = copy_from(path, at[0], out)
+        now = store.get(job["id"])
+        return now is None or now["state"] in FINISHED
+    poll_until(ended, first=0.05, cap=0.5)       # until the job ends: no limit
+    copy_from(path, at[0], out)
+    return EXIT_OK
 
 
 def tail_start(f, n):
@@ -3044,25 +3047,23 @@ def cmd_wait(args):
     store = open_store(args)
     for i in args.ids:
         store.must_get(i)
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    delay = 0.02
-    while True:
-        states = store.states(args.ids)
-        if all(states.get(i, DEAD) in FINISHED for i in args.ids):
-            bad = [f"{i} {states.get(i, 'deleted')}" for i in args.ids
-                   if states.get(i) != COMPLETED]
-            if bad:
-                sys.stderr.write(f"queuectl: error: not completed: {', '.join(bad)}\n")
-                return EXIT_FAIL
-            return EXIT_OK
-        if deadline is not None and time.monotonic() >= deadline:
-            waiting = [f"{i} {states[i]}" for i in args.ids if states.get(i) not in FINISHED]
-            sys.stderr.write(f"queuectl: error: timed out after {args.timeout:g}s; "
-                             f"still waiting for {', '.join(waiting)}\n")
-            return EXIT_FAIL
-        pause = delay if deadline is None else min(delay, max(deadline - time.monotonic(), 0))
-        time.sleep(pause)
-        delay = min(delay * 1.5, 0.5)
+    states = {}
+
+    def finished():
+        states.clear()
+        states.update(store.states(args.ids))
+        return all(states.get(i, DEAD) in FINISHED for i in args.ids)
+    if not poll_until(finished, args.timeout, first=0.02, cap=0.5):
+        waiting = [f"{i} {states[i]}" for i in args.ids if states.get(i) not in FINISHED]
+        sys.stderr.write(f"queuectl: error: timed out after {args.timeout:g}s; "
+                         f"still waiting for {', '.join(waiting)}\n")
+        return EXIT_FAIL
+    bad = [f"{i} {states.get(i, 'deleted')}" for i in args.ids
+           if states.get(i) != COMPLETED]
+    if bad:
+        sys.stderr.write(f"queuectl: error: not completed: {', '.join(bad)}\n")
+        return EXIT_FAIL
+    return EXIT_OK
 
 
 def reset_jobs(store, ids, allowed, verb):
@@ -3175,20 +3176,19 @@ def wait_attempt_gone(job, timeout=10.0):
     refuse: a job never runs while its previous attempt does."""
     if job["state"] != CANCELLED or not job["claim"]:
         return
-    deadline = time.monotonic() + timeout
-    while True:
+    left = []
+
+    def gone():
         try:
-            left = claim_processes(job["claim"])
+            left[:] = claim_processes(job["claim"])
         except OSError:
-            left = [(None, None)]
-        if not left:
-            return
-        if time.monotonic() >= deadline:
-            pid = f" (pid {left[0][0]})" if left[0][0] else ""
-            raise QueuectlError(f"cannot retry job {job['id']}: its cancelled attempt "
-                                f"still has running processes{pid}; try again once "
-                                "they have stopped")
-        time.sleep(0.05)
+            left[:] = [(None, None)]     # cannot tell: not gone
+        return not left
+    if not poll_until(gone, timeout, first=0.01, cap=0.05):
+        pid = f" (pid {left[0][0]})" if left[0][0] else ""
+        raise QueuectlError(f"cannot retry job {job['id']}: its cancelled attempt "
+                            f"still has running processes{pid}; try again once "
+                            "they have stopped")
 
 
 def cmd_dlq(args):
