@@ -52,13 +52,27 @@ CONFIG_DEFAULTS = {
     "job_timeout": 0,
     "kill_grace": 10,
 }
-# key: (kind, minimum, maximum, meaning); maxima refuse absurd values.
-CONFIG_RULES = {
+# Every number queuectl takes, from the command line, a JSON job or
+# config.json, is checked by check_value() against this one table:
+# name: (kind, minimum, maximum, meaning). Kinds: int, a whole number; num, a
+# number; dur, seconds, which typed text may also give as a duration (90s,
+# 5m, 2h, 1d). Maxima refuse absurd values.
+VALUE_RULES = {
+    # config keys (CONFIG_DEFAULTS), also job fields where they share a name
     "max_retries": ("int", 0, 10_000, "retries after the first attempt"),
     "backoff_base": ("num", 1, 1000, "backoff base, a number >= 1"),
-    "max_backoff": ("num", 0, 31_536_000, "cap on one backoff wait, seconds"),
-    "job_timeout": ("num", 0, 31_536_000, "default timeout, seconds, 0 = none"),
-    "kill_grace": ("num", 0, 3600, "seconds between SIGTERM and SIGKILL"),
+    "max_backoff": ("dur", 0, 31_536_000, "cap on one backoff wait, seconds"),
+    "job_timeout": ("dur", 0, 31_536_000, "default timeout, seconds, 0 = none"),
+    "kill_grace": ("dur", 0, 3600, "seconds between SIGTERM and SIGKILL"),
+    # job fields
+    "timeout": ("dur", 0, 31_536_000, "seconds, 0 = none"),
+    "priority": ("int", -2**62, 2**62, "higher runs first"),
+    # command-line options only
+    "count": ("int", 1, 256, "job threads in this process"),
+    "limit": ("int", 0, 1_000_000_000, "rows, 0 = all"),
+    "tail": ("int", 0, 1_000_000_000, "lines"),
+    "wait": ("dur", 0, 31_536_000, "seconds to wait"),
+    "interval": ("dur", 0, 86_400, "seconds between refreshes"),
 }
 
 LEASE = 30.0             # a worker whose heartbeat is older is presumed gone
@@ -516,33 +530,46 @@ def normalize_key(key):
     return k
 
 
+def check_value(name, value, source=None, text=False):
+    """Check one value for name against VALUE_RULES -> int or float. With
+    text (typed on the command line or given to config set), a string is
+    parsed, and a dur may be a duration such as 2h; otherwise (JSON) it must
+    already be a number. A UsageError names what is allowed."""
+    kind, lo, hi, meaning = VALUE_RULES[name]
+    what = {"int": "a whole number", "num": "a number",
+            "dur": "seconds or a duration (90s, 5m, 2h)" if text
+            else "a number of seconds"}[kind]
+    allowed = f"{name} takes {what} from {lo} to {hi} ({meaning})"
+    v = value
+    if text and isinstance(value, str):
+        t = value.strip()
+        try:
+            v = int(t)
+        except ValueError:
+            try:
+                v = float(t)
+            except ValueError:
+                v = None
+                if kind == "dur":
+                    try:
+                        v = parse_duration(t)
+                    except UsageError:
+                        pass
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v \
+            or v in (float("inf"), float("-inf")) or (kind == "int" and v != int(v)) \
+            or not lo <= v <= hi:
+        raise UsageError(f"invalid {source or name} {value!r}: {allowed}")
+    return int(v) if kind == "int" or v == int(v) else float(v)
+
+
 def check_config_value(key, value, source="value"):
-    """Validate one config value (already a JSON number) -> int or float."""
-    kind, lo, hi, meaning = CONFIG_RULES[key]
-    allowed = (f"{key} takes {'a whole number' if kind == 'int' else 'a number'} "
-               f"from {lo} to {hi} ({meaning})")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UsageError(f"invalid {source} {value!r}: {allowed}")
-    if value != value or value in (float("inf"), float("-inf")):
-        raise UsageError(f"invalid {source} {value!r}: {allowed}")
-    if kind == "int" and value != int(value):
-        raise UsageError(f"invalid {source} {value!r}: {allowed}")
-    if not lo <= value <= hi:
-        raise UsageError(f"invalid {source} {value!r}: {allowed}")
-    return int(value) if kind == "int" or value == int(value) else float(value)
+    """One value of config.json (a JSON number) -> int or float."""
+    return check_value(key, value, source)
 
 
 def parse_config_text(key, text):
-    """A value typed on the command line -> a checked number."""
-    t = str(text).strip()
-    try:
-        value = int(t)
-    except ValueError:
-        try:
-            value = float(t)
-        except ValueError:
-            value = t
-    return check_config_value(key, value)
+    """A value typed on the command line for a config key -> a checked number."""
+    return check_value(key, text, "value", text=True)
 
 
 class Config:
@@ -1365,10 +1392,6 @@ def _utf8(text):
     return True
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_num(v):
     return (isinstance(v, (int, float)) and not isinstance(v, bool)
             and v == v and abs(v) != float("inf"))
@@ -1395,18 +1418,12 @@ def check_spec(spec, where=""):
         check_name(spec["id"])
     if spec.get("queue") is not None:
         check_name(spec["queue"], "queue name")
-    pri = spec.get("priority", 0)
-    if not _is_int(pri) or abs(pri) > 2**62:
-        raise UsageError(f"{pre}invalid priority {pri!r}: use a whole number "
-                         "(higher runs first)")
-    mr = spec.get("max_retries")
-    if mr is not None and (not _is_int(mr) or not 0 <= mr <= 10_000):
-        raise UsageError(f"{pre}invalid max_retries {mr!r}: use a whole number "
-                         "from 0 to 10000")
-    to = spec.get("timeout")
-    if to is not None and (not _is_num(to) or not 0 <= to <= 31_536_000):
-        raise UsageError(f"{pre}invalid timeout {to!r}: use seconds from 0 "
-                         "(none) to 31536000")
+    for name in ("priority", "max_retries", "timeout"):
+        if spec.get(name) is not None:
+            try:
+                spec[name] = check_value(name, spec[name])
+            except UsageError as e:
+                raise UsageError(f"{pre}{e}") from None
     if spec.get("run_at") is not None and not isinstance(spec["run_at"], str):
         raise UsageError(f"{pre}invalid run_at {spec['run_at']!r}: use an ISO-8601 "
                          "string such as 2026-11-23T09:30:00Z")
@@ -2734,8 +2751,6 @@ def cmd_enqueue(args):
 
 def cmd_worker_start(args):
     """Run workers in this process until stopped (or drained)."""
-    if not 1 <= args.count <= 256:
-        raise UsageError(f"invalid --count {args.count}: use 1 to 256")
     import resource
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     need = FDS_BASE + FDS_PER_THREAD * args.count
@@ -2925,8 +2940,6 @@ def cmd_list(args):
 
 
 def list_jobs(store, args, state):
-    if not 0 <= args.limit <= 10**9:
-        raise UsageError(f"invalid --limit {args.limit}: use 0 (all) to 1000000000")
     rows, more = store.list_jobs(state, getattr(args, "queue", None), args.limit)
     if args.json:
         print_json([job_public(j, args.home) for j in rows])
@@ -2946,8 +2959,6 @@ def list_jobs(store, args, state):
 
 def cmd_logs(args):
     """Print a job's log; --tail N lines; --follow until the job ends."""
-    if args.tail is not None and args.tail < 0:
-        raise UsageError(f"invalid --tail {args.tail}: use 0 or more")
     store = open_store(args)
     job = store.must_get(args.id)
     path = log_path(args.home, job["id"])
@@ -3042,8 +3053,6 @@ def cmd_wait(args):
     """Block until each job is finished: 0 if all completed, 1 otherwise."""
     for i in args.ids:
         check_name(i)
-    if args.timeout is not None and args.timeout < 0:
-        raise UsageError("invalid --timeout: use 0 or more seconds")
     store = open_store(args)
     for i in args.ids:
         store.must_get(i)
@@ -3602,11 +3611,11 @@ def build_parser(only=None):
                        help="the shell command, or a JSON object when it starts with {")
         p.add_argument("-c", "--command", help="the shell command")
         p.add_argument("--id", help="the job id (default: a short random one)")
-        p.add_argument("-p", "--priority", type=_int_arg("--priority"),
+        p.add_argument("-p", "--priority", type=_value("priority", "--priority"),
                        help="higher runs first (default 0)")
-        p.add_argument("--max-retries", type=_int_arg("--max-retries"),
+        p.add_argument("--max-retries", type=_value("max_retries", "--max-retries"),
                        help="retries after the first attempt (default: config)")
-        p.add_argument("--timeout", type=_dur_arg("--timeout"),
+        p.add_argument("--timeout", type=_value("timeout", "--timeout"),
                        help="90, 90s, 5m, 2h; 0 = none (default: config job_timeout)")
         p.add_argument("--run-at", metavar="TIME", help="ISO-8601; naive = local time")
         p.add_argument("--delay", metavar="DUR", help="90, 90s, 5m, 2h, 1d")
@@ -3627,7 +3636,7 @@ def build_parser(only=None):
         wcmds = w.add_subparsers(dest="worker_command", metavar="ACTION", parser_class=Parser)
         w.set_defaults(sub_required=("worker_command", w))
         p = sub(wcmds, "start", "run jobs until stopped", "worker start")
-        p.add_argument("--count", type=_int_arg("--count"), default=1,
+        p.add_argument("--count", type=_value("count", "--count"), default=1,
                        help="worker threads in this process (default 1)")
         p.add_argument("--queue", action="append", metavar="Q",
                        help="serve only this queue (repeatable; default: all)")
@@ -3639,7 +3648,7 @@ def build_parser(only=None):
         p.add_argument("--now", action="store_true",
                        help="also stop running jobs (back to pending, attempt not counted)")
         p.add_argument("--wait", action="store_true", help="return once they have exited")
-        p.add_argument("--timeout", type=_num_arg("--timeout"),
+        p.add_argument("--timeout", type=_value("wait", "--timeout"),
                        help="with --wait: give up after this many seconds")
         p = sub(wcmds, "status", "list live workers", "worker status")
         p.add_argument("--json", action="store_true", help="print JSON")
@@ -3658,14 +3667,14 @@ def build_parser(only=None):
         p = sub(cmds, "list", "list jobs in enqueue order")
         p.add_argument("--state", help="only jobs in this state: " + ", ".join(STATES))
         p.add_argument("--queue", help="only jobs of this queue")
-        p.add_argument("--limit", type=_int_arg("--limit"), default=100,
+        p.add_argument("--limit", type=_value("limit", "--limit"), default=100,
                        help="at most this many (default 100, 0 = all)")
         p.add_argument("--json", action="store_true", help="print JSON")
 
     if want("logs"):
         p = sub(cmds, "logs", "print a job's log")
         p.add_argument("id", metavar="ID")
-        p.add_argument("--tail", type=_int_arg("--tail"), metavar="N",
+        p.add_argument("--tail", type=_value("tail", "--tail"), metavar="N",
                        help="only the last N lines")
         p.add_argument("-f", "--follow", action="store_true",
                        help="keep printing until the job ends")
@@ -3673,7 +3682,7 @@ def build_parser(only=None):
     if want("wait"):
         p = sub(cmds, "wait", "block until jobs finish; 0 if all completed")
         p.add_argument("ids", nargs="+", metavar="ID")
-        p.add_argument("--timeout", type=_num_arg("--timeout"),
+        p.add_argument("--timeout", type=_value("wait", "--timeout"),
                        help="give up after this many seconds (exit 1)")
 
     if want("retry"):
@@ -3697,7 +3706,7 @@ def build_parser(only=None):
         dcmds = d.add_subparsers(dest="dlq_command", metavar="ACTION", parser_class=Parser)
         d.set_defaults(sub_required=("dlq_command", d))
         p = sub(dcmds, "list", "list dead jobs", "dlq list")
-        p.add_argument("--limit", type=_int_arg("--limit"), default=100,
+        p.add_argument("--limit", type=_value("limit", "--limit"), default=100,
                        help="at most this many (default 100, 0 = all)")
         p.add_argument("--json", action="store_true", help="print JSON")
         for name, help_ in (("retry", "run dead jobs again (attempts reset)"),
@@ -3731,7 +3740,7 @@ def build_parser(only=None):
 
     if want("top"):
         p = sub(cmds, "top", "a live view: counts, running jobs, recent failures")
-        p.add_argument("--interval", type=_num_arg("--interval"), default=1.0,
+        p.add_argument("--interval", type=_value("interval", "--interval"), default=1.0,
                        help="seconds between refreshes (default 1)")
         p.add_argument("--once", action="store_true",
                        help="print one frame and exit (no terminal needed)")
@@ -3746,32 +3755,9 @@ def build_parser(only=None):
     return parser
 
 
-def _int_arg(flag):
-    def conv(text):
-        try:
-            return int(text)
-        except ValueError:
-            raise UsageError(f"invalid {flag} {text!r}: use a whole number") from None
-    return conv
-
-
-def _dur_arg(flag):
-    def conv(text):
-        value = parse_duration(text, flag)
-        return int(value) if value == int(value) else value
-    return conv
-
-
-def _num_arg(flag):
-    def conv(text):
-        try:
-            v = float(text)
-        except ValueError:
-            v = None
-        if v is None or v != v or v in (float("inf"), float("-inf")) or v < 0:
-            raise UsageError(f"invalid {flag} {text!r}: use a number of seconds, 0 or more")
-        return int(v) if v == int(v) else v
-    return conv
+def _value(name, flag):
+    """An argparse type: the option's text checked by check_value()."""
+    return lambda text: check_value(name, text, flag, text=True)
 
 
 COMMANDS = {
