@@ -1718,10 +1718,26 @@ class Running:
 # Workers #####################################################################
 # Threading model: one worker process runs `count` job threads, each with its
 # own Store (connection); the main thread owns the signals, the wake-up FIFO,
-# heartbeats, config reloads and recovery of other workers' orphaned jobs,
-# with its own Store. Adopted jobs are watched by one thread each.
-# self.lock guards running, active, generation, stopping, now, and counters;
-# self.cond (on self.lock) wakes idle job threads.
+# heartbeats, config reloads and the decisions of recovery, with its own
+# Store. An adopted job is watched, and a recovered outcome recorded, by a
+# thread of its own (with its own Store); stop --now kills from another.
+#
+# Shared state and its rules:
+# - self.lock guards running, active, settling, generation, threads_left and
+#   the completed/dead counters: read and written only while holding it.
+#   self.cond (on self.lock) wakes idle job threads.
+# - stopping and kill_jobs are written only under self.lock and only ever go
+#   from False to True; threads may read them without the lock and see the
+#   change a step late, which each reader tolerates (a job claimed just
+#   after a stop is given back uncounted).
+# - config is replaced whole by the main thread; readers take one reference.
+# - devnull, base_env, umask, id, home and queues are set before any thread
+#   starts and never change.
+# - A Running's stopped and lost_to are set by other threads and read by its
+#   own waiting thread, again only False/None -> set.
+# - db_lock serialises this process's write transactions (Store.tx), so its
+#   threads queue here instead of in SQLite's busy handler.
+# - print_lock keeps each line of say() whole.
 
 
 class Worker:
@@ -2886,13 +2902,8 @@ def cmd_status(args):
     if args.json:
         print_json(info)
         return EXIT_OK
-    color = use_color()
-    print("jobs: " + ", ".join(f"{counts[s]} {paint(s, STATE_COLORS.get(s), color)}"
-                               for s in STATES))
-    if len(per_queue) > 1 or (per_queue and DEFAULT_QUEUE not in per_queue):
-        print(table(["QUEUE"] + [s.upper() for s in STATES],
-                    [[q] + [c[s] for s in STATES] for q, c in sorted(per_queue.items())]))
-    print(f"workers: {len(workers)} live ({info['workers']['threads']} threads)")
+    print("\n".join(summary_lines(counts, per_queue, workers, paused=None,
+                                  every_queue=False)))
     if oldest:
         print(f"oldest pending: {oldest[0]}, enqueued {relative(oldest[1], now)}")
     if nxt:
@@ -3288,22 +3299,31 @@ def cmd_config(args):
     return EXIT_OK
 
 
+def summary_lines(counts, per_queue, workers, paused, every_queue):
+    """The queue at a glance, for status and top: jobs per state, workers
+    (and paused queues, when given), the per-queue table (always with
+    every_queue, else only when there is more than the default queue)."""
+    color = use_color()
+    threads = sum(w["threads"] for w in workers)
+    lines = ["jobs: " + ", ".join(f"{counts[s]} {paint(s, STATE_COLORS.get(s), color)}"
+                                  for s in STATES)]
+    queues = [[q] + [c[s] for s in STATES] for q, c in sorted(per_queue.items())]
+    if every_queue or len(per_queue) > 1 or (per_queue and DEFAULT_QUEUE not in per_queue):
+        lines += table(["QUEUE"] + [s.upper() for s in STATES],
+                       queues or [[DEFAULT_QUEUE] + [0] * len(STATES)]).splitlines()
+    lines.append(f"workers: {len(workers)} live ({threads} threads)"
+                 + (("; paused: " + ("all queues" if "*" in paused else ", ".join(paused)))
+                    if paused else ""))
+    return lines
+
+
 def render_top(store, home, width, height):
     """One frame of `top`: counts, queues, running jobs, recent failures."""
     now = time.time()
-    color = use_color()
     counts, per_queue = store.counts()
-    workers = store.live_workers()
-    paused = sorted(store.paused())
-    lines = [f"queuectl top  {home}  {show_time(iso(now))}  (q to quit)", "",
-             "jobs: " + ", ".join(f"{counts[s]} {paint(s, STATE_COLORS.get(s), color)}"
-                                  for s in STATES),
-             f"workers: {len(workers)} live, {sum(w['threads'] for w in workers)} threads"
-             + (("; paused: " + ("all queues" if "*" in paused else ", ".join(paused)))
-                if paused else ""), ""]
-    lines += table(["QUEUE"] + [s.upper() for s in STATES],
-                   [[q] + [c[s] for s in STATES] for q, c in sorted(per_queue.items())]
-                   or [[DEFAULT_QUEUE] + [0] * len(STATES)]).splitlines()
+    lines = [f"queuectl top  {home}  {show_time(iso(now))}  (q to quit)", ""]
+    lines += summary_lines(counts, per_queue, store.live_workers(),
+                           sorted(store.paused()), every_queue=True)
     running = store.processing()
     lines += ["", f"running ({len(running)}):"]
     if running:
