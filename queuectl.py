@@ -3213,18 +3213,18 @@ def wait_attempt_gone(job, timeout=10.0):
 
 def cmd_dlq(args):
     """The dead letter queue: list, retry, purge."""
-    if args.dlq_command == "list":
+    if args.action == "list":
         store = open_store(args)
         args.limit = args.limit if args.limit is not None else 100
         return list_jobs(store, args, DEAD)
     if bool(args.ids) == bool(args.all):
-        raise UsageError(f"dlq {args.dlq_command} takes job ids or --all")
+        raise UsageError(f"dlq {args.action} takes job ids or --all")
     store = open_store(args)
     if args.all:
         ids = store.ids_in_state(DEAD)
     else:
         ids = [check_name(i) for i in args.ids]
-    if args.dlq_command == "retry":
+    if args.action == "retry":
         for job in reset_jobs(store, ids, (DEAD,), "dlq retry"):
             print(job["id"])
         return EXIT_OK
@@ -3273,7 +3273,7 @@ def cmd_prune(args):
 def cmd_config(args):
     """config get KEY / set KEY VALUE / list."""
     cfg = Config(args.home)
-    if args.config_command == "set":
+    if args.action == "set":
         key = normalize_key(args.key)
         value = parse_config_text(key, args.value)
         try:
@@ -3284,7 +3284,7 @@ def cmd_config(args):
             raise UsageError(f"cannot write {cfg.path}: {e.strerror}") from None
         print(f"{key} = {value}")
         return EXIT_OK
-    if args.config_command == "get":
+    if args.action == "get":
         key = normalize_key(args.key)
         value = cfg.load()[key]
         print_json(value) if args.json else print(value)
@@ -3381,20 +3381,7 @@ def cmd_top(args):
 
 def cmd_completion(args):
     """Print a shell completion script (bash)."""
-    parser = build_parser()
-    cases = []
-
-    def walk(p, path):
-        subs = [a for a in p._actions if a.__class__.__name__ == "_SubParsersAction"]
-        words = [s for a in p._actions for s in a.option_strings]
-        for a in subs:
-            for name, child in a.choices.items():
-                walk(child, path + [name])
-            words = list(a.choices) + words
-        cases.append((path, words))
-
-    walk(parser, [])
-    cases.sort(key=lambda c: -len(c[0]))
+    cases = completion_words()
     lines = ["# queuectl bash completion: source <(queuectl completion bash)",
              "_queuectl() {",
              '    local cur=${COMP_WORDS[COMP_CWORD]} opts',
@@ -3545,234 +3532,31 @@ def cmd_metrics(args):
 
 
 # Command line ################################################################
-
-EXAMPLES = {
-    "enqueue": ["queuectl enqueue 'pg_dump mydb > /backup/mydb.sql'",
-                "queuectl enqueue --id nightly --unique --max-retries 5 './backup.sh'",
-                "queuectl enqueue '{\"id\":\"a\",\"command\":\"echo hi\",\"max_retries\":2}'"],
-    "worker start": ["queuectl worker start --count 4",
-                     "queuectl worker start --drain", "queuectl worker start --detach"],
-    "worker stop": ["queuectl worker stop --wait", "queuectl worker stop --now"],
-    "worker status": ["queuectl worker status"],
-    "status": ["queuectl status", "queuectl status --json"],
-    "show": ["queuectl show nightly"],
-    "list": ["queuectl list --state failed", "queuectl list --queue reports --limit 20"],
-    "logs": ["queuectl logs nightly --tail 50", "queuectl logs nightly --follow"],
-    "wait": ["id=$(queuectl enqueue 'make build') && queuectl wait \"$id\""],
-    "retry": ["queuectl retry k3x9qa"],
-    "pause": ["queuectl pause reports", "queuectl pause"],
-    "resume": ["queuectl resume reports", "queuectl resume"],
-    "cancel": ["queuectl cancel k3x9qa"],
-    "dlq list": ["queuectl dlq list"],
-    "dlq retry": ["queuectl dlq retry k3x9qa", "queuectl dlq retry --all"],
-    "dlq purge": ["queuectl dlq purge --all"],
-    "prune": ["queuectl prune --older-than 7d",
-              "queuectl prune --older-than 30d --state dead"],
-    "config get": ["queuectl config get max-retries"],
-    "config set": ["queuectl config set max-retries 5"],
-    "config list": ["queuectl config list"],
-    "metrics": ["queuectl metrics > /var/lib/node_exporter/queuectl.prom"],
-    "doctor": ["queuectl doctor", "queuectl doctor --json"],
-    "top": ["queuectl top", "queuectl top --interval 5", "queuectl top --once"],
-    "completion": ["source <(queuectl completion bash)",
-                   "queuectl completion bash > /etc/bash_completion.d/queuectl"],
-}
-
-SHORT_USAGE = """\
-usage: queuectl [--home DIR] COMMAND ...
-
-Common commands:
-  queuectl enqueue 'CMD'          add a job (prints its id)
-  queuectl worker start           run jobs (--count N, --drain, --detach)
-  queuectl status                 counts per state, workers, what is next
-  queuectl list [--state S]       jobs and their states
-  queuectl logs ID                a job's output
-  queuectl dlq list               jobs that failed for good
-
-Run 'queuectl --help' for every command, 'queuectl COMMAND --help' for one.
-"""
+# Each command is declared once, below, in --help order: its words, one line
+# of help, its handler, its examples, its arguments, and (for the few shown
+# by a bare `queuectl`) its short form. The parser, each command's --help
+# with its examples, the short usage, bash completion and dispatch are all
+# built from this one list.
 
 
-def build_parser(only=None):
-    """The argument parser; with only=NAME, just that command's subparser
-    (building all of them costs a cron-driven enqueue several ms)."""
-    import argparse
+class Command:
+    __slots__ = ("words", "help", "handler", "examples", "args", "common")
 
-    def want(name):
-        return only is None or only == name
+    def __init__(self, words, help_, handler=None, examples=(), args=(), common=None):
+        self.words = tuple(words.split())
+        self.help, self.handler, self.examples = help_, handler, list(examples)
+        self.args, self.common = list(args), common
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            self.print_usage(sys.stderr)
-            raise UsageError(message)
 
-    def sub(parent, name, help_, full=None):
-        examples = EXAMPLES.get(full or name, [])
-        epilog = ("examples:\n" + "\n".join("  " + e for e in examples)) if examples else None
-        p = parent.add_parser(name, help=help_, description=help_, epilog=epilog,
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              parents=[common])
-        return p
+def arg(*flags, **kw):
+    """One argument of a command, as for argparse's add_argument."""
+    return flags, kw
 
-    common = Parser(add_help=False)
-    common.add_argument("--home", default=argparse.SUPPRESS, metavar="DIR",
-                        help="queue home (default: $QUEUECTL_HOME or ~/.queuectl)")
-    parser = Parser(prog="queuectl", description="A background job queue for "
-                    "shell commands: retries, backoff, a dead letter queue, "
-                    "timeouts and crash recovery, all in SQLite.")
-    parser.add_argument("--version", action="version", version=f"queuectl {__version__}")
-    parser.add_argument("--home", metavar="DIR",
-                        help="queue home (default: $QUEUECTL_HOME or ~/.queuectl)")
-    cmds = parser.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
 
-    if want("enqueue"):
-        p = sub(cmds, "enqueue", "add a job; prints its id")
-        p.add_argument("job", nargs="?", metavar="JOB",
-                       help="the shell command, or a JSON object when it starts with {")
-        p.add_argument("-c", "--command", help="the shell command")
-        p.add_argument("--id", help="the job id (default: a short random one)")
-        p.add_argument("-p", "--priority", type=_value("priority", "--priority"),
-                       help="higher runs first (default 0)")
-        p.add_argument("--max-retries", type=_value("max_retries", "--max-retries"),
-                       help="retries after the first attempt (default: config)")
-        p.add_argument("--timeout", type=_value("timeout", "--timeout"),
-                       help="90, 90s, 5m, 2h; 0 = none (default: config job_timeout)")
-        p.add_argument("--run-at", metavar="TIME", help="ISO-8601; naive = local time")
-        p.add_argument("--delay", metavar="DUR", help="90, 90s, 5m, 2h, 1d")
-        p.add_argument("--queue", help=f"queue name (default {DEFAULT_QUEUE})")
-        p.add_argument("--after", action="append", metavar="ID",
-                       help="run after this job completed (repeatable)")
-        p.add_argument("--cwd", help="working directory (default: the current one)")
-        p.add_argument("--env", action="append", metavar="K=V",
-                       help="environment variable for the job (repeatable)")
-        p.add_argument("--unique", action="store_true",
-                       help="if the id exists already, print it and change nothing")
-        p.add_argument("--stdin", action="store_true",
-                       help="one job per line (JSON or command), all or nothing")
-        p.add_argument("--json", action="store_true", help="print the job as JSON")
-
-    if want("worker"):
-        w = sub(cmds, "worker", "start, stop or list workers")
-        wcmds = w.add_subparsers(dest="worker_command", metavar="ACTION", parser_class=Parser)
-        w.set_defaults(sub_required=("worker_command", w))
-        p = sub(wcmds, "start", "run jobs until stopped", "worker start")
-        p.add_argument("--count", type=_value("count", "--count"), default=1,
-                       help="worker threads in this process (default 1)")
-        p.add_argument("--queue", action="append", metavar="Q",
-                       help="serve only this queue (repeatable; default: all)")
-        p.add_argument("--drain", action="store_true",
-                       help="exit when no job can run now and none awaits a retry")
-        p.add_argument("--detach", action="store_true",
-                       help="run in the background, log to HOME/worker.log, print the pid")
-        p = sub(wcmds, "stop", "stop every live worker of this home", "worker stop")
-        p.add_argument("--now", action="store_true",
-                       help="also stop running jobs (back to pending, attempt not counted)")
-        p.add_argument("--wait", action="store_true", help="return once they have exited")
-        p.add_argument("--timeout", type=_value("wait", "--timeout"),
-                       help="with --wait: give up after this many seconds")
-        p = sub(wcmds, "status", "list live workers", "worker status")
-        p.add_argument("--json", action="store_true", help="print JSON")
-
-    if want("status"):
-        p = sub(cmds, "status", "counts per state, workers, oldest pending, next run")
-        p.add_argument("id", nargs="?", metavar="ID", help="show one job instead")
-        p.add_argument("--json", action="store_true", help="print JSON")
-
-    if want("show"):
-        p = sub(cmds, "show", "every field of one job, and its log path")
-        p.add_argument("id", metavar="ID")
-        p.add_argument("--json", action="store_true", help="print JSON")
-
-    if want("list"):
-        p = sub(cmds, "list", "list jobs in enqueue order")
-        p.add_argument("--state", help="only jobs in this state: " + ", ".join(STATES))
-        p.add_argument("--queue", help="only jobs of this queue")
-        p.add_argument("--limit", type=_value("limit", "--limit"), default=100,
-                       help="at most this many (default 100, 0 = all)")
-        p.add_argument("--json", action="store_true", help="print JSON")
-
-    if want("logs"):
-        p = sub(cmds, "logs", "print a job's log")
-        p.add_argument("id", metavar="ID")
-        p.add_argument("--tail", type=_value("tail", "--tail"), metavar="N",
-                       help="only the last N lines")
-        p.add_argument("-f", "--follow", action="store_true",
-                       help="keep printing until the job ends")
-
-    if want("wait"):
-        p = sub(cmds, "wait", "block until jobs finish; 0 if all completed")
-        p.add_argument("ids", nargs="+", metavar="ID")
-        p.add_argument("--timeout", type=_value("wait", "--timeout"),
-                       help="give up after this many seconds (exit 1)")
-
-    if want("retry"):
-        p = sub(cmds, "retry", "run a dead, cancelled or completed job again")
-        p.add_argument("ids", nargs="+", metavar="ID")
-
-    if want("pause"):
-        p = sub(cmds, "pause", "stop claiming from queues (all when none named)")
-        p.add_argument("queues", nargs="*", metavar="QUEUE")
-
-    if want("resume"):
-        p = sub(cmds, "resume", "claim from paused queues again (all when none named)")
-        p.add_argument("queues", nargs="*", metavar="QUEUE")
-
-    if want("cancel"):
-        p = sub(cmds, "cancel", "cancel jobs; stops running ones within 2 s")
-        p.add_argument("ids", nargs="+", metavar="ID")
-
-    if want("dlq"):
-        d = sub(cmds, "dlq", "the dead letter queue: list, retry, purge")
-        dcmds = d.add_subparsers(dest="dlq_command", metavar="ACTION", parser_class=Parser)
-        d.set_defaults(sub_required=("dlq_command", d))
-        p = sub(dcmds, "list", "list dead jobs", "dlq list")
-        p.add_argument("--limit", type=_value("limit", "--limit"), default=100,
-                       help="at most this many (default 100, 0 = all)")
-        p.add_argument("--json", action="store_true", help="print JSON")
-        for name, help_ in (("retry", "run dead jobs again (attempts reset)"),
-                            ("purge", "delete dead jobs and their logs")):
-            p = sub(dcmds, name, help_, "dlq " + name)
-            p.add_argument("ids", nargs="*", metavar="ID")
-            p.add_argument("--all", action="store_true", help="every dead job")
-
-    if want("prune"):
-        p = sub(cmds, "prune", "delete old finished jobs and their logs")
-        p.add_argument("--older-than", required=True, metavar="DUR",
-                       help="finished longer ago than this (7d, 12h)")
-        p.add_argument("--state", action="append", metavar="S",
-                       help="only this finished state (repeatable): " + ", ".join(FINISHED))
-
-    if want("config"):
-        c = sub(cmds, "config", "get, set or list settings")
-        ccmds = c.add_subparsers(dest="config_command", metavar="ACTION", parser_class=Parser)
-        c.set_defaults(sub_required=("config_command", c))
-        p = sub(ccmds, "get", "print one setting", "config get")
-        p.add_argument("key", metavar="KEY")
-        p.add_argument("--json", action="store_true", help="print JSON")
-        p = sub(ccmds, "set", "change one setting", "config set")
-        p.add_argument("key", metavar="KEY")
-        p.add_argument("value", metavar="VALUE")
-        p = sub(ccmds, "list", "every setting and its value", "config list")
-        p.add_argument("--json", action="store_true", help="print JSON")
-
-    if want("metrics"):
-        sub(cmds, "metrics", "Prometheus text format metrics")
-
-    if want("top"):
-        p = sub(cmds, "top", "a live view: counts, running jobs, recent failures")
-        p.add_argument("--interval", type=_value("interval", "--interval"), default=1.0,
-                       help="seconds between refreshes (default 1)")
-        p.add_argument("--once", action="store_true",
-                       help="print one frame and exit (no terminal needed)")
-
-    if want("completion"):
-        p = sub(cmds, "completion", "print a shell completion script")
-        p.add_argument("shell", choices=["bash"], help="the shell (bash)")
-
-    if want("doctor"):
-        p = sub(cmds, "doctor", "check integrity, permissions, stuck and orphaned jobs")
-        p.add_argument("--json", action="store_true", help="print JSON")
-    return parser
+HOME_HELP = "queue home (default: $QUEUECTL_HOME or ~/.queuectl)"
+JSON_ARG = arg("--json", action="store_true", help="print JSON")
+LIMIT_ARG = arg("--limit", type=lambda t: check_value("limit", t, "--limit", text=True),
+                default=100, help="at most this many (default 100, 0 = all)")
 
 
 def _value(name, flag):
@@ -3780,18 +3564,199 @@ def _value(name, flag):
     return lambda text: check_value(name, text, flag, text=True)
 
 
-COMMANDS = {
-    "enqueue": cmd_enqueue, "status": cmd_status, "show": cmd_show,
-    "list": cmd_list, "logs": cmd_logs, "wait": cmd_wait, "retry": cmd_retry,
-    "pause": cmd_pause, "resume": cmd_resume, "cancel": cmd_cancel,
-    "dlq": cmd_dlq, "prune": cmd_prune, "config": cmd_config,
-    "metrics": cmd_metrics, "doctor": cmd_doctor, "top": cmd_top,
-    "completion": cmd_completion,
-    ("worker", "start"): cmd_worker_start, ("worker", "stop"): cmd_worker_stop,
-    ("worker", "status"): cmd_worker_status,
-}
+COMMAND_TABLE = [
+    Command("enqueue", "add a job; prints its id", cmd_enqueue, [
+        "queuectl enqueue 'pg_dump mydb > /backup/mydb.sql'",
+        "queuectl enqueue --id nightly --unique --max-retries 5 './backup.sh'",
+        "queuectl enqueue '{\"id\":\"a\",\"command\":\"echo hi\",\"max_retries\":2}'"], [
+        arg("job", nargs="?", metavar="JOB",
+            help="the shell command, or a JSON object when it starts with {"),
+        arg("-c", "--command", help="the shell command"),
+        arg("--id", help="the job id (default: a short random one)"),
+        arg("-p", "--priority", type=_value("priority", "--priority"),
+            help="higher runs first (default 0)"),
+        arg("--max-retries", type=_value("max_retries", "--max-retries"),
+            help="retries after the first attempt (default: config)"),
+        arg("--timeout", type=_value("timeout", "--timeout"),
+            help="90, 90s, 5m, 2h; 0 = none (default: config job_timeout)"),
+        arg("--run-at", metavar="TIME", help="ISO-8601; naive = local time"),
+        arg("--delay", metavar="DUR", help="90, 90s, 5m, 2h, 1d"),
+        arg("--queue", help=f"queue name (default {DEFAULT_QUEUE})"),
+        arg("--after", action="append", metavar="ID",
+            help="run after this job completed (repeatable)"),
+        arg("--cwd", help="working directory (default: the current one)"),
+        arg("--env", action="append", metavar="K=V",
+            help="environment variable for the job (repeatable)"),
+        arg("--unique", action="store_true",
+            help="if the id exists already, print it and change nothing"),
+        arg("--stdin", action="store_true",
+            help="one job per line (JSON or command), all or nothing"),
+        arg("--json", action="store_true", help="print the job as JSON")],
+        common=("enqueue 'CMD'", "add a job (prints its id)")),
+    Command("worker", "start, stop or list workers"),
+    Command("worker start", "run jobs until stopped", cmd_worker_start, [
+        "queuectl worker start --count 4", "queuectl worker start --drain",
+        "queuectl worker start --detach"], [
+        arg("--count", type=_value("count", "--count"), default=1,
+            help="worker threads in this process (default 1)"),
+        arg("--queue", action="append", metavar="Q",
+            help="serve only this queue (repeatable; default: all)"),
+        arg("--drain", action="store_true",
+            help="exit when no job can run now and none awaits a retry"),
+        arg("--detach", action="store_true",
+            help="run in the background, log to HOME/worker.log, print the pid")],
+        common=("worker start", "run jobs (--count N, --drain, --detach)")),
+    Command("worker stop", "stop every live worker of this home", cmd_worker_stop, [
+        "queuectl worker stop --wait", "queuectl worker stop --now"], [
+        arg("--now", action="store_true",
+            help="also stop running jobs (back to pending, attempt not counted)"),
+        arg("--wait", action="store_true", help="return once they have exited"),
+        arg("--timeout", type=_value("wait", "--timeout"),
+            help="with --wait: give up after this many seconds")]),
+    Command("worker status", "list live workers", cmd_worker_status,
+            ["queuectl worker status"], [JSON_ARG]),
+    Command("status", "counts per state, workers, oldest pending, next run", cmd_status,
+            ["queuectl status", "queuectl status --json"], [
+        arg("id", nargs="?", metavar="ID", help="show one job instead"), JSON_ARG],
+        common=("status", "counts per state, workers, what is next")),
+    Command("show", "every field of one job, and its log path", cmd_show,
+            ["queuectl show nightly"], [arg("id", metavar="ID"), JSON_ARG]),
+    Command("list", "list jobs in enqueue order", cmd_list, [
+        "queuectl list --state failed", "queuectl list --queue reports --limit 20"], [
+        arg("--state", help="only jobs in this state: " + ", ".join(STATES)),
+        arg("--queue", help="only jobs of this queue"), LIMIT_ARG, JSON_ARG],
+        common=("list [--state S]", "jobs and their states")),
+    Command("logs", "print a job's log", cmd_logs, [
+        "queuectl logs nightly --tail 50", "queuectl logs nightly --follow"], [
+        arg("id", metavar="ID"),
+        arg("--tail", type=_value("tail", "--tail"), metavar="N",
+            help="only the last N lines"),
+        arg("-f", "--follow", action="store_true", help="keep printing until the job ends")],
+        common=("logs ID", "a job's output")),
+    Command("wait", "block until jobs finish; 0 if all completed", cmd_wait,
+            ["id=$(queuectl enqueue 'make build') && queuectl wait \"$id\""], [
+        arg("ids", nargs="+", metavar="ID"),
+        arg("--timeout", type=_value("wait", "--timeout"),
+            help="give up after this many seconds (exit 1)")]),
+    Command("retry", "run a dead, cancelled or completed job again", cmd_retry,
+            ["queuectl retry k3x9qa"], [arg("ids", nargs="+", metavar="ID")]),
+    Command("pause", "stop claiming from queues (all when none named)", cmd_pause,
+            ["queuectl pause reports", "queuectl pause"],
+            [arg("queues", nargs="*", metavar="QUEUE")]),
+    Command("resume", "claim from paused queues again (all when none named)", cmd_resume,
+            ["queuectl resume reports", "queuectl resume"],
+            [arg("queues", nargs="*", metavar="QUEUE")]),
+    Command("cancel", "cancel jobs; stops running ones within 2 s", cmd_cancel,
+            ["queuectl cancel k3x9qa"], [arg("ids", nargs="+", metavar="ID")]),
+    Command("dlq", "the dead letter queue: list, retry, purge"),
+    Command("dlq list", "list dead jobs", cmd_dlq, ["queuectl dlq list"],
+            [LIMIT_ARG, JSON_ARG], common=("dlq list", "jobs that failed for good")),
+    Command("dlq retry", "run dead jobs again (attempts reset)", cmd_dlq, [
+        "queuectl dlq retry k3x9qa", "queuectl dlq retry --all"], [
+        arg("ids", nargs="*", metavar="ID"),
+        arg("--all", action="store_true", help="every dead job")]),
+    Command("dlq purge", "delete dead jobs and their logs", cmd_dlq,
+            ["queuectl dlq purge --all"], [
+        arg("ids", nargs="*", metavar="ID"),
+        arg("--all", action="store_true", help="every dead job")]),
+    Command("prune", "delete old finished jobs and their logs", cmd_prune, [
+        "queuectl prune --older-than 7d",
+        "queuectl prune --older-than 30d --state dead"], [
+        arg("--older-than", required=True, metavar="DUR",
+            help="finished longer ago than this (7d, 12h)"),
+        arg("--state", action="append", metavar="S",
+            help="only this finished state (repeatable): " + ", ".join(FINISHED))]),
+    Command("config", "get, set or list settings"),
+    Command("config get", "print one setting", cmd_config,
+            ["queuectl config get max-retries"], [arg("key", metavar="KEY"), JSON_ARG]),
+    Command("config set", "change one setting", cmd_config,
+            ["queuectl config set max-retries 5"],
+            [arg("key", metavar="KEY"), arg("value", metavar="VALUE")]),
+    Command("config list", "every setting and its value", cmd_config,
+            ["queuectl config list"], [JSON_ARG]),
+    Command("metrics", "Prometheus text format metrics", cmd_metrics,
+            ["queuectl metrics > /var/lib/node_exporter/queuectl.prom"]),
+    Command("top", "a live view: counts, running jobs, recent failures", cmd_top, [
+        "queuectl top", "queuectl top --interval 5", "queuectl top --once"], [
+        arg("--interval", type=_value("interval", "--interval"), default=1.0,
+            help="seconds between refreshes (default 1)"),
+        arg("--once", action="store_true",
+            help="print one frame and exit (no terminal needed)")]),
+    Command("completion", "print a shell completion script", cmd_completion, [
+        "source <(queuectl completion bash)",
+        "queuectl completion bash > /etc/bash_completion.d/queuectl"],
+        [arg("shell", choices=["bash"], help="the shell (bash)")]),
+    Command("doctor", "check integrity, permissions, stuck and orphaned jobs", cmd_doctor,
+            ["queuectl doctor", "queuectl doctor --json"], [JSON_ARG]),
+]
+COMMAND_NAMES = {c.words[0] for c in COMMAND_TABLE}
 
-COMMAND_NAMES = {c if isinstance(c, str) else c[0] for c in COMMANDS}
+
+def actions_of(group):
+    """The actions of a command group (worker, dlq, config), in order."""
+    return [c.words[1] for c in COMMAND_TABLE if len(c.words) == 2 and c.words[0] == group]
+
+
+def short_usage():
+    lines = ["usage: queuectl [--home DIR] COMMAND ...", "", "Common commands:"]
+    lines += [f"  queuectl {c.common[0]:<22} {c.common[1]}"
+              for c in COMMAND_TABLE if c.common]
+    lines += ["", "Run 'queuectl --help' for every command, 'queuectl COMMAND --help' "
+              "for one."]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser(only=None):
+    """The argument parser, built from COMMAND_TABLE; with only=NAME, just
+    that command's part (building all of them costs a cron-driven enqueue
+    several ms)."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            self.print_usage(sys.stderr)
+            raise UsageError(message)
+
+    common = Parser(add_help=False)
+    common.add_argument("--home", default=argparse.SUPPRESS, metavar="DIR", help=HOME_HELP)
+    parser = Parser(prog="queuectl", description="A background job queue for "
+                    "shell commands: retries, backoff, a dead letter queue, "
+                    "timeouts and crash recovery, all in SQLite.")
+    parser.add_argument("--version", action="version", version=f"queuectl {__version__}")
+    parser.add_argument("--home", metavar="DIR", help=HOME_HELP)
+    top = parser.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)
+    groups = {}
+    for c in COMMAND_TABLE:
+        if only is not None and c.words[0] != only:
+            continue
+        epilog = ("examples:\n" + "\n".join("  " + e for e in c.examples)
+                  if c.examples else None)
+        parent = top if len(c.words) == 1 else groups[c.words[0]]
+        p = parent.add_parser(c.words[-1], help=c.help, description=c.help, epilog=epilog,
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              parents=[common])
+        if c.handler is None:            # a group: its actions follow
+            groups[c.words[0]] = p.add_subparsers(dest="action", metavar="ACTION",
+                                                  parser_class=Parser)
+            continue
+        for flags, kw in c.args:
+            p.add_argument(*flags, **kw)
+        p.set_defaults(handler=c.handler)
+    return parser
+
+
+def completion_words():
+    """[(words typed so far, words that may come next)], longest first."""
+    extra = ["-h", "--help", "--home"]
+    cases = [((), sorted(COMMAND_NAMES, key=[c.words[0] for c in COMMAND_TABLE].index)
+              + extra + ["--version"])]
+    for c in COMMAND_TABLE:
+        if c.handler is None:
+            cases.append((c.words, actions_of(c.words[0]) + extra))
+        else:
+            cases.append((c.words, [f for flags, _ in c.args for f in flags
+                                    if f.startswith("-")] + extra))
+    return sorted(cases, key=lambda case: -len(case[0]))
 
 
 def _command_name(argv):
@@ -3807,25 +3772,21 @@ def main(argv=None):
     stderr; QUEUECTL_DEBUG=1 shows tracebacks of unexpected ones."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
-        sys.stdout.write(SHORT_USAGE)
+        sys.stdout.write(short_usage())
         return EXIT_OK
     try:
         only = _command_name(argv)
         args = build_parser(only).parse_args(argv)
         args.home = resolve_home(getattr(args, "home", None))
         if args.cmd is None:
-            sys.stdout.write(SHORT_USAGE)
+            sys.stdout.write(short_usage())
             return EXIT_OK
-        if hasattr(args, "sub_required"):
-            dest, p = args.sub_required
-            if getattr(args, dest) is None:
-                p.print_usage(sys.stderr)
-                raise UsageError(f"{args.cmd} needs an action: "
-                                 + ", ".join(p._subparsers._group_actions[0].choices))
-            func = COMMANDS.get((args.cmd, getattr(args, dest)), COMMANDS.get(args.cmd))
-        else:
-            func = COMMANDS[args.cmd]
-        return func(args)
+        handler = getattr(args, "handler", None)
+        if handler is None:              # a group named without its action
+            actions = actions_of(args.cmd)
+            sys.stderr.write(f"usage: queuectl {args.cmd} {{{','.join(actions)}}} ...\n")
+            raise UsageError(f"{args.cmd} needs an action: " + ", ".join(actions))
+        return handler(args)
     except QueuectlError as e:
         sys.stderr.write(f"queuectl: error: {e}\n")
         return e.code

@@ -2107,16 +2107,19 @@ class TestLiveWorkerBehaviour(RobustTest):
         self.assertEqual(self.job("once")["attempts"], 1)
 
     def _worker_output(self, w):
-        # The worker's stdout is a pipe; read what is there without blocking.
+        # The worker's stdout is a pipe; read what is there without blocking,
+        # from the descriptor itself (a buffered readline could keep a line
+        # in its buffer where select() cannot see it).
         import select
-        buf = getattr(w, "_seen", "")
-        while select.select([w.stdout], [], [], 0)[0]:
-            line = w.stdout.readline()
-            if not line:
+        buf = getattr(w, "_seen", b"")
+        fd = w.stdout.fileno()
+        while select.select([fd], [], [], 0)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
                 break
-            buf += line
+            buf += chunk
         w._seen = buf
-        return buf
+        return buf.decode("utf-8", "replace")
 
 
 # Benchmark ###################################################################
