@@ -21,28 +21,41 @@ Stdlib only, Python 3.10+, POSIX. See README.md for the whole manual.
 
 __version__ = "1.0.0"
 
+
 # Imports #####################################################################
+
 # Only what every command needs is imported here; enqueue runs from cron
 # thousands of times a day, so heavier modules are imported where used.
 
 import os
+
 import sys
+
 import time
+
 
 # Constants ###################################################################
 
 EXIT_OK = 0
+
 EXIT_FAIL = 1        # the operation failed: unknown job, bad transition
+
 EXIT_USAGE = 2       # bad usage or invalid input
+
 EXIT_TEMPFAIL = 75   # database busy past the wait: try again (EX_TEMPFAIL)
 
 PENDING, PROCESSING, FAILED = "pending", "processing", "failed"
+
 COMPLETED, DEAD, CANCELLED = "completed", "dead", "cancelled"
+
 STATES = (PENDING, PROCESSING, FAILED, COMPLETED, DEAD, CANCELLED)
+
 FINISHED = (COMPLETED, DEAD, CANCELLED)
 
 DEFAULT_QUEUE = "default"
+
 SCHEMA_VERSION = 1
+
 APPLICATION_ID = 0x71756575          # "queu": marks a queuectl database
 
 CONFIG_DEFAULTS = {
@@ -52,6 +65,7 @@ CONFIG_DEFAULTS = {
     "job_timeout": 0,
     "kill_grace": 10,
 }
+
 # Every number queuectl takes, from the command line, a JSON job or
 # config.json, is checked by check_value() against this one table:
 # name: (kind, minimum, maximum, meaning). Kinds: int, a whole number; num, a
@@ -76,15 +90,25 @@ VALUE_RULES = {
 }
 
 LEASE = 30.0             # a worker whose heartbeat is older is presumed gone
+
 HEARTBEAT = 5.0          # seconds between heartbeats and recovery scans
+
 BUSY_TIMEOUT = 30.0      # seconds a command waits for a busy database
+
 CANCEL_GRACE = 1.0       # cancel: SIGTERM, then SIGKILL after this
+
 PID_DELAY = 0.05         # a job still running after this gets its pid recorded
+
 FDS_BASE = 32            # descriptors a worker process needs, besides its threads
+
 FDS_PER_THREAD = 8       # a job thread's: db, WAL, shm, log, pidfd, spawn, spare
+
 ID_CHARS = "0123456789abcdefghjkmnpqrstvwxyz"   # Crockford base32, lower case
+
 MAX_ID = 128
+
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 # The job's own wrapper, run as `sh -c JOB_WRAPPER queuectl-job`. Its inputs
@@ -103,32 +127,31 @@ JOB_WRAPPER = (
     'umask 077; set -C; { true > "$__queuectl_s"; } 2>/dev/null || exit 125; set +C; '
     'trap \'echo $? >| "$__queuectl_s"\' EXIT; umask "$__queuectl_u"; '
     'cd -- "$__queuectl_d" || exit 126; eval "$__queuectl_c"')
+
 WRAPPER_REFUSED = 125        # the wrapper's exit when its start fence was taken
 
-# Errors ######################################################################
 
+# Errors ######################################################################
 
 class QueuectlError(Exception):
     """The root of every error the user is meant to see; main() prints it."""
     code = EXIT_FAIL
 
-
 class UsageError(QueuectlError):
     code = EXIT_USAGE
-
 
 class BusyError(QueuectlError):
     code = EXIT_TEMPFAIL
 
 
 # Fault points ################################################################
+
 # Tests freeze or break a worker at a named point, deterministically, instead
 # of sleeping and hoping to hit a window: QUEUECTL_FAULT="after-claim:stop" or
 # "record:fail*3" (points and actions are listed in test_queuectl.py). Unset,
 # a point costs one list lookup.
 
 _FAULTS = []         # [parsed QUEUECTL_FAULT]: {point: [action, job id, times]}
-
 
 def fault(point, job_id=None):
     """Act as QUEUECTL_FAULT asks at this point, if it names it."""
@@ -150,7 +173,6 @@ def fault(point, job_id=None):
     elif armed[0] == "fail":
         raise QueuectlError(f"database error: injected fault at {point}: disk I/O error")
 
-
 def _parse_faults(text):
     faults = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
@@ -161,8 +183,7 @@ def _parse_faults(text):
     return faults
 
 
-# Small helpers ###############################################################
-
+# Text and time: ids, timestamps, durations ###################################
 
 def valid_name(s):
     """True when s is a valid job id or queue name (it may name a file)."""
@@ -172,7 +193,6 @@ def valid_name(s):
         return False
     return all(c.isalnum() or c in "._-" for c in s)
 
-
 def check_name(s, what="job id"):
     if not valid_name(s):
         raise UsageError(
@@ -180,11 +200,9 @@ def check_name(s, what="job id"):
             "starting with a letter or digit")
     return s
 
-
 def new_id():
     """A short random id that is easy to type: 6 chars of Crockford base32."""
     return "".join(ID_CHARS[b & 31] for b in os.urandom(6))
-
 
 def _days_from_civil(y, m, d):
     # Howard Hinnant's algorithm: days since 1970-01-01 (proleptic Gregorian).
@@ -195,9 +213,7 @@ def _days_from_civil(y, m, d):
     doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
     return era * 146097 + doe - 719468
 
-
 _iso_second = (None, "")     # the last second formatted and its text, swapped whole
-
 
 def iso(ts):
     """Epoch seconds -> the stored form, UTC ISO-8601 with microseconds."""
@@ -214,7 +230,6 @@ def iso(ts):
         _iso_second = (whole, text)
     return f"{text}.{us:06d}Z"
 
-
 def epoch(s):
     """The stored ISO form -> epoch seconds."""
     if s is None:
@@ -223,11 +238,9 @@ def epoch(s):
     secs = days * 86400 + int(s[11:13]) * 3600 + int(s[14:16]) * 60 + int(s[17:19])
     return secs + (float("0" + s[19:-1]) if s[19] == "." else 0.0)
 
-
 def show_time(s):
     """The stored ISO form -> the printed one, to the second."""
     return None if s is None else s[:19] + "Z"
-
 
 def parse_duration(text, what="duration"):
     """'90', '90s', '5m', '2h', '1d', '1w', '1h30m' -> seconds (float)."""
@@ -252,13 +265,11 @@ def parse_duration(text, what="duration"):
     raise UsageError(f"invalid {what} {text!r}: use seconds or a number with "
                      "s, m, h, d or w (90, 90s, 5m, 2h, 1d, 1h30m)")
 
-
 def _number(num, text, what):
     try:
         return float(num)
     except ValueError:
         raise UsageError(f"invalid {what} {text!r}") from None
-
 
 def parse_time(text):
     """ISO-8601 ('2026-11-23T09:30:00Z', '2026-11-23 09:30', with an offset,
@@ -279,7 +290,6 @@ def parse_time(text):
         raise UsageError(f"run_at {text!r} is out of range: use a time from "
                          "1970 to 9999") from None
 
-
 def human_duration(secs):
     """Seconds -> '45s', '3m', '2h5m', '3d'."""
     secs = abs(secs)
@@ -295,7 +305,6 @@ def human_duration(secs):
         return f"{h}h{m}m" if m else f"{h}h"
     return f"{round(secs / 86400)}d"
 
-
 def relative(s, now=None):
     """A stored time -> '3m ago' / 'in 2h'."""
     if s is None:
@@ -306,6 +315,8 @@ def relative(s, now=None):
     return f"in {human_duration(delta)}" if delta > 0 else f"{human_duration(delta)} ago"
 
 
+# Files: private files, atomic writes, logs and status files ##################
+
 def ensure_private_dir(path):
     """Create path 0700 if missing; return it."""
     try:
@@ -315,7 +326,6 @@ def ensure_private_dir(path):
     else:
         os.chmod(path, 0o700)
     return path
-
 
 def check_private(path, what):
     """Refuse a file or directory another user could write or owns."""
@@ -329,7 +339,6 @@ def check_private(path, what):
             f"{st.st_mode & 0o777:o}); whoever can write it can run commands as "
             f"you. Fix it with: chmod go-w {path}")
 
-
 def open_private(path, flags):
     """Open a file 0600 without following a symlink at its name."""
     fd = os.open(path, flags | os.O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o600)
@@ -340,7 +349,6 @@ def open_private(path, flags):
         os.close(fd)
         raise
     return fd
-
 
 def write_atomic(path, text):
     """Write a file whole or not at all: temp file, fsync, rename."""
@@ -358,6 +366,113 @@ def write_atomic(path, text):
     finally:
         os.close(dfd)
 
+def remove_file(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+def log_path(home, job_id):
+    return os.path.join(home, "logs", job_id + ".log")
+
+def status_path(home, job_id, token):
+    return os.path.join(home, "run", f"{job_id}.{token}.exit")
+
+def read_status(path):
+    """What the job's wrapper left at path, as (kind, value):
+    ('absent', None)     the attempt has not started (its fence is free);
+    ('revoked', worker)  the claim of worker was revoked before it started;
+    ('running', None)    it started and has no exit status yet (or died
+                         without writing one);
+    ('exit', status)     it ended with this exit status;
+    ('unknown', error)   the file cannot be read now (EMFILE, EIO...):
+                         uncertainty, on which nothing may be decided."""
+    try:
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+    except FileNotFoundError:
+        return "absent", None
+    except OSError as e:
+        return "unknown", e.strerror
+    try:
+        data = os.read(fd, 256)
+    except OSError as e:
+        return "unknown", e.strerror
+    finally:
+        os.close(fd)
+    if data.startswith(b"revoked "):
+        return "revoked", data[8:].decode("ascii", "replace").strip()
+    try:
+        return ("exit", int(data)) if data.endswith(b"\n") else ("running", None)
+    except ValueError:
+        return "running", None
+
+def revoke(path, worker):
+    """Take the start fence of worker's claim: True when taken (its shell can
+    never run the command now), False when the attempt started first.
+    OSError when it could not be taken (a full disk, EMFILE...): then
+    nothing changed. The marker is written whole to a temporary file and
+    linked into place, so the fence never exists without saying "revoked"
+    (an empty one would read as "started")."""
+    tmp = f"{path}.{os.getpid()}.{new_id()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW
+                 | O_CLOEXEC, 0o600)
+    try:
+        data = f"revoked {worker}\n".encode()
+        if os.write(fd, data) != len(data):
+            raise OSError(28, "short write")
+        os.close(fd)
+        fd = None
+        try:
+            os.link(tmp, path)              # EEXIST: the attempt started first
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        if fd is not None:
+            os.close(fd)
+        remove_file(tmp)
+
+def log_line(fd, text):
+    """Append a queuectl line to an open log, on a line of its own."""
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        text = "\n" + text
+    os.write(fd, text.encode("utf-8", "replace"))
+
+def append_log(home, job_id, text):
+    fd = open_private(log_path(home, job_id), os.O_RDWR | os.O_APPEND)
+    try:
+        log_line(fd, text)
+    finally:
+        os.close(fd)
+
+def _safe_append(home, job_id, text):
+    try:
+        append_log(home, job_id, text)
+    except OSError:
+        pass
+
+def open_log(path):
+    """A job's log opened for reading, never through a planted symlink or
+    anything but a regular file; None when it does not exist (yet)."""
+    import errno
+    import stat
+    try:
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise QueuectlError(f"the log {path} is not a regular file; refusing "
+                                "to read it") from None
+        raise QueuectlError(f"cannot read the log {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise QueuectlError(f"the log {path} is not a regular file; refusing to read it")
+    return os.fdopen(fd, "rb")
+
+
+# Processes: /proc, process groups, waiting, spawning #########################
 
 def poll_until(cond, timeout=None, first=0.001, cap=0.1):
     """Call cond() until it is true (True) or timeout seconds have passed
@@ -376,7 +491,6 @@ def poll_until(cond, timeout=None, first=0.001, cap=0.1):
         delay = min(delay * 2, cap)
     return True
 
-
 def proc_stat(pid):
     """The fields of /proc/<pid>/stat after the command name (state first,
     then ppid, pgrp, ...; start time at index 19); None when the process is
@@ -387,7 +501,6 @@ def proc_stat(pid):
     except FileNotFoundError:
         return None
     return data[data.rfind(b")") + 2:].split()
-
 
 def proc_start(pid):
     """(alive, start time) of a process; start time from /proc where the OS
@@ -410,7 +523,6 @@ def proc_start(pid):
         pass
     return True, None
 
-
 def find_job_process(token, tries=3):
     """(pid, start) of the live leader of the attempt whose claim token is
     token, found through /proc (Linux) by the QUEUECTL_CLAIM in its
@@ -426,7 +538,6 @@ def find_job_process(token, tries=3):
         return bool(found) or left[0] <= 0
     poll_until(look, first=0.01, cap=0.02)
     return found[0] if found else (None, None)
-
 
 def claim_processes(token, leader_only=False):
     """[(pid, start)] of the live processes whose environment carries the
@@ -454,14 +565,12 @@ def claim_processes(token, leader_only=False):
             found.append((pid, start))
     return found
 
-
 def same_process(pid, start):
     """True while the process pid (started at start, if known) still runs."""
     if not pid:
         return False
     alive, now_start = proc_start(pid)
     return alive and (start is None or now_start is None or start == now_start)
-
 
 def group_alive(pgid):
     """True while a process of the group runs. Zombies do not count: an
@@ -487,13 +596,11 @@ def group_alive(pgid):
             return True
     return False
 
-
 def signal_group(pgid, sig):
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
 
 def kill_group(pgid, grace, leader_gone=lambda: True, send=None):
     """SIGTERM the process group, SIGKILL it after grace seconds if any
@@ -510,25 +617,98 @@ def kill_group(pgid, grace, leader_gone=lambda: True, send=None):
     send(signal.SIGKILL)
     poll_until(ended, 5, first=0.005)
 
+def wait_exit(pid, timeout, proc=None, start=None):
+    """Wait up to timeout seconds (None: forever) for a process to end; True
+    if it did. proc: our own child (reaped here); else any process, by pid
+    and, against pid reuse, its start time."""
+    import select
+    fd = None
+    if hasattr(os, "pidfd_open"):
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            fd = None
+        if fd is not None and proc is None and not same_process(pid, start):
+            return True          # it ended before the pidfd; the pid is another's now
+    try:
+        if fd is not None:
+            # A pidfd is readable once the process has ended, reaped or not.
+            ready = select.select([fd], [], [], timeout)[0]
+            if ready and proc is not None:
+                proc.wait()
+            return bool(ready) or (proc is not None and proc.poll() is not None)
+        if proc is not None:
+            return poll_until(lambda: proc.poll() is not None, timeout)
+        return poll_until(lambda: not same_process(pid, start), timeout)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
-# Home and config #############################################################
+class Child:
+    """A job shell started by spawn(): the part of Popen the worker uses."""
+
+    def __init__(self, pid):
+        import threading
+        self.pid = pid
+        self.returncode = None
+        # One waitpid at a time, and never a blocking one under the lock:
+        # poll() from another thread (stop --now) must not wait for the end.
+        self._lock = threading.Lock()
+
+    def poll(self):
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:
+                    pid, status = self.pid, 255 << 8
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+
+    def wait(self):
+        import select
+        try:
+            fd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):   # no pidfd here, or already reaped
+            poll_until(lambda: self.poll() is not None, cap=0.05)
+            return self.returncode
+        try:
+            select.select([fd], [], [])     # readable once it has ended
+        finally:
+            os.close(fd)
+        poll_until(lambda: self.poll() is not None)
+        return self.returncode
+
+def spawn(argv, cwd, env, stdin, out):
+    """Start argv in a new session with stdin/stdout/stderr set; a Child.
+    posix_spawn (vfork-fast, little Python) where it can set the session,
+    else subprocess.Popen. JOB_WRAPPER's cd applies cwd either way."""
+    import signal
+    if hasattr(os, "POSIX_SPAWN_DUP2"):
+        try:
+            # Python ignores SIGPIPE and SIGXFSZ; a shell cannot undo an
+            # ignore it inherits, so jobs get the defaults back here (Popen's
+            # restore_signals does the same).
+            return Child(os.posix_spawn(argv[0], argv, env, setsid=True, file_actions=[
+                (os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, out, 1),
+                (os.POSIX_SPAWN_DUP2, out, 2)],
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ)))
+        except NotImplementedError:
+            pass                            # no POSIX_SPAWN_SETSID here
+    import subprocess
+    return subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=out,
+                            stderr=out, start_new_session=True)
+
+def _drain_fd(fd):
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
 
 
-def resolve_home(arg=None):
-    if arg is not None and not arg.strip():
-        raise UsageError("--home needs a directory")
-    home = arg or os.environ.get("QUEUECTL_HOME") or os.path.join(
-        os.path.expanduser("~"), ".queuectl")
-    return os.path.abspath(home)
-
-
-def normalize_key(key):
-    k = str(key).strip().lower().replace("-", "_")
-    if k not in CONFIG_DEFAULTS:
-        raise UsageError(f"unknown config key {key!r}; allowed: "
-                         + ", ".join(CONFIG_DEFAULTS))
-    return k
-
+# Values, home and config #####################################################
 
 def check_value(name, value, source=None, text=False):
     """Check one value for name against VALUE_RULES -> int or float. With
@@ -561,16 +741,27 @@ def check_value(name, value, source=None, text=False):
         raise UsageError(f"invalid {source or name} {value!r}: {allowed}")
     return int(v) if kind == "int" or v == int(v) else float(v)
 
-
 def check_config_value(key, value, source="value"):
     """One value of config.json (a JSON number) -> int or float."""
     return check_value(key, value, source)
-
 
 def parse_config_text(key, text):
     """A value typed on the command line for a config key -> a checked number."""
     return check_value(key, text, "value", text=True)
 
+def resolve_home(arg=None):
+    if arg is not None and not arg.strip():
+        raise UsageError("--home needs a directory")
+    home = arg or os.environ.get("QUEUECTL_HOME") or os.path.join(
+        os.path.expanduser("~"), ".queuectl")
+    return os.path.abspath(home)
+
+def normalize_key(key):
+    k = str(key).strip().lower().replace("-", "_")
+    if k not in CONFIG_DEFAULTS:
+        raise UsageError(f"unknown config key {key!r}; allowed: "
+                         + ", ".join(CONFIG_DEFAULTS))
+    return k
 
 class Config:
     """config.json: only the keys that were set; defaults fill the rest."""
@@ -613,10 +804,8 @@ class Config:
         data[key] = value
         write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
-
 def _refuse_constant(name):
     raise ValueError(f"{name} is not allowed")
-
 
 def backoff_delay(attempts, cfg):
     """Seconds to wait before the retry that follows attempt number n."""
@@ -626,7 +815,130 @@ def backoff_delay(attempts, cfg):
         return cfg["max_backoff"]
 
 
-# Storage #####################################################################
+# Job specs (validation of what enqueue takes) ################################
+
+SPEC_FIELDS = {"id", "command", "queue", "priority", "max_retries", "timeout",
+               "run_at", "delay", "depends_on", "cwd", "env", "unique"}
+
+def _utf8(text):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:           # undecodable bytes from argv or a file
+        return False
+    return True
+
+def _is_num(v):
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and v == v and abs(v) != float("inf"))
+
+def check_spec(spec, where=""):
+    """Validate and normalise one job spec (a dict) in place; returns it."""
+    pre = f"{where}: " if where else ""
+    unknown = set(spec) - SPEC_FIELDS
+    if unknown:
+        raise UsageError(f"{pre}unknown job field(s) {', '.join(sorted(unknown))}; "
+                         f"allowed: {', '.join(sorted(SPEC_FIELDS))}")
+    cmd = spec.get("command")
+    if not isinstance(cmd, str) or not cmd.strip():
+        raise UsageError(f"{pre}a job needs a non-empty command string")
+    for field in ("command", "cwd"):
+        if isinstance(spec.get(field), str) and not _utf8(spec[field]):
+            raise UsageError(f"{pre}the {field} is not valid UTF-8")
+    if "\0" in cmd:
+        raise UsageError(f"{pre}the command contains a NUL byte")
+    if spec.get("id") is not None:
+        if not isinstance(spec["id"], str):
+            raise UsageError(f"{pre}invalid job id {spec['id']!r}: an id is a string")
+        check_name(spec["id"])
+    if spec.get("queue") is not None:
+        check_name(spec["queue"], "queue name")
+    for name in ("priority", "max_retries", "timeout"):
+        if spec.get(name) is not None:
+            try:
+                spec[name] = check_value(name, spec[name])
+            except UsageError as e:
+                raise UsageError(f"{pre}{e}") from None
+    if spec.get("run_at") is not None and not isinstance(spec["run_at"], str):
+        raise UsageError(f"{pre}invalid run_at {spec['run_at']!r}: use an ISO-8601 "
+                         "string such as 2026-11-23T09:30:00Z")
+    if spec.get("delay") is not None:
+        d = spec.pop("delay")
+        if _is_num(d):
+            d = str(d)
+        if not isinstance(d, str):
+            raise UsageError(f"{pre}invalid delay {d!r}")
+        spec["run_at"] = time.time() + parse_duration(d, "delay")
+    elif spec.get("run_at") is not None:
+        text = spec["run_at"]
+        spec["run_at"] = parse_time(text)
+        if not 0 <= spec["run_at"] < 253402300800:     # 1970 to 9999
+            raise UsageError(f"{pre}run_at {text!r} is out of range: use a time "
+                             "from 1970 to 9999")
+    deps = spec.get("depends_on")
+    if deps is not None:
+        if isinstance(deps, str):
+            deps = [deps]
+        if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+            raise UsageError(f"{pre}depends_on must be a list of job ids")
+        for d in deps:
+            check_name(d)
+        spec["depends_on"] = list(dict.fromkeys(deps))
+    env = spec.get("env")
+    if env is not None:
+        if not isinstance(env, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise UsageError(f"{pre}env must be an object of strings")
+        for k, v in env.items():
+            if not k or "=" in k or "\0" in k or "\0" in v:
+                raise UsageError(f"{pre}invalid environment variable name {k!r}")
+            if not _utf8(k) or not _utf8(v):
+                raise UsageError(f"{pre}env {k!r} is not valid UTF-8")
+    cwd = spec.get("cwd")
+    if cwd is None:
+        try:
+            spec["cwd"] = os.getcwd()
+        except OSError:
+            raise UsageError(f"{pre}the current directory no longer exists; "
+                             "give the job a --cwd") from None
+    elif not isinstance(cwd, str) or not cwd:
+        raise UsageError(f"{pre}cwd must be a directory path")
+    else:
+        spec["cwd"] = os.path.abspath(cwd)
+        if not os.path.isdir(spec["cwd"]):
+            raise UsageError(f"{pre}cwd {cwd!r} is not a directory")
+    if not isinstance(spec.get("unique", False), bool):
+        raise UsageError(f"{pre}unique must be true or false")
+    if spec.get("unique") and spec.get("id") is None:
+        raise UsageError(f"{pre}--unique needs an id (--id or \"id\")")
+    return spec
+
+def spec_from_text(text, where=""):
+    """One enqueue argument or --stdin line -> a spec dict (not yet checked)."""
+    if text.lstrip().startswith("{"):
+        import json
+        try:
+            obj = json.loads(text, parse_constant=_refuse_constant)
+        except ValueError as e:
+            pre = f"{where}: " if where else ""
+            raise UsageError(f"{pre}invalid JSON job ({e})") from None
+        return obj
+    return {"command": text}
+
+def _json_or_none(value):
+    if not value:
+        return None
+    import json
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+def _loads(text, default):
+    if not text:
+        return default
+    import json
+    return json.loads(text)
+
+
+# Schema and SQL ##############################################################
+
 # One connection per thread; each Store owns one. Every write goes through
 # Store.tx(), which owns BEGIN IMMEDIATE, commit, rollback and the mapping of
 # sqlite3 errors to QueuectlError.
@@ -682,6 +994,7 @@ SCHEMA = [
         duration_sum REAL NOT NULL DEFAULT 0,
         duration_count INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID""",
 ]
+
 # Migrations: MIGRATIONS[n] takes a db from version n to n + 1.
 MIGRATIONS = {}
 
@@ -689,7 +1002,9 @@ JOB_FIELDS = ("id", "command", "state", "queue", "priority", "attempts",
               "max_retries", "timeout", "run_at", "depends_on", "cwd", "env",
               "created_at", "updated_at", "started_at", "finished_at",
               "exit_code", "last_error", "worker")
+
 ROW_FIELDS = JOB_FIELDS + ("seq", "blocked", "claim", "pid", "pid_start")
+
 JOB_COLUMNS = ", ".join(ROW_FIELDS)
 
 # The transitions of a job. Each is one statement below, the one place that
@@ -715,97 +1030,140 @@ JOB_COLUMNS = ", ".join(ROW_FIELDS)
 # updated_at is set by all but record pid; blocked changes with dependencies.
 
 FENCE = " WHERE id = ? AND worker = ? AND claim = ? AND state = 'processing'"
+
 SQL_INSERT = """INSERT INTO jobs (id, command, state, queue, priority,
     max_retries, timeout, run_at, depends_on, blocked, cwd, env, created_at,
     updated_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
 SQL_INSERT_DEP = "INSERT OR IGNORE INTO deps (job, dep) VALUES (?, ?)"
+
 SQL_CLAIMABLE = f"""SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_ready
     WHERE state IN ('pending', 'failed') AND blocked = 0 AND run_at <= ?{{where}}
     ORDER BY priority DESC, run_at, seq LIMIT 1"""
+
 SQL_CLAIM = """UPDATE jobs SET state = 'processing', claim = ?, worker = ?,
     started_at = ?, updated_at = ?, pid = NULL, pid_start = NULL
     WHERE seq = ?"""
+
 SQL_RECORD_PID = "UPDATE jobs SET pid = ?, pid_start = ?" + FENCE
+
 SQL_TAKE = "UPDATE jobs SET worker = ?, updated_at = ?" + FENCE
+
 SQL_COMPLETE = """UPDATE jobs SET state = 'completed', attempts = ?,
     exit_code = ?, finished_at = ?, updated_at = ?, last_error = NULL,
     claim = NULL, pid = NULL, pid_start = NULL""" + FENCE
+
 SQL_FAIL = """UPDATE jobs SET state = ?, attempts = ?, exit_code = ?,
     last_error = ?, run_at = ?, finished_at = ?, updated_at = ?,
     claim = NULL, pid = NULL, pid_start = NULL""" + FENCE
+
 SQL_REQUEUE = """UPDATE jobs SET state = 'pending', updated_at = ?, claim = NULL,
     worker = NULL, pid = NULL, pid_start = NULL, started_at = NULL""" + FENCE
+
 SQL_CANCEL = """UPDATE jobs SET state = 'cancelled', finished_at = ?,
     updated_at = ?, last_error = 'cancelled' WHERE id = ?"""
+
 SQL_RESET = """UPDATE jobs SET state = 'pending', attempts = 0, run_at = ?,
     updated_at = ?, blocked = ?, worker = NULL, claim = NULL, pid = NULL,
     pid_start = NULL, started_at = NULL, finished_at = NULL, exit_code = NULL,
     last_error = NULL WHERE id = ?"""
+
 SQL_UNBLOCK = """UPDATE jobs SET blocked = 0 WHERE blocked = 1
     AND id IN (SELECT job FROM deps WHERE dep = ?)
     AND NOT EXISTS (SELECT 1 FROM deps d JOIN jobs j ON j.id = d.dep
                     WHERE d.job = jobs.id AND j.state != 'completed')"""
+
 SQL_REBLOCK = """UPDATE jobs SET blocked = 1 WHERE state IN ('pending', 'failed')
     AND id IN (SELECT job FROM deps WHERE dep = ?)"""
+
 SQL_STAT_ADD = """INSERT INTO stats (queue, attempts, failures, duration_sum,
     duration_count) VALUES (?, 1, ?, ?, ?) ON CONFLICT (queue) DO UPDATE SET
     attempts = attempts + 1, failures = failures + excluded.failures,
     duration_sum = duration_sum + excluded.duration_sum,
     duration_count = duration_count + excluded.duration_count"""
+
 SQL_DELETE_JOBS = "DELETE FROM jobs WHERE id IN ({marks})"
+
 SQL_DELETE_DEPS = "DELETE FROM deps WHERE job IN ({marks})"
 
 # Reads of jobs
 SQL_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"
+
 SQL_JOB_EXISTS = "SELECT 1 FROM jobs WHERE id = ?"
+
 SQL_JOB_STATES = "SELECT id, state FROM jobs WHERE id IN ({marks})"
+
 SQL_OWNED = "SELECT 1 FROM jobs" + FENCE
+
 SQL_PROCESSING = f"""SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'processing'
     ORDER BY started_at"""
+
 SQL_WORKER_JOBS = """SELECT id FROM jobs WHERE state = 'processing' AND worker = ?
     ORDER BY started_at"""
+
 SQL_RECENT_FAILURES = f"""SELECT {JOB_COLUMNS} FROM jobs
     WHERE state IN ('failed', 'dead') ORDER BY updated_at DESC LIMIT ?"""
+
 SQL_LIST = f"SELECT {JOB_COLUMNS} FROM jobs{{where}} ORDER BY seq{{limit}}"
+
 SQL_LIST_COUNT = "SELECT count(*) FROM jobs{where}"
+
 SQL_IDS_IN_STATE = "SELECT id FROM jobs WHERE state = ? ORDER BY seq"
+
 SQL_FINISHED_BEFORE = """SELECT id FROM jobs WHERE state IN ({marks})
     AND finished_at < ?"""
+
 SQL_IDS_STILL_IN = "SELECT id FROM jobs WHERE id IN ({marks}) AND state IN ({smarks})"
+
 SQL_OPEN_DEPS = "SELECT count(*) FROM jobs WHERE id IN ({marks}) AND state != 'completed'"
+
 SQL_COUNTS = "SELECT state, queue, count(*) FROM jobs GROUP BY state, queue"
+
 SQL_OLDEST_PENDING = """SELECT id, created_at FROM jobs WHERE state = 'pending'
     ORDER BY created_at LIMIT 1"""
+
 SQL_NEXT_SCHEDULED = """SELECT id, run_at FROM jobs INDEXED BY jobs_ready
     WHERE state IN ('pending', 'failed') AND blocked = 0 AND run_at > ?
     ORDER BY run_at LIMIT 1"""
+
 SQL_NEXT_RUN = """SELECT min(run_at) FROM jobs INDEXED BY jobs_ready
     WHERE state IN ('pending', 'failed') AND blocked = 0{where}"""
+
 SQL_WAITING = "SELECT count(*) FROM jobs WHERE state IN ('pending', 'failed')"
+
 SQL_JOB_COUNT = "SELECT count(*) FROM jobs"
+
 SQL_BLOCKED_ON_DEAD = """SELECT j.id, d.dep, coalesce(k.state, 'missing') FROM jobs j
     JOIN deps d ON d.job = j.id LEFT JOIN jobs k ON k.id = d.dep
     WHERE j.state IN ('pending', 'failed') AND j.blocked = 1
     AND coalesce(k.state, 'missing') IN ('dead', 'cancelled', 'missing')"""
+
 SQL_STATS = "SELECT queue, {names} FROM stats ORDER BY queue"
+
 SQL_COUNT_TABLES = "SELECT count(*) FROM sqlite_master"
 
 # Workers and paused queues
 SQL_WORKER_FIELDS = ("id", "pid", "host", "threads", "queues", "started_at", "heartbeat")
+
 SQL_WORKERS = f"SELECT {', '.join(SQL_WORKER_FIELDS)} FROM workers ORDER BY started_at"
+
 SQL_REGISTER = """INSERT OR REPLACE INTO workers (id, pid, host, threads, queues,
     started_at, heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?)"""
+
 SQL_HEARTBEAT = "UPDATE workers SET heartbeat = ? WHERE id = ?"
+
 SQL_DELETE_WORKER = "DELETE FROM workers WHERE id = ?"
+
 SQL_PAUSED = "SELECT queue FROM paused"
+
 SQL_PAUSE = "INSERT OR IGNORE INTO paused (queue) VALUES (?)"
+
 SQL_RESUME = "DELETE FROM paused WHERE queue = ?"
+
 SQL_RESUME_ALL = "DELETE FROM paused"
 
 
-def job_from_row(row):
-    return dict(zip(ROW_FIELDS, row))
-
+# Store #######################################################################
 
 def busy_timeout():
     """Seconds to wait for a busy database: $QUEUECTL_BUSY_TIMEOUT or 30."""
@@ -820,7 +1178,6 @@ def busy_timeout():
         raise UsageError(f"invalid QUEUECTL_BUSY_TIMEOUT {text!r}: use seconds "
                          "from 0 to 86400")
     return value
-
 
 class Store:
     """One SQLite connection to home/queue.db; not shared between threads.
@@ -1219,24 +1576,6 @@ class Store:
             for q in queues:
                 self.x(SQL_RESUME, (q,))
 
-
-def _marks(items):
-    return ",".join("?" * len(items))
-
-
-def claim_filter(queues, paused):
-    """The WHERE tail and parameters that keep a claim to queues (None: all)
-    and out of paused ones."""
-    where, params = "", []
-    if queues:
-        where += f" AND queue IN ({_marks(queues)})"
-        params += list(queues)
-    if paused:
-        where += f" AND queue NOT IN ({_marks(paused)})"
-        params += sorted(paused)
-    return where, params
-
-
 class _Transaction:
     def __init__(self, store):
         self.store = store
@@ -1275,22 +1614,27 @@ class _Transaction:
             raise self.store._error(exc) from None
         return False
 
+def _marks(items):
+    return ",".join("?" * len(items))
 
-def _json_or_none(value):
-    if not value:
-        return None
-    import json
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+def claim_filter(queues, paused):
+    """The WHERE tail and parameters that keep a claim to queues (None: all)
+    and out of paused ones."""
+    where, params = "", []
+    if queues:
+        where += f" AND queue IN ({_marks(queues)})"
+        params += list(queues)
+    if paused:
+        where += f" AND queue NOT IN ({_marks(paused)})"
+        params += sorted(paused)
+    return where, params
 
-
-def _loads(text, default):
-    if not text:
-        return default
-    import json
-    return json.loads(text)
+def job_from_row(row):
+    return dict(zip(ROW_FIELDS, row))
 
 
 # Worker liveness and wake-ups ################################################
+
 # Each worker process holds an exclusive flock on home/run/<worker>.lock for
 # its whole life: the kernel releases it the instant the process dies, so
 # "is it alive?" never depends on clocks or pid reuse. Idle workers sleep in
@@ -1300,7 +1644,6 @@ def _loads(text, default):
 
 def run_dir(home):
     return ensure_private_dir(os.path.join(home, "run"))
-
 
 def lock_held(home, wid):
     """True while the worker wid (on this host) holds its lock file."""
@@ -1321,7 +1664,6 @@ def lock_held(home, wid):
     finally:
         os.close(fd)
 
-
 def worker_alive(home, row):
     """Is the process of this workers row alive? On this host its lock says
     so (a stopped or suspended worker is still alive); elsewhere, only a
@@ -1330,12 +1672,10 @@ def worker_alive(home, row):
         return lock_held(home, row["id"])
     return time.time() - epoch(row["heartbeat"]) <= LEASE
 
-
 def worker_stale(row):
     """Its heartbeat is older than the lease: its jobs are recovered even if
     it lives (stopped, suspended, stuck); fencing keeps its late writes out."""
     return time.time() - epoch(row["heartbeat"]) > LEASE
-
 
 def remove_worker_files(home, wid):
     for suffix in (".lock", ".wake"):
@@ -1343,7 +1683,6 @@ def remove_worker_files(home, wid):
             os.unlink(os.path.join(home, "run", wid + suffix))
         except OSError:
             pass
-
 
 def wake_workers(home):
     """Tell idle workers that a job may be runnable (cheap; never blocks)."""
@@ -1368,9 +1707,7 @@ def wake_workers(home):
             finally:
                 os.close(fd)
 
-
 _HOST = []
-
 
 def hostname():
     if not _HOST:
@@ -1378,197 +1715,13 @@ def hostname():
     return _HOST[0]
 
 
-# Job specs (validation of what enqueue takes) ################################
+# One attempt: spawn, wait, timeout, record, footer ###########################
 
-SPEC_FIELDS = {"id", "command", "queue", "priority", "max_retries", "timeout",
-               "run_at", "delay", "depends_on", "cwd", "env", "unique"}
-
-
-def _utf8(text):
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:           # undecodable bytes from argv or a file
-        return False
-    return True
-
-
-def _is_num(v):
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)
-            and v == v and abs(v) != float("inf"))
-
-
-def check_spec(spec, where=""):
-    """Validate and normalise one job spec (a dict) in place; returns it."""
-    pre = f"{where}: " if where else ""
-    unknown = set(spec) - SPEC_FIELDS
-    if unknown:
-        raise UsageError(f"{pre}unknown job field(s) {', '.join(sorted(unknown))}; "
-                         f"allowed: {', '.join(sorted(SPEC_FIELDS))}")
-    cmd = spec.get("command")
-    if not isinstance(cmd, str) or not cmd.strip():
-        raise UsageError(f"{pre}a job needs a non-empty command string")
-    for field in ("command", "cwd"):
-        if isinstance(spec.get(field), str) and not _utf8(spec[field]):
-            raise UsageError(f"{pre}the {field} is not valid UTF-8")
-    if "\0" in cmd:
-        raise UsageError(f"{pre}the command contains a NUL byte")
-    if spec.get("id") is not None:
-        if not isinstance(spec["id"], str):
-            raise UsageError(f"{pre}invalid job id {spec['id']!r}: an id is a string")
-        check_name(spec["id"])
-    if spec.get("queue") is not None:
-        check_name(spec["queue"], "queue name")
-    for name in ("priority", "max_retries", "timeout"):
-        if spec.get(name) is not None:
-            try:
-                spec[name] = check_value(name, spec[name])
-            except UsageError as e:
-                raise UsageError(f"{pre}{e}") from None
-    if spec.get("run_at") is not None and not isinstance(spec["run_at"], str):
-        raise UsageError(f"{pre}invalid run_at {spec['run_at']!r}: use an ISO-8601 "
-                         "string such as 2026-11-23T09:30:00Z")
-    if spec.get("delay") is not None:
-        d = spec.pop("delay")
-        if _is_num(d):
-            d = str(d)
-        if not isinstance(d, str):
-            raise UsageError(f"{pre}invalid delay {d!r}")
-        spec["run_at"] = time.time() + parse_duration(d, "delay")
-    elif spec.get("run_at") is not None:
-        text = spec["run_at"]
-        spec["run_at"] = parse_time(text)
-        if not 0 <= spec["run_at"] < 253402300800:     # 1970 to 9999
-            raise UsageError(f"{pre}run_at {text!r} is out of range: use a time "
-                             "from 1970 to 9999")
-    deps = spec.get("depends_on")
-    if deps is not None:
-        if isinstance(deps, str):
-            deps = [deps]
-        if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
-            raise UsageError(f"{pre}depends_on must be a list of job ids")
-        for d in deps:
-            check_name(d)
-        spec["depends_on"] = list(dict.fromkeys(deps))
-    env = spec.get("env")
-    if env is not None:
-        if not isinstance(env, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise UsageError(f"{pre}env must be an object of strings")
-        for k, v in env.items():
-            if not k or "=" in k or "\0" in k or "\0" in v:
-                raise UsageError(f"{pre}invalid environment variable name {k!r}")
-            if not _utf8(k) or not _utf8(v):
-                raise UsageError(f"{pre}env {k!r} is not valid UTF-8")
-    cwd = spec.get("cwd")
-    if cwd is None:
-        try:
-            spec["cwd"] = os.getcwd()
-        except OSError:
-            raise UsageError(f"{pre}the current directory no longer exists; "
-                             "give the job a --cwd") from None
-    elif not isinstance(cwd, str) or not cwd:
-        raise UsageError(f"{pre}cwd must be a directory path")
-    else:
-        spec["cwd"] = os.path.abspath(cwd)
-        if not os.path.isdir(spec["cwd"]):
-            raise UsageError(f"{pre}cwd {cwd!r} is not a directory")
-    if not isinstance(spec.get("unique", False), bool):
-        raise UsageError(f"{pre}unique must be true or false")
-    if spec.get("unique") and spec.get("id") is None:
-        raise UsageError(f"{pre}--unique needs an id (--id or \"id\")")
-    return spec
-
-
-def spec_from_text(text, where=""):
-    """One enqueue argument or --stdin line -> a spec dict (not yet checked)."""
-    if text.lstrip().startswith("{"):
-        import json
-        try:
-            obj = json.loads(text, parse_constant=_refuse_constant)
-        except ValueError as e:
-            pre = f"{where}: " if where else ""
-            raise UsageError(f"{pre}invalid JSON job ({e})") from None
-        return obj
-    return {"command": text}
-
-
-# Execution ###################################################################
 # A job runs as /bin/sh -c JOB_WRAPPER in a new session (its own process
 # group), stdin /dev/null, stdout and stderr appended straight to its log.
 # Store.finish() is the one place an attempt's outcome is written; every
 # update of a claimed job is fenced on (worker, claim) so a stale worker can
 # never overwrite what another recorded.
-
-def log_path(home, job_id):
-    return os.path.join(home, "logs", job_id + ".log")
-
-
-def status_path(home, job_id, token):
-    return os.path.join(home, "run", f"{job_id}.{token}.exit")
-
-
-def read_status(path):
-    """What the job's wrapper left at path, as (kind, value):
-    ('absent', None)     the attempt has not started (its fence is free);
-    ('revoked', worker)  the claim of worker was revoked before it started;
-    ('running', None)    it started and has no exit status yet (or died
-                         without writing one);
-    ('exit', status)     it ended with this exit status;
-    ('unknown', error)   the file cannot be read now (EMFILE, EIO...):
-                         uncertainty, on which nothing may be decided."""
-    try:
-        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
-    except FileNotFoundError:
-        return "absent", None
-    except OSError as e:
-        return "unknown", e.strerror
-    try:
-        data = os.read(fd, 256)
-    except OSError as e:
-        return "unknown", e.strerror
-    finally:
-        os.close(fd)
-    if data.startswith(b"revoked "):
-        return "revoked", data[8:].decode("ascii", "replace").strip()
-    try:
-        return ("exit", int(data)) if data.endswith(b"\n") else ("running", None)
-    except ValueError:
-        return "running", None
-
-
-def revoke(path, worker):
-    """Take the start fence of worker's claim: True when taken (its shell can
-    never run the command now), False when the attempt started first.
-    OSError when it could not be taken (a full disk, EMFILE...): then
-    nothing changed. The marker is written whole to a temporary file and
-    linked into place, so the fence never exists without saying "revoked"
-    (an empty one would read as "started")."""
-    tmp = f"{path}.{os.getpid()}.{new_id()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW
-                 | O_CLOEXEC, 0o600)
-    try:
-        data = f"revoked {worker}\n".encode()
-        if os.write(fd, data) != len(data):
-            raise OSError(28, "short write")
-        os.close(fd)
-        fd = None
-        try:
-            os.link(tmp, path)              # EEXIST: the attempt started first
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        if fd is not None:
-            os.close(fd)
-        remove_file(tmp)
-
-
-def remove_file(path):
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
 
 def describe_exit(rc):
     """waitpid-style code (negative = signal) -> (exit_code, last_error)."""
@@ -1584,109 +1737,6 @@ def describe_exit(rc):
     if rc == 0:
         return 0, None
     return rc, f"exit code {rc}"
-
-
-def log_line(fd, text):
-    """Append a queuectl line to an open log, on a line of its own."""
-    size = os.fstat(fd).st_size
-    if size and os.pread(fd, 1, size - 1) != b"\n":
-        text = "\n" + text
-    os.write(fd, text.encode("utf-8", "replace"))
-
-
-def append_log(home, job_id, text):
-    fd = open_private(log_path(home, job_id), os.O_RDWR | os.O_APPEND)
-    try:
-        log_line(fd, text)
-    finally:
-        os.close(fd)
-
-
-def wait_exit(pid, timeout, proc=None, start=None):
-    """Wait up to timeout seconds (None: forever) for a process to end; True
-    if it did. proc: our own child (reaped here); else any process, by pid
-    and, against pid reuse, its start time."""
-    import select
-    fd = None
-    if hasattr(os, "pidfd_open"):
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:
-            fd = None
-        if fd is not None and proc is None and not same_process(pid, start):
-            return True          # it ended before the pidfd; the pid is another's now
-    try:
-        if fd is not None:
-            # A pidfd is readable once the process has ended, reaped or not.
-            ready = select.select([fd], [], [], timeout)[0]
-            if ready and proc is not None:
-                proc.wait()
-            return bool(ready) or (proc is not None and proc.poll() is not None)
-        if proc is not None:
-            return poll_until(lambda: proc.poll() is not None, timeout)
-        return poll_until(lambda: not same_process(pid, start), timeout)
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-class Child:
-    """A job shell started by spawn(): the part of Popen the worker uses."""
-
-    def __init__(self, pid):
-        import threading
-        self.pid = pid
-        self.returncode = None
-        # One waitpid at a time, and never a blocking one under the lock:
-        # poll() from another thread (stop --now) must not wait for the end.
-        self._lock = threading.Lock()
-
-    def poll(self):
-        with self._lock:
-            if self.returncode is None:
-                try:
-                    pid, status = os.waitpid(self.pid, os.WNOHANG)
-                except ChildProcessError:
-                    pid, status = self.pid, 255 << 8
-                if pid:
-                    self.returncode = os.waitstatus_to_exitcode(status)
-            return self.returncode
-
-    def wait(self):
-        import select
-        try:
-            fd = os.pidfd_open(self.pid)
-        except (AttributeError, OSError):   # no pidfd here, or already reaped
-            poll_until(lambda: self.poll() is not None, cap=0.05)
-            return self.returncode
-        try:
-            select.select([fd], [], [])     # readable once it has ended
-        finally:
-            os.close(fd)
-        poll_until(lambda: self.poll() is not None)
-        return self.returncode
-
-
-def spawn(argv, cwd, env, stdin, out):
-    """Start argv in a new session with stdin/stdout/stderr set; a Child.
-    posix_spawn (vfork-fast, little Python) where it can set the session,
-    else subprocess.Popen. JOB_WRAPPER's cd applies cwd either way."""
-    import signal
-    if hasattr(os, "POSIX_SPAWN_DUP2"):
-        try:
-            # Python ignores SIGPIPE and SIGXFSZ; a shell cannot undo an
-            # ignore it inherits, so jobs get the defaults back here (Popen's
-            # restore_signals does the same).
-            return Child(os.posix_spawn(argv[0], argv, env, setsid=True, file_actions=[
-                (os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, out, 1),
-                (os.POSIX_SPAWN_DUP2, out, 2)],
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ)))
-        except NotImplementedError:
-            pass                            # no POSIX_SPAWN_SETSID here
-    import subprocess
-    return subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=out,
-                            stderr=out, start_new_session=True)
-
 
 class Running:
     """A job this worker process runs (proc set) or adopted (proc None)."""
@@ -1714,8 +1764,488 @@ class Running:
             return True
         return group_alive(self.pid)
 
+class Attempts:
+    """One attempt of a job, as a Worker runs it: spawn -> wait -> timeout ->
+    record -> footer. A mixin of Worker (it shares the worker's state, see
+    the threading model there)."""
+
+    def _job_env(self, job, token, attempt):
+        env = dict(self.base_env)
+        if job["env"]:
+            env.update(_loads(job["env"], {}))
+        env["QUEUECTL_JOB_ID"] = job["id"]
+        env["QUEUECTL_ATTEMPT"] = str(attempt)
+        env["QUEUECTL_CLAIM"] = token       # how its processes are found again
+        env["__QUEUECTL_STATUS"] = status_path(self.home, job["id"], token)
+        env["__QUEUECTL_COMMAND"] = job["command"]
+        env["__QUEUECTL_CWD"] = job["cwd"]
+        env["__QUEUECTL_UMASK"] = self.umask
+        return env
+
+    def execute(self, store, job):
+        """Run one claimed job to its end and record the outcome; returns the
+        next job, claimed in the same transaction (None if none). Any failure
+        to start it is a counted, failed attempt with its reason."""
+        attempt = job["attempts"] + 1
+        token = job["claim"]
+        timeout = job["timeout"] if job["timeout"] is not None else self.config["job_timeout"]
+        path = log_path(self.home, job["id"])
+        fd = None
+        try:
+            fault("after-claim", job["id"])
+            try:
+                fd = open_private(path, os.O_RDWR | os.O_APPEND)
+            except OSError as e:
+                # ELOOP: a symlink was planted at the log's name; never follow it.
+                raise OSError(e.errno, f"could not open its log {path}: "
+                              f"{e.strerror}") from None
+            try:
+                log_line(fd, f"[queuectl] attempt {attempt} started "
+                             f"{show_time(job['started_at'])} on worker {self.id}\n")
+            except OSError:
+                pass                     # a full disk: the job may still run
+            began = time.monotonic()
+            fault("before-spawn", job["id"])
+            if not os.path.isdir(job["cwd"]):
+                raise FileNotFoundError(2, f"no such directory (cwd {job['cwd']})")
+            proc = spawn(["/bin/sh", "-c", JOB_WRAPPER, "queuectl-job"], job["cwd"],
+                         self._job_env(job, token, attempt), self.devnull, fd)
+        except Exception as e:           # OSError, an unencodable env, a bug
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else repr(e)
+            return self._record(store, job, None, f"could not start: {reason}", None, fd)
+        run = Running(job, token, proc.pid, None, proc)
+        run.began, run.log_fd = began, fd
+        with self.lock:
+            self.running[token] = run
+            stop_now = self.kill_jobs
+        fault("after-spawn", job["id"])
+        # Most jobs are short: their pid need not reach the database. One
+        # still running after PID_DELAY gets its pid recorded, for adoption
+        # and cancel; they find a younger one by its claim token.
+        if not wait_exit(proc.pid, PID_DELAY, proc):
+            _, run.start = proc_start(proc.pid)
+            self._record_pid(store, run)
+        try:
+            if stop_now:
+                run.stopped = True
+                self._kill(store, run, self.config["kill_grace"])
+            return self._wait(store, run, timeout)
+        except Exception as e:           # a bug: never leave the job stuck
+            self._abandon(store, job, token, e)
+            return None
+
+    def _record_pid(self, store, run):
+        job = run.job
+        try:
+            with store.tx():
+                held, row = store.record_pid(job["id"], self.id, run.token,
+                                             run.pid, run.start)
+        except QueuectlError:
+            return               # the pid stays unknown: it is found by its claim
+        if held or row is None:
+            return
+        state, owner, claim = row
+        if claim != run.token:
+            return
+        if state == CANCELLED:
+            # Cancelled while starting; cancel kills it too, but may have
+            # looked while it was still in execve. It is our unreaped child,
+            # so its pid cannot belong to anyone else.
+            kill_group(run.pid, CANCEL_GRACE, run.gone)
+        elif owner != self.id:
+            # Adopted while this worker was frozen: it is the adopter's now.
+            self.say(f"{job['id']} was taken over by worker {owner} while "
+                     "starting; leaving it running")
+
+    def _signal_owned(self, store, run, sig, stop=False):
+        """Signal a job's process group only while this worker still owns its
+        claim. The check and the signal share one write transaction, so no
+        adoption can come between them however long this thread sleeps; an
+        error (busy, disk full) is retried, never taken as ownership. stop:
+        mark the job stopped by stop --now first. True if it was ours."""
+        def check_and_signal():
+            with store.tx():
+                mine = store.owns(run.job["id"], self.id, run.token)
+                if mine and run.group_alive():
+                    run.stopped = run.stopped or (stop and not run.gone())
+                    signal_group(run.pid, sig)
+            return mine
+        return self._until_written(check_and_signal, f"{run.job['id']}: cannot check "
+                                   "that it is still ours before signalling it")
+
+    def _kill(self, store, run, grace):
+        """kill_group for a job this worker owns; False if it is not ours."""
+        owned = [True]
+
+        def send(sig):
+            if owned[0]:
+                owned[0] = self._signal_owned(store, run, sig)
+        kill_group(run.pid, grace, run.gone, send)
+        return owned[0]
+
+    def _wait(self, store, run, timeout):
+        """Wait for a running or adopted job, enforce its timeout, record;
+        returns the next job for an own job, else None."""
+        job = run.job
+        timed_out = False
+        status = status_path(self.home, job["id"], run.token)
+        if timeout:
+            remaining = epoch(job["started_at"]) + timeout - time.time()
+            if not wait_exit(run.pid, max(remaining, 0), run.proc, run.start):
+                timed_out = self._kill(store, run, self.config["kill_grace"])
+        if run.proc is not None:
+            while not wait_exit(run.pid, 1.0, run.proc):
+                if run.lost_to:
+                    return self._let_go(run)
+            rc = run.proc.returncode
+            duration = time.monotonic() - run.began
+        else:
+            wait_exit(run.pid, None, start=run.start)
+            kind, rc = read_status(status)
+            rc = rc if kind == "exit" else None
+            duration = time.time() - epoch(job["started_at"])
+        fault("before-record", job["id"])
+        if (run.stopped or timed_out) and run.group_alive():
+            self._kill(store, run, self.config["kill_grace"])
+        with self.lock:
+            self.running.pop(run.token, None)
+        if run.stopped and rc != 0:
+            # Killed by stop --now: back to pending, not counted. A job that
+            # exited 0 as it was stopped is recorded completed below.
+            held = self._until_written(
+                lambda: store.requeue(job["id"], self.id, run.token),
+                f"{job['id']}: cannot put it back to pending yet")
+            if held:
+                remove_file(status)
+                wake_workers(self.home)
+            self.say(f"{job['id']} stopped, back to pending" if held else
+                     f"{job['id']} stopped")
+            self._footer(job, run.log_fd, f"[queuectl] attempt {job['attempts'] + 1} "
+                         "stopped by worker stop --now; back to pending, not counted\n")
+            return None
+        if timed_out:
+            rc, error = None, f"timed out after {timeout:g}s"
+        elif rc == WRAPPER_REFUSED and run.proc is not None:
+            kind, _ = read_status(status)
+            if kind == "revoked":
+                rc, error = None, "not started: its claim was revoked before it started"
+            elif kind == "absent":
+                rc, error = None, f"could not start: cannot create {status}"
+            else:
+                error = describe_exit(rc)[1]
+        else:
+            error = describe_exit(rc)[1]
+        return self._record(store, job, rc, error, duration, run.log_fd,
+                            claim_next=run.proc is not None)
+
+    def _let_go(self, run):
+        with self.lock:
+            self.running.pop(run.token, None)
+        self.say(f"{run.job['id']} belongs to worker {run.lost_to} now; leaving it "
+                 "running")
+        if run.log_fd is not None:
+            os.close(run.log_fd)
+        return None
+
+    def _until_written(self, action, what):
+        """Run action until the database takes it: busy, a full disk or an
+        I/O error only delay it (said at most once a minute), and an error
+        is never taken as done."""
+        delay, said = 0.05, None
+        while True:
+            try:
+                return action()
+            except QueuectlError as e:
+                if said is None or time.monotonic() - said > 60:
+                    said = time.monotonic()
+                    self.say(f"{what}, will retry: {e}")
+                time.sleep(delay)
+                delay = min(delay * 4, 5)
+
+    def _footer(self, job, fd, text):
+        if fd is None:
+            _safe_append(self.home, job["id"], text)
+            return
+        try:
+            log_line(fd, text)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _record(self, store, job, rc, error, duration, log_fd=None, claim_next=False):
+        """Write an attempt's outcome (and claim the next job in the same
+        transaction when claim_next); report it; the next job or None. An
+        outcome is retried until it is written: busy, a full disk, an I/O
+        error only delay it, and its status file stays until then."""
+        def write():
+            fault("record", job["id"])
+            with store.tx():
+                state, unblocked = store.finish(job, self.id, job["claim"], rc,
+                                                error, self.config, duration)
+                nxt = None
+                if claim_next and not self.stopping:
+                    nxt = store.claim(self.id, self.queues, time.time())
+            return state, unblocked, nxt
+        state, unblocked, nxt = self._until_written(
+            write, f"{job['id']}: cannot record its outcome yet")
+        status = status_path(self.home, job["id"], job["claim"])
+        try:
+            current = None if state is not None else store.get(job["id"])
+        except QueuectlError:
+            current = {"state": PROCESSING, "claim": job["claim"]}   # keep the file
+        kind, claimant = read_status(status)
+        if kind == "unknown":
+            pass                 # cannot tell what it holds: the sweep decides later
+        elif kind == "revoked":
+            # The fence that keeps a frozen claimant from starting the job:
+            # only the claimant itself, which will never spawn it now, or the
+            # sweep once the claimant is gone, may remove it.
+            if claimant == self.id:
+                remove_file(status)
+        elif current is None or current["state"] != PROCESSING or \
+                current["claim"] != job["claim"]:
+            # Recorded, or cancelled: nobody needs the status file. A worker
+            # that took a running job over (same claim) still reads it.
+            remove_file(status)
+        attempt = job["attempts"] + 1
+        took = f" after {duration:.3f}s" if duration is not None else ""
+        not_started = error is not None and error.startswith("not started")
+        if state is None:
+            outcome = ("cancelled" if current and current["state"] == CANCELLED else
+                       "taken over by another worker") + "; result not recorded"
+            if not_started:
+                outcome = "not started: taken over by another worker"
+        elif error is None:
+            outcome = f"exit 0{took}"
+        elif error.startswith("timed out"):
+            outcome = f"{error}; killed"
+        else:
+            outcome = f"{error}{took}"
+        exit_code = describe_exit(rc)[0]
+        if exit_code is not None and error is not None and "exit code" not in error:
+            outcome += f" (exit {exit_code})"
+        self._footer(job, log_fd, f"[queuectl] attempt {attempt} "
+                     + ("" if outcome.startswith("not started") else "ended: ")
+                     + outcome + (f"; now {state}" if state and state != COMPLETED else "")
+                     + "\n")
+        if state == COMPLETED:
+            with self.lock:
+                self.completed += 1
+            self.say(f"{job['id']} completed (attempt {attempt}{took})")
+        elif state is None:
+            self.say(f"{job['id']} {outcome.split(';')[0]} (attempt {attempt})")
+        else:
+            with self.lock:
+                self.dead += state == DEAD
+            self.say(f"{job['id']} {state}: {error} (attempt {attempt}{took})")
+        if state != COMPLETED or unblocked or (self.drain and nxt is None):
+            self.notify()
+        if unblocked:
+            wake_workers(self.home)
+        return nxt
+
+
+# Recovery: recover, adopt, watch, sweep ######################################
+
+class Recovery:
+    """Recovery of jobs whose worker is dead or past its lease: recover,
+    adopt, watch, settle, sweep. A mixin of Worker, run by its main thread
+    (decisions) and by threads of their own (records and watches)."""
+
+    # A processing job whose worker is dead, or past its lease (stopped,
+    # frozen, on another host), is settled by its start fence and its status
+    # file: not started -> revoked and counted; running -> adopted, never
+    # re-run or killed; ended -> its exit status recorded. The main thread
+    # only decides; records and watches run in threads of their own, so
+    # heartbeats never wait on a busy database.
+
+    def _recover(self, store):
+        try:
+            rows = store.processing()
+            workers = store.live_workers()
+            alive = {w["id"] for w in workers} | {self.id}
+            self._sweep_status_files({(j["id"], j["claim"]) for j in rows}, alive)
+            fresh = {w["id"] for w in workers if not worker_stale(w)} | {self.id}
+            for job in rows:
+                if job["worker"] in fresh:
+                    continue
+                with self.lock:
+                    mine = self.running.get(job["claim"])
+                if mine is not None and mine.proc is not None:
+                    # Our own child, adopted away while we were frozen, whose
+                    # adopter is gone now: ours again, our thread records it.
+                    if self._take(store, job):
+                        mine.lost_to = None
+                    continue
+                self._recover_job(store, job, job["worker"] in alive)
+        except (QueuectlError, OSError) as e:
+            self.say(f"recovery scan failed, will retry: {e}")
+
+    def _sweep_status_files(self, wanted, alive):
+        """Remove status files nobody will read: not a processing job's, older
+        than the lease, with no process of their claim left, and, for a
+        revoked claim, whose worker is gone (it could still try to start)."""
+        rd = os.path.join(self.home, "run")
+        try:
+            names = [n for n in os.listdir(rd) if n.endswith(".exit")]
+        except OSError:
+            return
+        for name in names:
+            job_id, _, token = name[:-5].rpartition(".")
+            path = os.path.join(rd, name)
+            try:
+                if (job_id, token) in wanted or time.time() - os.stat(path).st_mtime <= LEASE:
+                    continue
+                kind, who = read_status(path)
+                if kind == "revoked" and who in alive or kind == "unknown":
+                    continue
+                if kind == "running" and claim_processes(token):
+                    continue
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _recover_job(self, store, job, alive):
+        old, token = job["worker"], job["claim"]
+        status = status_path(self.home, job["id"], token)
+        kind, value = read_status(status)
+        if kind == "absent":
+            if revoke(status, old):
+                how = "stopped" if alive else "died"
+                self._settle(store, job, None, f"not started: worker {old} {how} "
+                             "before starting it", None)
+                return
+            kind, value = read_status(status)       # it has just started
+        if kind == "unknown":
+            return                                  # decide nothing; next scan
+        if kind == "running":
+            pid, start = job["pid"], job["pid_start"]
+            if not same_process(pid, start):
+                pid, start = find_job_process(token)
+            if pid:
+                self._adopt(store, job, pid, start)
+                return
+            kind, value = read_status(status)       # it may have just ended
+            if kind == "unknown":
+                return
+        if kind == "revoked":
+            self._settle(store, job, None, "not started: its claim was revoked "
+                         "before it started", None)
+            return
+        rc = value if kind == "exit" else None
+        started = epoch(job["started_at"]) if job["started_at"] else None
+        try:
+            ended = os.stat(status).st_mtime if rc is not None else time.time()
+        except OSError:
+            ended = time.time()
+        duration = None if started is None else max(ended - started, 0)
+        if rc is not None:
+            self.say(f"{job['id']} ended while worker {old} was gone; "
+                     "recording its exit status")
+        self._settle(store, job, rc, describe_exit(rc)[1], duration)
+
+    def _abandon(self, store, job, token, error, recover=True):
+        """After a bug in this worker while it held a job: stop waiting for
+        it and hand it to recovery, which settles it from its status file
+        (at once when recover, else at the next scan, so that a bug that
+        keeps happening cannot spin); never leave it processing for good."""
+        with self.lock:
+            self.settling += 1       # a draining thread must not end meanwhile
+            self.running.pop(token, None)
+        try:
+            self.say(f"{job['id']}: internal error ({error!r}); handing it to recovery")
+            if os.environ.get("QUEUECTL_DEBUG"):
+                import traceback
+                traceback.print_exc()
+            store = store or Store(self.home, durable=False, local_lock=self.db_lock)
+            with store.tx():
+                store.take(job["id"], self.id, token, self.id + "!abandoned")
+            row = store.get(job["id"])
+            if recover and row and row["state"] == PROCESSING and row["claim"] == token:
+                self._recover_job(store, row, True)
+        except Exception as e:       # the next recovery scan (ours or another's)
+            self.say(f"{job['id']}: cannot hand it to recovery yet: {e!r}")
+        finally:
+            with self.lock:
+                self.settling -= 1
+            self.notify()
+
+    def _take(self, store, job):
+        """Make a recovered job this worker's (fenced on its old worker and
+        claim); False when someone else settled or took it first."""
+        with store.tx():
+            taken = store.take(job["id"], job["worker"], job["claim"], self.id)
+        if taken:
+            job["worker"] = self.id
+        return taken
+
+    def _settle(self, store, job, rc, error, duration):
+        """Record a recovered job's outcome, in a thread of its own."""
+        with self.lock:
+            self.settling += 1       # first: a draining thread must not end now
+        taken = False
+        try:
+            taken = self._take(store, job)
+        finally:
+            if not taken:
+                with self.lock:
+                    self.settling -= 1
+        if not taken:
+            return
+
+        def record():
+            st = None
+            try:
+                st = Store(self.home, durable=False, local_lock=self.db_lock)
+                self._record(st, job, rc, error, duration)
+            except Exception as e:             # a bug: keep the worker alive
+                self._abandon(st, job, job["claim"], e, recover=False)
+            finally:
+                if st is not None:
+                    st.close()
+                with self.lock:
+                    self.settling -= 1
+                self.notify()            # a draining thread may end now
+                self._poke_main()
+        self.threading.Thread(target=record, daemon=True).start()
+
+    def _adopt(self, store, job, pid, start):
+        old = job["worker"]
+        if not self._take(store, job):
+            return
+        job["pid"], job["pid_start"] = pid, start
+        try:
+            with store.tx():
+                store.record_pid(job["id"], self.id, job["claim"], pid, start)
+        except QueuectlError:
+            pass                 # the pid stays unknown: it is found by its claim
+        self.say(f"{job['id']} adopted from worker {old} (pid {pid})")
+        _safe_append(self.home, job["id"], f"[queuectl] worker {old} is gone; "
+                     f"worker {self.id} adopted the running job\n")
+        run = Running(job, job["claim"], pid, start, None)
+        with self.lock:
+            self.running[run.token] = run
+        timeout = job["timeout"] if job["timeout"] is not None \
+            else self.config["job_timeout"]
+        self.threading.Thread(target=self._watch, args=(run, timeout),
+                              daemon=True).start()
+
+    def _watch(self, run, timeout):
+        store = None
+        try:
+            store = Store(self.home, durable=False, local_lock=self.db_lock)
+            self._wait(store, run, timeout)
+        except Exception as e:                     # a bug: keep the worker alive
+            self._abandon(store, run.job, run.token, e)
+        finally:
+            if store is not None:
+                store.close()
+            self._poke_main()
+
 
 # Workers #####################################################################
+
 # Threading model: one worker process runs `count` job threads, each with its
 # own Store (connection); the main thread owns the signals, the wake-up FIFO,
 # heartbeats, config reloads and the decisions of recovery, with its own
@@ -1740,7 +2270,10 @@ class Running:
 # - print_lock keeps each line of say() whole.
 
 
-class Worker:
+class Worker(Attempts, Recovery):
+    """A worker process: its lifecycle, signals, heartbeats and job threads;
+    one attempt (Attempts) and recovery (Recovery) are sections of their own."""
+
     def __init__(self, home, count=1, queues=None, drain=False, out=None):
         import threading
         self.threading = threading
@@ -2077,493 +2610,8 @@ class Worker:
                     self.active -= 1
             store.close()
 
-    # Running one job -------------------------------------------------------
-
-    def _job_env(self, job, token, attempt):
-        env = dict(self.base_env)
-        if job["env"]:
-            env.update(_loads(job["env"], {}))
-        env["QUEUECTL_JOB_ID"] = job["id"]
-        env["QUEUECTL_ATTEMPT"] = str(attempt)
-        env["QUEUECTL_CLAIM"] = token       # how its processes are found again
-        env["__QUEUECTL_STATUS"] = status_path(self.home, job["id"], token)
-        env["__QUEUECTL_COMMAND"] = job["command"]
-        env["__QUEUECTL_CWD"] = job["cwd"]
-        env["__QUEUECTL_UMASK"] = self.umask
-        return env
-
-    def execute(self, store, job):
-        """Run one claimed job to its end and record the outcome; returns the
-        next job, claimed in the same transaction (None if none). Any failure
-        to start it is a counted, failed attempt with its reason."""
-        attempt = job["attempts"] + 1
-        token = job["claim"]
-        timeout = job["timeout"] if job["timeout"] is not None else self.config["job_timeout"]
-        path = log_path(self.home, job["id"])
-        fd = None
-        try:
-            fault("after-claim", job["id"])
-            try:
-                fd = open_private(path, os.O_RDWR | os.O_APPEND)
-            except OSError as e:
-                # ELOOP: a symlink was planted at the log's name; never follow it.
-                raise OSError(e.errno, f"could not open its log {path}: "
-                              f"{e.strerror}") from None
-            try:
-                log_line(fd, f"[queuectl] attempt {attempt} started "
-                             f"{show_time(job['started_at'])} on worker {self.id}\n")
-            except OSError:
-                pass                     # a full disk: the job may still run
-            began = time.monotonic()
-            fault("before-spawn", job["id"])
-            if not os.path.isdir(job["cwd"]):
-                raise FileNotFoundError(2, f"no such directory (cwd {job['cwd']})")
-            proc = spawn(["/bin/sh", "-c", JOB_WRAPPER, "queuectl-job"], job["cwd"],
-                         self._job_env(job, token, attempt), self.devnull, fd)
-        except Exception as e:           # OSError, an unencodable env, a bug
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else repr(e)
-            return self._record(store, job, None, f"could not start: {reason}", None, fd)
-        run = Running(job, token, proc.pid, None, proc)
-        run.began, run.log_fd = began, fd
-        with self.lock:
-            self.running[token] = run
-            stop_now = self.kill_jobs
-        fault("after-spawn", job["id"])
-        # Most jobs are short: their pid need not reach the database. One
-        # still running after PID_DELAY gets its pid recorded, for adoption
-        # and cancel; they find a younger one by its claim token.
-        if not wait_exit(proc.pid, PID_DELAY, proc):
-            _, run.start = proc_start(proc.pid)
-            self._record_pid(store, run)
-        try:
-            if stop_now:
-                run.stopped = True
-                self._kill(store, run, self.config["kill_grace"])
-            return self._wait(store, run, timeout)
-        except Exception as e:           # a bug: never leave the job stuck
-            self._abandon(store, job, token, e)
-            return None
-
-    def _record_pid(self, store, run):
-        job = run.job
-        try:
-            with store.tx():
-                held, row = store.record_pid(job["id"], self.id, run.token,
-                                             run.pid, run.start)
-        except QueuectlError:
-            return               # the pid stays unknown: it is found by its claim
-        if held or row is None:
-            return
-        state, owner, claim = row
-        if claim != run.token:
-            return
-        if state == CANCELLED:
-            # Cancelled while starting; cancel kills it too, but may have
-            # looked while it was still in execve. It is our unreaped child,
-            # so its pid cannot belong to anyone else.
-            kill_group(run.pid, CANCEL_GRACE, run.gone)
-        elif owner != self.id:
-            # Adopted while this worker was frozen: it is the adopter's now.
-            self.say(f"{job['id']} was taken over by worker {owner} while "
-                     "starting; leaving it running")
-
-    def _signal_owned(self, store, run, sig, stop=False):
-        """Signal a job's process group only while this worker still owns its
-        claim. The check and the signal share one write transaction, so no
-        adoption can come between them however long this thread sleeps; an
-        error (busy, disk full) is retried, never taken as ownership. stop:
-        mark the job stopped by stop --now first. True if it was ours."""
-        def check_and_signal():
-            with store.tx():
-                mine = store.owns(run.job["id"], self.id, run.token)
-                if mine and run.group_alive():
-                    run.stopped = run.stopped or (stop and not run.gone())
-                    signal_group(run.pid, sig)
-            return mine
-        return self._until_written(check_and_signal, f"{run.job['id']}: cannot check "
-                                   "that it is still ours before signalling it")
-
-    def _kill(self, store, run, grace):
-        """kill_group for a job this worker owns; False if it is not ours."""
-        owned = [True]
-
-        def send(sig):
-            if owned[0]:
-                owned[0] = self._signal_owned(store, run, sig)
-        kill_group(run.pid, grace, run.gone, send)
-        return owned[0]
-
-    def _wait(self, store, run, timeout):
-        """Wait for a running or adopted job, enforce its timeout, record;
-        returns the next job for an own job, else None."""
-        job = run.job
-        timed_out = False
-        status = status_path(self.home, job["id"], run.token)
-        if timeout:
-            remaining = epoch(job["started_at"]) + timeout - time.time()
-            if not wait_exit(run.pid, max(remaining, 0), run.proc, run.start):
-                timed_out = self._kill(store, run, self.config["kill_grace"])
-        if run.proc is not None:
-            while not wait_exit(run.pid, 1.0, run.proc):
-                if run.lost_to:
-                    return self._let_go(run)
-            rc = run.proc.returncode
-            duration = time.monotonic() - run.began
-        else:
-            wait_exit(run.pid, None, start=run.start)
-            kind, rc = read_status(status)
-            rc = rc if kind == "exit" else None
-            duration = time.time() - epoch(job["started_at"])
-        fault("before-record", job["id"])
-        if (run.stopped or timed_out) and run.group_alive():
-            self._kill(store, run, self.config["kill_grace"])
-        with self.lock:
-            self.running.pop(run.token, None)
-        if run.stopped and rc != 0:
-            # Killed by stop --now: back to pending, not counted. A job that
-            # exited 0 as it was stopped is recorded completed below.
-            held = self._until_written(
-                lambda: store.requeue(job["id"], self.id, run.token),
-                f"{job['id']}: cannot put it back to pending yet")
-            if held:
-                remove_file(status)
-                wake_workers(self.home)
-            self.say(f"{job['id']} stopped, back to pending" if held else
-                     f"{job['id']} stopped")
-            self._footer(job, run.log_fd, f"[queuectl] attempt {job['attempts'] + 1} "
-                         "stopped by worker stop --now; back to pending, not counted\n")
-            return None
-        if timed_out:
-            rc, error = None, f"timed out after {timeout:g}s"
-        elif rc == WRAPPER_REFUSED and run.proc is not None:
-            kind, _ = read_status(status)
-            if kind == "revoked":
-                rc, error = None, "not started: its claim was revoked before it started"
-            elif kind == "absent":
-                rc, error = None, f"could not start: cannot create {status}"
-            else:
-                error = describe_exit(rc)[1]
-        else:
-            error = describe_exit(rc)[1]
-        return self._record(store, job, rc, error, duration, run.log_fd,
-                            claim_next=run.proc is not None)
-
-    def _let_go(self, run):
-        with self.lock:
-            self.running.pop(run.token, None)
-        self.say(f"{run.job['id']} belongs to worker {run.lost_to} now; leaving it "
-                 "running")
-        if run.log_fd is not None:
-            os.close(run.log_fd)
-        return None
-
-    def _until_written(self, action, what):
-        """Run action until the database takes it: busy, a full disk or an
-        I/O error only delay it (said at most once a minute), and an error
-        is never taken as done."""
-        delay, said = 0.05, None
-        while True:
-            try:
-                return action()
-            except QueuectlError as e:
-                if said is None or time.monotonic() - said > 60:
-                    said = time.monotonic()
-                    self.say(f"{what}, will retry: {e}")
-                time.sleep(delay)
-                delay = min(delay * 4, 5)
-
-    def _footer(self, job, fd, text):
-        if fd is None:
-            _safe_append(self.home, job["id"], text)
-            return
-        try:
-            log_line(fd, text)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-    def _record(self, store, job, rc, error, duration, log_fd=None, claim_next=False):
-        """Write an attempt's outcome (and claim the next job in the same
-        transaction when claim_next); report it; the next job or None. An
-        outcome is retried until it is written: busy, a full disk, an I/O
-        error only delay it, and its status file stays until then."""
-        def write():
-            fault("record", job["id"])
-            with store.tx():
-                state, unblocked = store.finish(job, self.id, job["claim"], rc,
-                                                error, self.config, duration)
-                nxt = None
-                if claim_next and not self.stopping:
-                    nxt = store.claim(self.id, self.queues, time.time())
-            return state, unblocked, nxt
-        state, unblocked, nxt = self._until_written(
-            write, f"{job['id']}: cannot record its outcome yet")
-        status = status_path(self.home, job["id"], job["claim"])
-        try:
-            current = None if state is not None else store.get(job["id"])
-        except QueuectlError:
-            current = {"state": PROCESSING, "claim": job["claim"]}   # keep the file
-        kind, claimant = read_status(status)
-        if kind == "unknown":
-            pass                 # cannot tell what it holds: the sweep decides later
-        elif kind == "revoked":
-            # The fence that keeps a frozen claimant from starting the job:
-            # only the claimant itself, which will never spawn it now, or the
-            # sweep once the claimant is gone, may remove it.
-            if claimant == self.id:
-                remove_file(status)
-        elif current is None or current["state"] != PROCESSING or \
-                current["claim"] != job["claim"]:
-            # Recorded, or cancelled: nobody needs the status file. A worker
-            # that took a running job over (same claim) still reads it.
-            remove_file(status)
-        attempt = job["attempts"] + 1
-        took = f" after {duration:.3f}s" if duration is not None else ""
-        not_started = error is not None and error.startswith("not started")
-        if state is None:
-            outcome = ("cancelled" if current and current["state"] == CANCELLED else
-                       "taken over by another worker") + "; result not recorded"
-            if not_started:
-                outcome = "not started: taken over by another worker"
-        elif error is None:
-            outcome = f"exit 0{took}"
-        elif error.startswith("timed out"):
-            outcome = f"{error}; killed"
-        else:
-            outcome = f"{error}{took}"
-        exit_code = describe_exit(rc)[0]
-        if exit_code is not None and error is not None and "exit code" not in error:
-            outcome += f" (exit {exit_code})"
-        self._footer(job, log_fd, f"[queuectl] attempt {attempt} "
-                     + ("" if outcome.startswith("not started") else "ended: ")
-                     + outcome + (f"; now {state}" if state and state != COMPLETED else "")
-                     + "\n")
-        if state == COMPLETED:
-            with self.lock:
-                self.completed += 1
-            self.say(f"{job['id']} completed (attempt {attempt}{took})")
-        elif state is None:
-            self.say(f"{job['id']} {outcome.split(';')[0]} (attempt {attempt})")
-        else:
-            with self.lock:
-                self.dead += state == DEAD
-            self.say(f"{job['id']} {state}: {error} (attempt {attempt}{took})")
-        if state != COMPLETED or unblocked or (self.drain and nxt is None):
-            self.notify()
-        if unblocked:
-            wake_workers(self.home)
-        return nxt
-
-    # Recovery --------------------------------------------------------------
-    # A processing job whose worker is dead, or past its lease (stopped,
-    # frozen, on another host), is settled by its start fence and its status
-    # file: not started -> revoked and counted; running -> adopted, never
-    # re-run or killed; ended -> its exit status recorded. The main thread
-    # only decides; records and watches run in threads of their own, so
-    # heartbeats never wait on a busy database.
-
-    def _recover(self, store):
-        try:
-            rows = store.processing()
-            workers = store.live_workers()
-            alive = {w["id"] for w in workers} | {self.id}
-            self._sweep_status_files({(j["id"], j["claim"]) for j in rows}, alive)
-            fresh = {w["id"] for w in workers if not worker_stale(w)} | {self.id}
-            for job in rows:
-                if job["worker"] in fresh:
-                    continue
-                with self.lock:
-                    mine = self.running.get(job["claim"])
-                if mine is not None and mine.proc is not None:
-                    # Our own child, adopted away while we were frozen, whose
-                    # adopter is gone now: ours again, our thread records it.
-                    if self._take(store, job):
-                        mine.lost_to = None
-                    continue
-                self._recover_job(store, job, job["worker"] in alive)
-        except (QueuectlError, OSError) as e:
-            self.say(f"recovery scan failed, will retry: {e}")
-
-    def _sweep_status_files(self, wanted, alive):
-        """Remove status files nobody will read: not a processing job's, older
-        than the lease, with no process of their claim left, and, for a
-        revoked claim, whose worker is gone (it could still try to start)."""
-        rd = os.path.join(self.home, "run")
-        try:
-            names = [n for n in os.listdir(rd) if n.endswith(".exit")]
-        except OSError:
-            return
-        for name in names:
-            job_id, _, token = name[:-5].rpartition(".")
-            path = os.path.join(rd, name)
-            try:
-                if (job_id, token) in wanted or time.time() - os.stat(path).st_mtime <= LEASE:
-                    continue
-                kind, who = read_status(path)
-                if kind == "revoked" and who in alive or kind == "unknown":
-                    continue
-                if kind == "running" and claim_processes(token):
-                    continue
-                os.unlink(path)
-            except OSError:
-                pass
-
-    def _recover_job(self, store, job, alive):
-        old, token = job["worker"], job["claim"]
-        status = status_path(self.home, job["id"], token)
-        kind, value = read_status(status)
-        if kind == "absent":
-            if revoke(status, old):
-                how = "stopped" if alive else "died"
-                self._settle(store, job, None, f"not started: worker {old} {how} "
-                             "before starting it", None)
-                return
-            kind, value = read_status(status)       # it has just started
-        if kind == "unknown":
-            return                                  # decide nothing; next scan
-        if kind == "running":
-            pid, start = job["pid"], job["pid_start"]
-            if not same_process(pid, start):
-                pid, start = find_job_process(token)
-            if pid:
-                self._adopt(store, job, pid, start)
-                return
-            kind, value = read_status(status)       # it may have just ended
-            if kind == "unknown":
-                return
-        if kind == "revoked":
-            self._settle(store, job, None, "not started: its claim was revoked "
-                         "before it started", None)
-            return
-        rc = value if kind == "exit" else None
-        started = epoch(job["started_at"]) if job["started_at"] else None
-        try:
-            ended = os.stat(status).st_mtime if rc is not None else time.time()
-        except OSError:
-            ended = time.time()
-        duration = None if started is None else max(ended - started, 0)
-        if rc is not None:
-            self.say(f"{job['id']} ended while worker {old} was gone; "
-                     "recording its exit status")
-        self._settle(store, job, rc, describe_exit(rc)[1], duration)
-
-    def _abandon(self, store, job, token, error, recover=True):
-        """After a bug in this worker while it held a job: stop waiting for
-        it and hand it to recovery, which settles it from its status file
-        (at once when recover, else at the next scan, so that a bug that
-        keeps happening cannot spin); never leave it processing for good."""
-        with self.lock:
-            self.settling += 1       # a draining thread must not end meanwhile
-            self.running.pop(token, None)
-        try:
-            self.say(f"{job['id']}: internal error ({error!r}); handing it to recovery")
-            if os.environ.get("QUEUECTL_DEBUG"):
-                import traceback
-                traceback.print_exc()
-            store = store or Store(self.home, durable=False, local_lock=self.db_lock)
-            with store.tx():
-                store.take(job["id"], self.id, token, self.id + "!abandoned")
-            row = store.get(job["id"])
-            if recover and row and row["state"] == PROCESSING and row["claim"] == token:
-                self._recover_job(store, row, True)
-        except Exception as e:       # the next recovery scan (ours or another's)
-            self.say(f"{job['id']}: cannot hand it to recovery yet: {e!r}")
-        finally:
-            with self.lock:
-                self.settling -= 1
-            self.notify()
-
-    def _take(self, store, job):
-        """Make a recovered job this worker's (fenced on its old worker and
-        claim); False when someone else settled or took it first."""
-        with store.tx():
-            taken = store.take(job["id"], job["worker"], job["claim"], self.id)
-        if taken:
-            job["worker"] = self.id
-        return taken
-
-    def _settle(self, store, job, rc, error, duration):
-        """Record a recovered job's outcome, in a thread of its own."""
-        with self.lock:
-            self.settling += 1       # first: a draining thread must not end now
-        taken = False
-        try:
-            taken = self._take(store, job)
-        finally:
-            if not taken:
-                with self.lock:
-                    self.settling -= 1
-        if not taken:
-            return
-
-        def record():
-            st = None
-            try:
-                st = Store(self.home, durable=False, local_lock=self.db_lock)
-                self._record(st, job, rc, error, duration)
-            except Exception as e:             # a bug: keep the worker alive
-                self._abandon(st, job, job["claim"], e, recover=False)
-            finally:
-                if st is not None:
-                    st.close()
-                with self.lock:
-                    self.settling -= 1
-                self.notify()            # a draining thread may end now
-                self._poke_main()
-        self.threading.Thread(target=record, daemon=True).start()
-
-    def _adopt(self, store, job, pid, start):
-        old = job["worker"]
-        if not self._take(store, job):
-            return
-        job["pid"], job["pid_start"] = pid, start
-        try:
-            with store.tx():
-                store.record_pid(job["id"], self.id, job["claim"], pid, start)
-        except QueuectlError:
-            pass                 # the pid stays unknown: it is found by its claim
-        self.say(f"{job['id']} adopted from worker {old} (pid {pid})")
-        _safe_append(self.home, job["id"], f"[queuectl] worker {old} is gone; "
-                     f"worker {self.id} adopted the running job\n")
-        run = Running(job, job["claim"], pid, start, None)
-        with self.lock:
-            self.running[run.token] = run
-        timeout = job["timeout"] if job["timeout"] is not None \
-            else self.config["job_timeout"]
-        self.threading.Thread(target=self._watch, args=(run, timeout),
-                              daemon=True).start()
-
-    def _watch(self, run, timeout):
-        store = None
-        try:
-            store = Store(self.home, durable=False, local_lock=self.db_lock)
-            self._wait(store, run, timeout)
-        except Exception as e:                     # a bug: keep the worker alive
-            self._abandon(store, run.job, run.token, e)
-        finally:
-            if store is not None:
-                store.close()
-            self._poke_main()
-
-
-def _drain_fd(fd):
-    try:
-        while os.read(fd, 4096):
-            pass
-    except (BlockingIOError, OSError):
-        pass
-
-
-def _safe_append(home, job_id, text):
-    try:
-        append_log(home, job_id, text)
-    except OSError:
-        pass
-
 
 # Output ######################################################################
-
 
 def term_width():
     """Columns to fit tables into; None = no limit (not a terminal)."""
@@ -2577,18 +2625,14 @@ def term_width():
         pass
     return None
 
-
 def one_line(text):
     return " ".join(str(text).split()) if text is not None else "-"
-
 
 def cut(text, width):
     return text if len(text) <= width else text[:max(width - 1, 0)] + "…"
 
-
 STATE_COLORS = {PROCESSING: "36", FAILED: "33", COMPLETED: "32", DEAD: "1;31",
                 CANCELLED: "2"}
-
 
 def use_color(stream=None):
     """Colour only on a terminal, never with NO_COLOR set or TERM=dumb."""
@@ -2600,10 +2644,8 @@ def use_color(stream=None):
     except (AttributeError, ValueError):
         return False
 
-
 def paint(text, code, on=True):
     return f"\x1b[{code}m{text}\x1b[0m" if on and code else text
-
 
 def table(headers, rows, width=None, color_col=None):
     """Aligned columns; the last column is cut with … to fit the width.
@@ -2627,11 +2669,9 @@ def table(headers, rows, width=None, color_col=None):
         lines.append((line + "  " + last).rstrip() if cells else last)
     return "\n".join(lines)
 
-
 def print_json(obj):
     import json
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
 
 def job_public(job, home):
     """A job as users see it (show --json, list --json)."""
@@ -2648,7 +2688,6 @@ def job_public(job, home):
     out["log"] = log_path(home, job["id"])
     return out
 
-
 def blocked_on(store, job):
     """[(dep id, its state or 'missing')] of a job's unmet dependencies."""
     deps = _loads(job["depends_on"], [])
@@ -2657,7 +2696,6 @@ def blocked_on(store, job):
     states = store.states(deps)
     return [(d, states.get(d, "missing")) for d in deps
             if states.get(d) != COMPLETED]
-
 
 def when_text(store, job, now):
     state = job["state"]
@@ -2671,14 +2709,56 @@ def when_text(store, job, now):
         return f"running {human_duration(now - epoch(job['started_at']))}"
     return relative(job["finished_at"] or job["updated_at"], now)
 
+def summary_lines(counts, per_queue, workers, paused, every_queue):
+    """The queue at a glance, for status and top: jobs per state, workers
+    (and paused queues, when given), the per-queue table (always with
+    every_queue, else only when there is more than the default queue)."""
+    color = use_color()
+    threads = sum(w["threads"] for w in workers)
+    lines = ["jobs: " + ", ".join(f"{counts[s]} {paint(s, STATE_COLORS.get(s), color)}"
+                                  for s in STATES)]
+    queues = [[q] + [c[s] for s in STATES] for q, c in sorted(per_queue.items())]
+    if every_queue or len(per_queue) > 1 or (per_queue and DEFAULT_QUEUE not in per_queue):
+        lines += table(["QUEUE"] + [s.upper() for s in STATES],
+                       queues or [[DEFAULT_QUEUE] + [0] * len(STATES)]).splitlines()
+    lines.append(f"workers: {len(workers)} live ({threads} threads)"
+                 + (("; paused: " + ("all queues" if "*" in paused else ", ".join(paused)))
+                    if paused else ""))
+    return lines
+
+def render_top(store, home, width, height):
+    """One frame of `top`: counts, queues, running jobs, recent failures."""
+    now = time.time()
+    counts, per_queue = store.counts()
+    lines = [f"queuectl top  {home}  {show_time(iso(now))}  (q to quit)", ""]
+    lines += summary_lines(counts, per_queue, store.live_workers(),
+                           sorted(store.paused()), every_queue=True)
+    running = store.processing()
+    lines += ["", f"running ({len(running)}):"]
+    if running:
+        lines += table(["ID", "QUEUE", "ATTEMPT", "ELAPSED", "COMMAND"],
+                       [[j["id"], j["queue"], j["attempts"] + 1,
+                         human_duration(now - epoch(j["started_at"])),
+                         one_line(j["command"])] for j in running[:10]],
+                       width).splitlines()
+    failures = store.recent_failures(5)
+    lines += ["", "recent failures:"]
+    if failures:
+        lines += table(["ID", "STATE", "WHEN", "ERROR"],
+                       [[j["id"], j["state"], relative(j["updated_at"], now),
+                         one_line(j["last_error"])] for j in failures],
+                       width, color_col=1).splitlines()
+    return "\n".join(cut(line, width + line.count("\x1b") * 4) if width else line
+                     for line in lines[:height])
+
 
 # Commands ####################################################################
+
 # One cmd_<name>(args) -> exit code per subcommand, in --help order.
 
 
 def open_store(args, durable=True):
     return Store(args.home, durable=durable)
-
 
 def parse_specs(args):
     """The job specs of an enqueue, validated; flags override JSON fields."""
@@ -2740,7 +2820,6 @@ def parse_specs(args):
         raise UsageError("--id names one job; with --stdin put ids in the lines")
     return specs
 
-
 def cmd_enqueue(args):
     """Add jobs; print each job's id (or the jobs as JSON with --json)."""
     specs = parse_specs(args)
@@ -2764,7 +2843,6 @@ def cmd_enqueue(args):
         sys.stdout.write("".join(i + "\n" for i in ids))
     return EXIT_OK
 
-
 def cmd_worker_start(args):
     """Run workers in this process until stopped (or drained)."""
     import resource
@@ -2781,7 +2859,6 @@ def cmd_worker_start(args):
     if args.detach:
         return detach_worker(args)
     return Worker(args.home, args.count, args.queue, args.drain).run()
-
 
 def detach_worker(args):
     r, w = os.pipe()
@@ -2829,7 +2906,6 @@ def detach_worker(args):
     finally:
         os._exit(code)
 
-
 def cmd_worker_stop(args):
     """Ask every live worker of this home to stop; --wait until they have."""
     import signal
@@ -2850,7 +2926,6 @@ def cmd_worker_stop(args):
             args.timeout, first=0.01, cap=0.05):
         raise QueuectlError(f"workers still running after {args.timeout:g}s")
     return EXIT_OK
-
 
 def cmd_worker_status(args):
     """Live workers: id, pid, host, threads, started, heartbeat, current jobs."""
@@ -2874,7 +2949,6 @@ def cmd_worker_status(args):
                       relative(w["heartbeat"]),
                       ",".join(w["jobs"]) or "-"] for w in out], term_width()))
     return EXIT_OK
-
 
 def cmd_status(args):
     """Counts per state and queue, workers, oldest pending, next scheduled."""
@@ -2913,7 +2987,6 @@ def cmd_status(args):
         print("paused: " + ("all queues" if "*" in paused else ", ".join(paused)))
     return EXIT_OK
 
-
 def cmd_show(args):
     """Every field of one job, and its log path."""
     store = open_store(args)
@@ -2938,7 +3011,6 @@ def cmd_show(args):
         print(f"{k.ljust(width)}  {'-' if v is None else v}")
     return EXIT_OK
 
-
 def cmd_list(args):
     """Jobs in enqueue order, filtered by --state/--queue, at most --limit."""
     if args.state and args.state not in STATES:
@@ -2948,7 +3020,6 @@ def cmd_list(args):
         check_name(args.queue, "queue name")
     store = open_store(args)
     return list_jobs(store, args, args.state)
-
 
 def list_jobs(store, args, state):
     rows, more = store.list_jobs(state, getattr(args, "queue", None), args.limit)
@@ -2966,7 +3037,6 @@ def list_jobs(store, args, state):
     if more:
         print(f"… {more} more (use --limit 0 for all, or --state/--queue)")
     return EXIT_OK
-
 
 def cmd_logs(args):
     """Print a job's log; --tail N lines; --follow until the job ends."""
@@ -2993,7 +3063,6 @@ def cmd_logs(args):
     poll_until(ended, first=0.05, cap=0.5)       # until the job ends: no limit
     copy_from(path, at[0], out)
     return EXIT_OK
-
 
 def tail_start(f, n):
     """Offset where the last n lines of binary file f start."""
@@ -3023,27 +3092,6 @@ def tail_start(f, n):
                 return pos + i + 1
     return 0
 
-
-def open_log(path):
-    """A job's log opened for reading, never through a planted symlink or
-    anything but a regular file; None when it does not exist (yet)."""
-    import errno
-    import stat
-    try:
-        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise QueuectlError(f"the log {path} is not a regular file; refusing "
-                                "to read it") from None
-        raise QueuectlError(f"cannot read the log {path}: {e.strerror}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise QueuectlError(f"the log {path} is not a regular file; refusing to read it")
-    return os.fdopen(fd, "rb")
-
-
 def copy_from(path, pos, out):
     """Copy a file from offset pos to out; the new offset."""
     f = open_log(path)
@@ -3058,7 +3106,6 @@ def copy_from(path, pos, out):
                 pos += len(chunk)
     out.flush()
     return pos
-
 
 def cmd_wait(args):
     """Block until each job is finished: 0 if all completed, 1 otherwise."""
@@ -3085,7 +3132,6 @@ def cmd_wait(args):
         return EXIT_FAIL
     return EXIT_OK
 
-
 def reset_jobs(store, ids, allowed, verb):
     """retry / dlq retry: dead/cancelled/completed jobs back to pending,
     attempts reset; all or nothing."""
@@ -3104,14 +3150,12 @@ def reset_jobs(store, ids, allowed, verb):
     wake_workers(store.home)
     return jobs
 
-
 def cmd_retry(args):
     """A dead, cancelled or completed job runs again (attempts reset)."""
     store = open_store(args)
     for job in reset_jobs(store, args.ids, (DEAD, CANCELLED, COMPLETED), "retry"):
         print(job["id"])
     return EXIT_OK
-
 
 def cmd_pause(args):
     """Stop claiming from queues (all when none named); running jobs go on."""
@@ -3120,7 +3164,6 @@ def cmd_pause(args):
     store.pause(names)
     print("paused: " + ("all queues" if names == ["*"] else ", ".join(names)))
     return EXIT_OK
-
 
 def cmd_resume(args):
     """Claim from queues again (all when none named)."""
@@ -3135,7 +3178,6 @@ def cmd_resume(args):
                          "'queuectl pause' with no queue); run 'queuectl resume' "
                          "to resume them all\n")
     return EXIT_OK
-
 
 def cmd_cancel(args):
     """Cancel jobs: pending/failed at once, processing ones by stopping their
@@ -3177,7 +3219,6 @@ def cmd_cancel(args):
         print(job["id"])
     return EXIT_OK
 
-
 def stop_attempt(job):
     """Kill the process group of a cancelled attempt that had started, found
     by its recorded pid or by its claim token."""
@@ -3189,7 +3230,6 @@ def stop_attempt(job):
             pid = None
     if pid:
         kill_group(pid, CANCEL_GRACE, lambda p=pid, s=start: not same_process(p, s))
-
 
 def wait_attempt_gone(job, timeout=10.0):
     """Wait until no process of a cancelled job's last attempt lives; else
@@ -3209,7 +3249,6 @@ def wait_attempt_gone(job, timeout=10.0):
         raise QueuectlError(f"cannot retry job {job['id']}: its cancelled attempt "
                             f"still has running processes{pid}; try again once "
                             "they have stopped")
-
 
 def cmd_dlq(args):
     """The dead letter queue: list, retry, purge."""
@@ -3237,7 +3276,6 @@ def cmd_dlq(args):
     print(f"purged {n} job{'s' if n != 1 else ''}")
     return EXIT_OK
 
-
 def delete_jobs(store, ids, states):
     """Delete the jobs of ids still in states, and their logs, in batches;
     how many were deleted."""
@@ -3253,7 +3291,6 @@ def delete_jobs(store, ids, states):
         deleted += len(gone)
     return deleted
 
-
 def cmd_prune(args):
     """Delete finished jobs older than --older-than, and their logs."""
     age = parse_duration(args.older_than, "--older-than")
@@ -3268,7 +3305,6 @@ def cmd_prune(args):
     store.reclaim_space()
     print(f"pruned {n} job{'s' if n != 1 else ''}")
     return EXIT_OK
-
 
 def cmd_config(args):
     """config get KEY / set KEY VALUE / list."""
@@ -3297,51 +3333,6 @@ def cmd_config(args):
         note = "" if k in explicit else "  (default)"
         print(f"{k} = {v}{note}")
     return EXIT_OK
-
-
-def summary_lines(counts, per_queue, workers, paused, every_queue):
-    """The queue at a glance, for status and top: jobs per state, workers
-    (and paused queues, when given), the per-queue table (always with
-    every_queue, else only when there is more than the default queue)."""
-    color = use_color()
-    threads = sum(w["threads"] for w in workers)
-    lines = ["jobs: " + ", ".join(f"{counts[s]} {paint(s, STATE_COLORS.get(s), color)}"
-                                  for s in STATES)]
-    queues = [[q] + [c[s] for s in STATES] for q, c in sorted(per_queue.items())]
-    if every_queue or len(per_queue) > 1 or (per_queue and DEFAULT_QUEUE not in per_queue):
-        lines += table(["QUEUE"] + [s.upper() for s in STATES],
-                       queues or [[DEFAULT_QUEUE] + [0] * len(STATES)]).splitlines()
-    lines.append(f"workers: {len(workers)} live ({threads} threads)"
-                 + (("; paused: " + ("all queues" if "*" in paused else ", ".join(paused)))
-                    if paused else ""))
-    return lines
-
-
-def render_top(store, home, width, height):
-    """One frame of `top`: counts, queues, running jobs, recent failures."""
-    now = time.time()
-    counts, per_queue = store.counts()
-    lines = [f"queuectl top  {home}  {show_time(iso(now))}  (q to quit)", ""]
-    lines += summary_lines(counts, per_queue, store.live_workers(),
-                           sorted(store.paused()), every_queue=True)
-    running = store.processing()
-    lines += ["", f"running ({len(running)}):"]
-    if running:
-        lines += table(["ID", "QUEUE", "ATTEMPT", "ELAPSED", "COMMAND"],
-                       [[j["id"], j["queue"], j["attempts"] + 1,
-                         human_duration(now - epoch(j["started_at"])),
-                         one_line(j["command"])] for j in running[:10]],
-                       width).splitlines()
-    failures = store.recent_failures(5)
-    lines += ["", "recent failures:"]
-    if failures:
-        lines += table(["ID", "STATE", "WHEN", "ERROR"],
-                       [[j["id"], j["state"], relative(j["updated_at"], now),
-                         one_line(j["last_error"])] for j in failures],
-                       width, color_col=1).splitlines()
-    return "\n".join(cut(line, width + line.count("\x1b") * 4) if width else line
-                     for line in lines[:height])
-
 
 def cmd_top(args):
     """A live view refreshed in place; q or Ctrl-C to quit."""
@@ -3378,7 +3369,6 @@ def cmd_top(args):
         out.flush()
     return EXIT_OK
 
-
 def cmd_completion(args):
     """Print a shell completion script (bash)."""
     cases = completion_words()
@@ -3399,7 +3389,6 @@ def cmd_completion(args):
               "complete -F _queuectl queuectl queuectl.py ./queuectl.py"]
     print("\n".join(lines))
     return EXIT_OK
-
 
 def cmd_doctor(args):
     """Check the queue's health: integrity, permissions, orphaned, stuck and
@@ -3469,7 +3458,6 @@ def cmd_doctor(args):
               f"{'s' if len(problems) != 1 else ''} found")
     return EXIT_OK if not problems else EXIT_FAIL
 
-
 def attempt_ended(home, job):
     """True when a processing job's attempt has started and no process of it
     is left (an outcome its worker has not written yet)."""
@@ -3482,7 +3470,6 @@ def attempt_ended(home, job):
         return not claim_processes(job["claim"])
     except OSError:
         return False
-
 
 def cmd_metrics(args):
     """Prometheus text format: jobs per state and queue, workers, attempts,
@@ -3532,6 +3519,7 @@ def cmd_metrics(args):
 
 
 # Command line ################################################################
+
 # Each command is declared once, below, in --help order: its words, one line
 # of help, its handler, its examples, its arguments, and (for the few shown
 # by a bare `queuectl`) its short form. The parser, each command's --help
@@ -3547,22 +3535,20 @@ class Command:
         self.help, self.handler, self.examples = help_, handler, list(examples)
         self.args, self.common = list(args), common
 
-
 def arg(*flags, **kw):
     """One argument of a command, as for argparse's add_argument."""
     return flags, kw
 
-
 HOME_HELP = "queue home (default: $QUEUECTL_HOME or ~/.queuectl)"
+
 JSON_ARG = arg("--json", action="store_true", help="print JSON")
+
 LIMIT_ARG = arg("--limit", type=lambda t: check_value("limit", t, "--limit", text=True),
                 default=100, help="at most this many (default 100, 0 = all)")
-
 
 def _value(name, flag):
     """An argparse type: the option's text checked by check_value()."""
     return lambda text: check_value(name, text, flag, text=True)
-
 
 COMMAND_TABLE = [
     Command("enqueue", "add a job; prints its id", cmd_enqueue, [
@@ -3689,13 +3675,12 @@ COMMAND_TABLE = [
     Command("doctor", "check integrity, permissions, stuck and orphaned jobs", cmd_doctor,
             ["queuectl doctor", "queuectl doctor --json"], [JSON_ARG]),
 ]
-COMMAND_NAMES = {c.words[0] for c in COMMAND_TABLE}
 
+COMMAND_NAMES = {c.words[0] for c in COMMAND_TABLE}
 
 def actions_of(group):
     """The actions of a command group (worker, dlq, config), in order."""
     return [c.words[1] for c in COMMAND_TABLE if len(c.words) == 2 and c.words[0] == group]
-
 
 def short_usage():
     lines = ["usage: queuectl [--home DIR] COMMAND ...", "", "Common commands:"]
@@ -3704,7 +3689,6 @@ def short_usage():
     lines += ["", "Run 'queuectl --help' for every command, 'queuectl COMMAND --help' "
               "for one."]
     return "\n".join(lines) + "\n"
-
 
 def build_parser(only=None):
     """The argument parser, built from COMMAND_TABLE; with only=NAME, just
@@ -3744,7 +3728,6 @@ def build_parser(only=None):
         p.set_defaults(handler=c.handler)
     return parser
 
-
 def completion_words():
     """[(words typed so far, words that may come next)], longest first."""
     extra = ["-h", "--help", "--home"]
@@ -3758,14 +3741,12 @@ def completion_words():
                                     if f.startswith("-")] + extra))
     return sorted(cases, key=lambda case: -len(case[0]))
 
-
 def _command_name(argv):
     """The subcommand named in argv (after --home DIR), or None."""
     i = 0
     while i < len(argv) and argv[i].startswith("--home"):
         i += 1 if "=" in argv[i] else 2
     return argv[i] if i < len(argv) and argv[i] in COMMAND_NAMES else None
-
 
 def main(argv=None):
     """Run one command; returns its exit code. Errors become one line on
@@ -3806,7 +3787,6 @@ def main(argv=None):
                          "(run with QUEUECTL_DEBUG=1 for details, and please "
                          "report it)\n")
         return EXIT_FAIL
-
 
 if __name__ == "__main__":
     sys.exit(main())
