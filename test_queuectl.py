@@ -2870,6 +2870,16 @@ class FrozenWorkerTest(RobustTest):
                     pass
         self.addCleanup(resume)
 
+    def release_and_check_it_ran_once(self, job_id):
+        """Let a gate_cmd() job finish: it completes on its first attempt,
+        having started and finished exactly once."""
+        self.go()
+        self.wait_state(job_id, "completed")
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        self.assertEqual(self.lines("runs"), ["start", "done"])
+
     def adopt_from(self, a, job_id):
         """Age frozen worker a past its lease and start worker B, which must
         adopt job_id; (B, B's worker id)."""
@@ -2928,15 +2938,8 @@ class TestFrozenWorker(FrozenWorkerTest):
         self.assertTrue(pid_alive(self.job_pid("long")), "A killed the adopted job")
         self.assertEqual(self.lines("runs"), ["start"])
         self.assertEqual(self.state("long"), "processing")
-        self.go()
-        self.wait_state("long", "completed")
-        job = self.job("long")
-        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
-                         ("completed", 1, 0))
-        self.assertEqual(self.lines("runs"), ["start", "done"])
-        # INTERFACE.md: "long taken over by another worker; result not recorded
-        # (attempt 1)"; the worker's line has always dropped the "; ..." part
-        # (the log footer keeps it): accept either.
+        self.release_and_check_it_ran_once("long")
+        # The worker's line drops the footer's "; result not recorded".
         self.wait_out(a, "long taken over by another worker", "A to give up on long")
         self.assertRegex(self.out(a), r"long taken over by another worker"
                          r"(; result not recorded)? \(attempt 1\)")
@@ -2972,12 +2975,7 @@ class TestStopNowOfFrozenWorker(FrozenWorkerTest):
         self.assertEqual(self.lines("runs"), ["start"])
         job = self.job("long")
         self.assertEqual((job["state"], job["worker"]), ("processing", bid))
-        self.go()
-        self.wait_state("long", "completed")
-        job = self.job("long")
-        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
-                         ("completed", 1, 0))
-        self.assertEqual(self.lines("runs"), ["start", "done"])
+        self.release_and_check_it_ran_once("long")
         self.assertIsNone(b.poll())
         self.assertNotIn("Traceback", self.err(a) + self.err(b))
 
