@@ -27,28 +27,41 @@ error such as a full disk or EIO).
 """
 
 import errno
+
 import json
+
 import os
+
 import resource
+
 import signal
+
 import sqlite3
+
 import subprocess
+
 import sys
+
 import tempfile
+
 import threading
+
 import time
+
 import unittest
+
 import uuid
 
 import queuectl
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PROG = os.path.join(HERE, "queuectl.py")
-PY = sys.executable
-
 
 # Helpers #####################################################################
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+PROG = os.path.join(HERE, "queuectl.py")
+
+PY = sys.executable
 
 class Result:
     def __init__(self, proc):
@@ -58,7 +71,6 @@ class Result:
 
     def __repr__(self):
         return f"Result(code={self.code}, out={self.out!r}, err={self.err!r})"
-
 
 class QueueTest(unittest.TestCase):
     """A test with its own temporary home; helpers to run the CLI."""
@@ -145,6 +157,22 @@ class QueueTest(unittest.TestCase):
                       what="worker to start")
         return p
 
+    def worker_output(self, w):
+        """What a start_worker() process has printed so far."""
+        # The worker's stdout is a pipe; read what is there without blocking,
+        # from the descriptor itself (a buffered readline could keep a line
+        # in its buffer where select() cannot see it).
+        import select
+        buf = getattr(w, "_seen", b"")
+        fd = w.stdout.fileno()
+        while select.select([fd], [], [], 0)[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            buf += chunk
+        w._seen = buf
+        return buf.decode("utf-8", "replace")
+
     def live_workers(self):
         out = self.q("worker", "status", "--json").out
         try:
@@ -207,34 +235,7 @@ class QueueTest(unittest.TestCase):
         except FileNotFoundError:
             return []
 
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-# Tests #######################################################################
-
-TIME_RE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
-SPEC_JOB_FIELDS = ("id", "command", "state", "queue", "priority", "attempts",
-                   "max_retries", "timeout", "run_at", "depends_on", "cwd", "env",
-                   "created_at", "updated_at", "started_at", "finished_at",
-                   "exit_code", "last_error", "worker")
-MARKER_JOB = "test -f marker || { touch marker; exit 1; }"
-RECORD = 'echo "$QUEUECTL_JOB_ID" >> order.txt'
-
-
-class RecordingTest(QueueTest):
-    """Helpers for jobs that record what they did in files of self.work."""
+    # Jobs that record what they did in files of self.work ------------------
 
     def order(self):
         return self.lines("order.txt")
@@ -250,6 +251,366 @@ class RecordingTest(QueueTest):
             self.fail(f"worker start --drain {' '.join(args)} still running "
                       f"after {seconds}s")
 
+    # Running jobs: their pids and the files they write -----------------------
+
+    def job_pid(self, job_id):
+        row = self.db().execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
+
+    def wait_running(self, job_id, timeout=20):
+        self.wait_for(lambda: self.state(job_id) == "processing" and self.job_pid(job_id),
+                      timeout, f"{job_id} to run")
+        return self.job_pid(job_id)
+
+    def read_pid(self, name, timeout=10):
+        self.wait_for(lambda: "".join(self.lines(name)), timeout, f"{name} to be written")
+        return int(self.lines(name)[0])
+
+    # Fault points: workers armed with faults, their output, other homes -----
+
+    def fault_env(self, spec, env=None):
+        return dict(env or self.env, QUEUECTL_FAULT=spec)
+
+    def run_q(self, *args, env=None, timeout=30, **kw):
+        """self.q that fails the test (not errors it) on a timeout."""
+        try:
+            return self.q(*args, env=env, timeout=timeout, **kw)
+        except subprocess.TimeoutExpired:
+            self.fail(f"queuectl {' '.join(args)} still running after {timeout}s")
+
+    def drain_env(self, env=None, timeout=20, *args):
+        return self.run_q("worker", "start", "--drain", *args, env=env, timeout=timeout)
+
+    def spawn_worker(self, *args, env=None):
+        """A background `worker start ARGS` whose output is collected by a
+        thread (self.output(p)); killed by pid in cleanup."""
+        p = subprocess.Popen([PY, PROG, "worker", "start", *args], env=env or self.env,
+                             cwd=self.work, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        self.procs.append(p)
+        p.seen = []
+
+        def read():
+            try:
+                for line in p.stdout:
+                    p.seen.append(line)
+            except (OSError, ValueError):
+                pass
+        threading.Thread(target=read, daemon=True).start()
+        return p
+
+    def output(self, p):
+        return "".join(p.seen)
+
+    def wait_listed(self, p, env=None):
+        """Wait until worker p is in `worker status --json`; its entry."""
+        found = []
+
+        def listed():
+            r = self.q("worker", "status", "--json", env=env)
+            try:
+                found[:] = [w for w in json.loads(r.out) if w["pid"] == p.pid]
+            except ValueError:
+                return False
+            return bool(found) or p.poll() is not None
+        self.wait_for(listed, what="the worker to be listed")
+        self.assertIsNone(p.poll(), self.output(p))
+        return found[0]
+
+    def show(self, job_id, env=None):
+        r = self.q("show", job_id, "--json", env=env)
+        self.assertEqual(r.code, 0, r)
+        return json.loads(r.out)
+
+    def cont_in_cleanup(self, p):
+        self.addCleanup(lambda: p.poll() is None and os.kill(p.pid, signal.SIGCONT))
+
+    def touch(self, name):
+        with open(self.path(name), "w"):
+            pass
+
+    def mount_tmpfs(self, path, size):
+        """A small tmpfs at path (root only: skips the test otherwise),
+        unmounted in cleanup after every process of the test is stopped."""
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700",
+                            "tmpfs", path], capture_output=True, text=True, timeout=10)
+        if r.returncode != 0:
+            self.skipTest(f"mount failed: {r.stderr}")
+        self.addCleanup(self._stop_and_umount, path)
+        return path
+
+    def fill(self, path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            size = 1 << 16
+            while size:
+                try:
+                    if os.write(fd, b"\0" * size) == 0:
+                        size //= 2
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    size //= 2
+        finally:
+            os.close(fd)
+
+    def _stop_and_umount(self, mnt):
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(timeout=10)
+        for pgid in self._job_pgids():
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for _ in range(50):
+            if subprocess.run(["umount", mnt], capture_output=True,
+                              timeout=10).returncode == 0:
+                return
+            time.sleep(0.1)
+        subprocess.run(["umount", "-l", mnt], capture_output=True, timeout=10)
+
+    # Frozen workers: output in files, freezing, ageing, gated jobs ----------
+
+    def bg(self, *args, fault=None):
+        """A background `worker start ARGS` (QUEUECTL_FAULT=fault if given);
+        its stdout/stderr go to files (read with out()/err()). Returns once
+        its workers row exists (or it has exited or stopped)."""
+        env = dict(self.env)
+        if fault:
+            env["QUEUECTL_FAULT"] = fault
+        n = len(self.procs)
+        outpath = os.path.join(self.tmp, f"worker{n}.out")
+        errpath = os.path.join(self.tmp, f"worker{n}.err")
+        with open(outpath, "w") as out, open(errpath, "w") as err:
+            p = subprocess.Popen([PY, PROG, "worker", "start", *args], env=env,
+                                 cwd=self.work, stdout=out, stderr=err)
+        p.outpath, p.errpath = outpath, errpath
+        self.procs.append(p)
+        self.wait_for(lambda: self.worker_row(p) is not None or p.poll() is not None
+                      or self.proc_state(p.pid) == "T", 20, "the worker to start")
+        return p
+
+    def worker_row(self, p):
+        try:
+            return self.db().execute("SELECT id FROM workers WHERE pid = ?",
+                                     (p.pid,)).fetchone()
+        except sqlite3.Error:
+            return None
+
+    def worker_id(self, p):
+        self.wait_for(lambda: self.worker_row(p) is not None, 20,
+                      f"worker pid {p.pid} to register")
+        return self.worker_row(p)[0]
+
+    def out(self, p):
+        with open(p.outpath) as f:
+            return f.read()
+
+    def err(self, p):
+        with open(p.errpath) as f:
+            return f.read()
+
+    @staticmethod
+    def proc_state(pid):
+        return proc_state(pid)
+
+    def wait_stopped(self, p, timeout=10):
+        """Wait until p is in state T (it hit a `stop` fault or got SIGSTOP)."""
+        self.wait_for(lambda: self.proc_state(p.pid) == "T" or p.poll() is not None,
+                      timeout, f"worker pid {p.pid} to stop (fault point)")
+        self.assertEqual(self.proc_state(p.pid), "T",
+                         f"worker exited instead of stopping: {p.returncode}; "
+                         f"out={self.out(p)!r} err={self.err(p)!r}")
+
+    def wait_out(self, p, text, what, timeout=20):
+        """Wait until worker p has printed text (a failure shows its output)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.out(p):
+            if time.monotonic() > deadline:
+                self.fail(f"timed out waiting for {what}: no {text!r} in its "
+                          f"output {self.out(p)!r}, stderr {self.err(p)!r}")
+            time.sleep(0.05)
+
+    def stop_workers(self, *args):
+        """worker stop ARGS --wait --timeout 20, which must succeed."""
+        r = self.q("worker", "stop", *args, "--wait", "--timeout", "20")
+        self.assertEqual(r.code, 0, f"{r}; worker output: " + " | ".join(
+            self.out(p) + self.err(p) for p in self.procs if hasattr(p, "outpath")))
+
+    def freeze(self, p, tries=20):
+        """SIGSTOP p at a moment it holds no database write lock (else the
+        test could not write either): retried with SIGCONT if it does."""
+        for _ in range(tries):
+            os.kill(p.pid, signal.SIGSTOP)
+            self.wait_stopped(p)
+            con = sqlite3.connect(os.path.join(self.home, "queue.db"), timeout=0.5,
+                                  isolation_level=None)
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                con.execute("ROLLBACK")
+                return
+            except sqlite3.OperationalError:
+                os.kill(p.pid, signal.SIGCONT)
+                time.sleep(0.1)
+            finally:
+                con.close()
+        self.fail("could not freeze the worker outside a write transaction")
+
+    def resume_in_cleanup(self, p):
+        # Runs before QueueTest._cleanup (cleanups are LIFO), which kills p.
+        def resume():
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+        self.addCleanup(resume)
+
+    def release_and_check_it_ran_once(self, job_id):
+        """Let a gate_cmd() job finish: it completes on its first attempt,
+        having started and finished exactly once."""
+        self.go()
+        self.wait_state(job_id, "completed")
+        job = self.job(job_id)
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        self.assertEqual(self.lines("runs"), ["start", "done"])
+
+    def adopt_from(self, a, job_id):
+        """Age frozen worker a past its lease and start worker B, which must
+        adopt job_id; (B, B's worker id)."""
+        self.age(a)
+        b = self.bg()
+        bid = self.worker_id(b)
+        self.wait_for(lambda: self.job(job_id)["worker"] == bid, 20,
+                      f"worker B to adopt {job_id}")
+        return b, bid
+
+    def age(self, p):
+        """Make worker p look past its lease."""
+        con = self.db()
+        con.execute("UPDATE workers SET heartbeat = ? WHERE pid = ?", (OLD_HEARTBEAT, p.pid))
+        con.commit()
+
+    def gate_cmd(self, tail=""):
+        """A job that appends start, waits for the file `go`, appends done.
+        It ends by itself (exit 3) if the test's directory is removed."""
+        runs, go = self.path("runs"), self.path("go")
+        return (f"echo start >> {runs}; while [ ! -f {go} ]; do "
+                f"[ -d {self.work} ] || exit 3; sleep 0.05; done; "
+                f"echo done >> {runs}{tail}")
+
+    def go(self):
+        with open(self.path("go"), "w"):
+            pass
+
+    def run_files(self, suffixes):
+        try:
+            names = os.listdir(os.path.join(self.home, "run"))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.endswith(suffixes))
+
+    def qb(self, *args, input=None, **kw):
+        """Run queuectl with bytes input/output; the CompletedProcess."""
+        return subprocess.run([PY, PROG, *args], input=input, capture_output=True,
+                              env=self.env, cwd=self.work, timeout=30, **kw)
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+def proc_state(pid):
+    """The state letter of a process (R, S, T, Z...), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+def all_stopped(pid):
+    """True when every thread of the process is stopped (SIGSTOP)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return bool(tids) and all(proc_state(f"{pid}/task/{t}") == "T" for t in tids)
+
+def now_iso():
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+
+def can_mount_tmpfs():
+    if os.geteuid() != 0 or not os.path.exists("/proc/mounts"):
+        return False
+    import tempfile
+    d = tempfile.mkdtemp(prefix="queuectl-mnt-probe-")
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", d],
+                           capture_output=True, timeout=10)
+        if r.returncode != 0:
+            return False
+        subprocess.run(["umount", d], capture_output=True, timeout=10)
+        return True
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    finally:
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+TIME_RE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+
+SPEC_JOB_FIELDS = ("id", "command", "state", "queue", "priority", "attempts",
+                   "max_retries", "timeout", "run_at", "depends_on", "cwd", "env",
+                   "created_at", "updated_at", "started_at", "finished_at",
+                   "exit_code", "last_error", "worker")
+
+MARKER_JOB = "test -f marker || { touch marker; exit 1; }"
+
+RECORD = 'echo "$QUEUECTL_JOB_ID" >> order.txt'
+
+# Deterministic: workers are frozen or broken at named fault points
+# (QUEUECTL_FAULT, see the module docstring), never by a sleep that hopes to
+# hit a window.
+
+OLD_HEARTBEAT = "2000-01-01T00:00:00.000000Z"
+
+WAIT_GO = "while [ ! -f {go} ]; do sleep 0.05; done"
+
+# queuectl run in-process with everything it imports lazily already loaded, so
+# that a low descriptor limit hits its own opens (the db, then the lock files)
+# rather than Python's imports.
+PRELOADED_STATUS = """
+import sys, resource
+sys.path.insert(0, sys.argv[1])
+import queuectl
+import fcntl, sqlite3, json, signal, select, threading, errno, stat, shutil
+import argparse, datetime, math, re, textwrap
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE,
+                   (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+sys.exit(queuectl.main(["worker", "status", "--json"]))
+"""
+
+
+# Text, time and values #######################################################
 
 class TestPureHelpers(unittest.TestCase):
     def test_parse_duration_accepts_the_documented_forms(self):
@@ -361,7 +722,413 @@ class TestPureHelpers(unittest.TestCase):
         self.assertGreater(len(set(ids)), 195)
 
 
-class TestEnqueue(RecordingTest):
+# Files and permissions #######################################################
+
+class TestFilesAndPermissions(QueueTest):
+    def test_files_are_private_whatever_the_umask(self):
+        old = os.umask(0)
+        try:
+            job = self.enqueue("echo hi")
+            self.drain()
+        finally:
+            os.umask(old)
+        for path, mode in ((self.home, 0o700), (os.path.join(self.home, "queue.db"), 0o600),
+                           (os.path.join(self.home, "logs", job + ".log"), 0o600)):
+            self.assertEqual(os.stat(path).st_mode & 0o777, mode, path)
+
+    def test_group_writable_db_is_refused(self):
+        self.enqueue("true")
+        db = os.path.join(self.home, "queue.db")
+        os.chmod(db, 0o664)
+        r = self.fails(2, "list")
+        self.assertIn(db, r.err)
+        self.assertIn("chmod go-w", r.err)
+
+    def test_planted_log_symlink_is_not_followed(self):
+        target = self.path("target")
+        with open(target, "w") as f:
+            f.write("precious\n")
+        self.enqueue("--id", "j", "--max-retries", "0", "echo clobbered")
+        os.makedirs(os.path.join(self.home, "logs"), exist_ok=True)
+        os.symlink(target, os.path.join(self.home, "logs", "j.log"))
+        r = self.drain()
+        self.assertEqual(r.code, 1, r)
+        with open(target) as f:
+            self.assertEqual(f.read(), "precious\n")
+        self.assertIn("could not open its log", self.job("j")["last_error"])
+
+    def test_not_a_queuectl_database_is_refused_unchanged(self):
+        os.mkdir(self.home, 0o700)
+        db = os.path.join(self.home, "queue.db")
+        con = sqlite3.connect(db)
+        con.execute("CREATE TABLE mine (x)")
+        con.commit()
+        con.close()
+        os.chmod(db, 0o600)
+        before = self.db_dump()
+        r = self.fails(2, "enqueue", "true")
+        self.assertIn("not a queuectl database", r.err)
+        self.assertEqual(self.db_dump(), before)
+
+    def test_garbage_file_as_database_is_refused(self):
+        os.mkdir(self.home, 0o700)
+        db = os.path.join(self.home, "queue.db")
+        with open(db, "wb") as f:
+            f.write(b"this is not sqlite at all" * 100)
+        os.chmod(db, 0o600)
+        r = self.fails(2, "list")
+        self.assertIn("not a usable queuectl database", r.err)
+
+    def test_newer_schema_is_refused(self):
+        self.enqueue("true")
+        con = self.db()
+        con.execute(f"PRAGMA user_version = {queuectl.SCHEMA_VERSION + 1}")
+        con.commit()
+        r = self.fails(2, "list")
+        self.assertIn("newer", r.err)
+
+    def test_older_schema_is_migrated_in_one_transaction(self):
+        self.enqueue("--id", "a", "true")
+        version = queuectl.SCHEMA_VERSION
+        saved = dict(queuectl.MIGRATIONS)
+        self.addCleanup(lambda: (queuectl.MIGRATIONS.clear(),
+                                 queuectl.MIGRATIONS.update(saved),
+                                 setattr(queuectl, "SCHEMA_VERSION", version)))
+        queuectl.SCHEMA_VERSION = version + 1
+        # A migration that fails half-way changes nothing.
+        queuectl.MIGRATIONS[version] = ["ALTER TABLE jobs ADD COLUMN note TEXT",
+                                        "SELECT no_such_function()"]
+        with self.assertRaises(queuectl.QueuectlError):
+            queuectl.Store(self.home)
+        con = self.db()
+        self.assertEqual(con.execute("PRAGMA user_version").fetchone()[0], version)
+        cols = [r[1] for r in con.execute("PRAGMA table_info(jobs)")]
+        self.assertNotIn("note", cols)
+        queuectl.MIGRATIONS[version] = ["ALTER TABLE jobs ADD COLUMN note TEXT"]
+        queuectl.Store(self.home).close()
+        self.assertEqual(con.execute("PRAGMA user_version").fetchone()[0], version + 1)
+        self.assertIn("note", [r[1] for r in con.execute("PRAGMA table_info(jobs)")])
+        self.assertEqual(con.execute("SELECT id FROM jobs").fetchall(), [("a",)])
+
+    def test_large_binary_output_is_stored_whole(self):
+        self.enqueue("--id", "big", "head -c 20000000 /dev/urandom; printf 'no newline'")
+        self.assertEqual(self.drain().code, 0)
+        path = os.path.join(self.home, "logs", "big.log")
+        self.assertGreater(os.path.getsize(path), 20_000_000)
+        tail = subprocess.run([PY, PROG, "logs", "big", "--tail", "1"], env=self.env,
+                              capture_output=True, timeout=30)
+        self.assertEqual(tail.returncode, 0)
+        self.assertTrue(tail.stdout.startswith(b"[queuectl] attempt 1 ended: exit 0"),
+                        tail.stdout[:200])
+        two = subprocess.run([PY, PROG, "logs", "big", "--tail", "2"], env=self.env,
+                             capture_output=True, timeout=30).stdout
+        self.assertIn(b"no newline\n[queuectl] attempt 1 ended", two)
+
+class TestOwnership(QueueTest):
+    @unittest.skipUnless(os.geteuid() == 0, "needs root to give a file away")
+    def test_home_owned_by_another_user_is_refused(self):
+        self.enqueue("true")
+        os.chown(self.home, 12345, -1)
+        self.addCleanup(os.chown, self.home, 0, -1)
+        before = self.db_dump()
+        r = self.fails(2, "enqueue", "true")
+        self.assertIn("belongs to uid 12345", r.err)
+        self.assertEqual(self.db_dump(), before)
+
+    @unittest.skipUnless(os.geteuid() == 0, "needs root to give a file away")
+    def test_db_owned_by_another_user_is_refused(self):
+        self.enqueue("true")
+        db = os.path.join(self.home, "queue.db")
+        os.chown(db, 12345, -1)
+        r = self.fails(2, "list")
+        self.assertIn(db, r.err)
+
+class TestUmask(QueueTest):
+    def test_home_works_under_umask_0277(self):
+        def run(*args):
+            return subprocess.run([PY, PROG, *args], capture_output=True, text=True,
+                                  env=self.env, cwd=self.work, timeout=60,
+                                  preexec_fn=lambda: os.umask(0o277))
+        r = run("enqueue", "--id", "u", "echo hi")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        r = run("worker", "start", "--drain")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertNotIn("Traceback", r.stderr)
+        job = self.job("u")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        self.assertIn("hi", self.log("u"))
+        for path, mode in ((self.home, 0o700),
+                           (os.path.join(self.home, "logs"), 0o700),
+                           (os.path.join(self.home, "queue.db"), 0o600),
+                           (os.path.join(self.home, "logs", "u.log"), 0o600)):
+            self.assertEqual(oct(os.stat(path).st_mode & 0o777), oct(mode), path)
+
+class TestPlantedSymlinks(QueueTest):
+    def precious(self):
+        target = self.path("target")
+        with open(target, "w") as f:
+            f.write("precious\n")
+        return target
+
+    def test_wake_symlink_is_never_written_through(self):
+        target = self.precious()
+        w = self.bg()
+        os.symlink(target, os.path.join(self.home, "run", "planted.wake"))
+        self.enqueue("--id", "j", "true")           # wakes the workers
+        self.wait_state("j", "completed")
+        with open(target) as f:
+            self.assertEqual(f.read(), "precious\n")
+        self.assertIsNone(w.poll())
+
+    def test_log_symlink_is_not_read(self):
+        secret = self.path("secret")
+        with open(secret, "w") as f:
+            f.write("top secret content\n")
+        self.enqueue("--id", "j", "echo hi")
+        self.assertEqual(self.drain().code, 0)
+        log = os.path.join(self.home, "logs", "j.log")
+        os.unlink(log)
+        os.symlink(secret, log)
+        r = self.fails(1, "logs", "j")
+        self.assertEqual(r.err, f"queuectl: error: the log {log} is not a regular file; "
+                         "refusing to read it\n")
+        self.assertNotIn("top secret", r.out)
+        r = self.fails(1, "logs", "j", "--tail", "1")
+        self.assertNotIn("top secret", r.out)
+
+class TestFencesOnAFullDisk(QueueTest):
+    """Taking a start fence is all or nothing: on a full disk it fails and
+    changes nothing, so a frozen claimant can never start a job twice."""
+
+    def test_revoke_on_a_full_disk_fails_and_leaves_no_file(self):
+        run = self.mount_tmpfs(os.path.join(self.tmp, "mnt"), "64k")
+        self.fill(os.path.join(run, "filler"))
+        path = os.path.join(run, "j.tok.exit")
+        with self.assertRaises(OSError):
+            queuectl.revoke(path, "w1")
+        self.assertEqual(queuectl.read_status(path), ("absent", None))
+        self.assertEqual(os.listdir(run), ["filler"])
+
+    def test_cancel_that_cannot_take_the_fence_changes_nothing(self):
+        self.ok("status")                                # creates the home
+        run = self.mount_tmpfs(os.path.join(self.home, "run"), "256k")
+        self.enqueue("--id", "j", f"echo run >> {self.path('runs')}")
+        a = self.spawn_worker(env=self.fault_env("after-claim:stop"))
+        self.cont_in_cleanup(a)
+        self.wait_for(lambda: proc_state(a.pid) == "T", what="A to stop after its claim")
+        filler = os.path.join(run, "filler")
+        self.fill(filler)
+        r = self.fails(1, "cancel", "j")
+        self.assertIn("cannot cancel job j now: No space left on device; try again", r.err)
+        self.assertEqual(self.state("j"), "processing")
+        self.assertEqual(sorted(n for n in os.listdir(run) if ".exit" in n), [])
+        os.unlink(filler)
+        self.assertEqual(self.ok("cancel", "j"), "j\n")
+        os.kill(a.pid, signal.SIGCONT)
+        self.wait_for(lambda: "j not started" in self.output(a), what="A to give up on j")
+        self.assertEqual(self.state("j"), "cancelled")
+        self.assertEqual(self.lines("runs"), [])         # never ran
+
+
+# Processes ###################################################################
+
+class TestFindJobProcess(QueueTest):
+    @unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc")
+    def spawn_job(self, command, token, status):
+        env = dict(os.environ, QUEUECTL_JOB_ID="j", QUEUECTL_ATTEMPT="2",
+                   QUEUECTL_CLAIM=token, __QUEUECTL_STATUS=status,
+                   __QUEUECTL_COMMAND=command, __QUEUECTL_CWD=self.work,
+                   __QUEUECTL_UMASK="0022")
+        with open(os.devnull, "rb") as null:
+            return queuectl.spawn(["/bin/sh", "-c", queuectl.JOB_WRAPPER, "queuectl-job"],
+                                  self.work, env, null.fileno(), null.fileno())
+
+    @unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc")
+    def test_a_job_is_found_by_its_claim_token_even_after_exec(self):
+        for n, command in enumerate(("sleep 0.5 | cat", "exec sleep 0.5")):
+            with self.subTest(command=command):
+                token = f"tok{n}"
+                child = self.spawn_job(command, token, self.path(f"j.{token}.exit"))
+                try:
+                    self.assertEqual(queuectl.find_job_process("other"), (None, None))
+                    pid, start = queuectl.find_job_process(token)
+                    self.assertEqual(pid, child.pid)      # the leader, not its children
+                    self.assertTrue(queuectl.same_process(pid, start))
+                finally:
+                    self.assertEqual(child.wait(), 0)
+                self.assertEqual(queuectl.find_job_process(token), (None, None))
+
+    def test_start_fence_revoked_first_means_the_command_never_runs(self):
+        status = self.path("j.t1.exit")
+        self.assertTrue(queuectl.revoke(status, "w1"))
+        child = self.spawn_job(f"echo ran > {self.path('ran')}", "t1", status)
+        self.assertEqual(child.wait(), queuectl.WRAPPER_REFUSED)
+        self.assertFalse(os.path.exists(self.path("ran")))
+        self.assertEqual(queuectl.read_status(status), ("revoked", "w1"))
+        # Started first: the fence is the job's, and its status is written.
+        status = self.path("j.t2.exit")
+        child = self.spawn_job("exit 7", "t2", status)
+        self.assertEqual(child.wait(), 7)
+        self.assertFalse(queuectl.revoke(status, "w1"))
+        self.assertEqual(queuectl.read_status(status), ("exit", 7))
+
+    def test_jobs_get_default_sigpipe(self):
+        self.enqueue("--id", "p", "yes | head -c 3")
+        self.assertEqual(self.drain().code, 0)
+        self.assertNotIn("Broken pipe", self.log("p"))
+
+@unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc")
+class TestCommandVisibility(QueueTest):
+    def cmdlines(self):
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/cmdline", "rb") as f:
+                        yield int(name), f.read()
+                except OSError:
+                    pass
+
+    def test_command_and_claim_are_not_in_any_argv(self):
+        secret = "s3cr3t" + uuid.uuid4().hex[:8]
+        # Through stdin, so that not even the enqueue's argv holds the secret.
+        self.ok("enqueue", "--stdin", input=json.dumps(
+            {"id": "v", "command": self.gate_cmd(f" # {secret}")}) + "\n")
+        self.bg()
+        pid = self.wait_running("v")
+        self.wait_for(lambda: self.lines("runs") == ["start"], 10, "v to start")
+        token = self.db().execute("SELECT claim FROM jobs WHERE id = 'v'").fetchone()[0]
+        self.assertTrue(token)
+        for p, cmdline in self.cmdlines():
+            self.assertNotIn(secret.encode(), cmdline, f"pid {p}: {cmdline!r}")
+            self.assertNotIn(token.encode(), cmdline, f"pid {p}: {cmdline!r}")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            self.assertEqual(f.read().split(b"\0")[-2:], [b"queuectl-job", b""])
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            self.assertIn(b"QUEUECTL_CLAIM=" + token.encode(), f.read().split(b"\0"))
+        self.go()
+        self.wait_state("v", "completed")
+
+
+# Config ######################################################################
+
+class TestConfig(QueueTest):
+    def test_defaults(self):
+        out = self.ok("config", "list")
+        for line in ("max_retries = 3", "backoff_base = 2", "max_backoff = 3600",
+                     "job_timeout = 0", "kill_grace = 10"):
+            self.assertIn(line, out)
+        self.assertEqual(json.loads(self.ok("config", "list", "--json")),
+                         {"max_retries": 3, "backoff_base": 2, "max_backoff": 3600,
+                          "job_timeout": 0, "kill_grace": 10})
+        self.assertEqual(self.ok("config", "get", "max_retries"), "3\n")
+
+    def test_set_get_and_key_aliases(self):
+        self.assertEqual(self.ok("config", "set", "max-retries", "5"), "max_retries = 5\n")
+        self.assertEqual(self.ok("config", "get", "max_retries"), "5\n")
+        self.assertEqual(self.ok("config", "get", "max-retries"), "5\n")
+        self.ok("config", "set", "max_backoff", "0.5")
+        self.assertEqual(self.ok("config", "get", "max-backoff"), "0.5\n")
+        self.ok("config", "set", "job-timeout", "30")
+        with open(os.path.join(self.home, "config.json")) as f:
+            self.assertEqual(json.load(f), {"max_retries": 5, "max_backoff": 0.5,
+                                            "job_timeout": 30})
+        values = json.loads(self.ok("config", "list", "--json"))
+        self.assertEqual(values["max_retries"], 5)
+        self.assertEqual(values["backoff_base"], 2)
+        out = self.ok("config", "list")
+        self.assertRegex(out, r"(?m)^max_retries = 5$")
+        self.assertRegex(out, r"(?m)^backoff_base = 2\s+\(default\)$")
+
+    def test_invalid_values_are_refused(self):
+        self.ok("config", "set", "max_retries", "4")
+        path = os.path.join(self.home, "config.json")
+        with open(path) as f:
+            before = f.read()
+        for key, value, allowed in (
+                ("max_retries", "abc", "from 0 to"), ("max_retries", "NaN", "from 0 to"),
+                ("max_retries", "inf", "from 0 to"), ("max_retries", "-1", "from 0 to"),
+                ("max-retries", "true", "from 0 to"), ("max_retries", "2.5", "whole"),
+                ("backoff_base", "0.5", "from 1 to")):
+            with self.subTest(key=key, value=value):
+                r = self.fails(2, "config", "set", key, value)
+                self.assertIn(allowed, self.error_line(r))
+                self.assertEqual(r.out, "")
+        with open(path) as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(self.ok("config", "get", "max_retries"), "4\n")
+
+    def test_unknown_key_is_refused_naming_the_allowed_ones(self):
+        for args in (("set", "retries", "1"), ("get", "retries")):
+            with self.subTest(args=args):
+                r = self.fails(2, "config", *args)
+                line = self.error_line(r)
+                self.assertIn("retries", line)
+                for key in ("max_retries", "backoff_base", "max_backoff", "job_timeout",
+                            "kill_grace"):
+                    self.assertIn(key, line)
+        self.assertFalse(os.path.exists(os.path.join(self.home, "config.json")))
+
+    def test_config_file_that_is_not_json(self):
+        self.enqueue("--id", "j", "true")
+        path = os.path.join(self.home, "config.json")
+        with open(path, "w") as f:
+            f.write('{"max_retries": 2,,}\n')
+        for args in (("config", "list"), ("config", "get", "max_retries"),
+                     ("config", "set", "max_retries", "1"),
+                     ("worker", "start", "--drain")):
+            with self.subTest(args=args):
+                r = self.fails(2, *args)
+                self.assertIn(path, self.error_line(r))
+        with open(path) as f:
+            self.assertEqual(f.read(), '{"max_retries": 2,,}\n')
+
+    def test_broken_config_refused_by_worker_and_doctor_not_by_enqueue(self):
+        # enqueue does not use the config: a typo in it must not stop cron
+        # from queueing work; the commands that use it name the file.
+        self.enqueue("--id", "j", "true")
+        path = os.path.join(self.home, "config.json")
+        for n, text in enumerate(('{"max_retries": 2,,}\n', '{"max_retries": "x"}\n')):
+            with self.subTest(text=text):
+                with open(path, "w") as f:
+                    f.write(text)
+                self.assertEqual(self.enqueue("--id", f"k{n}", "true"), f"k{n}")
+                before = self.db_dump()
+                r = self.fails(2, "worker", "start", "--drain")
+                self.assertIn(path, self.error_line(r))
+                self.assertEqual(self.db_dump(), before)      # nothing ran
+                r = self.q("doctor")
+                self.assertEqual(r.code, 1, r)
+                self.assertIn(path, r.out)
+
+    def test_config_file_with_wrong_types(self):
+        path = os.path.join(self.home, "config.json")
+        os.makedirs(self.home, mode=0o700)
+        for text, word in (('{"max_retries": "x"}', "max_retries"),
+                           ('{"backoff_base": 0.5}', "backoff_base"),
+                           ('{"nonsense": 1}', "nonsense"),
+                           ('[1, 2]', "object"),
+                           ('{"max_backoff": NaN}', path)):
+            with self.subTest(text=text):
+                with open(path, "w") as f:
+                    f.write(text)
+                r = self.fails(2, "config", "list")
+                line = self.error_line(r)
+                self.assertIn(path, line)
+                self.assertIn(word, line)
+        r = self.fails(2, "worker", "start", "--drain")
+        self.assertIn(path, self.error_line(r))
+
+    def test_config_is_written_atomically_leaving_no_temp_files(self):
+        self.ok("config", "set", "max_retries", "1")
+        self.ok("config", "set", "kill_grace", "2")
+        self.assertEqual(sorted(n for n in os.listdir(self.home) if "config" in n),
+                         ["config.json"])
+
+
+# Enqueue and job specs #######################################################
+
+class TestEnqueue(QueueTest):
     def test_plain_command_prints_only_the_id(self):
         r = self.q("enqueue", "echo hi")
         self.assertEqual(r.code, 0, r)
@@ -529,8 +1296,294 @@ class TestEnqueue(RecordingTest):
         self.assertEqual(self.drain().code, 1)
         self.assertEqual(self.lines("attempts.txt"), ["1", "2", "3"])
 
+class TestStdinSplitting(QueueTest):
+    def one_job(self, data):
+        r = self.qb("enqueue", "--stdin", input=data)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        ids = r.stdout.decode().split()
+        self.assertEqual(len(ids), 1, r.stdout)
+        self.assertEqual(len(json.loads(self.ok("list", "--limit", "0", "--json"))), 1)
+        return self.job(ids[0])
 
-class TestWorkerBasics(RecordingTest):
+    def test_form_feed_stays_inside_the_line(self):
+        self.assertEqual(self.one_job(b"echo a\fb\n")["command"], "echo a\fb")
+
+    def test_file_separator_stays_inside_the_line(self):
+        self.assertEqual(self.one_job(b"echo a\x1cb\n")["command"], "echo a\x1cb")
+
+    def test_json_line_with_a_raw_line_separator_is_one_job(self):
+        line = '{"id": "u", "command": "echo a\u2028b"}\n'.encode()
+        job = self.one_job(line)
+        self.assertEqual((job["id"], job["command"]), ("u", "echo a\u2028b"))
+
+class TestBadInput(QueueTest):
+    def test_bad_enqueue_values(self):
+        self.enqueue("--id", "a0", "true")
+        before = self.db_dump()
+        cases = [
+            (2, ("--delay", "5x"), "delay"),
+            (2, ("--run-at", "tomorrowish"), "tomorrowish"),
+            (2, ("--run-at", "2026-01-01T00:00:00Z", "--delay", "5"), "--delay"),
+            (2, ("--id", "a", "--after", "a"), "itself"),
+            (1, ("--after", "nope"), "nope"),
+            (2, ("--after", "../x"), "../x"),
+            (2, ("--priority", "high"), "--priority"),
+            (2, ("--max-retries", "-1"), "max_retries"),
+            (2, ("--timeout=-5",), "--timeout"),
+            (2, ("--env", "NOEQUALS"), "NOEQUALS"),
+            (2, ("--cwd", os.path.join(self.tmp, "missing")), "missing"),
+            (2, ("--queue", "a/b"), "queue"),
+            (2, ("--unique",), "--unique"),
+        ]
+        for code, args, word in cases:
+            with self.subTest(args=args):
+                r = self.fails(code, "enqueue", *args, "true")
+                self.assertIn(word, self.error_line(r))
+                self.assertEqual(r.out, "")
+        for args in ((), ("   ",)):
+            with self.subTest(args=args):
+                self.fails(2, "enqueue", *args)
+        self.assertEqual(self.db_dump(), before)
+
+    def test_bad_usage_of_other_commands(self):
+        self.enqueue("--id", "a0", "true")
+        before = self.db_dump()
+        for args in (("frob",), ("worker",), ("worker", "start", "--count", "0"),
+                     ("list", "--state", "bogus"), ("list", "--limit=-1"),
+                     ("prune", "--older-than", "5x"),
+                     ("prune", "--older-than", "1d", "--state", "pending"),
+                     ("wait", "a0", "--timeout=-1"), ("pause", "../q"),
+                     ("enqueue", "--bogus", "true")):
+            with self.subTest(args=args):
+                self.fails(2, *args)
+        self.assertEqual(self.db_dump(), before)
+
+class TestMoreBadInput(QueueTest):
+    def test_each_is_refused_with_one_line_and_no_change(self):
+        self.enqueue("--id", "keep", "true")
+        before = self.db_dump()
+        for args in (["enqueue", "--run-at", "0999-06-01T00:00:00Z", "x"],
+                     ["enqueue", "--run-at", "9999-12-31T23:00:00-05:00", "x"],
+                     ["enqueue", '{"command": "x", "run_at": "0500-01-01"}'],
+                     ["list", "--limit", "99999999999999999999"],
+                     ["dlq", "list", "--limit", "-1"],
+                     ["--home=", "list"]):
+            with self.subTest(args=args):
+                self.fails(2, *args)
+        r = subprocess.run([PY, PROG, "enqueue", b"echo \xff\xfe"], env=self.env,
+                           capture_output=True, timeout=30)
+        self.assertEqual(r.returncode, 2)
+        self.assertEqual(r.stderr, b"queuectl: error: the command is not valid UTF-8\n")
+        gone = self.path("gone")
+        os.mkdir(gone)
+        r = subprocess.run([PY, PROG, "enqueue", "true"], env=self.env, cwd=gone,
+                           capture_output=True, text=True, timeout=30,
+                           preexec_fn=lambda: os.rmdir(gone))
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertIn("current directory no longer exists", r.stderr)
+        self.assertEqual(self.db_dump(), before)
+
+class TestExitCodes(QueueTest):
+    def setUp(self):
+        super().setUp()
+        self.enqueue("--id", "keep", "true")
+        self.before = self.db_dump()
+
+    def unchanged(self):
+        self.assertEqual(self.db_dump(), self.before)
+
+    def test_run_at_year_1_is_out_of_range(self):
+        r = self.fails(2, "enqueue", "--run-at", "0001-01-01", "x")
+        self.assertIn("out of range", r.err)
+        self.assertIn("from 1970 to 9999", r.err)
+        self.assertEqual(len(r.err.strip().splitlines()), 1, r)
+        self.unchanged()
+
+    def test_non_utf8_bytes_on_stdin(self):
+        for data, n in ((b"echo ok\necho \xff\n", 2),
+                        (b'echo ok\n{"command": "true", "env": {"A": "\xff"}}\n', 2),
+                        (b"\xfe\n", 1)):
+            with self.subTest(data=data):
+                self.before = self.db_dump()
+                r = self.qb("enqueue", "--stdin", input=data)
+                self.assertEqual(r.returncode, 2, r)
+                err = r.stderr.decode("utf-8", "replace")
+                self.assertNotIn("Traceback", err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertTrue(err.startswith("queuectl: error: "), err)
+                self.assertIn(f"line {n}", err)
+                self.assertIn("not valid UTF-8", err)
+                self.assertEqual(r.stdout, b"")
+                self.unchanged()
+
+    def test_home_that_is_a_regular_file(self):
+        f = self.path("afile")
+        with open(f, "w") as fh:
+            fh.write("mine\n")
+        r = self.fails(2, "--home", f, "list")
+        self.assertIn(f"the home {f} is not a directory", r.err)
+        self.assertEqual(len(r.err.strip().splitlines()), 1, r)
+        self.fails(2, "--home", f, "enqueue", "true")
+        with open(f) as fh:
+            self.assertEqual(fh.read(), "mine\n")
+        self.unchanged()
+
+
+# Store: claims, concurrency, scale ###########################################
+
+class TestClaimPlan(QueueTest):
+    def test_claim_is_one_walk_of_the_ready_index(self):
+        self.enqueue("--id", "a", "true")
+        self.enqueue("--after", "a", "--queue", "q2", "true")
+        con = self.db()
+        for where, params in (("", []), (" AND queue IN (?,?)", ["a", "b"]),
+                              (" AND queue NOT IN (?)", ["p"])):
+            plan = " ".join(r[-1] for r in con.execute(
+                "EXPLAIN QUERY PLAN " + queuectl.SQL_CLAIMABLE.format(where=where),
+                ["2030-01-01T00:00:00.000000Z"] + params))
+            self.assertIn("jobs_ready", plan)
+            self.assertNotIn("TEMP B-TREE", plan)
+
+    def test_prune_reclaims_space(self):
+        lines = "".join(f"echo {'x' * 2000}\n" for _ in range(2000))
+        self.ok("enqueue", "--stdin", input=lines.replace("echo", "true ||"))
+        self.assertEqual(self.drain("--count", "2", timeout=120).code, 0)
+        con = self.db()
+        before = con.execute("PRAGMA page_count").fetchone()[0]
+        self.assertIn("pruned 2000 jobs", self.ok("prune", "--older-than", "0"))
+        after = con.execute("PRAGMA page_count").fetchone()[0]
+        self.assertLess(after, before / 4)
+        self.assertEqual(os.listdir(os.path.join(self.home, "logs")), [])
+
+class TestConcurrency(QueueTest):
+    def test_two_processes_four_threads_run_each_job_exactly_once(self):
+        ids = [f"j{i}" for i in range(300)]
+        out = self.path("out")
+        lines = "".join(json.dumps({"id": i, "command": f"echo {i} >> {out}"}) + "\n"
+                        for i in ids)
+        self.ok("enqueue", "--stdin", input=lines)
+        procs = [subprocess.Popen([PY, PROG, "worker", "start", "--count", "4", "--drain"],
+                                  env=self.env, cwd=self.work, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        self.procs.extend(procs)
+        for p in procs:
+            self.assertEqual(p.wait(timeout=90), 0, p.stderr.read())
+        got = self.lines("out")
+        self.assertEqual(sorted(got), sorted(ids))       # each exactly once
+        counts = json.loads(self.ok("status", "--json"))["counts"]
+        self.assertEqual(counts["completed"], 300)
+        self.integrity_ok()
+
+    def test_concurrent_enqueues_while_a_worker_runs(self):
+        self.start_worker("--count", "2")
+        script = ("import sys; sys.path.insert(0, sys.argv[1]); import queuectl\n"
+                  "codes = [queuectl.main(['enqueue', '--id', f'p{sys.argv[2]}-{i}', 'true'])"
+                  " for i in range(25)]\n"
+                  "sys.exit(max(codes))\n")
+        procs = [subprocess.Popen([PY, "-c", script, os.path.dirname(PROG), str(n)],
+                                  env=self.env, cwd=self.work, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for n in range(20)]
+        self.procs.extend(procs)
+        for p in procs:
+            self.assertEqual(p.wait(timeout=90), 0, p.stderr.read())
+        self.wait_for(lambda: json.loads(self.ok("status", "--json"))["counts"]["completed"]
+                      == 500, 60, "500 jobs to complete")
+        ids = {j["id"] for j in json.loads(self.ok("list", "--limit", "0", "--json"))}
+        self.assertEqual(ids, {f"p{n}-{i}" for n in range(20) for i in range(25)})
+        self.integrity_ok()
+
+
+# Liveness ####################################################################
+
+class TestDescriptorExhaustion(QueueTest):
+    """Out of descriptors, `worker status` fails clearly or lists the live
+    worker: it never forgets it nor deletes its files."""
+
+    def check_status(self, r, w, limit):
+        """The rule for one `worker status --json` run under a limit."""
+        what = f"limit {limit}: {r!r}"
+        self.assertNotIn("Traceback", r.err, what)
+        if r.code == 0:
+            self.assertIn(w.pid, [x["pid"] for x in json.loads(r.out)], what)
+        else:
+            lines = r.err.strip().splitlines()
+            self.assertEqual(len(lines), 1, what)
+            self.assertTrue(lines[0].startswith("queuectl: error: "), what)
+
+    def check_worker_kept(self, w, info):
+        now = json.loads(self.ok("worker", "status", "--json"))
+        self.assertEqual([(x["pid"], x["jobs"]) for x in now], [(w.pid, ["long"])])
+        for suffix in (".lock", ".wake"):
+            self.assertTrue(os.path.exists(os.path.join(self.home, "run",
+                                                        info["id"] + suffix)), suffix)
+
+    def start_long(self):
+        self.enqueue("--id", "long", WAIT_GO.format(go=self.path("go")))
+        w = self.spawn_worker()
+        info = self.wait_listed(w)
+        self.wait_running("long")
+        return w, info
+
+    def stop(self, w):
+        self.touch("go")
+        self.ok("worker", "stop", "--wait", "--timeout", "20")
+        self.assertEqual(w.wait(timeout=10), 0)
+        self.assertEqual(self.state("long"), "completed")
+
+    def test_worker_status_under_low_descriptor_limits(self):
+        w, info = self.start_long()
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        for limit in range(8, 41):
+            r = Result(subprocess.run(
+                [PY, PROG, "worker", "status", "--json"], capture_output=True,
+                text=True, timeout=30, env=self.env, cwd=self.work,
+                preexec_fn=lambda n=limit: resource.setrlimit(
+                    resource.RLIMIT_NOFILE, (n, hard))))
+            self.check_status(r, w, limit)
+        self.check_worker_kept(w, info)
+        self.stop(w)
+
+    def test_worker_status_when_only_the_lock_file_cannot_be_opened(self):
+        # Limits low enough that the db opens but the lock files may not.
+        w, info = self.start_long()
+        for limit in range(4, 17):
+            r = Result(subprocess.run(
+                [PY, "-c", PRELOADED_STATUS, HERE, str(limit)], capture_output=True,
+                text=True, timeout=30, env=self.env, cwd=self.work))
+            self.check_status(r, w, limit)
+            self.check_worker_kept(w, info)
+        self.stop(w)
+
+    def test_count_beyond_the_descriptor_limit_is_refused(self):
+        self.enqueue("--id", "j", f"echo ran >> {self.path('runs')}")
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+        def run(*args):
+            return Result(subprocess.run(
+                [PY, PROG, "worker", "start", *args], capture_output=True, text=True,
+                timeout=30, env=self.env, cwd=self.work,
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                      (min(256, hard), hard))))
+        r = run("--count", "256", "--drain")
+        self.assertEqual(r.code, 2, r)
+        self.assertNotIn("Traceback", r.err)
+        self.assertEqual(len(r.err.strip().splitlines()), 1, r)
+        line = r.err.strip()
+        self.assertTrue(line.startswith("queuectl: error: invalid --count 256: 256 threads "
+                                        "need about "), line)
+        self.assertIn(" open files but the limit is 256 (ulimit -n); raise the limit "
+                      "or use a smaller --count", line)
+        self.assertEqual(self.lines("runs"), [])              # started nothing
+        self.assertEqual(self.state("j"), "pending")
+        self.assertEqual(json.loads(self.ok("worker", "status", "--json")), [])
+        r = run("--count", "2", "--drain")                    # a count that fits runs
+        self.assertEqual(r.code, 0, r)
+        self.assertEqual(self.lines("runs"), ["ran"])
+
+
+# One attempt: run, retry, time out, cancel, record ###########################
+
+class TestWorkerBasics(QueueTest):
     def test_stdout_and_stderr_reach_the_log_with_header_and_footer(self):
         self.enqueue("--id", "j", "echo out-line; echo err-line >&2")
         r = self.drain()
@@ -663,8 +1716,7 @@ class TestWorkerBasics(RecordingTest):
         with open(self.path("in.txt")) as f:
             self.assertEqual(f.read(), "")
 
-
-class TestRetriesAndDLQ(RecordingTest):
+class TestRetriesAndDLQ(QueueTest):
     def test_runs_max_retries_plus_one_times_then_dead(self):
         self.set_fast_retries()
         self.enqueue("--id", "j", "--max-retries", "2", "echo run >> runs.txt; exit 3")
@@ -817,8 +1869,852 @@ class TestRetriesAndDLQ(RecordingTest):
         self.fails(1, "retry", "nope")
         self.fails(2, "retry", "../x")
 
+class TestTimeoutsAndCancel(QueueTest):
+    def test_timeout_kills_the_whole_tree(self):
+        self.enqueue("--id", "slow", "--timeout", "1", "--max-retries", "0",
+                     f"echo before; sleep 301 & echo $! > {self.path('pid')}; wait")
+        r = self.drain()
+        self.assertEqual(r.code, 1, r)
+        job = self.job("slow")
+        self.assertEqual(job["state"], "dead")
+        self.assertIn("timed out", job["last_error"])
+        self.assertFalse(pid_alive(self.read_pid("pid")))
+        log = self.log("slow")
+        self.assertIn("before", log)                       # output kept
+        self.assertIn("timed out", log)
 
-class TestReadCommands(RecordingTest):
+    def test_timeout_escalates_to_sigkill_after_kill_grace(self):
+        self.ok("config", "set", "kill_grace", "0.5")
+        self.ok("config", "set", "job_timeout", "1")           # the config default
+        self.enqueue("--id", "stubborn", "--max-retries", "0",
+                     f"trap '' TERM; sleep 302 & echo $! > {self.path('pid')}; wait; "
+                     "sleep 302")
+        r = self.drain()
+        self.assertEqual(r.code, 1, r)
+        self.assertIn("timed out", self.job("stubborn")["last_error"])
+        self.assertFalse(pid_alive(self.read_pid("pid")))
+
+    def test_cancel_running_job_stops_its_tree_and_never_retries(self):
+        self.enqueue("--id", "c", f"sleep 303 & echo $! > {self.path('pid')}; wait")
+        self.start_worker()
+        self.wait_running("c")
+        child = self.read_pid("pid")
+        w = self.procs[-1]
+        self.assertEqual(self.ok("cancel", "c").strip(), "c")
+        self.assertFalse(pid_alive(child))           # gone when cancel returns
+        self.assertEqual(self.state("c"), "cancelled")
+        # The worker has seen the end of the attempt and recorded nothing.
+        self.wait_for(lambda: "c cancelled" in self.worker_output(w), 10,
+                      "the worker to see the cancel")
+        job = self.job("c")
+        self.assertEqual((job["state"], job["attempts"]), ("cancelled", 0))
+
+    def test_cancel_pending_and_refuse_finished(self):
+        self.enqueue("--id", "p", "--delay", "1h", "true")
+        self.ok("cancel", "p")
+        self.assertEqual(self.state("p"), "cancelled")
+        self.fails(1, "cancel", "p")
+        self.fails(1, "cancel", "nosuchjob")
+
+class TestTimeoutKillsTheWholeGroup(QueueTest):
+    def test_children_that_ignore_sigterm_are_killed_after_the_leader_died(self):
+        self.ok("config", "set", "kill_grace", "0.5")
+        pidfile = self.path("pid")
+        self.enqueue("--id", "t", "--timeout", "1", "--max-retries", "0",
+                     f"sh -c 'trap \"\" TERM; echo $$ > {pidfile}; exec sleep 40' & wait")
+        r = self.drain_env(timeout=30)
+        self.assertEqual(r.code, 1, r)
+        self.assertEqual(self.job("t")["last_error"], "timed out after 1s")
+        pid = int(self.lines("pid")[0])
+        self.wait_for(lambda: not pid_alive(pid), 5, "the TERM-proof child to be killed")
+
+class TestCancelThenRetry(QueueTest):
+    """retry at once after cancel: the new attempt never starts while a
+    process of the cancelled one lives."""
+
+    def command(self, trap):
+        # Each attempt logs start:PID, an overlap:P line for any earlier
+        # attempt's shell P still alive (not a zombie), and end:PID.
+        trace, pids = self.path("trace"), self.path("pids")
+        return (f"echo start:$$ >> {trace}; "
+                f"for p in $(cat {pids} 2>/dev/null); do "
+                f"s=$(cut -d' ' -f3 /proc/$p/stat 2>/dev/null); "
+                f"if [ -n \"$s\" ] && [ \"$s\" != Z ]; then echo overlap:$p >> {trace}; fi; "
+                f"done; echo $$ >> {pids}; {trap}; "
+                + WAIT_GO.format(go=self.path("go")) + f"; echo end:$$ >> {trace}")
+
+    def cancel_then_retry(self, trap):
+        self.enqueue("--id", "c", self.command(trap))
+        self.spawn_worker("--count", "2")
+        self.wait_running("c")
+        self.wait_for(lambda: self.lines("trace"), what="the job to start")
+        cancel = subprocess.Popen([PY, PROG, "cancel", "c"], env=self.env, cwd=self.work,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        self.procs.append(cancel)
+        con = self.db()
+        self.wait_for(lambda: con.execute("SELECT state FROM jobs WHERE id = 'c'")
+                      .fetchone()[0] == "cancelled", what="c to be cancelled")
+        r = self.run_q("retry", "c", timeout=20)
+        self.assertEqual(r.code, 0, r)
+        self.assertEqual(r.out.strip(), "c")
+        self.assertEqual(cancel.wait(timeout=20), 0, cancel.stderr.read())
+        self.touch("go")
+        self.wait_state("c", "completed")
+        self.assertEqual(self.job("c")["attempts"], 1)
+        return self.lines("trace"), [int(p) for p in self.lines("pids")]
+
+    def test_retry_right_after_cancel_waits_for_the_trapping_job(self):
+        trace, pids = self.cancel_then_retry(
+            f"trap 'sleep 0.5; echo end:$$ >> {self.path('trace')}; exit 143' TERM")
+        self.assertEqual(len(pids), 2, trace)
+        p1, p2 = pids
+        self.assertEqual(trace, [f"start:{p1}", f"end:{p1}", f"start:{p2}", f"end:{p2}"])
+
+    def test_retry_right_after_cancel_waits_for_a_job_ignoring_term(self):
+        trace, pids = self.cancel_then_retry("trap '' TERM")     # SIGKILL after ~1 s
+        self.assertEqual(len(pids), 2, trace)
+        p1, p2 = pids
+        self.assertEqual(trace, [f"start:{p1}", f"start:{p2}", f"end:{p2}"])
+
+class TestPoisonJob(QueueTest):
+    """A job that cannot be started is a counted failed attempt; it never
+    blocks the queue, never loops uncounted, and --drain ends."""
+
+    def test_enqueue_refuses_env_that_is_not_utf8(self):
+        self.enqueue("--id", "keep", "true")
+        before = self.db_dump()
+        r = self.fails(2, "enqueue", '{"command":"true","env":{"X":"\\ud800"}}')
+        self.assertEqual(r.err.strip().splitlines(),
+                         ["queuectl: error: env 'X' is not valid UTF-8"])
+        self.assertEqual(r.out, "")
+        r = self.fails(2, "enqueue", '{"command":"true","env":{"\\ud800":"v"}}')
+        self.assertIn("is not valid UTF-8", r.err)
+        self.assertEqual(len(r.err.strip().splitlines()), 1, r)
+        self.assertEqual(self.db_dump(), before)              # stored nothing
+        ids = [j["id"] for j in json.loads(self.ok("list", "--json"))]
+        self.assertEqual(ids, ["keep"])
+
+    def test_unencodable_env_in_an_old_row_is_a_counted_failure(self):
+        self.set_fast_retries()
+        self.enqueue("--id", "poison", "--max-retries", "1",
+                     f"echo ran >> {self.path('poison-runs')}")
+        self.enqueue("--id", "other", f"echo ran >> {self.path('other-runs')}")
+        con = self.db()                     # a row an older queuectl let in
+        con.execute("UPDATE jobs SET env = ? WHERE id = 'poison'", ('{"X":"\\ud800"}',))
+        con.commit()
+        r = self.drain_env(timeout=15)
+        self.assertEqual(r.code, 1, r)                        # one job is dead
+        self.assertNotIn("Traceback", r.out + r.err)
+        poison = self.job("poison")
+        self.assertEqual((poison["state"], poison["attempts"]), ("dead", 2), poison)
+        self.assertTrue(poison["last_error"].startswith("could not start: "), poison)
+        self.assertEqual(self.lines("poison-runs"), [])       # never ran
+        other = self.job("other")
+        self.assertEqual((other["state"], other["attempts"]), ("completed", 1))
+        self.assertEqual(self.lines("other-runs"), ["ran"])
+
+    def test_any_exception_before_the_spawn_is_a_counted_failure(self):
+        self.enqueue("--id", "poison", "--max-retries", "0",
+                     f"echo ran >> {self.path('poison-runs')}")
+        self.enqueue("--id", "other", f"echo ran >> {self.path('other-runs')}")
+        r = self.drain_env(self.fault_env("before-spawn:raise@poison"), timeout=15)
+        self.assertEqual(r.code, 1, r)
+        self.assertNotIn("Traceback", r.out + r.err)
+        poison = self.job("poison")
+        self.assertEqual((poison["state"], poison["attempts"]), ("dead", 1), poison)
+        self.assertTrue(poison["last_error"].startswith("could not start: "), poison)
+        self.assertEqual(self.lines("poison-runs"), [])
+        self.assertEqual(self.state("other"), "completed")
+        self.assertEqual(self.lines("other-runs"), ["ran"])
+
+class TestOutcomeWrites(QueueTest):
+    """An outcome that cannot be written yet is retried until written (the
+    job never runs again), and doctor shows the job meanwhile."""
+
+    def problem_line(self, job_id, wid):
+        return (f"problem: job {job_id} is processing but its process has ended; "
+                f"worker {wid} has not recorded the outcome yet (full disk? "
+                "database errors?)")
+
+    def check_doctor_reports(self, job_id, wid):
+        r = self.run_q("doctor")
+        self.assertEqual(r.code, 1, r)
+        self.assertIn(self.problem_line(job_id, wid), r.out.splitlines())
+        self.assertNotIn("is gone", r.out)              # its worker is alive
+
+    def check_doctor_ok(self):
+        r = self.run_q("doctor")
+        self.assertEqual(r.code, 0, r)
+        self.assertEqual(r.out.strip().splitlines()[-1], "ok")
+
+    def test_failed_outcome_writes_are_retried(self):
+        self.enqueue("--id", "j", f"echo hi >> {self.path('runs')}")
+        r = self.drain_env(self.fault_env("record:fail*3"), timeout=20)
+        self.assertEqual(r.code, 0, r)
+        self.assertIn("j: cannot record its outcome yet, will retry: ", r.out)
+        job = self.job("j")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        self.assertEqual(self.lines("runs"), ["hi"])
+        self.assertIn("[queuectl] attempt 1 ended: exit 0", self.log("j"))
+
+    def test_doctor_shows_an_ended_job_not_yet_recorded(self):
+        # Fault point: the worker freezes after reaping, before recording.
+        self.enqueue("--id", "j", f"echo ran >> {self.path('runs')}")
+        w = self.spawn_worker(env=self.fault_env("before-record:stop"))
+        self.cont_in_cleanup(w)
+        self.wait_for(lambda: all_stopped(w.pid) or w.poll() is not None,
+                      what="the worker to stop before recording")
+        self.assertIsNone(w.poll(), self.output(w))
+        self.assertEqual(self.lines("runs"), ["ran"])
+        wid = json.loads(self.ok("worker", "status", "--json"))[0]["id"]
+        self.assertEqual(self.state("j"), "processing")
+        self.check_doctor_reports("j", wid)
+        os.kill(w.pid, signal.SIGCONT)
+        self.wait_state("j", "completed")
+        self.assertEqual(self.job("j")["attempts"], 1)
+        self.check_doctor_ok()
+        self.assertEqual(self.lines("runs"), ["ran"])
+
+    def test_doctor_shows_a_job_that_ended_under_a_frozen_worker(self):
+        # No fault point: SIGSTOP the worker while its job runs, then let the
+        # job end (a zombie its worker cannot reap yet).
+        self.enqueue("--id", "j", WAIT_GO.format(go=self.path("go"))
+                     + f"; echo ran >> {self.path('runs')}")
+        w = self.spawn_worker()
+        wid = self.wait_listed(w)["id"]
+        pid = self.wait_running("j")
+        os.kill(w.pid, signal.SIGSTOP)
+        self.cont_in_cleanup(w)
+        self.wait_for(lambda: all_stopped(w.pid), what="the worker to be stopped")
+        self.touch("go")
+        self.wait_for(lambda: proc_state(pid) in ("Z", None), what="the job to end")
+        self.check_doctor_reports("j", wid)
+        os.kill(w.pid, signal.SIGCONT)
+        self.wait_state("j", "completed")
+        self.check_doctor_ok()
+        self.assertEqual(self.lines("runs"), ["ran"])
+
+    @unittest.skipUnless(can_mount_tmpfs(), "needs root and mount -t tmpfs")
+    def test_full_disk_delays_the_outcome_and_never_reruns_the_job(self):
+        mnt = self.mount_tmpfs(os.path.join(self.tmp, "mnt"), "4m")
+        self.home = os.path.join(mnt, "home")
+        self.env["QUEUECTL_HOME"] = self.home
+        runs = self.path("runs")
+        self.enqueue("--id", "j", f"echo run >> {runs}; "
+                     + WAIT_GO.format(go=self.path("go")))
+        w = self.spawn_worker()
+        wid = self.wait_listed(w)["id"]
+        self.wait_running("j")
+        filler = os.path.join(mnt, "filler")
+        self.fill(filler)
+        self.touch("go")
+        self.wait_for(lambda: "j: cannot record its outcome yet, will retry: "
+                      in self.output(w), what="the worker to say it cannot record yet")
+        self.assertEqual(self.state("j"), "processing")
+        self.check_doctor_reports("j", wid)
+        os.unlink(filler)                                # space comes back
+        r = self.drain_env(timeout=20)                   # a 2nd worker: not again
+        self.assertEqual(r.code, 0, r)
+        self.wait_state("j", "completed")
+        job = self.job("j")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        r = self.drain_env(timeout=20)
+        self.assertEqual(r.code, 0, r)
+        self.assertEqual(self.lines("runs"), ["run"])    # ran exactly once
+        self.check_doctor_ok()
+        self.assertIsNone(w.poll(), self.output(w))      # the worker lived through it
+
+class TestWorkerBugs(QueueTest):
+    """A bug in the worker after a job started never leaves the job
+    processing for good nor a worker that cannot stop."""
+
+    def test_bug_after_the_job_ended_is_settled_from_its_status(self):
+        self.enqueue("--id", "j", f"echo run >> {self.path('runs')}")
+        r = self.drain_env(self.fault_env("before-record:raise"), timeout=20)
+        self.assertEqual(r.code, 0, r)
+        self.assertIn("j: internal error (RuntimeError('injected fault at "
+                      "before-record')); handing it to recovery", r.out)
+        job = self.job("j")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        self.assertEqual(self.lines("runs"), ["run"])
+
+    def test_a_bug_that_keeps_happening_does_not_spin_or_hang_the_drain(self):
+        self.enqueue("--id", "j", f"echo run >> {self.path('runs')}")
+        r = self.drain_env(self.fault_env("record:raise*1000"), timeout=20)
+        self.assertEqual(r.code, 0, r)
+        self.assertLess(r.out.count("internal error"), 5, r.out)
+        self.assertEqual(self.state("j"), "processing")  # left for recovery
+        r = self.drain_env(timeout=20)                   # a healthy worker settles it
+        self.assertEqual(r.code, 0, r)
+        job = self.job("j")
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
+        self.assertEqual(self.lines("runs"), ["run"])
+
+
+# Recovery: crashed, suspended and frozen workers, other homes ################
+
+class TestCrashRecovery(QueueTest):
+    def test_killed_worker_running_job_is_adopted_not_rerun(self):
+        self.enqueue("--id", "backup", f"echo start >> {self.path('runs')}; sleep 3; "
+                     f"echo done >> {self.path('runs')}")
+        w = self.start_worker()
+        self.wait_running("backup")
+        os.kill(w.pid, signal.SIGKILL)
+        w.wait(timeout=10)
+        r = self.drain()                                  # a new worker adopts it
+        self.assertEqual(r.code, 0, r)
+        self.assertIn("adopted", r.out)
+        self.assertEqual(self.lines("runs"), ["start", "done"])   # ran exactly once
+        job = self.job("backup")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        self.integrity_ok()
+
+    def test_job_that_ended_while_its_worker_was_dead_keeps_its_status(self):
+        self.enqueue("--id", "quick", "--max-retries", "0", "sleep 1; exit 4")
+        w = self.start_worker()
+        self.wait_running("quick")
+        os.kill(w.pid, signal.SIGKILL)
+        w.wait(timeout=10)
+        pid = self.job_pid("quick")
+        self.wait_for(lambda: not pid_alive(pid), 10, "the job to end")
+        r = self.drain()
+        self.assertEqual(r.code, 1, r)                    # it ended dead
+        job = self.job("quick")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]), ("dead", 1, 4))
+
+    def test_killed_worker_and_job_count_a_failed_attempt_then_retry(self):
+        self.set_fast_retries()
+        runs = self.path("runs")
+        self.enqueue("--id", "flaky", f"echo run >> {runs}; "
+                     f"[ $(wc -l < {runs}) -ge 2 ] || sleep 30")
+        w = self.start_worker()
+        pid = self.wait_running("flaky")
+        os.kill(w.pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
+        w.wait(timeout=10)
+        r = self.drain()
+        self.assertEqual(r.code, 0, r)
+        job = self.job("flaky")
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 2))
+        self.assertEqual(self.lines("runs"), ["run", "run"])
+        self.assertIn("worker died", self.log("flaky"))
+        self.integrity_ok()
+
+    def test_job_that_kills_its_worker_every_time_ends_in_dlq(self):
+        self.set_fast_retries()
+        self.enqueue("--id", "killer", "--max-retries", "2",
+                     f"echo x >> {self.path('runs')}; kill -9 $PPID; kill -9 0")
+        for _ in range(8):
+            if self.state("killer") == "dead":
+                break
+            self.drain()
+        job = self.job("killer")
+        self.assertEqual((job["state"], job["attempts"]), ("dead", 3))
+        self.assertEqual(len(self.lines("runs")), 3)
+        self.assertIn("worker died", job["last_error"])
+        self.integrity_ok()
+
+    def test_stale_worker_cannot_overwrite_a_recovered_job(self):
+        self.enqueue("--id", "a", "true")
+        store = queuectl.Store(self.home, durable=False)
+        self.addCleanup(store.close)
+        worker = queuectl.Worker(self.home)
+        job = worker.claim(store)
+        cfg = queuectl.Config(self.home).load()
+        # Another worker takes the claim over; the stale one tries to record.
+        self.db().execute("UPDATE jobs SET worker = 'other' WHERE id = 'a'").connection.commit()
+        with store.tx():
+            self.assertEqual(store.finish(job, worker.id, job["claim"], 0, None, cfg, 0.1),
+                             (None, 0))
+        self.assertEqual(self.state("a"), "processing")
+        # The right worker and claim can.
+        with store.tx():
+            self.assertEqual(store.finish(job, "other", job["claim"], 0, None, cfg, 0.1),
+                             ("completed", 0))
+
+    def test_worker_status_shows_live_workers_and_forgets_dead_ones(self):
+        self.enqueue("--id", "long", "sleep 30")
+        w = self.start_worker("--count", "2")
+        self.wait_running("long")
+        info = json.loads(self.ok("worker", "status", "--json"))
+        self.assertEqual(len(info), 1)
+        self.assertEqual((info[0]["pid"], info[0]["threads"], info[0]["jobs"]),
+                         (w.pid, 2, ["long"]))
+        os.kill(w.pid, signal.SIGKILL)
+        w.wait(timeout=10)
+        self.assertEqual(json.loads(self.ok("worker", "status", "--json")), [])
+        self.assertIn("no live workers", self.ok("worker", "status"))
+
+class TestSuspendedWorker(QueueTest):
+    def test_worker_past_its_lease_stays_visible_and_its_job_runs_once(self):
+        runs = self.path("runs")
+        self.enqueue("--id", "long", f"echo run >> {runs}; sleep 2")
+        a = self.start_worker()
+        self.wait_running("long")
+        os.kill(a.pid, signal.SIGSTOP)                   # Ctrl-Z, a suspended VM...
+        self.addCleanup(lambda: a.poll() is None and os.kill(a.pid, signal.SIGCONT))
+        con = self.db()
+        con.execute("UPDATE workers SET heartbeat = '2000-01-01T00:00:00.000000Z'")
+        con.commit()
+        info = json.loads(self.ok("worker", "status", "--json"))
+        self.assertEqual([w["pid"] for w in info], [a.pid])    # alive: it holds its lock
+        r = self.drain()                                  # recovers the stale worker's job
+        self.assertEqual(r.code, 0, r)
+        self.assertIn("adopted", r.out)
+        job = self.job("long")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        os.kill(a.pid, signal.SIGCONT)
+        self.ok("worker", "stop", "--wait", "--timeout", "20")
+        self.assertEqual(a.wait(timeout=10), 0)
+        job = self.job("long")                            # the late worker changed nothing
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
+        self.assertEqual(self.lines("runs"), ["run"])
+        self.assertEqual([n for n in os.listdir(os.path.join(self.home, "run"))
+                          if n.endswith(".exit")], [])
+        self.integrity_ok()
+
+class TestFrozenWorker(QueueTest):
+    def test_worker_frozen_after_spawn_leaves_the_adopted_job_running(self):
+        self.enqueue("--id", "long", self.gate_cmd())
+        a = self.bg(fault="after-spawn:stop")
+        self.resume_in_cleanup(a)
+        self.wait_stopped(a)                       # spawned, pid not yet recorded
+        self.wait_for(lambda: self.lines("runs") == ["start"], 10, "long to start")
+        b, bid = self.adopt_from(a, "long")
+        os.kill(a.pid, signal.SIGCONT)
+        self.wait_out(a, "was taken over by worker", "A to see that long was taken over")
+        self.assertIn(f"long was taken over by worker {bid}", self.out(a))
+        self.assertTrue(pid_alive(self.job_pid("long")), "A killed the adopted job")
+        self.assertEqual(self.lines("runs"), ["start"])
+        self.assertEqual(self.state("long"), "processing")
+        self.release_and_check_it_ran_once("long")
+        # The worker's line drops the footer's "; result not recorded".
+        self.wait_out(a, "long taken over by another worker", "A to give up on long")
+        self.assertRegex(self.out(a), r"long taken over by another worker"
+                         r"(; result not recorded)? \(attempt 1\)")
+        self.assertEqual((a.poll(), b.poll()), (None, None))  # both still serve
+        self.assertNotIn("Traceback", self.err(a) + self.err(b))
+        self.integrity_ok()
+
+class TestStopNowOfFrozenWorker(QueueTest):
+    def test_stop_now_of_a_woken_worker_spares_the_job_it_lost(self):
+        self.enqueue("--id", "long", self.gate_cmd())
+        a = self.bg()
+        self.resume_in_cleanup(a)
+        pid = self.wait_running("long")
+        self.wait_for(lambda: self.lines("runs") == ["start"], 10, "long to start")
+        self.freeze(a)
+        b, bid = self.adopt_from(a, "long")
+        os.kill(a.pid, signal.SIGCONT)
+        os.kill(a.pid, signal.SIGUSR1)             # = worker stop --now, for A only
+        try:
+            code = a.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.go()          # does A only wait for the job it no longer owns?
+            try:
+                a.wait(timeout=10)
+                late = f"A exited ({a.returncode}) only once the job ended"
+            except subprocess.TimeoutExpired:
+                late = "A still runs after the job ended"
+            self.fail(f"A did not exit within 15s of SIGUSR1 ({late}); "
+                      f"out={self.out(a)!r}")
+        self.assertEqual(code, 0, self.err(a))
+        self.assertTrue(pid_alive(pid), "A killed the job B adopted")
+        self.assertEqual(self.lines("runs"), ["start"])
+        job = self.job("long")
+        self.assertEqual((job["state"], job["worker"]), ("processing", bid))
+        self.release_and_check_it_ran_once("long")
+        self.assertIsNone(b.poll())
+        self.assertNotIn("Traceback", self.err(a) + self.err(b))
+
+class TestFrozenBeforeSpawn(QueueTest):
+    def test_revoked_claim_is_never_started_by_the_woken_worker(self):
+        self.set_fast_retries()
+        self.enqueue("--id", "once", f"echo run >> {self.path('runs')}")
+        a = self.bg(fault="after-claim:stop")
+        self.resume_in_cleanup(a)
+        self.wait_stopped(a)                       # claimed, not started
+        self.assertEqual(self.state("once"), "processing")
+        self.age(a)
+        r = self.drain()                           # B: revokes, retries, runs it
+        self.assertEqual(r.code, 0, r)
+        self.assertEqual(self.lines("runs"), ["run"])
+        job = self.job("once")
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 2))
+        self.assertIn("not started", self.log("once"))
+        os.kill(a.pid, signal.SIGCONT)
+        self.stop_workers()
+        self.assertEqual(a.wait(timeout=10), 0, self.err(a))
+        self.assertEqual(self.lines("runs"), ["run"])  # A never started it
+        job = self.job("once")
+        self.assertEqual((job["state"], job["attempts"]), ("completed", 2))
+        self.assertIn("once not started: taken over by another worker (attempt 1)",
+                      self.out(a))
+        self.assertEqual(self.run_files(".exit"), [])
+        self.assertNotIn("Traceback", self.err(a))
+        self.integrity_ok()
+
+    def test_revocation_is_a_counted_attempt_with_a_clear_error(self):
+        self.enqueue("--id", "once", "--max-retries", "0",
+                     f"echo run >> {self.path('runs')}")
+        a = self.bg(fault="after-claim:stop")
+        self.resume_in_cleanup(a)
+        self.wait_stopped(a)
+        aid = self.worker_id(a)
+        self.age(a)
+        r = self.drain()
+        self.assertEqual(r.code, 1, r)             # its only attempt ended dead
+        job = self.job("once")
+        self.assertEqual((job["state"], job["attempts"]), ("dead", 1))
+        self.assertEqual(job["last_error"],
+                         f"not started: worker {aid} stopped before starting it")
+        self.assertEqual(self.lines("runs"), [])
+
+class TestTwoHomes(QueueTest):
+    """Jobs of the same id in two homes never mix: a worker of one home never
+    adopts, waits on, or kills the other home's process."""
+
+    def setUp(self):
+        super().setUp()
+        self.home_b = os.path.join(self.tmp, "home-b")
+        self.env_b = dict(self.env, QUEUECTL_HOME=self.home_b)
+        self.addCleanup(self._kill_b_jobs)
+
+    def _kill_b_jobs(self):
+        for p in self.procs:                  # workers first, by pid
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+        pids = []
+        try:
+            pids.append(int(self.lines("b-pid")[0]))
+        except (IndexError, ValueError):
+            pass
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def start_b(self):
+        """Home B's nightly: a long job, running under B's worker; its pid."""
+        r = self.q("enqueue", "--id", "nightly", "--max-retries", "0",
+                   f"echo $$ > {self.path('b-pid')}; "
+                   + WAIT_GO.format(go=self.path("b-go"))
+                   + f"; echo done >> {self.path('b-runs')}", env=self.env_b)
+        self.assertEqual(r.code, 0, r)
+        w = self.spawn_worker(env=self.env_b)
+        self.wait_for(lambda: "".join(self.lines("b-pid")) or w.poll() is not None,
+                      what="B's nightly to start")
+        self.assertIsNone(w.poll(), self.output(w))
+        pid = int(self.lines("b-pid")[0])
+        self.wait_for(lambda: self.show("nightly", self.env_b)["state"] == "processing",
+                      what="B's nightly to run")
+        return pid
+
+    def check_b_untouched_then_finish(self, b_pid):
+        self.assertTrue(pid_alive(b_pid))
+        self.assertEqual(self.show("nightly", self.env_b)["state"], "processing")
+        self.touch("b-go")
+        self.wait_for(lambda: self.show("nightly", self.env_b)["state"] == "completed",
+                      what="B's nightly to complete")
+        b = self.show("nightly", self.env_b)
+        self.assertEqual((b["attempts"], b["exit_code"]), (1, 0))
+        self.assertEqual(self.lines("b-runs"), ["done"])
+
+    def test_worker_killed_after_spawn_is_recovered_in_its_own_home(self):
+        b_pid = self.start_b()
+        self.enqueue("--id", "nightly", f"echo ran >> {self.path('a-runs')}")
+        a = self.spawn_worker("--drain", env=self.fault_env("after-spawn:kill"))
+        self.assertEqual(a.wait(timeout=20), -signal.SIGKILL, self.output(a))
+        self.wait_for(lambda: self.lines("a-runs") == ["ran"], what="A's nightly to run")
+        r = self.drain_env(timeout=10)                 # quick: not B's process
+        self.assertEqual(r.code, 0, r)
+        job = self.job("nightly")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0), job)
+        self.assertEqual(self.lines("a-runs"), ["ran"])
+        self.assertTrue(pid_alive(b_pid))
+        r = self.fails(1, "cancel", "nightly")        # A's is completed
+        self.assertIn("completed", r.err)
+        self.check_b_untouched_then_finish(b_pid)
+
+    def test_orphaned_claim_is_never_matched_to_another_homes_process(self):
+        # A's nightly claimed by a worker that died before its shell started
+        # (no pid, no status file), while B's nightly, same id and attempt,
+        # runs. Works without fault points, so it shows the old fault too.
+        b_pid = self.start_b()
+        self.enqueue("--id", "nightly", "--max-retries", "0",
+                     f"echo ran >> {self.path('a-runs')}")
+        con = self.db()
+        stamp = now_iso()
+        con.execute("UPDATE jobs SET state = 'processing', worker = 'ghost-1', "
+                    "claim = 'ghostclaim00', started_at = ?, updated_at = ? "
+                    "WHERE id = 'nightly'", (stamp, stamp))
+        con.commit()
+        r = self.drain_env(timeout=10)
+        self.assertNotIn("adopted", r.out)
+        job = self.job("nightly")
+        self.assertEqual((job["state"], job["attempts"]), ("dead", 1), (job, r))
+        self.assertEqual(r.code, 1, r)
+        self.assertEqual(self.lines("a-runs"), [])
+        self.check_b_untouched_then_finish(b_pid)
+
+
+# Workers: scheduling, stopping, live changes #################################
+
+class TestScheduling(QueueTest):
+    def test_priority_then_fifo(self):
+        for job_id, pri in (("a", 0), ("b", 5), ("c", 0), ("d", 5), ("e", 1), ("f", -1)):
+            self.enqueue("--id", job_id, "--priority", str(pri), RECORD)
+        self.assertEqual(self.drain("--count", "1").code, 0)
+        self.assertEqual(self.order(), ["b", "d", "e", "a", "c", "f"])
+
+    def test_delayed_job_is_not_run_by_drain(self):
+        self.enqueue("--id", "later", "--delay", "30", RECORD)
+        self.enqueue("--id", "now", RECORD)
+        started = time.monotonic()
+        r = self.drain()
+        self.assertEqual(r.code, 0, r)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(self.order(), ["now"])
+        self.assertEqual(self.state("later"), "pending")
+        line = [ln for ln in self.ok("list").splitlines() if ln.startswith("later ")][0]
+        self.assertIn("due in", line)
+        run_at = queuectl.epoch(self.job("later")["run_at"])
+        self.assertAlmostEqual(run_at - time.time(), 30, delta=5)
+
+    def test_delay_that_has_passed_is_run(self):
+        self.enqueue("--id", "soon", "--delay", "1", RECORD)
+        time.sleep(1.1)
+        self.assertEqual(self.drain().code, 0)
+        self.assertEqual(self.order(), ["soon"])
+
+    def test_run_at_past_runs_and_future_waits(self):
+        import datetime
+        self.enqueue("--id", "past", "--run-at", "2000-01-01T00:00:00Z", RECORD)
+        self.enqueue("--id", "future", "--run-at", "2099-01-01T00:00:00Z", RECORD)
+        self.enqueue("--id", "local", "--run-at", "2099-06-01 12:00", RECORD)
+        self.assertEqual(self.drain().code, 0)
+        self.assertEqual(self.order(), ["past"])
+        self.assertEqual(self.job("future")["run_at"], "2099-01-01T00:00:00Z")
+        self.assertEqual(self.state("future"), "pending")
+        expected = datetime.datetime(2099, 6, 1, 12, 0).astimezone(datetime.timezone.utc)
+        self.assertEqual(self.job("local")["run_at"], expected.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+    def test_dependencies_win_over_priority(self):
+        a = self.enqueue("--id", "a", RECORD)
+        b = self.enqueue("--id", "b", "--after", a, RECORD)
+        self.enqueue("--id", "c", "--after", b, "--priority", "10", RECORD)
+        self.enqueue("--id", "d", "--after", "a", "--after", "c", "--priority", "20", RECORD)
+        self.assertEqual(self.drain("--count", "3").code, 0)
+        self.assertEqual(self.order(), ["a", "b", "c", "d"])
+
+    def test_dependency_on_a_completed_job_is_met(self):
+        self.enqueue("--id", "a", RECORD)
+        self.assertEqual(self.drain().code, 0)
+        self.enqueue("--id", "b", "--after", "a", RECORD)
+        self.assertEqual(self.job("b")["depends_on"], ["a"])
+        self.assertEqual(self.drain().code, 0)
+        self.assertEqual(self.order(), ["a", "b"])
+
+    def test_job_blocked_on_a_dead_dependency_runs_after_dlq_retry(self):
+        self.enqueue("--id", "dep", "--max-retries", "0", MARKER_JOB + "; " + RECORD)
+        self.enqueue("--id", "child", "--after", "dep", RECORD)
+        r = self.drain()
+        self.assertEqual(r.code, 1, r)
+        self.assertEqual(self.state("dep"), "dead")
+        self.assertEqual(self.state("child"), "pending")
+        self.assertEqual(self.order(), [])
+        line = [ln for ln in self.ok("list").splitlines() if ln.startswith("child ")][0]
+        self.assertIn("blocked on dep", line)
+        self.assertIn("dead", line)
+        self.assertEqual(self.job("child")["blocked_on"], ["dep"])
+        self.assertIn("dep", self.ok("show", "child"))
+        self.ok("dlq", "retry", "dep")
+        self.assertEqual(self.drain().code, 0)
+        self.assertEqual(self.order(), ["dep", "child"])
+        self.assertEqual(self.state("child"), "completed")
+        self.assertEqual(self.job("child")["blocked_on"], [])
+
+    def test_worker_for_a_queue_runs_only_that_queue(self):
+        self.enqueue("--id", "ja", "--queue", "a", RECORD)
+        self.enqueue("--id", "jb", "--queue", "b", RECORD)
+        self.enqueue("--id", "jd", RECORD)
+        self.assertEqual(self.drain("--queue", "a").code, 0)
+        self.assertEqual(self.order(), ["ja"])
+        self.assertEqual(self.state("jb"), "pending")
+        self.assertEqual(self.drain("--queue", "b", "--queue", "default").code, 0)
+        self.assertEqual(sorted(self.order()), ["ja", "jb", "jd"])
+
+    def test_pause_and_resume_a_queue(self):
+        self.enqueue("--id", "ja", "--queue", "a", RECORD)
+        self.enqueue("--id", "jb", "--queue", "b", RECORD)
+        self.assertIn("a", self.ok("pause", "a"))
+        self.assertIn("paused: a", self.ok("status"))
+        self.assertEqual(json.loads(self.ok("status", "--json"))["paused"], ["a"])
+        self.assertEqual(self.drain().code, 0)
+        self.assertEqual(self.order(), ["jb"])
+        self.assertEqual(self.state("ja"), "pending")
+        self.ok("resume", "a")
+        self.assertNotIn("paused", self.ok("status"))
+        self.assertEqual(self.drain().code, 0)
+        self.assertEqual(self.order(), ["jb", "ja"])
+
+    def test_pause_all_queues(self):
+        self.enqueue("--id", "ja", "--queue", "a", RECORD)
+        self.enqueue("--id", "jd", RECORD)
+        self.ok("pause")
+        self.assertIn("paused: all queues", self.ok("status"))
+        r = self.drain_within(15)
+        self.assertEqual(r.code, 0, r)
+        self.assertNotIn("error", r.out + r.err)
+        self.assertEqual(self.order(), [])
+        self.ok("resume")
+        self.assertEqual(self.drain_within(15).code, 0)
+        self.assertEqual(sorted(self.order()), ["ja", "jd"])
+
+    def test_idle_worker_picks_up_a_new_job(self):
+        worker = self.start_worker()
+        job_id = self.enqueue(RECORD)
+        try:
+            self.wait_state(job_id, "completed", timeout=10)
+        except AssertionError:
+            state = self.state(job_id)
+            worker.kill()
+            out, err = worker.communicate(timeout=10)
+            self.fail(f"{job_id} is {state} 10 s after its enqueue; worker output:\n"
+                      f"{out}{err}")
+        self.assertEqual(self.order(), [job_id])
+
+class TestWorkerShutdown(QueueTest):
+    def test_worker_stop_lets_running_job_finish(self):
+        self.enqueue("--id", "two", f"sleep 2; echo done > {self.path('done')}")
+        w = self.start_worker()
+        self.wait_running("two")
+        self.ok("worker", "stop", "--wait", "--timeout", "20")
+        self.assertEqual(w.wait(timeout=10), 0)
+        self.assertEqual(self.state("two"), "completed")
+        self.assertEqual(self.lines("done"), ["done"])
+
+    def test_sigterm_lets_running_job_finish(self):
+        self.enqueue("--id", "two", f"sleep 2; echo done > {self.path('done')}")
+        w = self.start_worker()
+        self.wait_running("two")
+        w.send_signal(signal.SIGTERM)
+        self.assertEqual(w.wait(timeout=20), 0)
+        self.assertEqual(self.state("two"), "completed")
+
+    def test_stop_now_puts_job_back_to_pending(self):
+        self.enqueue("--id", "long", f"sleep 304 & echo $! > {self.path('pid')}; wait")
+        w = self.start_worker()
+        self.wait_running("long")
+        child = self.read_pid("pid")
+        self.ok("worker", "stop", "--now", "--wait", "--timeout", "20")
+        self.assertEqual(w.wait(timeout=10), 0)
+        job = self.job("long")
+        self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
+        self.assertFalse(pid_alive(child))
+
+    def test_second_sigint_stops_running_jobs(self):
+        self.enqueue("--id", "long", "sleep 305")
+        w = self.start_worker()
+        self.wait_running("long")
+        w.send_signal(signal.SIGINT)
+        self.wait_for(lambda: "stopping" in self.worker_output(w), 10,
+                      "the worker to handle the first SIGINT")
+        self.assertIsNone(w.poll())                  # first SIGINT: finishing
+        w.send_signal(signal.SIGINT)
+        self.assertEqual(w.wait(timeout=20), 0)
+        self.assertEqual(self.state("long"), "pending")
+
+    def test_detach_runs_in_background_and_logs(self):
+        out = self.ok("worker", "start", "--detach").strip()
+        pid = int(out)
+        self.addCleanup(lambda: pid_alive(pid) and os.kill(pid, signal.SIGKILL))
+        self.wait_for(lambda: self.live_workers() == 1, 10, "detached worker")
+        job = self.enqueue("true")
+        self.ok("wait", job, "--timeout", "10")
+        self.ok("worker", "stop", "--wait", "--timeout", "10")
+        self.assertFalse(pid_alive(pid))
+        with open(os.path.join(self.home, "worker.log")) as f:
+            self.assertIn(f"{job} completed", f.read())
+
+class TestStopNow(QueueTest):
+    def test_job_that_exits_0_on_sigterm_is_recorded_completed(self):
+        ready = self.path("ready")
+        self.enqueue("--id", "t", f"trap 'exit 0' TERM; echo x > {ready}; "
+                     f"while :; do [ -d {self.work} ] || exit 3; sleep 0.05; done")
+        w = self.bg()
+        self.wait_running("t")
+        self.wait_for(lambda: self.lines("ready") == ["x"], 10, "the trap to be set")
+        self.stop_workers("--now")
+        self.assertEqual(w.wait(timeout=10), 0, self.err(w))
+        job = self.job("t")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+
+    def test_job_killed_by_sigterm_goes_back_to_pending_uncounted(self):
+        self.enqueue("--id", "s", "sleep 30")
+        w = self.bg()
+        pid = self.wait_running("s")
+        self.stop_workers("--now")
+        self.assertEqual(w.wait(timeout=10), 0, self.err(w))
+        job = self.job("s")
+        self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
+        self.assertFalse(pid_alive(pid))
+
+class TestSighup(QueueTest):
+    def test_sighup_stops_gracefully_after_the_running_job(self):
+        self.enqueue("--id", "g", self.gate_cmd())
+        w = self.bg()
+        self.wait_running("g")
+        w.send_signal(signal.SIGHUP)
+        self.wait_for(lambda: "stopping" in self.out(w) or w.poll() is not None, 20,
+                      "the worker to react to SIGHUP")
+        self.assertIsNone(w.poll(), f"SIGHUP ended the worker at once: {w.returncode}")
+        self.assertEqual(self.state("g"), "processing")
+        self.go()
+        try:
+            code = w.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.fail(f"worker still running after SIGHUP; out={self.out(w)!r}")
+        self.assertEqual(code, 0, self.err(w))
+        self.assertIn("stopping", self.out(w))
+        job = self.job("g")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0))
+        self.assertEqual(self.lines("runs"), ["start", "done"])
+        self.assertEqual(self.run_files((".lock", ".wake")), [])
+        self.assertEqual(json.loads(self.ok("worker", "status", "--json")), [])
+
+class TestLiveWorkerBehaviour(QueueTest):
+    def test_logs_follow_streams_until_the_job_ends(self):
+        self.enqueue("--id", "f", "echo one; sleep 1; echo two")
+        self.start_worker()
+        out = self.ok("logs", "f", "--follow", timeout=30)
+        self.assertIn("one\ntwo\n", out)
+        self.assertIn("[queuectl] attempt 1 ended: exit 0", out)
+
+    def test_running_worker_picks_up_a_config_change(self):
+        w = self.start_worker()
+        self.ok("config", "set", "max-retries", "0")
+        self.wait_for(lambda: "config reloaded" in self.worker_output(w), 10,
+                      "the worker to reload its config")
+        self.enqueue("--id", "once", "false")
+        self.wait_state("once", "dead")
+        self.assertEqual(self.job("once")["attempts"], 1)
+
+
+# Output and read commands ####################################################
+
+class TestReadCommands(QueueTest):
     def test_show_json_has_every_field(self):
         self.enqueue("--id", "dep", "true")
         self.assertEqual(self.drain().code, 0)
@@ -952,290 +2848,7 @@ class TestReadCommands(RecordingTest):
         self.assertIn("no jobs", self.ok("list"))
         self.assertEqual(os.stat(self.home).st_mode & 0o777, 0o700)
 
-
-class TestConfig(RecordingTest):
-    def test_defaults(self):
-        out = self.ok("config", "list")
-        for line in ("max_retries = 3", "backoff_base = 2", "max_backoff = 3600",
-                     "job_timeout = 0", "kill_grace = 10"):
-            self.assertIn(line, out)
-        self.assertEqual(json.loads(self.ok("config", "list", "--json")),
-                         {"max_retries": 3, "backoff_base": 2, "max_backoff": 3600,
-                          "job_timeout": 0, "kill_grace": 10})
-        self.assertEqual(self.ok("config", "get", "max_retries"), "3\n")
-
-    def test_set_get_and_key_aliases(self):
-        self.assertEqual(self.ok("config", "set", "max-retries", "5"), "max_retries = 5\n")
-        self.assertEqual(self.ok("config", "get", "max_retries"), "5\n")
-        self.assertEqual(self.ok("config", "get", "max-retries"), "5\n")
-        self.ok("config", "set", "max_backoff", "0.5")
-        self.assertEqual(self.ok("config", "get", "max-backoff"), "0.5\n")
-        self.ok("config", "set", "job-timeout", "30")
-        with open(os.path.join(self.home, "config.json")) as f:
-            self.assertEqual(json.load(f), {"max_retries": 5, "max_backoff": 0.5,
-                                            "job_timeout": 30})
-        values = json.loads(self.ok("config", "list", "--json"))
-        self.assertEqual(values["max_retries"], 5)
-        self.assertEqual(values["backoff_base"], 2)
-        out = self.ok("config", "list")
-        self.assertRegex(out, r"(?m)^max_retries = 5$")
-        self.assertRegex(out, r"(?m)^backoff_base = 2\s+\(default\)$")
-
-    def test_invalid_values_are_refused(self):
-        self.ok("config", "set", "max_retries", "4")
-        path = os.path.join(self.home, "config.json")
-        with open(path) as f:
-            before = f.read()
-        for key, value, allowed in (
-                ("max_retries", "abc", "from 0 to"), ("max_retries", "NaN", "from 0 to"),
-                ("max_retries", "inf", "from 0 to"), ("max_retries", "-1", "from 0 to"),
-                ("max-retries", "true", "from 0 to"), ("max_retries", "2.5", "whole"),
-                ("backoff_base", "0.5", "from 1 to")):
-            with self.subTest(key=key, value=value):
-                r = self.fails(2, "config", "set", key, value)
-                self.assertIn(allowed, self.error_line(r))
-                self.assertEqual(r.out, "")
-        with open(path) as f:
-            self.assertEqual(f.read(), before)
-        self.assertEqual(self.ok("config", "get", "max_retries"), "4\n")
-
-    def test_unknown_key_is_refused_naming_the_allowed_ones(self):
-        for args in (("set", "retries", "1"), ("get", "retries")):
-            with self.subTest(args=args):
-                r = self.fails(2, "config", *args)
-                line = self.error_line(r)
-                self.assertIn("retries", line)
-                for key in ("max_retries", "backoff_base", "max_backoff", "job_timeout",
-                            "kill_grace"):
-                    self.assertIn(key, line)
-        self.assertFalse(os.path.exists(os.path.join(self.home, "config.json")))
-
-    def test_config_file_that_is_not_json(self):
-        self.enqueue("--id", "j", "true")
-        path = os.path.join(self.home, "config.json")
-        with open(path, "w") as f:
-            f.write('{"max_retries": 2,,}\n')
-        for args in (("config", "list"), ("config", "get", "max_retries"),
-                     ("config", "set", "max_retries", "1"),
-                     ("worker", "start", "--drain")):
-            with self.subTest(args=args):
-                r = self.fails(2, *args)
-                self.assertIn(path, self.error_line(r))
-        with open(path) as f:
-            self.assertEqual(f.read(), '{"max_retries": 2,,}\n')
-
-    def test_broken_config_refused_by_worker_and_doctor_not_by_enqueue(self):
-        # enqueue does not use the config: a typo in it must not stop cron
-        # from queueing work; the commands that use it name the file.
-        self.enqueue("--id", "j", "true")
-        path = os.path.join(self.home, "config.json")
-        for n, text in enumerate(('{"max_retries": 2,,}\n', '{"max_retries": "x"}\n')):
-            with self.subTest(text=text):
-                with open(path, "w") as f:
-                    f.write(text)
-                self.assertEqual(self.enqueue("--id", f"k{n}", "true"), f"k{n}")
-                before = self.db_dump()
-                r = self.fails(2, "worker", "start", "--drain")
-                self.assertIn(path, self.error_line(r))
-                self.assertEqual(self.db_dump(), before)      # nothing ran
-                r = self.q("doctor")
-                self.assertEqual(r.code, 1, r)
-                self.assertIn(path, r.out)
-
-    def test_config_file_with_wrong_types(self):
-        path = os.path.join(self.home, "config.json")
-        os.makedirs(self.home, mode=0o700)
-        for text, word in (('{"max_retries": "x"}', "max_retries"),
-                           ('{"backoff_base": 0.5}', "backoff_base"),
-                           ('{"nonsense": 1}', "nonsense"),
-                           ('[1, 2]', "object"),
-                           ('{"max_backoff": NaN}', path)):
-            with self.subTest(text=text):
-                with open(path, "w") as f:
-                    f.write(text)
-                r = self.fails(2, "config", "list")
-                line = self.error_line(r)
-                self.assertIn(path, line)
-                self.assertIn(word, line)
-        r = self.fails(2, "worker", "start", "--drain")
-        self.assertIn(path, self.error_line(r))
-
-    def test_config_is_written_atomically_leaving_no_temp_files(self):
-        self.ok("config", "set", "max_retries", "1")
-        self.ok("config", "set", "kill_grace", "2")
-        self.assertEqual(sorted(n for n in os.listdir(self.home) if "config" in n),
-                         ["config.json"])
-
-
-class TestBadInput(RecordingTest):
-    def test_bad_enqueue_values(self):
-        self.enqueue("--id", "a0", "true")
-        before = self.db_dump()
-        cases = [
-            (2, ("--delay", "5x"), "delay"),
-            (2, ("--run-at", "tomorrowish"), "tomorrowish"),
-            (2, ("--run-at", "2026-01-01T00:00:00Z", "--delay", "5"), "--delay"),
-            (2, ("--id", "a", "--after", "a"), "itself"),
-            (1, ("--after", "nope"), "nope"),
-            (2, ("--after", "../x"), "../x"),
-            (2, ("--priority", "high"), "--priority"),
-            (2, ("--max-retries", "-1"), "max_retries"),
-            (2, ("--timeout=-5",), "--timeout"),
-            (2, ("--env", "NOEQUALS"), "NOEQUALS"),
-            (2, ("--cwd", os.path.join(self.tmp, "missing")), "missing"),
-            (2, ("--queue", "a/b"), "queue"),
-            (2, ("--unique",), "--unique"),
-        ]
-        for code, args, word in cases:
-            with self.subTest(args=args):
-                r = self.fails(code, "enqueue", *args, "true")
-                self.assertIn(word, self.error_line(r))
-                self.assertEqual(r.out, "")
-        for args in ((), ("   ",)):
-            with self.subTest(args=args):
-                self.fails(2, "enqueue", *args)
-        self.assertEqual(self.db_dump(), before)
-
-    def test_bad_usage_of_other_commands(self):
-        self.enqueue("--id", "a0", "true")
-        before = self.db_dump()
-        for args in (("frob",), ("worker",), ("worker", "start", "--count", "0"),
-                     ("list", "--state", "bogus"), ("list", "--limit=-1"),
-                     ("prune", "--older-than", "5x"),
-                     ("prune", "--older-than", "1d", "--state", "pending"),
-                     ("wait", "a0", "--timeout=-1"), ("pause", "../q"),
-                     ("enqueue", "--bogus", "true")):
-            with self.subTest(args=args):
-                self.fails(2, *args)
-        self.assertEqual(self.db_dump(), before)
-
-
-class TestScheduling(RecordingTest):
-    def test_priority_then_fifo(self):
-        for job_id, pri in (("a", 0), ("b", 5), ("c", 0), ("d", 5), ("e", 1), ("f", -1)):
-            self.enqueue("--id", job_id, "--priority", str(pri), RECORD)
-        self.assertEqual(self.drain("--count", "1").code, 0)
-        self.assertEqual(self.order(), ["b", "d", "e", "a", "c", "f"])
-
-    def test_delayed_job_is_not_run_by_drain(self):
-        self.enqueue("--id", "later", "--delay", "30", RECORD)
-        self.enqueue("--id", "now", RECORD)
-        started = time.monotonic()
-        r = self.drain()
-        self.assertEqual(r.code, 0, r)
-        self.assertLess(time.monotonic() - started, 10)
-        self.assertEqual(self.order(), ["now"])
-        self.assertEqual(self.state("later"), "pending")
-        line = [ln for ln in self.ok("list").splitlines() if ln.startswith("later ")][0]
-        self.assertIn("due in", line)
-        run_at = queuectl.epoch(self.job("later")["run_at"])
-        self.assertAlmostEqual(run_at - time.time(), 30, delta=5)
-
-    def test_delay_that_has_passed_is_run(self):
-        self.enqueue("--id", "soon", "--delay", "1", RECORD)
-        time.sleep(1.1)
-        self.assertEqual(self.drain().code, 0)
-        self.assertEqual(self.order(), ["soon"])
-
-    def test_run_at_past_runs_and_future_waits(self):
-        import datetime
-        self.enqueue("--id", "past", "--run-at", "2000-01-01T00:00:00Z", RECORD)
-        self.enqueue("--id", "future", "--run-at", "2099-01-01T00:00:00Z", RECORD)
-        self.enqueue("--id", "local", "--run-at", "2099-06-01 12:00", RECORD)
-        self.assertEqual(self.drain().code, 0)
-        self.assertEqual(self.order(), ["past"])
-        self.assertEqual(self.job("future")["run_at"], "2099-01-01T00:00:00Z")
-        self.assertEqual(self.state("future"), "pending")
-        expected = datetime.datetime(2099, 6, 1, 12, 0).astimezone(datetime.timezone.utc)
-        self.assertEqual(self.job("local")["run_at"], expected.strftime("%Y-%m-%dT%H:%M:%SZ"))
-
-    def test_dependencies_win_over_priority(self):
-        a = self.enqueue("--id", "a", RECORD)
-        b = self.enqueue("--id", "b", "--after", a, RECORD)
-        self.enqueue("--id", "c", "--after", b, "--priority", "10", RECORD)
-        self.enqueue("--id", "d", "--after", "a", "--after", "c", "--priority", "20", RECORD)
-        self.assertEqual(self.drain("--count", "3").code, 0)
-        self.assertEqual(self.order(), ["a", "b", "c", "d"])
-
-    def test_dependency_on_a_completed_job_is_met(self):
-        self.enqueue("--id", "a", RECORD)
-        self.assertEqual(self.drain().code, 0)
-        self.enqueue("--id", "b", "--after", "a", RECORD)
-        self.assertEqual(self.job("b")["depends_on"], ["a"])
-        self.assertEqual(self.drain().code, 0)
-        self.assertEqual(self.order(), ["a", "b"])
-
-    def test_job_blocked_on_a_dead_dependency_runs_after_dlq_retry(self):
-        self.enqueue("--id", "dep", "--max-retries", "0", MARKER_JOB + "; " + RECORD)
-        self.enqueue("--id", "child", "--after", "dep", RECORD)
-        r = self.drain()
-        self.assertEqual(r.code, 1, r)
-        self.assertEqual(self.state("dep"), "dead")
-        self.assertEqual(self.state("child"), "pending")
-        self.assertEqual(self.order(), [])
-        line = [ln for ln in self.ok("list").splitlines() if ln.startswith("child ")][0]
-        self.assertIn("blocked on dep", line)
-        self.assertIn("dead", line)
-        self.assertEqual(self.job("child")["blocked_on"], ["dep"])
-        self.assertIn("dep", self.ok("show", "child"))
-        self.ok("dlq", "retry", "dep")
-        self.assertEqual(self.drain().code, 0)
-        self.assertEqual(self.order(), ["dep", "child"])
-        self.assertEqual(self.state("child"), "completed")
-        self.assertEqual(self.job("child")["blocked_on"], [])
-
-    def test_worker_for_a_queue_runs_only_that_queue(self):
-        self.enqueue("--id", "ja", "--queue", "a", RECORD)
-        self.enqueue("--id", "jb", "--queue", "b", RECORD)
-        self.enqueue("--id", "jd", RECORD)
-        self.assertEqual(self.drain("--queue", "a").code, 0)
-        self.assertEqual(self.order(), ["ja"])
-        self.assertEqual(self.state("jb"), "pending")
-        self.assertEqual(self.drain("--queue", "b", "--queue", "default").code, 0)
-        self.assertEqual(sorted(self.order()), ["ja", "jb", "jd"])
-
-    def test_pause_and_resume_a_queue(self):
-        self.enqueue("--id", "ja", "--queue", "a", RECORD)
-        self.enqueue("--id", "jb", "--queue", "b", RECORD)
-        self.assertIn("a", self.ok("pause", "a"))
-        self.assertIn("paused: a", self.ok("status"))
-        self.assertEqual(json.loads(self.ok("status", "--json"))["paused"], ["a"])
-        self.assertEqual(self.drain().code, 0)
-        self.assertEqual(self.order(), ["jb"])
-        self.assertEqual(self.state("ja"), "pending")
-        self.ok("resume", "a")
-        self.assertNotIn("paused", self.ok("status"))
-        self.assertEqual(self.drain().code, 0)
-        self.assertEqual(self.order(), ["jb", "ja"])
-
-    def test_pause_all_queues(self):
-        self.enqueue("--id", "ja", "--queue", "a", RECORD)
-        self.enqueue("--id", "jd", RECORD)
-        self.ok("pause")
-        self.assertIn("paused: all queues", self.ok("status"))
-        r = self.drain_within(15)
-        self.assertEqual(r.code, 0, r)
-        self.assertNotIn("error", r.out + r.err)
-        self.assertEqual(self.order(), [])
-        self.ok("resume")
-        self.assertEqual(self.drain_within(15).code, 0)
-        self.assertEqual(sorted(self.order()), ["ja", "jd"])
-
-    def test_idle_worker_picks_up_a_new_job(self):
-        worker = self.start_worker()
-        job_id = self.enqueue(RECORD)
-        try:
-            self.wait_state(job_id, "completed", timeout=10)
-        except AssertionError:
-            state = self.state(job_id)
-            worker.kill()
-            out, err = worker.communicate(timeout=10)
-            self.fail(f"{job_id} is {state} 10 s after its enqueue; worker output:\n"
-                      f"{out}{err}")
-        self.assertEqual(self.order(), [job_id])
-
-
-class TestWait(RecordingTest):
+class TestWait(QueueTest):
     def test_wait_returns_zero_when_all_completed(self):
         self.enqueue("--id", "a", "true")
         self.enqueue("--id", "b", "true")
@@ -1273,8 +2886,7 @@ class TestWait(RecordingTest):
         r = self.fails(1, "wait", "nope", "--timeout", "1")
         self.assertIn("nope", self.error_line(r))
 
-
-class TestPrune(RecordingTest):
+class TestPrune(QueueTest):
     def test_prune_removes_old_finished_jobs_and_logs_keeps_pending(self):
         self.enqueue("--id", "done", "echo hi")
         self.enqueue("--id", "bad", "--max-retries", "0", "exit 1")
@@ -1305,417 +2917,7 @@ class TestPrune(RecordingTest):
         self.fails(1, "show", "bad")
         self.assertEqual(self.state("done"), "completed")
 
-
-# Robust execution ############################################################
-
-
-class RobustTest(QueueTest):
-    def job_pid(self, job_id):
-        row = self.db().execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return row[0] if row else None
-
-    def wait_running(self, job_id, timeout=20):
-        self.wait_for(lambda: self.state(job_id) == "processing" and self.job_pid(job_id),
-                      timeout, f"{job_id} to run")
-        return self.job_pid(job_id)
-
-    def read_pid(self, name, timeout=10):
-        self.wait_for(lambda: "".join(self.lines(name)), timeout, f"{name} to be written")
-        return int(self.lines(name)[0])
-
-
-
-class TestConcurrency(RobustTest):
-    def test_two_processes_four_threads_run_each_job_exactly_once(self):
-        ids = [f"j{i}" for i in range(300)]
-        out = self.path("out")
-        lines = "".join(json.dumps({"id": i, "command": f"echo {i} >> {out}"}) + "\n"
-                        for i in ids)
-        self.ok("enqueue", "--stdin", input=lines)
-        procs = [subprocess.Popen([PY, PROG, "worker", "start", "--count", "4", "--drain"],
-                                  env=self.env, cwd=self.work, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
-        self.procs.extend(procs)
-        for p in procs:
-            self.assertEqual(p.wait(timeout=90), 0, p.stderr.read())
-        got = self.lines("out")
-        self.assertEqual(sorted(got), sorted(ids))       # each exactly once
-        counts = json.loads(self.ok("status", "--json"))["counts"]
-        self.assertEqual(counts["completed"], 300)
-        self.integrity_ok()
-
-    def test_concurrent_enqueues_while_a_worker_runs(self):
-        self.start_worker("--count", "2")
-        script = ("import sys; sys.path.insert(0, sys.argv[1]); import queuectl\n"
-                  "codes = [queuectl.main(['enqueue', '--id', f'p{sys.argv[2]}-{i}', 'true'])"
-                  " for i in range(25)]\n"
-                  "sys.exit(max(codes))\n")
-        procs = [subprocess.Popen([PY, "-c", script, os.path.dirname(PROG), str(n)],
-                                  env=self.env, cwd=self.work, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True) for n in range(20)]
-        self.procs.extend(procs)
-        for p in procs:
-            self.assertEqual(p.wait(timeout=90), 0, p.stderr.read())
-        self.wait_for(lambda: json.loads(self.ok("status", "--json"))["counts"]["completed"]
-                      == 500, 60, "500 jobs to complete")
-        ids = {j["id"] for j in json.loads(self.ok("list", "--limit", "0", "--json"))}
-        self.assertEqual(ids, {f"p{n}-{i}" for n in range(20) for i in range(25)})
-        self.integrity_ok()
-
-
-class TestCrashRecovery(RobustTest):
-    def test_killed_worker_running_job_is_adopted_not_rerun(self):
-        self.enqueue("--id", "backup", f"echo start >> {self.path('runs')}; sleep 3; "
-                     f"echo done >> {self.path('runs')}")
-        w = self.start_worker()
-        self.wait_running("backup")
-        os.kill(w.pid, signal.SIGKILL)
-        w.wait(timeout=10)
-        r = self.drain()                                  # a new worker adopts it
-        self.assertEqual(r.code, 0, r)
-        self.assertIn("adopted", r.out)
-        self.assertEqual(self.lines("runs"), ["start", "done"])   # ran exactly once
-        job = self.job("backup")
-        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
-                         ("completed", 1, 0))
-        self.integrity_ok()
-
-    def test_job_that_ended_while_its_worker_was_dead_keeps_its_status(self):
-        self.enqueue("--id", "quick", "--max-retries", "0", "sleep 1; exit 4")
-        w = self.start_worker()
-        self.wait_running("quick")
-        os.kill(w.pid, signal.SIGKILL)
-        w.wait(timeout=10)
-        pid = self.job_pid("quick")
-        self.wait_for(lambda: not pid_alive(pid), 10, "the job to end")
-        r = self.drain()
-        self.assertEqual(r.code, 1, r)                    # it ended dead
-        job = self.job("quick")
-        self.assertEqual((job["state"], job["attempts"], job["exit_code"]), ("dead", 1, 4))
-
-    def test_killed_worker_and_job_count_a_failed_attempt_then_retry(self):
-        self.set_fast_retries()
-        runs = self.path("runs")
-        self.enqueue("--id", "flaky", f"echo run >> {runs}; "
-                     f"[ $(wc -l < {runs}) -ge 2 ] || sleep 30")
-        w = self.start_worker()
-        pid = self.wait_running("flaky")
-        os.kill(w.pid, signal.SIGKILL)
-        os.killpg(pid, signal.SIGKILL)
-        w.wait(timeout=10)
-        r = self.drain()
-        self.assertEqual(r.code, 0, r)
-        job = self.job("flaky")
-        self.assertEqual((job["state"], job["attempts"]), ("completed", 2))
-        self.assertEqual(self.lines("runs"), ["run", "run"])
-        self.assertIn("worker died", self.log("flaky"))
-        self.integrity_ok()
-
-    def test_job_that_kills_its_worker_every_time_ends_in_dlq(self):
-        self.set_fast_retries()
-        self.enqueue("--id", "killer", "--max-retries", "2",
-                     f"echo x >> {self.path('runs')}; kill -9 $PPID; kill -9 0")
-        for _ in range(8):
-            if self.state("killer") == "dead":
-                break
-            self.drain()
-        job = self.job("killer")
-        self.assertEqual((job["state"], job["attempts"]), ("dead", 3))
-        self.assertEqual(len(self.lines("runs")), 3)
-        self.assertIn("worker died", job["last_error"])
-        self.integrity_ok()
-
-    def test_stale_worker_cannot_overwrite_a_recovered_job(self):
-        self.enqueue("--id", "a", "true")
-        store = queuectl.Store(self.home, durable=False)
-        self.addCleanup(store.close)
-        worker = queuectl.Worker(self.home)
-        job = worker.claim(store)
-        cfg = queuectl.Config(self.home).load()
-        # Another worker takes the claim over; the stale one tries to record.
-        self.db().execute("UPDATE jobs SET worker = 'other' WHERE id = 'a'").connection.commit()
-        with store.tx():
-            self.assertEqual(store.finish(job, worker.id, job["claim"], 0, None, cfg, 0.1),
-                             (None, 0))
-        self.assertEqual(self.state("a"), "processing")
-        # The right worker and claim can.
-        with store.tx():
-            self.assertEqual(store.finish(job, "other", job["claim"], 0, None, cfg, 0.1),
-                             ("completed", 0))
-
-    def test_worker_status_shows_live_workers_and_forgets_dead_ones(self):
-        self.enqueue("--id", "long", "sleep 30")
-        w = self.start_worker("--count", "2")
-        self.wait_running("long")
-        info = json.loads(self.ok("worker", "status", "--json"))
-        self.assertEqual(len(info), 1)
-        self.assertEqual((info[0]["pid"], info[0]["threads"], info[0]["jobs"]),
-                         (w.pid, 2, ["long"]))
-        os.kill(w.pid, signal.SIGKILL)
-        w.wait(timeout=10)
-        self.assertEqual(json.loads(self.ok("worker", "status", "--json")), [])
-        self.assertIn("no live workers", self.ok("worker", "status"))
-
-
-class TestSuspendedWorker(RobustTest):
-    def test_worker_past_its_lease_stays_visible_and_its_job_runs_once(self):
-        runs = self.path("runs")
-        self.enqueue("--id", "long", f"echo run >> {runs}; sleep 2")
-        a = self.start_worker()
-        self.wait_running("long")
-        os.kill(a.pid, signal.SIGSTOP)                   # Ctrl-Z, a suspended VM...
-        self.addCleanup(lambda: a.poll() is None and os.kill(a.pid, signal.SIGCONT))
-        con = self.db()
-        con.execute("UPDATE workers SET heartbeat = '2000-01-01T00:00:00.000000Z'")
-        con.commit()
-        info = json.loads(self.ok("worker", "status", "--json"))
-        self.assertEqual([w["pid"] for w in info], [a.pid])    # alive: it holds its lock
-        r = self.drain()                                  # recovers the stale worker's job
-        self.assertEqual(r.code, 0, r)
-        self.assertIn("adopted", r.out)
-        job = self.job("long")
-        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
-                         ("completed", 1, 0))
-        os.kill(a.pid, signal.SIGCONT)
-        self.ok("worker", "stop", "--wait", "--timeout", "20")
-        self.assertEqual(a.wait(timeout=10), 0)
-        job = self.job("long")                            # the late worker changed nothing
-        self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
-        self.assertEqual(self.lines("runs"), ["run"])
-        self.assertEqual([n for n in os.listdir(os.path.join(self.home, "run"))
-                          if n.endswith(".exit")], [])
-        self.integrity_ok()
-
-
-class TestMoreBadInput(RobustTest):
-    def test_each_is_refused_with_one_line_and_no_change(self):
-        self.enqueue("--id", "keep", "true")
-        before = self.db_dump()
-        for args in (["enqueue", "--run-at", "0999-06-01T00:00:00Z", "x"],
-                     ["enqueue", "--run-at", "9999-12-31T23:00:00-05:00", "x"],
-                     ["enqueue", '{"command": "x", "run_at": "0500-01-01"}'],
-                     ["list", "--limit", "99999999999999999999"],
-                     ["dlq", "list", "--limit", "-1"],
-                     ["--home=", "list"]):
-            with self.subTest(args=args):
-                self.fails(2, *args)
-        r = subprocess.run([PY, PROG, "enqueue", b"echo \xff\xfe"], env=self.env,
-                           capture_output=True, timeout=30)
-        self.assertEqual(r.returncode, 2)
-        self.assertEqual(r.stderr, b"queuectl: error: the command is not valid UTF-8\n")
-        gone = self.path("gone")
-        os.mkdir(gone)
-        r = subprocess.run([PY, PROG, "enqueue", "true"], env=self.env, cwd=gone,
-                           capture_output=True, text=True, timeout=30,
-                           preexec_fn=lambda: os.rmdir(gone))
-        self.assertEqual(r.returncode, 2, r.stderr)
-        self.assertIn("current directory no longer exists", r.stderr)
-        self.assertEqual(self.db_dump(), before)
-
-
-class TestTimeoutsAndCancel(RobustTest):
-    def test_timeout_kills_the_whole_tree(self):
-        self.enqueue("--id", "slow", "--timeout", "1", "--max-retries", "0",
-                     f"echo before; sleep 301 & echo $! > {self.path('pid')}; wait")
-        r = self.drain()
-        self.assertEqual(r.code, 1, r)
-        job = self.job("slow")
-        self.assertEqual(job["state"], "dead")
-        self.assertIn("timed out", job["last_error"])
-        self.assertFalse(pid_alive(self.read_pid("pid")))
-        log = self.log("slow")
-        self.assertIn("before", log)                       # output kept
-        self.assertIn("timed out", log)
-
-    def test_timeout_escalates_to_sigkill_after_kill_grace(self):
-        self.ok("config", "set", "kill_grace", "0.5")
-        self.ok("config", "set", "job_timeout", "1")           # the config default
-        self.enqueue("--id", "stubborn", "--max-retries", "0",
-                     f"trap '' TERM; sleep 302 & echo $! > {self.path('pid')}; wait; "
-                     "sleep 302")
-        r = self.drain()
-        self.assertEqual(r.code, 1, r)
-        self.assertIn("timed out", self.job("stubborn")["last_error"])
-        self.assertFalse(pid_alive(self.read_pid("pid")))
-
-    def test_cancel_running_job_stops_its_tree_and_never_retries(self):
-        self.enqueue("--id", "c", f"sleep 303 & echo $! > {self.path('pid')}; wait")
-        self.start_worker()
-        self.wait_running("c")
-        child = self.read_pid("pid")
-        self.assertEqual(self.ok("cancel", "c").strip(), "c")
-        self.assertFalse(pid_alive(child))           # gone when cancel returns
-        self.assertEqual(self.state("c"), "cancelled")
-        time.sleep(0.5)
-        job = self.job("c")
-        self.assertEqual((job["state"], job["attempts"]), ("cancelled", 0))
-
-    def test_cancel_pending_and_refuse_finished(self):
-        self.enqueue("--id", "p", "--delay", "1h", "true")
-        self.ok("cancel", "p")
-        self.assertEqual(self.state("p"), "cancelled")
-        self.fails(1, "cancel", "p")
-        self.fails(1, "cancel", "nosuchjob")
-
-
-class TestWorkerShutdown(RobustTest):
-    def test_worker_stop_lets_running_job_finish(self):
-        self.enqueue("--id", "two", f"sleep 2; echo done > {self.path('done')}")
-        w = self.start_worker()
-        self.wait_running("two")
-        self.ok("worker", "stop", "--wait", "--timeout", "20")
-        self.assertEqual(w.wait(timeout=10), 0)
-        self.assertEqual(self.state("two"), "completed")
-        self.assertEqual(self.lines("done"), ["done"])
-
-    def test_sigterm_lets_running_job_finish(self):
-        self.enqueue("--id", "two", f"sleep 2; echo done > {self.path('done')}")
-        w = self.start_worker()
-        self.wait_running("two")
-        w.send_signal(signal.SIGTERM)
-        self.assertEqual(w.wait(timeout=20), 0)
-        self.assertEqual(self.state("two"), "completed")
-
-    def test_stop_now_puts_job_back_to_pending(self):
-        self.enqueue("--id", "long", f"sleep 304 & echo $! > {self.path('pid')}; wait")
-        w = self.start_worker()
-        self.wait_running("long")
-        child = self.read_pid("pid")
-        self.ok("worker", "stop", "--now", "--wait", "--timeout", "20")
-        self.assertEqual(w.wait(timeout=10), 0)
-        job = self.job("long")
-        self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
-        self.assertFalse(pid_alive(child))
-
-    def test_second_sigint_stops_running_jobs(self):
-        self.enqueue("--id", "long", "sleep 305")
-        w = self.start_worker()
-        self.wait_running("long")
-        w.send_signal(signal.SIGINT)
-        time.sleep(0.3)
-        self.assertIsNone(w.poll())                  # first SIGINT: finishing
-        w.send_signal(signal.SIGINT)
-        self.assertEqual(w.wait(timeout=20), 0)
-        self.assertEqual(self.state("long"), "pending")
-
-    def test_detach_runs_in_background_and_logs(self):
-        out = self.ok("worker", "start", "--detach").strip()
-        pid = int(out)
-        self.addCleanup(lambda: pid_alive(pid) and os.kill(pid, signal.SIGKILL))
-        self.wait_for(lambda: self.live_workers() == 1, 10, "detached worker")
-        job = self.enqueue("true")
-        self.ok("wait", job, "--timeout", "10")
-        self.ok("worker", "stop", "--wait", "--timeout", "10")
-        self.assertFalse(pid_alive(pid))
-        with open(os.path.join(self.home, "worker.log")) as f:
-            self.assertIn(f"{job} completed", f.read())
-
-
-# Hardening ###################################################################
-
-
-class TestFilesAndPermissions(RobustTest):
-    def test_files_are_private_whatever_the_umask(self):
-        old = os.umask(0)
-        try:
-            job = self.enqueue("echo hi")
-            self.drain()
-        finally:
-            os.umask(old)
-        for path, mode in ((self.home, 0o700), (os.path.join(self.home, "queue.db"), 0o600),
-                           (os.path.join(self.home, "logs", job + ".log"), 0o600)):
-            self.assertEqual(os.stat(path).st_mode & 0o777, mode, path)
-
-    def test_group_writable_db_is_refused(self):
-        self.enqueue("true")
-        db = os.path.join(self.home, "queue.db")
-        os.chmod(db, 0o664)
-        r = self.fails(2, "list")
-        self.assertIn(db, r.err)
-        self.assertIn("chmod go-w", r.err)
-
-    def test_planted_log_symlink_is_not_followed(self):
-        target = self.path("target")
-        with open(target, "w") as f:
-            f.write("precious\n")
-        self.enqueue("--id", "j", "--max-retries", "0", "echo clobbered")
-        os.makedirs(os.path.join(self.home, "logs"), exist_ok=True)
-        os.symlink(target, os.path.join(self.home, "logs", "j.log"))
-        r = self.drain()
-        self.assertEqual(r.code, 1, r)
-        with open(target) as f:
-            self.assertEqual(f.read(), "precious\n")
-        self.assertIn("could not open its log", self.job("j")["last_error"])
-
-    def test_not_a_queuectl_database_is_refused_unchanged(self):
-        os.mkdir(self.home, 0o700)
-        db = os.path.join(self.home, "queue.db")
-        con = sqlite3.connect(db)
-        con.execute("CREATE TABLE mine (x)")
-        con.commit()
-        con.close()
-        os.chmod(db, 0o600)
-        before = self.db_dump()
-        r = self.fails(2, "enqueue", "true")
-        self.assertIn("not a queuectl database", r.err)
-        self.assertEqual(self.db_dump(), before)
-
-    def test_garbage_file_as_database_is_refused(self):
-        os.mkdir(self.home, 0o700)
-        db = os.path.join(self.home, "queue.db")
-        with open(db, "wb") as f:
-            f.write(b"this is not sqlite at all" * 100)
-        os.chmod(db, 0o600)
-        r = self.fails(2, "list")
-        self.assertIn("not a usable queuectl database", r.err)
-
-    def test_newer_schema_is_refused(self):
-        self.enqueue("true")
-        con = self.db()
-        con.execute(f"PRAGMA user_version = {queuectl.SCHEMA_VERSION + 1}")
-        con.commit()
-        r = self.fails(2, "list")
-        self.assertIn("newer", r.err)
-
-    def test_older_schema_is_migrated_in_one_transaction(self):
-        self.enqueue("--id", "a", "true")
-        version = queuectl.SCHEMA_VERSION
-        saved = dict(queuectl.MIGRATIONS)
-        self.addCleanup(lambda: (queuectl.MIGRATIONS.clear(),
-                                 queuectl.MIGRATIONS.update(saved),
-                                 setattr(queuectl, "SCHEMA_VERSION", version)))
-        queuectl.SCHEMA_VERSION = version + 1
-        # A migration that fails half-way changes nothing.
-        queuectl.MIGRATIONS[version] = ["ALTER TABLE jobs ADD COLUMN note TEXT",
-                                        "SELECT no_such_function()"]
-        with self.assertRaises(queuectl.QueuectlError):
-            queuectl.Store(self.home)
-        con = self.db()
-        self.assertEqual(con.execute("PRAGMA user_version").fetchone()[0], version)
-        cols = [r[1] for r in con.execute("PRAGMA table_info(jobs)")]
-        self.assertNotIn("note", cols)
-        queuectl.MIGRATIONS[version] = ["ALTER TABLE jobs ADD COLUMN note TEXT"]
-        queuectl.Store(self.home).close()
-        self.assertEqual(con.execute("PRAGMA user_version").fetchone()[0], version + 1)
-        self.assertIn("note", [r[1] for r in con.execute("PRAGMA table_info(jobs)")])
-        self.assertEqual(con.execute("SELECT id FROM jobs").fetchall(), [("a",)])
-
-    def test_large_binary_output_is_stored_whole(self):
-        self.enqueue("--id", "big", "head -c 20000000 /dev/urandom; printf 'no newline'")
-        self.assertEqual(self.drain().code, 0)
-        path = os.path.join(self.home, "logs", "big.log")
-        self.assertGreater(os.path.getsize(path), 20_000_000)
-        tail = subprocess.run([PY, PROG, "logs", "big", "--tail", "1"], env=self.env,
-                              capture_output=True, timeout=30)
-        self.assertEqual(tail.returncode, 0)
-        self.assertTrue(tail.stdout.startswith(b"[queuectl] attempt 1 ended: exit 0"),
-                        tail.stdout[:200])
-        two = subprocess.run([PY, PROG, "logs", "big", "--tail", "2"], env=self.env,
-                             capture_output=True, timeout=30).stdout
-        self.assertIn(b"no newline\n[queuectl] attempt 1 ended", two)
-
-
-class TestDoctor(RobustTest):
+class TestDoctor(QueueTest):
     def test_healthy_queue(self):
         self.enqueue("true")
         self.drain()
@@ -1738,8 +2940,199 @@ class TestDoctor(RobustTest):
         self.assertFalse(info["ok"])
         self.assertTrue(any("orphan" in p and "gone" in p for p in info["problems"]))
 
+class TestHumanOutput(QueueTest):
+    def fixed_jobs(self):
+        self.enqueue("--id", "build-1", "make -C /srv/app all && echo " + "x" * 120)
+        self.enqueue("--id", "later", "--delay", "2h", "--queue", "reports", "./report.sh")
+        self.enqueue("--id", "after", "--after", "build-1", "true")
 
-class TestFuzz(RobustTest):
+    def test_list_table_fits_80_columns_and_cuts_commands(self):
+        self.fixed_jobs()
+        out = self.ok("list")
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split(), ["ID", "STATE", "QUEUE", "PRI", "TRIES", "WHEN",
+                                            "COMMAND"])
+        self.assertTrue(all(len(line) <= 80 for line in lines), out)
+        self.assertTrue(lines[1].endswith("…"), lines[1])
+        self.assertEqual(lines[1].split()[:6], ["build-1", "pending", "default", "0", "0",
+                                                "ready"])
+        self.assertIn("due in 2h", lines[2])
+        self.assertIn("blocked on build-1", lines[3])
+        self.assertNotIn("\x1b[", out)                   # not a terminal: no colour
+
+    def test_not_a_tty_without_columns_keeps_whole_commands(self):
+        self.fixed_jobs()
+        env = dict(self.env)
+        env.pop("COLUMNS")
+        out = self.ok("list", env=env)
+        self.assertIn("x" * 120, out)
+
+    def test_status_counts_in_stable_order(self):
+        self.fixed_jobs()
+        out = self.ok("status")
+        self.assertEqual(out.splitlines()[0], "jobs: 3 pending, 0 processing, 0 failed, "
+                                              "0 completed, 0 dead, 0 cancelled")
+        self.assertIn("reports", out)                     # per-queue breakdown
+        self.assertIn("next scheduled: later in 2h", out)
+
+    def test_colour_only_on_a_terminal_and_never_with_no_color(self):
+        import pty
+        self.fixed_jobs()
+
+        def run_in_pty(extra_env):
+            env = dict(self.env, **extra_env)
+            pid, fd = pty.fork()
+            if pid == 0:
+                os.execve(PY, [PY, PROG, "status"], env)
+            out = b""
+            while True:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            os.waitpid(pid, 0)
+            os.close(fd)
+            return out.decode()
+
+        self.assertIn("\x1b[", run_in_pty({}))
+        self.assertNotIn("\x1b[", run_in_pty({"NO_COLOR": "1"}))
+
+class TestMachineOutput(QueueTest):
+    def test_json_shapes(self):
+        job = self.enqueue("--id", "a", "echo hi")
+        self.drain()
+        status = json.loads(self.ok("status", "--json"))
+        self.assertEqual(set(status), {"counts", "queues", "workers", "oldest_pending",
+                                       "next_scheduled", "paused"})
+        self.assertEqual(list(status["counts"]), list(queuectl.STATES))
+        listed = json.loads(self.ok("list", "--json"))
+        self.assertEqual([j["id"] for j in listed], [job])
+        self.assertEqual(set(listed[0]), set(queuectl.JOB_FIELDS) | {"log"})
+        self.assertEqual(json.loads(self.ok("dlq", "list", "--json")), [])
+        self.assertEqual(json.loads(self.ok("worker", "status", "--json")), [])
+        cfg = json.loads(self.ok("config", "list", "--json"))
+        self.assertEqual(cfg, queuectl.CONFIG_DEFAULTS)
+
+    def test_enqueue_prints_only_the_id(self):
+        out = self.ok("enqueue", "true")
+        self.assertRegex(out, r"^[0-9a-z]{6}\n$")
+
+    def test_metrics_parse_as_prometheus_text(self):
+        import re
+        self.set_fast_retries()
+        self.enqueue("--queue", "q1", "true")
+        self.enqueue("--max-retries", "1", "false")
+        self.drain()
+        out = self.ok("metrics")
+        sample = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? '
+                            r'-?[0-9.e+]+$')
+        values = {}
+        for line in out.splitlines():
+            if line.startswith("#"):
+                self.assertRegex(line, r"^# (HELP|TYPE) queuectl_[a-z_]+ .+")
+                continue
+            self.assertRegex(line, sample)
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+        self.assertEqual(values['queuectl_jobs{queue="q1",state="completed"}'], 1)
+        self.assertEqual(values['queuectl_jobs{queue="default",state="dead"}'], 1)
+        self.assertEqual(values['queuectl_attempts_total{queue="default"}'], 2)
+        self.assertEqual(values['queuectl_failures_total{queue="default"}'], 2)
+        self.assertEqual(values["queuectl_workers"], 0)
+
+class TestLiveView(QueueTest):
+    def test_top_refreshes_in_a_pty_and_quits_on_q(self):
+        import pty
+        import select
+        import termios
+        self.enqueue("--id", "long-job", "sleep 30")
+        self.start_worker()
+        self.wait_running("long-job")
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.execve(PY, [PY, PROG, "top", "--interval", "0.2"], self.env)
+        self.addCleanup(lambda: pid_alive(pid) and os.kill(pid, signal.SIGKILL))
+        out = b""
+        deadline = time.monotonic() + 15
+        while b"long-job" not in out and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                out += os.read(fd, 65536)
+        self.assertIn(b"long-job", out)                   # running jobs shown
+        self.assertIn(b"\x1b[?1049h", out)                # alternate screen
+        attrs = termios.tcgetattr(fd)
+        self.assertFalse(attrs[3] & termios.ICANON)       # cbreak while running
+        os.write(fd, b"q")
+        while time.monotonic() < deadline:
+            if not select.select([fd], [], [], 0.5)[0]:
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+        self.assertTrue(out.endswith(b"\x1b[?25h\x1b[?1049l"), out[-40:])   # restored
+
+    def test_top_once_without_a_terminal(self):
+        self.enqueue("true")
+        out = self.ok("top", "--once")
+        self.assertIn("jobs: 1 pending", out)
+        self.fails(2, "top")                               # no terminal
+
+
+# Command line ################################################################
+
+class TestInstallAndHelp(QueueTest):
+    def test_make_install_into_a_temp_prefix(self):
+        prefix = os.path.join(self.tmp, "prefix")
+        r = subprocess.run(["make", "-s", "-C", os.path.dirname(PROG), "install",
+                            f"PREFIX={prefix}", f"PYTHON={PY}"], capture_output=True,
+                           text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        exe = os.path.join(prefix, "bin", "queuectl")
+        out = subprocess.run([exe, "enqueue", "echo installed"], env=self.env,
+                             capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(self.drain().code, 0)
+        self.assertIn("installed", self.log(out.stdout.strip()))
+        pyc = os.listdir(os.path.join(prefix, "lib", "queuectl", "__pycache__"))
+        self.assertTrue(any(p.startswith("queuectl.") for p in pyc), pyc)
+
+    def test_direct_execution_of_the_file(self):
+        env = dict(self.env, QUEUECTL_PYTHON=PY)
+        r = subprocess.run([PROG, "--version"], env=env, capture_output=True, text=True,
+                           timeout=30)
+        self.assertEqual((r.returncode, r.stdout.strip()),
+                         (0, f"queuectl {queuectl.__version__}"))
+
+    def test_every_command_has_help_with_examples(self):
+        for cmd in (["enqueue"], ["worker", "start"], ["worker", "stop"], ["status"],
+                    ["list"], ["logs"], ["wait"], ["cancel"], ["dlq", "retry"], ["prune"],
+                    ["config", "set"], ["metrics"], ["doctor"], ["top"]):
+            examples = self.ok(*cmd, "--help").partition("\nexamples:\n")[2]
+            self.assertIn(f"queuectl {' '.join(cmd)}", examples, cmd)
+
+    def test_no_arguments_prints_short_usage(self):
+        out = self.ok()
+        self.assertIn("Common commands:", out)
+
+    def test_bash_completion(self):
+        script = self.ok("completion", "bash")
+        r = subprocess.run(["bash", "-c", script + "\nCOMP_WORDS=(queuectl worker st); "
+                            "COMP_CWORD=2; _queuectl; echo ${COMPREPLY[@]}\n"
+                            "COMP_WORDS=(queuectl en); COMP_CWORD=1; _queuectl; "
+                            "echo ${COMPREPLY[@]}"], capture_output=True, text=True,
+                           timeout=30)
+        self.assertEqual(r.stdout.splitlines(), ["start stop status", "enqueue"])
+
+class TestFuzz(QueueTest):
     """Seeded random CLI invocations, in-process: never a traceback, never an
     exit code outside 0/1/2, and the database stays intact."""
 
@@ -1802,1456 +3195,7 @@ class TestFuzz(RobustTest):
         self.integrity_ok()
 
 
-# A sysadmin's tool ###########################################################
-
-
-class TestHumanOutput(RobustTest):
-    def fixed_jobs(self):
-        self.enqueue("--id", "build-1", "make -C /srv/app all && echo " + "x" * 120)
-        self.enqueue("--id", "later", "--delay", "2h", "--queue", "reports", "./report.sh")
-        self.enqueue("--id", "after", "--after", "build-1", "true")
-
-    def test_list_table_fits_80_columns_and_cuts_commands(self):
-        self.fixed_jobs()
-        out = self.ok("list")
-        lines = out.splitlines()
-        self.assertEqual(lines[0].split(), ["ID", "STATE", "QUEUE", "PRI", "TRIES", "WHEN",
-                                            "COMMAND"])
-        self.assertTrue(all(len(line) <= 80 for line in lines), out)
-        self.assertTrue(lines[1].endswith("…"), lines[1])
-        self.assertEqual(lines[1].split()[:6], ["build-1", "pending", "default", "0", "0",
-                                                "ready"])
-        self.assertIn("due in 2h", lines[2])
-        self.assertIn("blocked on build-1", lines[3])
-        self.assertNotIn("\x1b[", out)                   # not a terminal: no colour
-
-    def test_not_a_tty_without_columns_keeps_whole_commands(self):
-        self.fixed_jobs()
-        env = dict(self.env)
-        env.pop("COLUMNS")
-        out = self.ok("list", env=env)
-        self.assertIn("x" * 120, out)
-
-    def test_status_counts_in_stable_order(self):
-        self.fixed_jobs()
-        out = self.ok("status")
-        self.assertEqual(out.splitlines()[0], "jobs: 3 pending, 0 processing, 0 failed, "
-                                              "0 completed, 0 dead, 0 cancelled")
-        self.assertIn("reports", out)                     # per-queue breakdown
-        self.assertIn("next scheduled: later in 2h", out)
-
-    def test_colour_only_on_a_terminal_and_never_with_no_color(self):
-        import pty
-        self.fixed_jobs()
-
-        def run_in_pty(extra_env):
-            env = dict(self.env, **extra_env)
-            pid, fd = pty.fork()
-            if pid == 0:
-                os.execve(PY, [PY, PROG, "status"], env)
-            out = b""
-            while True:
-                try:
-                    chunk = os.read(fd, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                out += chunk
-            os.waitpid(pid, 0)
-            os.close(fd)
-            return out.decode()
-
-        self.assertIn("\x1b[", run_in_pty({}))
-        self.assertNotIn("\x1b[", run_in_pty({"NO_COLOR": "1"}))
-
-
-class TestMachineOutput(RobustTest):
-    def test_json_shapes(self):
-        job = self.enqueue("--id", "a", "echo hi")
-        self.drain()
-        status = json.loads(self.ok("status", "--json"))
-        self.assertEqual(set(status), {"counts", "queues", "workers", "oldest_pending",
-                                       "next_scheduled", "paused"})
-        self.assertEqual(list(status["counts"]), list(queuectl.STATES))
-        listed = json.loads(self.ok("list", "--json"))
-        self.assertEqual([j["id"] for j in listed], [job])
-        self.assertEqual(set(listed[0]), set(queuectl.JOB_FIELDS) | {"log"})
-        self.assertEqual(json.loads(self.ok("dlq", "list", "--json")), [])
-        self.assertEqual(json.loads(self.ok("worker", "status", "--json")), [])
-        cfg = json.loads(self.ok("config", "list", "--json"))
-        self.assertEqual(cfg, queuectl.CONFIG_DEFAULTS)
-
-    def test_enqueue_prints_only_the_id(self):
-        out = self.ok("enqueue", "true")
-        self.assertRegex(out, r"^[0-9a-z]{6}\n$")
-
-    def test_metrics_parse_as_prometheus_text(self):
-        import re
-        self.set_fast_retries()
-        self.enqueue("--queue", "q1", "true")
-        self.enqueue("--max-retries", "1", "false")
-        self.drain()
-        out = self.ok("metrics")
-        sample = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? '
-                            r'-?[0-9.e+]+$')
-        values = {}
-        for line in out.splitlines():
-            if line.startswith("#"):
-                self.assertRegex(line, r"^# (HELP|TYPE) queuectl_[a-z_]+ .+")
-                continue
-            self.assertRegex(line, sample)
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-        self.assertEqual(values['queuectl_jobs{queue="q1",state="completed"}'], 1)
-        self.assertEqual(values['queuectl_jobs{queue="default",state="dead"}'], 1)
-        self.assertEqual(values['queuectl_attempts_total{queue="default"}'], 2)
-        self.assertEqual(values['queuectl_failures_total{queue="default"}'], 2)
-        self.assertEqual(values["queuectl_workers"], 0)
-
-
-class TestLiveView(RobustTest):
-    def test_top_refreshes_in_a_pty_and_quits_on_q(self):
-        import pty
-        import select
-        import termios
-        self.enqueue("--id", "long-job", "sleep 30")
-        self.start_worker()
-        self.wait_running("long-job")
-        pid, fd = pty.fork()
-        if pid == 0:
-            os.execve(PY, [PY, PROG, "top", "--interval", "0.2"], self.env)
-        self.addCleanup(lambda: pid_alive(pid) and os.kill(pid, signal.SIGKILL))
-        out = b""
-        deadline = time.monotonic() + 15
-        while b"long-job" not in out and time.monotonic() < deadline:
-            if select.select([fd], [], [], 0.5)[0]:
-                out += os.read(fd, 65536)
-        self.assertIn(b"long-job", out)                   # running jobs shown
-        self.assertIn(b"\x1b[?1049h", out)                # alternate screen
-        attrs = termios.tcgetattr(fd)
-        self.assertFalse(attrs[3] & termios.ICANON)       # cbreak while running
-        os.write(fd, b"q")
-        while time.monotonic() < deadline:
-            if not select.select([fd], [], [], 0.5)[0]:
-                continue
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            out += chunk
-        _, status = os.waitpid(pid, 0)
-        os.close(fd)
-        self.assertEqual(os.waitstatus_to_exitcode(status), 0)
-        self.assertTrue(out.endswith(b"\x1b[?25h\x1b[?1049l"), out[-40:])   # restored
-
-    def test_top_once_without_a_terminal(self):
-        self.enqueue("true")
-        out = self.ok("top", "--once")
-        self.assertIn("jobs: 1 pending", out)
-        self.fails(2, "top")                               # no terminal
-
-
-class TestInstallAndHelp(RobustTest):
-    def test_make_install_into_a_temp_prefix(self):
-        prefix = os.path.join(self.tmp, "prefix")
-        r = subprocess.run(["make", "-s", "-C", os.path.dirname(PROG), "install",
-                            f"PREFIX={prefix}", f"PYTHON={PY}"], capture_output=True,
-                           text=True, timeout=60)
-        self.assertEqual(r.returncode, 0, r.stderr)
-        exe = os.path.join(prefix, "bin", "queuectl")
-        out = subprocess.run([exe, "enqueue", "echo installed"], env=self.env,
-                             capture_output=True, text=True, timeout=30)
-        self.assertEqual(out.returncode, 0, out.stderr)
-        self.assertEqual(self.drain().code, 0)
-        self.assertIn("installed", self.log(out.stdout.strip()))
-        pyc = os.listdir(os.path.join(prefix, "lib", "queuectl", "__pycache__"))
-        self.assertTrue(any(p.startswith("queuectl.") for p in pyc), pyc)
-
-    def test_direct_execution_of_the_file(self):
-        env = dict(self.env, QUEUECTL_PYTHON=PY)
-        r = subprocess.run([PROG, "--version"], env=env, capture_output=True, text=True,
-                           timeout=30)
-        self.assertEqual((r.returncode, r.stdout.strip()),
-                         (0, f"queuectl {queuectl.__version__}"))
-
-    def test_every_command_has_help_with_examples(self):
-        for cmd in (["enqueue"], ["worker", "start"], ["worker", "stop"], ["status"],
-                    ["list"], ["logs"], ["wait"], ["cancel"], ["dlq", "retry"], ["prune"],
-                    ["config", "set"], ["metrics"], ["doctor"], ["top"]):
-            examples = self.ok(*cmd, "--help").partition("\nexamples:\n")[2]
-            self.assertIn(f"queuectl {' '.join(cmd)}", examples, cmd)
-
-    def test_no_arguments_prints_short_usage(self):
-        out = self.ok()
-        self.assertIn("Common commands:", out)
-
-    def test_bash_completion(self):
-        script = self.ok("completion", "bash")
-        r = subprocess.run(["bash", "-c", script + "\nCOMP_WORDS=(queuectl worker st); "
-                            "COMP_CWORD=2; _queuectl; echo ${COMPREPLY[@]}\n"
-                            "COMP_WORDS=(queuectl en); COMP_CWORD=1; _queuectl; "
-                            "echo ${COMPREPLY[@]}"], capture_output=True, text=True,
-                           timeout=30)
-        self.assertEqual(r.stdout.splitlines(), ["start stop status", "enqueue"])
-
-
-class TestClaimPlan(RobustTest):
-    def test_claim_is_one_walk_of_the_ready_index(self):
-        self.enqueue("--id", "a", "true")
-        self.enqueue("--after", "a", "--queue", "q2", "true")
-        con = self.db()
-        for where, params in (("", []), (" AND queue IN (?,?)", ["a", "b"]),
-                              (" AND queue NOT IN (?)", ["p"])):
-            plan = " ".join(r[-1] for r in con.execute(
-                "EXPLAIN QUERY PLAN " + queuectl.SQL_CLAIMABLE.format(where=where),
-                ["2030-01-01T00:00:00.000000Z"] + params))
-            self.assertIn("jobs_ready", plan)
-            self.assertNotIn("TEMP B-TREE", plan)
-
-    def test_prune_reclaims_space(self):
-        lines = "".join(f"echo {'x' * 2000}\n" for _ in range(2000))
-        self.ok("enqueue", "--stdin", input=lines.replace("echo", "true ||"))
-        self.assertEqual(self.drain("--count", "2", timeout=120).code, 0)
-        con = self.db()
-        before = con.execute("PRAGMA page_count").fetchone()[0]
-        self.assertIn("pruned 2000 jobs", self.ok("prune", "--older-than", "0"))
-        after = con.execute("PRAGMA page_count").fetchone()[0]
-        self.assertLess(after, before / 4)
-        self.assertEqual(os.listdir(os.path.join(self.home, "logs")), [])
-
-
-class TestOwnership(RobustTest):
-    @unittest.skipUnless(os.geteuid() == 0, "needs root to give a file away")
-    def test_home_owned_by_another_user_is_refused(self):
-        self.enqueue("true")
-        os.chown(self.home, 12345, -1)
-        self.addCleanup(os.chown, self.home, 0, -1)
-        before = self.db_dump()
-        r = self.fails(2, "enqueue", "true")
-        self.assertIn("belongs to uid 12345", r.err)
-        self.assertEqual(self.db_dump(), before)
-
-    @unittest.skipUnless(os.geteuid() == 0, "needs root to give a file away")
-    def test_db_owned_by_another_user_is_refused(self):
-        self.enqueue("true")
-        db = os.path.join(self.home, "queue.db")
-        os.chown(db, 12345, -1)
-        r = self.fails(2, "list")
-        self.assertIn(db, r.err)
-
-
-class TestFindJobProcess(RobustTest):
-    @unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc")
-    def spawn_job(self, command, token, status):
-        env = dict(os.environ, QUEUECTL_JOB_ID="j", QUEUECTL_ATTEMPT="2",
-                   QUEUECTL_CLAIM=token, __QUEUECTL_STATUS=status,
-                   __QUEUECTL_COMMAND=command, __QUEUECTL_CWD=self.work,
-                   __QUEUECTL_UMASK="0022")
-        with open(os.devnull, "rb") as null:
-            return queuectl.spawn(["/bin/sh", "-c", queuectl.JOB_WRAPPER, "queuectl-job"],
-                                  self.work, env, null.fileno(), null.fileno())
-
-    @unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc")
-    def test_a_job_is_found_by_its_claim_token_even_after_exec(self):
-        for n, command in enumerate(("sleep 0.5 | cat", "exec sleep 0.5")):
-            with self.subTest(command=command):
-                token = f"tok{n}"
-                child = self.spawn_job(command, token, self.path(f"j.{token}.exit"))
-                try:
-                    self.assertEqual(queuectl.find_job_process("other"), (None, None))
-                    pid, start = queuectl.find_job_process(token)
-                    self.assertEqual(pid, child.pid)      # the leader, not its children
-                    self.assertTrue(queuectl.same_process(pid, start))
-                finally:
-                    self.assertEqual(child.wait(), 0)
-                self.assertEqual(queuectl.find_job_process(token), (None, None))
-
-    def test_start_fence_revoked_first_means_the_command_never_runs(self):
-        status = self.path("j.t1.exit")
-        self.assertTrue(queuectl.revoke(status, "w1"))
-        child = self.spawn_job(f"echo ran > {self.path('ran')}", "t1", status)
-        self.assertEqual(child.wait(), queuectl.WRAPPER_REFUSED)
-        self.assertFalse(os.path.exists(self.path("ran")))
-        self.assertEqual(queuectl.read_status(status), ("revoked", "w1"))
-        # Started first: the fence is the job's, and its status is written.
-        status = self.path("j.t2.exit")
-        child = self.spawn_job("exit 7", "t2", status)
-        self.assertEqual(child.wait(), 7)
-        self.assertFalse(queuectl.revoke(status, "w1"))
-        self.assertEqual(queuectl.read_status(status), ("exit", 7))
-
-    def test_jobs_get_default_sigpipe(self):
-        self.enqueue("--id", "p", "yes | head -c 3")
-        self.assertEqual(self.drain().code, 0)
-        self.assertNotIn("Broken pipe", self.log("p"))
-
-
-class TestLiveWorkerBehaviour(RobustTest):
-    def test_logs_follow_streams_until_the_job_ends(self):
-        self.enqueue("--id", "f", "echo one; sleep 1; echo two")
-        self.start_worker()
-        out = self.ok("logs", "f", "--follow", timeout=30)
-        self.assertIn("one\ntwo\n", out)
-        self.assertIn("[queuectl] attempt 1 ended: exit 0", out)
-
-    def test_running_worker_picks_up_a_config_change(self):
-        w = self.start_worker()
-        self.ok("config", "set", "max-retries", "0")
-        self.wait_for(lambda: "config reloaded" in self._worker_output(w), 10,
-                      "the worker to reload its config")
-        self.enqueue("--id", "once", "false")
-        self.wait_state("once", "dead")
-        self.assertEqual(self.job("once")["attempts"], 1)
-
-    def _worker_output(self, w):
-        # The worker's stdout is a pipe; read what is there without blocking,
-        # from the descriptor itself (a buffered readline could keep a line
-        # in its buffer where select() cannot see it).
-        import select
-        buf = getattr(w, "_seen", b"")
-        fd = w.stdout.fileno()
-        while select.select([fd], [], [], 0)[0]:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            buf += chunk
-        w._seen = buf
-        return buf.decode("utf-8", "replace")
-
-
 # Benchmark ###################################################################
-
-
-# Faults: frozen workers, odd errors, other homes ##############################
-# Deterministic: workers are frozen or broken at named fault points
-# (QUEUECTL_FAULT, see the module docstring), never by a sleep that hopes to
-# hit a window.
-
-OLD_HEARTBEAT = "2000-01-01T00:00:00.000000Z"
-WAIT_GO = "while [ ! -f {go} ]; do sleep 0.05; done"
-
-
-def proc_state(pid):
-    """The state letter of a process (R, S, T, Z...), or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def all_stopped(pid):
-    """True when every thread of the process is stopped (SIGSTOP)."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return False
-    return bool(tids) and all(proc_state(f"{pid}/task/{t}") == "T" for t in tids)
-
-
-def now_iso():
-    return time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
-
-
-class FaultTest(RobustTest):
-    """Helpers: workers with fault points and their output, other homes."""
-
-    def fault_env(self, spec, env=None):
-        return dict(env or self.env, QUEUECTL_FAULT=spec)
-
-    def run_q(self, *args, env=None, timeout=30, **kw):
-        """self.q that fails the test (not errors it) on a timeout."""
-        try:
-            return self.q(*args, env=env, timeout=timeout, **kw)
-        except subprocess.TimeoutExpired:
-            self.fail(f"queuectl {' '.join(args)} still running after {timeout}s")
-
-    def drain_env(self, env=None, timeout=20, *args):
-        return self.run_q("worker", "start", "--drain", *args, env=env, timeout=timeout)
-
-    def spawn_worker(self, *args, env=None):
-        """A background `worker start ARGS` whose output is collected by a
-        thread (self.output(p)); killed by pid in cleanup."""
-        p = subprocess.Popen([PY, PROG, "worker", "start", *args], env=env or self.env,
-                             cwd=self.work, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-        self.procs.append(p)
-        p.seen = []
-
-        def read():
-            try:
-                for line in p.stdout:
-                    p.seen.append(line)
-            except (OSError, ValueError):
-                pass
-        threading.Thread(target=read, daemon=True).start()
-        return p
-
-    def output(self, p):
-        return "".join(p.seen)
-
-    def wait_listed(self, p, env=None):
-        """Wait until worker p is in `worker status --json`; its entry."""
-        found = []
-
-        def listed():
-            r = self.q("worker", "status", "--json", env=env)
-            try:
-                found[:] = [w for w in json.loads(r.out) if w["pid"] == p.pid]
-            except ValueError:
-                return False
-            return bool(found) or p.poll() is not None
-        self.wait_for(listed, what="the worker to be listed")
-        self.assertIsNone(p.poll(), self.output(p))
-        return found[0]
-
-    def show(self, job_id, env=None):
-        r = self.q("show", job_id, "--json", env=env)
-        self.assertEqual(r.code, 0, r)
-        return json.loads(r.out)
-
-    def cont_in_cleanup(self, p):
-        self.addCleanup(lambda: p.poll() is None and os.kill(p.pid, signal.SIGCONT))
-
-    def touch(self, name):
-        with open(self.path(name), "w"):
-            pass
-
-    def mount_tmpfs(self, path, size):
-        """A small tmpfs at path (root only: skips the test otherwise),
-        unmounted in cleanup after every process of the test is stopped."""
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700",
-                            "tmpfs", path], capture_output=True, text=True, timeout=10)
-        if r.returncode != 0:
-            self.skipTest(f"mount failed: {r.stderr}")
-        self.addCleanup(self._stop_and_umount, path)
-        return path
-
-    def fill(self, path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            size = 1 << 16
-            while size:
-                try:
-                    if os.write(fd, b"\0" * size) == 0:
-                        size //= 2
-                except OSError as e:
-                    if e.errno != errno.ENOSPC:
-                        raise
-                    size //= 2
-        finally:
-            os.close(fd)
-
-    def _stop_and_umount(self, mnt):
-        for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.kill(p.pid, signal.SIGCONT)
-                    os.kill(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait(timeout=10)
-        for pgid in self._job_pgids():
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        for _ in range(50):
-            if subprocess.run(["umount", mnt], capture_output=True,
-                              timeout=10).returncode == 0:
-                return
-            time.sleep(0.1)
-        subprocess.run(["umount", "-l", mnt], capture_output=True, timeout=10)
-
-
-# Defect 3 ####################################################################
-
-
-class TestPoisonJob(FaultTest):
-    """A job that cannot be started is a counted failed attempt; it never
-    blocks the queue, never loops uncounted, and --drain ends."""
-
-    def test_enqueue_refuses_env_that_is_not_utf8(self):
-        self.enqueue("--id", "keep", "true")
-        before = self.db_dump()
-        r = self.fails(2, "enqueue", '{"command":"true","env":{"X":"\\ud800"}}')
-        self.assertEqual(r.err.strip().splitlines(),
-                         ["queuectl: error: env 'X' is not valid UTF-8"])
-        self.assertEqual(r.out, "")
-        r = self.fails(2, "enqueue", '{"command":"true","env":{"\\ud800":"v"}}')
-        self.assertIn("is not valid UTF-8", r.err)
-        self.assertEqual(len(r.err.strip().splitlines()), 1, r)
-        self.assertEqual(self.db_dump(), before)              # stored nothing
-        ids = [j["id"] for j in json.loads(self.ok("list", "--json"))]
-        self.assertEqual(ids, ["keep"])
-
-    def test_unencodable_env_in_an_old_row_is_a_counted_failure(self):
-        self.set_fast_retries()
-        self.enqueue("--id", "poison", "--max-retries", "1",
-                     f"echo ran >> {self.path('poison-runs')}")
-        self.enqueue("--id", "other", f"echo ran >> {self.path('other-runs')}")
-        con = self.db()                     # a row an older queuectl let in
-        con.execute("UPDATE jobs SET env = ? WHERE id = 'poison'", ('{"X":"\\ud800"}',))
-        con.commit()
-        r = self.drain_env(timeout=15)
-        self.assertEqual(r.code, 1, r)                        # one job is dead
-        self.assertNotIn("Traceback", r.out + r.err)
-        poison = self.job("poison")
-        self.assertEqual((poison["state"], poison["attempts"]), ("dead", 2), poison)
-        self.assertTrue(poison["last_error"].startswith("could not start: "), poison)
-        self.assertEqual(self.lines("poison-runs"), [])       # never ran
-        other = self.job("other")
-        self.assertEqual((other["state"], other["attempts"]), ("completed", 1))
-        self.assertEqual(self.lines("other-runs"), ["ran"])
-
-    def test_any_exception_before_the_spawn_is_a_counted_failure(self):
-        self.enqueue("--id", "poison", "--max-retries", "0",
-                     f"echo ran >> {self.path('poison-runs')}")
-        self.enqueue("--id", "other", f"echo ran >> {self.path('other-runs')}")
-        r = self.drain_env(self.fault_env("before-spawn:raise@poison"), timeout=15)
-        self.assertEqual(r.code, 1, r)
-        self.assertNotIn("Traceback", r.out + r.err)
-        poison = self.job("poison")
-        self.assertEqual((poison["state"], poison["attempts"]), ("dead", 1), poison)
-        self.assertTrue(poison["last_error"].startswith("could not start: "), poison)
-        self.assertEqual(self.lines("poison-runs"), [])
-        self.assertEqual(self.state("other"), "completed")
-        self.assertEqual(self.lines("other-runs"), ["ran"])
-
-
-# Defect 5 ####################################################################
-
-# queuectl run in-process with everything it imports lazily already loaded, so
-# that a low descriptor limit hits its own opens (the db, then the lock files)
-# rather than Python's imports.
-PRELOADED_STATUS = """
-import sys, resource
-sys.path.insert(0, sys.argv[1])
-import queuectl
-import fcntl, sqlite3, json, signal, select, threading, errno, stat, shutil
-import argparse, datetime, math, re, textwrap
-limit = int(sys.argv[2])
-resource.setrlimit(resource.RLIMIT_NOFILE,
-                   (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-sys.exit(queuectl.main(["worker", "status", "--json"]))
-"""
-
-
-class TestDescriptorExhaustion(FaultTest):
-    """Out of descriptors, `worker status` fails clearly or lists the live
-    worker: it never forgets it nor deletes its files."""
-
-    def check_status(self, r, w, limit):
-        """The rule for one `worker status --json` run under a limit."""
-        what = f"limit {limit}: {r!r}"
-        self.assertNotIn("Traceback", r.err, what)
-        if r.code == 0:
-            self.assertIn(w.pid, [x["pid"] for x in json.loads(r.out)], what)
-        else:
-            lines = r.err.strip().splitlines()
-            self.assertEqual(len(lines), 1, what)
-            self.assertTrue(lines[0].startswith("queuectl: error: "), what)
-
-    def check_worker_kept(self, w, info):
-        now = json.loads(self.ok("worker", "status", "--json"))
-        self.assertEqual([(x["pid"], x["jobs"]) for x in now], [(w.pid, ["long"])])
-        for suffix in (".lock", ".wake"):
-            self.assertTrue(os.path.exists(os.path.join(self.home, "run",
-                                                        info["id"] + suffix)), suffix)
-
-    def start_long(self):
-        self.enqueue("--id", "long", WAIT_GO.format(go=self.path("go")))
-        w = self.spawn_worker()
-        info = self.wait_listed(w)
-        self.wait_running("long")
-        return w, info
-
-    def stop(self, w):
-        self.touch("go")
-        self.ok("worker", "stop", "--wait", "--timeout", "20")
-        self.assertEqual(w.wait(timeout=10), 0)
-        self.assertEqual(self.state("long"), "completed")
-
-    def test_worker_status_under_low_descriptor_limits(self):
-        w, info = self.start_long()
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        for limit in range(8, 41):
-            r = Result(subprocess.run(
-                [PY, PROG, "worker", "status", "--json"], capture_output=True,
-                text=True, timeout=30, env=self.env, cwd=self.work,
-                preexec_fn=lambda n=limit: resource.setrlimit(
-                    resource.RLIMIT_NOFILE, (n, hard))))
-            self.check_status(r, w, limit)
-        self.check_worker_kept(w, info)
-        self.stop(w)
-
-    def test_worker_status_when_only_the_lock_file_cannot_be_opened(self):
-        # Limits low enough that the db opens but the lock files may not.
-        w, info = self.start_long()
-        for limit in range(4, 17):
-            r = Result(subprocess.run(
-                [PY, "-c", PRELOADED_STATUS, HERE, str(limit)], capture_output=True,
-                text=True, timeout=30, env=self.env, cwd=self.work))
-            self.check_status(r, w, limit)
-            self.check_worker_kept(w, info)
-        self.stop(w)
-
-    def test_count_beyond_the_descriptor_limit_is_refused(self):
-        self.enqueue("--id", "j", f"echo ran >> {self.path('runs')}")
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-
-        def run(*args):
-            return Result(subprocess.run(
-                [PY, PROG, "worker", "start", *args], capture_output=True, text=True,
-                timeout=30, env=self.env, cwd=self.work,
-                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
-                                                      (min(256, hard), hard))))
-        r = run("--count", "256", "--drain")
-        self.assertEqual(r.code, 2, r)
-        self.assertNotIn("Traceback", r.err)
-        self.assertEqual(len(r.err.strip().splitlines()), 1, r)
-        line = r.err.strip()
-        self.assertTrue(line.startswith("queuectl: error: invalid --count 256: 256 threads "
-                                        "need about "), line)
-        self.assertIn(" open files but the limit is 256 (ulimit -n); raise the limit "
-                      "or use a smaller --count", line)
-        self.assertEqual(self.lines("runs"), [])              # started nothing
-        self.assertEqual(self.state("j"), "pending")
-        self.assertEqual(json.loads(self.ok("worker", "status", "--json")), [])
-        r = run("--count", "2", "--drain")                    # a count that fits runs
-        self.assertEqual(r.code, 0, r)
-        self.assertEqual(self.lines("runs"), ["ran"])
-
-
-# Defect 6 ####################################################################
-
-
-class TestTwoHomes(FaultTest):
-    """Jobs of the same id in two homes never mix: a worker of one home never
-    adopts, waits on, or kills the other home's process."""
-
-    def setUp(self):
-        super().setUp()
-        self.home_b = os.path.join(self.tmp, "home-b")
-        self.env_b = dict(self.env, QUEUECTL_HOME=self.home_b)
-        self.addCleanup(self._kill_b_jobs)
-
-    def _kill_b_jobs(self):
-        for p in self.procs:                  # workers first, by pid
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGKILL)
-                p.wait(timeout=10)
-        pids = []
-        try:
-            pids.append(int(self.lines("b-pid")[0]))
-        except (IndexError, ValueError):
-            pass
-        for pid in pids:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    def start_b(self):
-        """Home B's nightly: a long job, running under B's worker; its pid."""
-        r = self.q("enqueue", "--id", "nightly", "--max-retries", "0",
-                   f"echo $$ > {self.path('b-pid')}; "
-                   + WAIT_GO.format(go=self.path("b-go"))
-                   + f"; echo done >> {self.path('b-runs')}", env=self.env_b)
-        self.assertEqual(r.code, 0, r)
-        w = self.spawn_worker(env=self.env_b)
-        self.wait_for(lambda: "".join(self.lines("b-pid")) or w.poll() is not None,
-                      what="B's nightly to start")
-        self.assertIsNone(w.poll(), self.output(w))
-        pid = int(self.lines("b-pid")[0])
-        self.wait_for(lambda: self.show("nightly", self.env_b)["state"] == "processing",
-                      what="B's nightly to run")
-        return pid
-
-    def check_b_untouched_then_finish(self, b_pid):
-        self.assertTrue(pid_alive(b_pid))
-        self.assertEqual(self.show("nightly", self.env_b)["state"], "processing")
-        self.touch("b-go")
-        self.wait_for(lambda: self.show("nightly", self.env_b)["state"] == "completed",
-                      what="B's nightly to complete")
-        b = self.show("nightly", self.env_b)
-        self.assertEqual((b["attempts"], b["exit_code"]), (1, 0))
-        self.assertEqual(self.lines("b-runs"), ["done"])
-
-    def test_worker_killed_after_spawn_is_recovered_in_its_own_home(self):
-        b_pid = self.start_b()
-        self.enqueue("--id", "nightly", f"echo ran >> {self.path('a-runs')}")
-        a = self.spawn_worker("--drain", env=self.fault_env("after-spawn:kill"))
-        self.assertEqual(a.wait(timeout=20), -signal.SIGKILL, self.output(a))
-        self.wait_for(lambda: self.lines("a-runs") == ["ran"], what="A's nightly to run")
-        r = self.drain_env(timeout=10)                 # quick: not B's process
-        self.assertEqual(r.code, 0, r)
-        job = self.job("nightly")
-        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
-                         ("completed", 1, 0), job)
-        self.assertEqual(self.lines("a-runs"), ["ran"])
-        self.assertTrue(pid_alive(b_pid))
-        r = self.fails(1, "cancel", "nightly")        # A's is completed
-        self.assertIn("completed", r.err)
-        self.check_b_untouched_then_finish(b_pid)
-
-    def test_orphaned_claim_is_never_matched_to_another_homes_process(self):
-        # A's nightly claimed by a worker that died before its shell started
-        # (no pid, no status file), while B's nightly, same id and attempt,
-        # runs. Works without fault points, so it shows the old fault too.
-        b_pid = self.start_b()
-        self.enqueue("--id", "nightly", "--max-retries", "0",
-                     f"echo ran >> {self.path('a-runs')}")
-        con = self.db()
-        stamp = now_iso()
-        con.execute("UPDATE jobs SET state = 'processing', worker = 'ghost-1', "
-                    "claim = 'ghostclaim00', started_at = ?, updated_at = ? "
-                    "WHERE id = 'nightly'", (stamp, stamp))
-        con.commit()
-        r = self.drain_env(timeout=10)
-        self.assertNotIn("adopted", r.out)
-        job = self.job("nightly")
-        self.assertEqual((job["state"], job["attempts"]), ("dead", 1), (job, r))
-        self.assertEqual(r.code, 1, r)
-        self.assertEqual(self.lines("a-runs"), [])
-        self.check_b_untouched_then_finish(b_pid)
-
-
-# Defect 7 ####################################################################
-
-
-class TestCancelThenRetry(FaultTest):
-    """retry at once after cancel: the new attempt never starts while a
-    process of the cancelled one lives."""
-
-    def command(self, trap):
-        # Each attempt logs start:PID, an overlap:P line for any earlier
-        # attempt's shell P still alive (not a zombie), and end:PID.
-        trace, pids = self.path("trace"), self.path("pids")
-        return (f"echo start:$$ >> {trace}; "
-                f"for p in $(cat {pids} 2>/dev/null); do "
-                f"s=$(cut -d' ' -f3 /proc/$p/stat 2>/dev/null); "
-                f"if [ -n \"$s\" ] && [ \"$s\" != Z ]; then echo overlap:$p >> {trace}; fi; "
-                f"done; echo $$ >> {pids}; {trap}; "
-                + WAIT_GO.format(go=self.path("go")) + f"; echo end:$$ >> {trace}")
-
-    def cancel_then_retry(self, trap):
-        self.enqueue("--id", "c", self.command(trap))
-        self.spawn_worker("--count", "2")
-        self.wait_running("c")
-        self.wait_for(lambda: self.lines("trace"), what="the job to start")
-        cancel = subprocess.Popen([PY, PROG, "cancel", "c"], env=self.env, cwd=self.work,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
-        self.procs.append(cancel)
-        con = self.db()
-        self.wait_for(lambda: con.execute("SELECT state FROM jobs WHERE id = 'c'")
-                      .fetchone()[0] == "cancelled", what="c to be cancelled")
-        r = self.run_q("retry", "c", timeout=20)
-        self.assertEqual(r.code, 0, r)
-        self.assertEqual(r.out.strip(), "c")
-        self.assertEqual(cancel.wait(timeout=20), 0, cancel.stderr.read())
-        self.touch("go")
-        self.wait_state("c", "completed")
-        self.assertEqual(self.job("c")["attempts"], 1)
-        return self.lines("trace"), [int(p) for p in self.lines("pids")]
-
-    def test_retry_right_after_cancel_waits_for_the_trapping_job(self):
-        trace, pids = self.cancel_then_retry(
-            f"trap 'sleep 0.5; echo end:$$ >> {self.path('trace')}; exit 143' TERM")
-        self.assertEqual(len(pids), 2, trace)
-        p1, p2 = pids
-        self.assertEqual(trace, [f"start:{p1}", f"end:{p1}", f"start:{p2}", f"end:{p2}"])
-
-    def test_retry_right_after_cancel_waits_for_a_job_ignoring_term(self):
-        trace, pids = self.cancel_then_retry("trap '' TERM")     # SIGKILL after ~1 s
-        self.assertEqual(len(pids), 2, trace)
-        p1, p2 = pids
-        self.assertEqual(trace, [f"start:{p1}", f"start:{p2}", f"end:{p2}"])
-
-
-# Defect 4 ####################################################################
-
-
-def can_mount_tmpfs():
-    if os.geteuid() != 0 or not os.path.exists("/proc/mounts"):
-        return False
-    import tempfile
-    d = tempfile.mkdtemp(prefix="queuectl-mnt-probe-")
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", d],
-                           capture_output=True, timeout=10)
-        if r.returncode != 0:
-            return False
-        subprocess.run(["umount", d], capture_output=True, timeout=10)
-        return True
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    finally:
-        try:
-            os.rmdir(d)
-        except OSError:
-            pass
-
-
-class TestOutcomeWrites(FaultTest):
-    """An outcome that cannot be written yet is retried until written (the
-    job never runs again), and doctor shows the job meanwhile."""
-
-    def problem_line(self, job_id, wid):
-        return (f"problem: job {job_id} is processing but its process has ended; "
-                f"worker {wid} has not recorded the outcome yet (full disk? "
-                "database errors?)")
-
-    def check_doctor_reports(self, job_id, wid):
-        r = self.run_q("doctor")
-        self.assertEqual(r.code, 1, r)
-        self.assertIn(self.problem_line(job_id, wid), r.out.splitlines())
-        self.assertNotIn("is gone", r.out)              # its worker is alive
-
-    def check_doctor_ok(self):
-        r = self.run_q("doctor")
-        self.assertEqual(r.code, 0, r)
-        self.assertEqual(r.out.strip().splitlines()[-1], "ok")
-
-    def test_failed_outcome_writes_are_retried(self):
-        self.enqueue("--id", "j", f"echo hi >> {self.path('runs')}")
-        r = self.drain_env(self.fault_env("record:fail*3"), timeout=20)
-        self.assertEqual(r.code, 0, r)
-        self.assertIn("j: cannot record its outcome yet, will retry: ", r.out)
-        job = self.job("j")
-        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
-                         ("completed", 1, 0))
-        self.assertEqual(self.lines("runs"), ["hi"])
-        self.assertIn("[queuectl] attempt 1 ended: exit 0", self.log("j"))
-
-    def test_doctor_shows_an_ended_job_not_yet_recorded(self):
-        # Fault point: the worker freezes after reaping, before recording.
-        self.enqueue("--id", "j", f"echo ran >> {self.path('runs')}")
-        w = self.spawn_worker(env=self.fault_env("before-record:stop"))
-        self.cont_in_cleanup(w)
-        self.wait_for(lambda: all_stopped(w.pid) or w.poll() is not None,
-                      what="the worker to stop before recording")
-        self.assertIsNone(w.poll(), self.output(w))
-        self.assertEqual(self.lines("runs"), ["ran"])
-        wid = json.loads(self.ok("worker", "status", "--json"))[0]["id"]
-        self.assertEqual(self.state("j"), "processing")
-        self.check_doctor_reports("j", wid)
-        os.kill(w.pid, signal.SIGCONT)
-        self.wait_state("j", "completed")
-        self.assertEqual(self.job("j")["attempts"], 1)
-        self.check_doctor_ok()
-        self.assertEqual(self.lines("runs"), ["ran"])
-
-    def test_doctor_shows_a_job_that_ended_under_a_frozen_worker(self):
-        # No fault point: SIGSTOP the worker while its job runs, then let the
-        # job end (a zombie its worker cannot reap yet).
-        self.enqueue("--id", "j", WAIT_GO.format(go=self.path("go"))
-                     + f"; echo ran >> {self.path('runs')}")
-        w = self.spawn_worker()
-        wid = self.wait_listed(w)["id"]
-        pid = self.wait_running("j")
-        os.kill(w.pid, signal.SIGSTOP)
-        self.cont_in_cleanup(w)
-        self.wait_for(lambda: all_stopped(w.pid), what="the worker to be stopped")
-        self.touch("go")
-        self.wait_for(lambda: proc_state(pid) in ("Z", None), what="the job to end")
-        self.check_doctor_reports("j", wid)
-        os.kill(w.pid, signal.SIGCONT)
-        self.wait_state("j", "completed")
-        self.check_doctor_ok()
-        self.assertEqual(self.lines("runs"), ["ran"])
-
-    @unittest.skipUnless(can_mount_tmpfs(), "needs root and mount -t tmpfs")
-    def test_full_disk_delays_the_outcome_and_never_reruns_the_job(self):
-        mnt = self.mount_tmpfs(os.path.join(self.tmp, "mnt"), "4m")
-        self.home = os.path.join(mnt, "home")
-        self.env["QUEUECTL_HOME"] = self.home
-        runs = self.path("runs")
-        self.enqueue("--id", "j", f"echo run >> {runs}; "
-                     + WAIT_GO.format(go=self.path("go")))
-        w = self.spawn_worker()
-        wid = self.wait_listed(w)["id"]
-        self.wait_running("j")
-        filler = os.path.join(mnt, "filler")
-        self.fill(filler)
-        self.touch("go")
-        self.wait_for(lambda: "j: cannot record its outcome yet, will retry: "
-                      in self.output(w), what="the worker to say it cannot record yet")
-        self.assertEqual(self.state("j"), "processing")
-        self.check_doctor_reports("j", wid)
-        os.unlink(filler)                                # space comes back
-        r = self.drain_env(timeout=20)                   # a 2nd worker: not again
-        self.assertEqual(r.code, 0, r)
-        self.wait_state("j", "completed")
-        job = self.job("j")
-        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
-                         ("completed", 1, 0))
-        r = self.drain_env(timeout=20)
-        self.assertEqual(r.code, 0, r)
-        self.assertEqual(self.lines("runs"), ["run"])    # ran exactly once
-        self.check_doctor_ok()
-        self.assertIsNone(w.poll(), self.output(w))      # the worker lived through it
-
-class TestFencesOnAFullDisk(FaultTest):
-    """Taking a start fence is all or nothing: on a full disk it fails and
-    changes nothing, so a frozen claimant can never start a job twice."""
-
-    def test_revoke_on_a_full_disk_fails_and_leaves_no_file(self):
-        run = self.mount_tmpfs(os.path.join(self.tmp, "mnt"), "64k")
-        self.fill(os.path.join(run, "filler"))
-        path = os.path.join(run, "j.tok.exit")
-        with self.assertRaises(OSError):
-            queuectl.revoke(path, "w1")
-        self.assertEqual(queuectl.read_status(path), ("absent", None))
-        self.assertEqual(os.listdir(run), ["filler"])
-
-    def test_cancel_that_cannot_take_the_fence_changes_nothing(self):
-        self.ok("status")                                # creates the home
-        run = self.mount_tmpfs(os.path.join(self.home, "run"), "256k")
-        self.enqueue("--id", "j", f"echo run >> {self.path('runs')}")
-        a = self.spawn_worker(env=self.fault_env("after-claim:stop"))
-        self.cont_in_cleanup(a)
-        self.wait_for(lambda: proc_state(a.pid) == "T", what="A to stop after its claim")
-        filler = os.path.join(run, "filler")
-        self.fill(filler)
-        r = self.fails(1, "cancel", "j")
-        self.assertIn("cannot cancel job j now: No space left on device; try again", r.err)
-        self.assertEqual(self.state("j"), "processing")
-        self.assertEqual(sorted(n for n in os.listdir(run) if ".exit" in n), [])
-        os.unlink(filler)
-        self.assertEqual(self.ok("cancel", "j"), "j\n")
-        os.kill(a.pid, signal.SIGCONT)
-        self.wait_for(lambda: "j not started" in self.output(a), what="A to give up on j")
-        self.assertEqual(self.state("j"), "cancelled")
-        self.assertEqual(self.lines("runs"), [])         # never ran
-
-
-class TestTimeoutKillsTheWholeGroup(FaultTest):
-    def test_children_that_ignore_sigterm_are_killed_after_the_leader_died(self):
-        self.ok("config", "set", "kill_grace", "0.5")
-        pidfile = self.path("pid")
-        self.enqueue("--id", "t", "--timeout", "1", "--max-retries", "0",
-                     f"sh -c 'trap \"\" TERM; echo $$ > {pidfile}; exec sleep 40' & wait")
-        r = self.drain_env(timeout=30)
-        self.assertEqual(r.code, 1, r)
-        self.assertEqual(self.job("t")["last_error"], "timed out after 1s")
-        pid = int(self.lines("pid")[0])
-        self.wait_for(lambda: not pid_alive(pid), 5, "the TERM-proof child to be killed")
-
-
-class TestWorkerBugs(FaultTest):
-    """A bug in the worker after a job started never leaves the job
-    processing for good nor a worker that cannot stop."""
-
-    def test_bug_after_the_job_ended_is_settled_from_its_status(self):
-        self.enqueue("--id", "j", f"echo run >> {self.path('runs')}")
-        r = self.drain_env(self.fault_env("before-record:raise"), timeout=20)
-        self.assertEqual(r.code, 0, r)
-        self.assertIn("j: internal error (RuntimeError('injected fault at "
-                      "before-record')); handing it to recovery", r.out)
-        job = self.job("j")
-        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
-                         ("completed", 1, 0))
-        self.assertEqual(self.lines("runs"), ["run"])
-
-    def test_a_bug_that_keeps_happening_does_not_spin_or_hang_the_drain(self):
-        self.enqueue("--id", "j", f"echo run >> {self.path('runs')}")
-        r = self.drain_env(self.fault_env("record:raise*1000"), timeout=20)
-        self.assertEqual(r.code, 0, r)
-        self.assertLess(r.out.count("internal error"), 5, r.out)
-        self.assertEqual(self.state("j"), "processing")  # left for recovery
-        r = self.drain_env(timeout=20)                   # a healthy worker settles it
-        self.assertEqual(r.code, 0, r)
-        job = self.job("j")
-        self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
-        self.assertEqual(self.lines("runs"), ["run"])
-
-
-class FrozenWorkerTest(RobustTest):
-    """Background workers whose output goes to files; frozen-worker helpers."""
-
-    def bg(self, *args, fault=None):
-        """A background `worker start ARGS` (QUEUECTL_FAULT=fault if given);
-        its stdout/stderr go to files (read with out()/err()). Returns once
-        its workers row exists (or it has exited or stopped)."""
-        env = dict(self.env)
-        if fault:
-            env["QUEUECTL_FAULT"] = fault
-        n = len(self.procs)
-        outpath = os.path.join(self.tmp, f"worker{n}.out")
-        errpath = os.path.join(self.tmp, f"worker{n}.err")
-        with open(outpath, "w") as out, open(errpath, "w") as err:
-            p = subprocess.Popen([PY, PROG, "worker", "start", *args], env=env,
-                                 cwd=self.work, stdout=out, stderr=err)
-        p.outpath, p.errpath = outpath, errpath
-        self.procs.append(p)
-        self.wait_for(lambda: self.worker_row(p) is not None or p.poll() is not None
-                      or self.proc_state(p.pid) == "T", 20, "the worker to start")
-        return p
-
-    def worker_row(self, p):
-        try:
-            return self.db().execute("SELECT id FROM workers WHERE pid = ?",
-                                     (p.pid,)).fetchone()
-        except sqlite3.Error:
-            return None
-
-    def worker_id(self, p):
-        self.wait_for(lambda: self.worker_row(p) is not None, 20,
-                      f"worker pid {p.pid} to register")
-        return self.worker_row(p)[0]
-
-    def out(self, p):
-        with open(p.outpath) as f:
-            return f.read()
-
-    def err(self, p):
-        with open(p.errpath) as f:
-            return f.read()
-
-    @staticmethod
-    def proc_state(pid):
-        return proc_state(pid)
-
-    def wait_stopped(self, p, timeout=10):
-        """Wait until p is in state T (it hit a `stop` fault or got SIGSTOP)."""
-        self.wait_for(lambda: self.proc_state(p.pid) == "T" or p.poll() is not None,
-                      timeout, f"worker pid {p.pid} to stop (fault point)")
-        self.assertEqual(self.proc_state(p.pid), "T",
-                         f"worker exited instead of stopping: {p.returncode}; "
-                         f"out={self.out(p)!r} err={self.err(p)!r}")
-
-    def wait_out(self, p, text, what, timeout=20):
-        """Wait until worker p has printed text (a failure shows its output)."""
-        deadline = time.monotonic() + timeout
-        while text not in self.out(p):
-            if time.monotonic() > deadline:
-                self.fail(f"timed out waiting for {what}: no {text!r} in its "
-                          f"output {self.out(p)!r}, stderr {self.err(p)!r}")
-            time.sleep(0.05)
-
-    def stop_workers(self, *args):
-        """worker stop ARGS --wait --timeout 20, which must succeed."""
-        r = self.q("worker", "stop", *args, "--wait", "--timeout", "20")
-        self.assertEqual(r.code, 0, f"{r}; worker output: " + " | ".join(
-            self.out(p) + self.err(p) for p in self.procs if hasattr(p, "outpath")))
-
-    def freeze(self, p, tries=20):
-        """SIGSTOP p at a moment it holds no database write lock (else the
-        test could not write either): retried with SIGCONT if it does."""
-        for _ in range(tries):
-            os.kill(p.pid, signal.SIGSTOP)
-            self.wait_stopped(p)
-            con = sqlite3.connect(os.path.join(self.home, "queue.db"), timeout=0.5,
-                                  isolation_level=None)
-            try:
-                con.execute("BEGIN IMMEDIATE")
-                con.execute("ROLLBACK")
-                return
-            except sqlite3.OperationalError:
-                os.kill(p.pid, signal.SIGCONT)
-                time.sleep(0.1)
-            finally:
-                con.close()
-        self.fail("could not freeze the worker outside a write transaction")
-
-    def resume_in_cleanup(self, p):
-        # Runs before QueueTest._cleanup (cleanups are LIFO), which kills p.
-        def resume():
-            if p.poll() is None:
-                try:
-                    os.kill(p.pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
-        self.addCleanup(resume)
-
-    def release_and_check_it_ran_once(self, job_id):
-        """Let a gate_cmd() job finish: it completes on its first attempt,
-        having started and finished exactly once."""
-        self.go()
-        self.wait_state(job_id, "completed")
-        job = self.job(job_id)
-        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
-                         ("completed", 1, 0))
-        self.assertEqual(self.lines("runs"), ["start", "done"])
-
-    def adopt_from(self, a, job_id):
-        """Age frozen worker a past its lease and start worker B, which must
-        adopt job_id; (B, B's worker id)."""
-        self.age(a)
-        b = self.bg()
-        bid = self.worker_id(b)
-        self.wait_for(lambda: self.job(job_id)["worker"] == bid, 20,
-                      f"worker B to adopt {job_id}")
-        return b, bid
-
-    def age(self, p):
-        """Make worker p look past its lease."""
-        con = self.db()
-        con.execute("UPDATE workers SET heartbeat = ? WHERE pid = ?", (OLD_HEARTBEAT, p.pid))
-        con.commit()
-
-    def gate_cmd(self, tail=""):
-        """A job that appends start, waits for the file `go`, appends done.
-        It ends by itself (exit 3) if the test's directory is removed."""
-        runs, go = self.path("runs"), self.path("go")
-        return (f"echo start >> {runs}; while [ ! -f {go} ]; do "
-                f"[ -d {self.work} ] || exit 3; sleep 0.05; done; "
-                f"echo done >> {runs}{tail}")
-
-    def go(self):
-        with open(self.path("go"), "w"):
-            pass
-
-    def run_files(self, suffixes):
-        try:
-            names = os.listdir(os.path.join(self.home, "run"))
-        except FileNotFoundError:
-            return []
-        return sorted(n for n in names if n.endswith(suffixes))
-
-    def qb(self, *args, input=None, **kw):
-        """Run queuectl with bytes input/output; the CompletedProcess."""
-        return subprocess.run([PY, PROG, *args], input=input, capture_output=True,
-                              env=self.env, cwd=self.work, timeout=30, **kw)
-
-
-# Defect 1: a frozen worker must never kill a job another worker adopted ######
-
-
-class TestFrozenWorker(FrozenWorkerTest):
-    def test_worker_frozen_after_spawn_leaves_the_adopted_job_running(self):
-        self.enqueue("--id", "long", self.gate_cmd())
-        a = self.bg(fault="after-spawn:stop")
-        self.resume_in_cleanup(a)
-        self.wait_stopped(a)                       # spawned, pid not yet recorded
-        self.wait_for(lambda: self.lines("runs") == ["start"], 10, "long to start")
-        b, bid = self.adopt_from(a, "long")
-        os.kill(a.pid, signal.SIGCONT)
-        self.wait_out(a, "was taken over by worker", "A to see that long was taken over")
-        self.assertIn(f"long was taken over by worker {bid}", self.out(a))
-        self.assertTrue(pid_alive(self.job_pid("long")), "A killed the adopted job")
-        self.assertEqual(self.lines("runs"), ["start"])
-        self.assertEqual(self.state("long"), "processing")
-        self.release_and_check_it_ran_once("long")
-        # The worker's line drops the footer's "; result not recorded".
-        self.wait_out(a, "long taken over by another worker", "A to give up on long")
-        self.assertRegex(self.out(a), r"long taken over by another worker"
-                         r"(; result not recorded)? \(attempt 1\)")
-        self.assertEqual((a.poll(), b.poll()), (None, None))  # both still serve
-        self.assertNotIn("Traceback", self.err(a) + self.err(b))
-        self.integrity_ok()
-
-
-class TestStopNowOfFrozenWorker(FrozenWorkerTest):
-    def test_stop_now_of_a_woken_worker_spares_the_job_it_lost(self):
-        self.enqueue("--id", "long", self.gate_cmd())
-        a = self.bg()
-        self.resume_in_cleanup(a)
-        pid = self.wait_running("long")
-        self.wait_for(lambda: self.lines("runs") == ["start"], 10, "long to start")
-        self.freeze(a)
-        b, bid = self.adopt_from(a, "long")
-        os.kill(a.pid, signal.SIGCONT)
-        os.kill(a.pid, signal.SIGUSR1)             # = worker stop --now, for A only
-        try:
-            code = a.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.go()          # does A only wait for the job it no longer owns?
-            try:
-                a.wait(timeout=10)
-                late = f"A exited ({a.returncode}) only once the job ended"
-            except subprocess.TimeoutExpired:
-                late = "A still runs after the job ended"
-            self.fail(f"A did not exit within 15s of SIGUSR1 ({late}); "
-                      f"out={self.out(a)!r}")
-        self.assertEqual(code, 0, self.err(a))
-        self.assertTrue(pid_alive(pid), "A killed the job B adopted")
-        self.assertEqual(self.lines("runs"), ["start"])
-        job = self.job("long")
-        self.assertEqual((job["state"], job["worker"]), ("processing", bid))
-        self.release_and_check_it_ran_once("long")
-        self.assertIsNone(b.poll())
-        self.assertNotIn("Traceback", self.err(a) + self.err(b))
-
-
-# Defect 2: a worker frozen between claim and spawn never starts a lost job ####
-
-
-class TestFrozenBeforeSpawn(FrozenWorkerTest):
-    def test_revoked_claim_is_never_started_by_the_woken_worker(self):
-        self.set_fast_retries()
-        self.enqueue("--id", "once", f"echo run >> {self.path('runs')}")
-        a = self.bg(fault="after-claim:stop")
-        self.resume_in_cleanup(a)
-        self.wait_stopped(a)                       # claimed, not started
-        self.assertEqual(self.state("once"), "processing")
-        self.age(a)
-        r = self.drain()                           # B: revokes, retries, runs it
-        self.assertEqual(r.code, 0, r)
-        self.assertEqual(self.lines("runs"), ["run"])
-        job = self.job("once")
-        self.assertEqual((job["state"], job["attempts"]), ("completed", 2))
-        self.assertIn("not started", self.log("once"))
-        os.kill(a.pid, signal.SIGCONT)
-        self.stop_workers()
-        self.assertEqual(a.wait(timeout=10), 0, self.err(a))
-        self.assertEqual(self.lines("runs"), ["run"])  # A never started it
-        job = self.job("once")
-        self.assertEqual((job["state"], job["attempts"]), ("completed", 2))
-        self.assertIn("once not started: taken over by another worker (attempt 1)",
-                      self.out(a))
-        self.assertEqual(self.run_files(".exit"), [])
-        self.assertNotIn("Traceback", self.err(a))
-        self.integrity_ok()
-
-    def test_revocation_is_a_counted_attempt_with_a_clear_error(self):
-        self.enqueue("--id", "once", "--max-retries", "0",
-                     f"echo run >> {self.path('runs')}")
-        a = self.bg(fault="after-claim:stop")
-        self.resume_in_cleanup(a)
-        self.wait_stopped(a)
-        aid = self.worker_id(a)
-        self.age(a)
-        r = self.drain()
-        self.assertEqual(r.code, 1, r)             # its only attempt ended dead
-        job = self.job("once")
-        self.assertEqual((job["state"], job["attempts"]), ("dead", 1))
-        self.assertEqual(job["last_error"],
-                         f"not started: worker {aid} stopped before starting it")
-        self.assertEqual(self.lines("runs"), [])
-
-
-# stop --now: a job that exits 0 as it is stopped is completed ###############
-
-
-class TestStopNow(FrozenWorkerTest):
-    def test_job_that_exits_0_on_sigterm_is_recorded_completed(self):
-        ready = self.path("ready")
-        self.enqueue("--id", "t", f"trap 'exit 0' TERM; echo x > {ready}; "
-                     f"while :; do [ -d {self.work} ] || exit 3; sleep 0.05; done")
-        w = self.bg()
-        self.wait_running("t")
-        self.wait_for(lambda: self.lines("ready") == ["x"], 10, "the trap to be set")
-        self.stop_workers("--now")
-        self.assertEqual(w.wait(timeout=10), 0, self.err(w))
-        job = self.job("t")
-        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
-                         ("completed", 1, 0))
-
-    def test_job_killed_by_sigterm_goes_back_to_pending_uncounted(self):
-        self.enqueue("--id", "s", "sleep 30")
-        w = self.bg()
-        pid = self.wait_running("s")
-        self.stop_workers("--now")
-        self.assertEqual(w.wait(timeout=10), 0, self.err(w))
-        job = self.job("s")
-        self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
-        self.assertFalse(pid_alive(pid))
-
-
-# enqueue --stdin splits on "\n" only ########################################
-
-
-class TestStdinSplitting(FrozenWorkerTest):
-    def one_job(self, data):
-        r = self.qb("enqueue", "--stdin", input=data)
-        self.assertEqual(r.returncode, 0, r.stderr)
-        ids = r.stdout.decode().split()
-        self.assertEqual(len(ids), 1, r.stdout)
-        self.assertEqual(len(json.loads(self.ok("list", "--limit", "0", "--json"))), 1)
-        return self.job(ids[0])
-
-    def test_form_feed_stays_inside_the_line(self):
-        self.assertEqual(self.one_job(b"echo a\fb\n")["command"], "echo a\fb")
-
-    def test_file_separator_stays_inside_the_line(self):
-        self.assertEqual(self.one_job(b"echo a\x1cb\n")["command"], "echo a\x1cb")
-
-    def test_json_line_with_a_raw_line_separator_is_one_job(self):
-        line = '{"id": "u", "command": "echo a\u2028b"}\n'.encode()
-        job = self.one_job(line)
-        self.assertEqual((job["id"], job["command"]), ("u", "echo a\u2028b"))
-
-
-# Bad input: exit 2, one error line, no traceback, nothing changed ###########
-
-
-class TestExitCodes(FrozenWorkerTest):
-    def setUp(self):
-        super().setUp()
-        self.enqueue("--id", "keep", "true")
-        self.before = self.db_dump()
-
-    def unchanged(self):
-        self.assertEqual(self.db_dump(), self.before)
-
-    def test_run_at_year_1_is_out_of_range(self):
-        r = self.fails(2, "enqueue", "--run-at", "0001-01-01", "x")
-        self.assertIn("out of range", r.err)
-        self.assertIn("from 1970 to 9999", r.err)
-        self.assertEqual(len(r.err.strip().splitlines()), 1, r)
-        self.unchanged()
-
-    def test_non_utf8_bytes_on_stdin(self):
-        for data, n in ((b"echo ok\necho \xff\n", 2),
-                        (b'echo ok\n{"command": "true", "env": {"A": "\xff"}}\n', 2),
-                        (b"\xfe\n", 1)):
-            with self.subTest(data=data):
-                self.before = self.db_dump()
-                r = self.qb("enqueue", "--stdin", input=data)
-                self.assertEqual(r.returncode, 2, r)
-                err = r.stderr.decode("utf-8", "replace")
-                self.assertNotIn("Traceback", err)
-                self.assertEqual(len(err.strip().splitlines()), 1, err)
-                self.assertTrue(err.startswith("queuectl: error: "), err)
-                self.assertIn(f"line {n}", err)
-                self.assertIn("not valid UTF-8", err)
-                self.assertEqual(r.stdout, b"")
-                self.unchanged()
-
-    def test_home_that_is_a_regular_file(self):
-        f = self.path("afile")
-        with open(f, "w") as fh:
-            fh.write("mine\n")
-        r = self.fails(2, "--home", f, "list")
-        self.assertIn(f"the home {f} is not a directory", r.err)
-        self.assertEqual(len(r.err.strip().splitlines()), 1, r)
-        self.fails(2, "--home", f, "enqueue", "true")
-        with open(f) as fh:
-            self.assertEqual(fh.read(), "mine\n")
-        self.unchanged()
-
-
-# A restrictive umask ########################################################
-
-
-class TestUmask(FrozenWorkerTest):
-    def test_home_works_under_umask_0277(self):
-        def run(*args):
-            return subprocess.run([PY, PROG, *args], capture_output=True, text=True,
-                                  env=self.env, cwd=self.work, timeout=60,
-                                  preexec_fn=lambda: os.umask(0o277))
-        r = run("enqueue", "--id", "u", "echo hi")
-        self.assertEqual(r.returncode, 0, r.stderr)
-        r = run("worker", "start", "--drain")
-        self.assertEqual(r.returncode, 0, r.stderr)
-        self.assertNotIn("Traceback", r.stderr)
-        job = self.job("u")
-        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
-                         ("completed", 1, 0))
-        self.assertIn("hi", self.log("u"))
-        for path, mode in ((self.home, 0o700),
-                           (os.path.join(self.home, "logs"), 0o700),
-                           (os.path.join(self.home, "queue.db"), 0o600),
-                           (os.path.join(self.home, "logs", "u.log"), 0o600)):
-            self.assertEqual(oct(os.stat(path).st_mode & 0o777), oct(mode), path)
-
-
-# Symlinks planted in the home ###############################################
-
-
-class TestPlantedSymlinks(FrozenWorkerTest):
-    def precious(self):
-        target = self.path("target")
-        with open(target, "w") as f:
-            f.write("precious\n")
-        return target
-
-    def test_wake_symlink_is_never_written_through(self):
-        target = self.precious()
-        w = self.bg()
-        os.symlink(target, os.path.join(self.home, "run", "planted.wake"))
-        self.enqueue("--id", "j", "true")           # wakes the workers
-        self.wait_state("j", "completed")
-        with open(target) as f:
-            self.assertEqual(f.read(), "precious\n")
-        self.assertIsNone(w.poll())
-
-    def test_log_symlink_is_not_read(self):
-        secret = self.path("secret")
-        with open(secret, "w") as f:
-            f.write("top secret content\n")
-        self.enqueue("--id", "j", "echo hi")
-        self.assertEqual(self.drain().code, 0)
-        log = os.path.join(self.home, "logs", "j.log")
-        os.unlink(log)
-        os.symlink(secret, log)
-        r = self.fails(1, "logs", "j")
-        self.assertEqual(r.err, f"queuectl: error: the log {log} is not a regular file; "
-                         "refusing to read it\n")
-        self.assertNotIn("top secret", r.out)
-        r = self.fails(1, "logs", "j", "--tail", "1")
-        self.assertNotIn("top secret", r.out)
-
-
-# SIGHUP is a graceful stop ##################################################
-
-
-class TestSighup(FrozenWorkerTest):
-    def test_sighup_stops_gracefully_after_the_running_job(self):
-        self.enqueue("--id", "g", self.gate_cmd())
-        w = self.bg()
-        self.wait_running("g")
-        w.send_signal(signal.SIGHUP)
-        self.wait_for(lambda: "stopping" in self.out(w) or w.poll() is not None, 20,
-                      "the worker to react to SIGHUP")
-        self.assertIsNone(w.poll(), f"SIGHUP ended the worker at once: {w.returncode}")
-        self.assertEqual(self.state("g"), "processing")
-        self.go()
-        try:
-            code = w.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.fail(f"worker still running after SIGHUP; out={self.out(w)!r}")
-        self.assertEqual(code, 0, self.err(w))
-        self.assertIn("stopping", self.out(w))
-        job = self.job("g")
-        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
-                         ("completed", 1, 0))
-        self.assertEqual(self.lines("runs"), ["start", "done"])
-        self.assertEqual(self.run_files((".lock", ".wake")), [])
-        self.assertEqual(json.loads(self.ok("worker", "status", "--json")), [])
-
-
-# Neither the command nor the claim token shows in ps ########################
-
-
-@unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc")
-class TestCommandVisibility(FrozenWorkerTest):
-    def cmdlines(self):
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open(f"/proc/{name}/cmdline", "rb") as f:
-                        yield int(name), f.read()
-                except OSError:
-                    pass
-
-    def test_command_and_claim_are_not_in_any_argv(self):
-        secret = "s3cr3t" + uuid.uuid4().hex[:8]
-        # Through stdin, so that not even the enqueue's argv holds the secret.
-        self.ok("enqueue", "--stdin", input=json.dumps(
-            {"id": "v", "command": self.gate_cmd(f" # {secret}")}) + "\n")
-        self.bg()
-        pid = self.wait_running("v")
-        self.wait_for(lambda: self.lines("runs") == ["start"], 10, "v to start")
-        token = self.db().execute("SELECT claim FROM jobs WHERE id = 'v'").fetchone()[0]
-        self.assertTrue(token)
-        for p, cmdline in self.cmdlines():
-            self.assertNotIn(secret.encode(), cmdline, f"pid {p}: {cmdline!r}")
-            self.assertNotIn(token.encode(), cmdline, f"pid {p}: {cmdline!r}")
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            self.assertEqual(f.read().split(b"\0")[-2:], [b"queuectl-job", b""])
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            self.assertIn(b"QUEUECTL_CLAIM=" + token.encode(), f.read().split(b"\0"))
-        self.go()
-        self.wait_state("v", "completed")
-
 
 class TestBenchSmoke(unittest.TestCase):
     def test_quick_bench_runs_and_prints_json(self):
@@ -3268,14 +3212,12 @@ class TestBenchSmoke(unittest.TestCase):
 
 # Runner ######################################################################
 
-
 def _flatten(suite):
     for item in suite:
         if isinstance(item, unittest.TestSuite):
             yield from _flatten(item)
         else:
             yield item
-
 
 def run_shard(shard, shards, verbosity):
     """Run every shards-th test from the shard-th on; (passed, failed, skipped)."""
@@ -3285,7 +3227,6 @@ def run_shard(shard, shards, verbosity):
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)
     return result.testsRun - failed - skipped, failed, skipped
-
 
 def run_all():
     """Run every test; close with 'N passed, N failed, N skipped'. Most tests
@@ -3325,7 +3266,6 @@ def run_all():
             passed, failed, skipped = passed + p_, failed + f_, skipped + s_
     print(f"unittest: {passed} passed, {failed} failed, {skipped} skipped")
     return 0 if failed == 0 and passed + skipped > 0 else 1
-
 
 if __name__ == "__main__":
     sys.exit(run_all())
