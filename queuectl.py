@@ -1401,14 +1401,14 @@ class Store:
                 raise QueuectlError(f"a job with id {job_id!r} exists already "
                                     "(use --unique to accept that)")
         deps = spec.get("depends_on") or []
-        blocked = 0
+        if job_id is not None and job_id in deps:
+            raise UsageError(f"job {job_id!r} cannot depend on itself")
+        known = {r[0] for r in self.x(SQL_JOB_STATES.format(marks=_marks(deps)),
+                                      deps)} if deps else set()
         for dep in deps:
-            if dep == job_id:
-                raise UsageError(f"job {job_id!r} cannot depend on itself")
-            state = self.x(SQL_JOB_STATES.format(marks="?"), (dep,)).fetchone()
-            if state is None:
+            if dep not in known:
                 raise QueuectlError(f"unknown job {dep!r} in --after/depends_on")
-            blocked |= state[1] != COMPLETED
+        blocked = self._blocked(deps)
         stamp = iso(now)
         run_at = iso(spec["run_at"]) if spec.get("run_at") is not None else stamp
         env = spec.get("env")
@@ -1427,6 +1427,14 @@ class Store:
         for dep in deps:
             self.x(SQL_INSERT_DEP, (try_id, dep))
         return try_id
+
+    def _blocked(self, deps):
+        """The one rule for a job's blocked flag, at enqueue and at reset
+        (completions unblock with SQL_UNBLOCK): 1 while any dependency has
+        not completed."""
+        if not deps:
+            return 0
+        return int(self.x(SQL_OPEN_DEPS.format(marks=_marks(deps)), deps).fetchone()[0] > 0)
 
     def claim(self, worker, queues, now):
         """claim: the next runnable job of queues (None: all) that is not
@@ -1510,10 +1518,8 @@ class Store:
         """reset: a finished job back to pending, runnable now, attempts 0;
         blocked again on its unfinished dependencies; a completed one blocks
         again the jobs that depend on it."""
-        deps = _loads(job["depends_on"], [])
-        open_deps = self.x(SQL_OPEN_DEPS.format(marks=_marks(deps)),
-                           deps).fetchone()[0] if deps else 0
-        self.x(SQL_RESET, (iso(now), iso(now), int(open_deps > 0), job["id"]))
+        blocked = self._blocked(_loads(job["depends_on"], []))
+        self.x(SQL_RESET, (iso(now), iso(now), blocked, job["id"]))
         if job["state"] == COMPLETED:
             self.x(SQL_REBLOCK, (job["id"],))
 
