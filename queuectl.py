@@ -1979,7 +1979,8 @@ class Attempts:
         finally:
             os.close(fd)
 
-    def _record(self, store, job, rc, error, duration, log_fd=None, claim_next=False):
+    def _record(self, store, job, rc, error, duration, log_fd=None, claim_next=False,
+                recovered=False):
         """Write an attempt's outcome (and claim the next job in the same
         transaction when claim_next); report it; the next job or None. An
         outcome is retried until it is written: busy, a full disk, an I/O
@@ -2000,8 +2001,13 @@ class Attempts:
             current = None if state is not None else store.get(job["id"])
         except QueuectlError:
             current = {"state": PROCESSING, "claim": job["claim"]}   # keep the file
-        kind, claimant = read_status(status)
-        if kind == "unknown":
+        # A recorded attempt of our own: its file is ours (even a revoke
+        # marker in it names this worker), and nobody needs it any more.
+        kind, claimant = ("ours", None) if state is not None and not recovered \
+            else read_status(status)
+        if kind == "ours":
+            remove_file(status)
+        elif kind == "unknown":
             pass                 # cannot tell what it holds: the sweep decides later
         elif kind == "revoked":
             # The fence that keeps a frozen claimant from starting the job:
@@ -2204,7 +2210,7 @@ class Recovery:
             st = None
             try:
                 st = Store(self.home, durable=False, local_lock=self.db_lock)
-                self._record(st, job, rc, error, duration)
+                self._record(st, job, rc, error, duration, recovered=True)
             except Exception as e:             # a bug: keep the worker alive
                 self._abandon(st, job, job["claim"], e, recover=False)
             finally:
