@@ -42,7 +42,11 @@ EXIT_FAIL = 1        # the operation failed: unknown job, bad transition
 
 EXIT_USAGE = 2       # bad usage or invalid input
 
+EXIT_STUCK = 3       # wait: a job can never run until a person acts
+
 EXIT_TEMPFAIL = 75   # database busy past the wait: try again (EX_TEMPFAIL)
+
+EXIT_TIMEOUT = 124   # wait --timeout ran out, as timeout(1) exits
 
 PENDING, PROCESSING, FAILED = "pending", "processing", "failed"
 
@@ -54,7 +58,7 @@ FINISHED = (COMPLETED, DEAD, CANCELLED)
 
 DEFAULT_QUEUE = "default"
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 APPLICATION_ID = 0x71756575          # "queu": marks a queuectl database
 
@@ -95,8 +99,6 @@ HEARTBEAT = 5.0          # seconds between heartbeats and recovery scans
 
 BUSY_TIMEOUT = 30.0      # seconds a command waits for a busy database
 
-CANCEL_GRACE = 1.0       # cancel: SIGTERM, then SIGKILL after this
-
 PID_DELAY = 0.05         # a job still running after this gets its pid recorded
 
 FDS_BASE = 32            # descriptors a worker process needs, besides its threads
@@ -129,6 +131,13 @@ JOB_WRAPPER = (
     'cd -- "$__queuectl_d" || exit 126; eval "$__queuectl_c"')
 
 WRAPPER_REFUSED = 125        # the wrapper's exit when its start fence was taken
+
+# A job runs in the environment of whoever enqueued it, as with at(1), but
+# without these (OpenBSD at's list: a terminal and an agent that will be gone,
+# and shell internals) and without QUEUECTL_* (the worker sets the job's own).
+ENV_NOT_CAPTURED = (b"TERM", b"TERMCAP", b"DISPLAY", b"_", b"SHELLOPTS",
+                    b"BASH_VERSINFO", b"EUID", b"GROUPS", b"PPID", b"UID",
+                    b"SSH_AUTH_SOCK", b"SSH_AGENT_PID")
 
 
 # Errors ######################################################################
@@ -271,24 +280,69 @@ def _number(num, text, what):
     except ValueError:
         raise UsageError(f"invalid {what} {text!r}") from None
 
-def parse_time(text):
-    """ISO-8601 ('2026-11-23T09:30:00Z', '2026-11-23 09:30', with an offset,
-    or naive = local time) -> epoch seconds."""
+def parse_time(text, now=None):
+    """A time as a person types it -> epoch seconds. Local time unless an
+    offset is given: '03:00' (the next 03:00), 'today 18:30', 'tomorrow
+    03:00', '2026-12-01', '2026-12-01 03:00', '+90m' (from now), 'now', or
+    ISO-8601 ('2026-11-23T09:30:00Z', '2026-11-23T09:30+02:00')."""
     import datetime
-    s = str(text).strip()
+    s = " ".join(str(text).split())
+    now = time.time() if now is None else now
+    low = s.lower()
+    if low == "now":
+        return now
+    if low.startswith("+"):
+        try:
+            return now + parse_duration(s[1:], "time")
+        except UsageError:
+            raise UsageError(f"invalid time {text!r}: after + give a duration "
+                             "such as +90s, +90m, +2h or +1d") from None
+    day, _, clock = low.rpartition(" ") if " " in low else ("", "", low)
+    if day in ("", "today", "tomorrow") and _is_clock(clock):
+        hour, minute, second = (int(x) for x in (clock + ":0").split(":")[:3])
+        base = time.localtime(now)
+        when = time.mktime((base.tm_year, base.tm_mon, base.tm_mday + (day == "tomorrow"),
+                            hour, minute, second, 0, 0, -1))
+        if not day and when <= now:      # '03:00' is the next one
+            when = time.mktime((base.tm_year, base.tm_mon, base.tm_mday + 1,
+                                hour, minute, second, 0, 0, -1))
+        return float(when)
     if s[-1:] in "zZ" and s:
         s = s[:-1] + "+00:00"
     try:
         dt = datetime.datetime.fromisoformat(s)
     except ValueError:
         raise UsageError(
-            f"invalid time {text!r}: use ISO-8601 such as 2026-11-23T09:30:00Z, "
-            "2026-11-23 09:30 (local time) or 2026-11-23T09:30+02:00") from None
+            f"invalid time {text!r}: use 03:00, tomorrow 03:00, 2026-12-01 03:00 "
+            "(local time), +90m, or ISO-8601 such as 2026-12-01T03:00:00Z or "
+            "2026-12-01T03:00+02:00") from None
     try:
         return dt.timestamp()   # naive datetimes are taken as local time
     except (OverflowError, OSError, ValueError):
-        raise UsageError(f"run_at {text!r} is out of range: use a time from "
+        raise UsageError(f"time {text!r} is out of range: use a time from "
                          "1970 to 9999") from None
+
+def _is_clock(text):
+    """'3:00', '03:00' or '03:00:30': a time of day."""
+    parts = text.split(":")
+    return (len(parts) in (2, 3) and all(p.isdigit() and len(p) <= 2 for p in parts)
+            and int(parts[0]) < 24 and all(int(p) < 60 for p in parts[1:]))
+
+def local_time(ts, now=None):
+    """Epoch seconds -> a short local time for people: '03:00' today,
+    'tomorrow 03:00', 'Tue 03:00' within a week, else '2026-12-01 03:00'."""
+    now = time.time() if now is None else now
+    t, n = time.localtime(ts), time.localtime(now)
+    days = (_days_from_civil(t.tm_year, t.tm_mon, t.tm_mday)
+            - _days_from_civil(n.tm_year, n.tm_mon, n.tm_mday))
+    clock = time.strftime("%H:%M", t)
+    if days == 0:
+        return clock
+    if days == 1:
+        return "tomorrow " + clock
+    if 1 < days < 7:
+        return time.strftime("%a ", t) + clock
+    return time.strftime("%Y-%m-%d ", t) + clock
 
 def human_duration(secs):
     """Seconds -> '45s', '3m', '2h5m', '3d'."""
@@ -331,8 +385,14 @@ def check_private(path, what):
     """Refuse a file or directory another user could write or owns."""
     st = os.stat(path)
     if st.st_uid != os.geteuid():
-        raise UsageError(f"{what} {path} belongs to uid {st.st_uid}, not to you "
-                         f"(uid {os.geteuid()}): refusing to use it")
+        import pwd
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = f"#{st.st_uid}"
+        raise UsageError(f"{what} {path} belongs to {owner} (uid {st.st_uid}), not to "
+                         f"you (uid {os.geteuid()}): refusing to use it; run queuectl "
+                         f"as its owner: sudo -u {owner} queuectl …")
     if st.st_mode & 0o022:
         raise UsageError(
             f"{what} {path} is writable by group or others (mode "
@@ -831,55 +891,51 @@ def _is_num(v):
     return (isinstance(v, (int, float)) and not isinstance(v, bool)
             and v == v and abs(v) != float("inf"))
 
-def check_spec(spec, where=""):
+def check_spec(spec):
     """Validate and normalise one job spec (a dict) in place; returns it."""
-    pre = f"{where}: " if where else ""
     unknown = set(spec) - SPEC_FIELDS
     if unknown:
-        raise UsageError(f"{pre}unknown job field(s) {', '.join(sorted(unknown))}; "
+        raise UsageError(f"unknown job field(s) {', '.join(sorted(unknown))}; "
                          f"allowed: {', '.join(sorted(SPEC_FIELDS))}")
     cmd = spec.get("command")
     if not isinstance(cmd, str) or not cmd.strip():
-        raise UsageError(f"{pre}a job needs a non-empty command string")
+        raise UsageError("a job needs a non-empty command string")
     for field in ("command", "cwd"):
         if isinstance(spec.get(field), str) and not _utf8(spec[field]):
-            raise UsageError(f"{pre}the {field} is not valid UTF-8")
+            raise UsageError(f"the {field} is not valid UTF-8")
     if "\0" in cmd:
-        raise UsageError(f"{pre}the command contains a NUL byte")
+        raise UsageError("the command contains a NUL byte")
     if spec.get("id") is not None:
         if not isinstance(spec["id"], str):
-            raise UsageError(f"{pre}invalid job id {spec['id']!r}: an id is a string")
+            raise UsageError(f"invalid job id {spec['id']!r}: an id is a string")
         check_name(spec["id"])
     if spec.get("queue") is not None:
         check_name(spec["queue"], "queue name")
     for name in ("priority", "max_retries", "timeout"):
         if spec.get(name) is not None:
-            try:
-                spec[name] = check_value(name, spec[name])
-            except UsageError as e:
-                raise UsageError(f"{pre}{e}") from None
+            spec[name] = check_value(name, spec[name])
     if spec.get("run_at") is not None and not isinstance(spec["run_at"], str):
-        raise UsageError(f"{pre}invalid run_at {spec['run_at']!r}: use an ISO-8601 "
+        raise UsageError(f"invalid run_at {spec['run_at']!r}: use an ISO-8601 "
                          "string such as 2026-11-23T09:30:00Z")
     if spec.get("delay") is not None:
         d = spec.pop("delay")
         if _is_num(d):
             d = str(d)
         if not isinstance(d, str):
-            raise UsageError(f"{pre}invalid delay {d!r}")
+            raise UsageError(f"invalid delay {d!r}")
         spec["run_at"] = time.time() + parse_duration(d, "delay")
     elif spec.get("run_at") is not None:
         text = spec["run_at"]
         spec["run_at"] = parse_time(text)
         if not 0 <= spec["run_at"] < 253402300800:     # 1970 to 9999
-            raise UsageError(f"{pre}run_at {text!r} is out of range: use a time "
+            raise UsageError(f"run_at {text!r} is out of range: use a time "
                              "from 1970 to 9999")
     deps = spec.get("depends_on")
     if deps is not None:
         if isinstance(deps, str):
             deps = [deps]
         if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
-            raise UsageError(f"{pre}depends_on must be a list of job ids")
+            raise UsageError("depends_on must be a list of job ids")
         for d in deps:
             check_name(d)
         spec["depends_on"] = list(dict.fromkeys(deps))
@@ -887,42 +943,80 @@ def check_spec(spec, where=""):
     if env is not None:
         if not isinstance(env, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise UsageError(f"{pre}env must be an object of strings")
+            raise UsageError("env must be an object of strings")
         for k, v in env.items():
             if not k or "=" in k or "\0" in k or "\0" in v:
-                raise UsageError(f"{pre}invalid environment variable name {k!r}")
+                raise UsageError(f"invalid environment variable name {k!r}")
             if not _utf8(k) or not _utf8(v):
-                raise UsageError(f"{pre}env {k!r} is not valid UTF-8")
+                raise UsageError(f"env {k!r} is not valid UTF-8")
     cwd = spec.get("cwd")
     if cwd is None:
         try:
             spec["cwd"] = os.getcwd()
         except OSError:
-            raise UsageError(f"{pre}the current directory no longer exists; "
+            raise UsageError("the current directory no longer exists; "
                              "give the job a --cwd") from None
     elif not isinstance(cwd, str) or not cwd:
-        raise UsageError(f"{pre}cwd must be a directory path")
+        raise UsageError("cwd must be a directory path")
     else:
         spec["cwd"] = os.path.abspath(cwd)
         if not os.path.isdir(spec["cwd"]):
-            raise UsageError(f"{pre}cwd {cwd!r} is not a directory")
+            raise UsageError(f"cwd {cwd!r} is not a directory")
     if not isinstance(spec.get("unique", False), bool):
-        raise UsageError(f"{pre}unique must be true or false")
+        raise UsageError("unique must be true or false")
     if spec.get("unique") and spec.get("id") is None:
-        raise UsageError(f"{pre}--unique needs an id (--id or \"id\")")
+        raise UsageError("--unique needs an id (--id or \"id\")")
     return spec
 
-def spec_from_text(text, where=""):
-    """One enqueue argument or --stdin line -> a spec dict (not yet checked)."""
+def spec_from_text(text):
+    """One enqueue argument or --stdin line -> a spec dict (not yet checked).
+    It is a JSON job only when it parses as a JSON object: a shell brace
+    group such as '{ date; uptime; } > f' is a command."""
     if text.lstrip().startswith("{"):
         import json
         try:
             obj = json.loads(text, parse_constant=_refuse_constant)
         except ValueError as e:
-            pre = f"{where}: " if where else ""
-            raise UsageError(f"{pre}invalid JSON job ({e})") from None
-        return obj
+            if text.lstrip()[1:].lstrip().startswith('"'):
+                raise UsageError(f"invalid JSON job ({e}); to enqueue a shell "
+                                 "command that starts with {\", give it with -c") from None
+            obj = None
+        if isinstance(obj, dict):
+            return obj
     return {"command": text}
+
+def captured_env():
+    """The caller's environment as stored for its jobs: NAME=VALUE byte
+    strings joined by NUL, sorted (one blob per distinct environment), less
+    ENV_NOT_CAPTURED and QUEUECTL_*."""
+    return b"\0".join(sorted(
+        k + b"=" + v for k, v in os.environb.items()
+        if k not in ENV_NOT_CAPTURED and not k.startswith((b"QUEUECTL_", b"__QUEUECTL_"))))
+
+def env_from_blob(blob):
+    """A stored environment -> {name: value} as os.environ has it."""
+    env = {}
+    for item in bytes(blob).split(b"\0"):
+        k, _, v = item.partition(b"=")
+        if k:
+            env[os.fsdecode(k)] = os.fsdecode(v)
+    return env
+
+def env_key(blob):
+    """A 63-bit content hash of a stored environment: its row's first choice
+    of id (a collision takes the next free one)."""
+    try:
+        from _blake2 import blake2b      # built in, unlike hashlib's OpenSSL
+        digest = blake2b(blob, digest_size=8).digest()
+    except ImportError:
+        import binascii
+        digest = binascii.crc32(blob).to_bytes(8, "big")
+    return int.from_bytes(digest, "big") >> 1
+
+def current_umask():
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 def _json_or_none(value):
     if not value:
@@ -942,6 +1036,12 @@ def _loads(text, default):
 # One connection per thread; each Store owns one. Every write goes through
 # Store.tx(), which owns BEGIN IMMEDIATE, commit, rollback and the mapping of
 # sqlite3 errors to QueuectlError.
+
+# The environments jobs run in, stored once each (content-addressed: the id
+# is a hash of vars, see env_key) and shared by every job that names it.
+ENVS_TABLE = "CREATE TABLE envs (id INTEGER PRIMARY KEY, vars BLOB NOT NULL)"
+
+ENVS_INDEX = "CREATE INDEX jobs_env ON jobs (env_id) WHERE env_id IS NOT NULL"
 
 SCHEMA = [
     """CREATE TABLE jobs (
@@ -968,11 +1068,15 @@ SCHEMA = [
         worker TEXT,
         claim TEXT,
         pid INTEGER,
-        pid_start TEXT)""",
+        pid_start TEXT,
+        env_id INTEGER,
+        umask INTEGER)""",
     # The claim is one walk of this partial index, in selection order.
     """CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq)
         WHERE state IN ('pending', 'failed') AND blocked = 0""",
     "CREATE INDEX jobs_state ON jobs (state, queue, finished_at)",
+    ENVS_TABLE,
+    ENVS_INDEX,
     """CREATE TABLE deps (
         job TEXT NOT NULL,
         dep TEXT NOT NULL,
@@ -996,14 +1100,19 @@ SCHEMA = [
 ]
 
 # Migrations: MIGRATIONS[n] takes a db from version n to n + 1.
-MIGRATIONS = {}
+MIGRATIONS = {
+    # 1.1: jobs run in their enqueuer's environment and umask
+    1: ["ALTER TABLE jobs ADD COLUMN env_id INTEGER",
+        "ALTER TABLE jobs ADD COLUMN umask INTEGER", ENVS_TABLE, ENVS_INDEX],
+}
 
 JOB_FIELDS = ("id", "command", "state", "queue", "priority", "attempts",
               "max_retries", "timeout", "run_at", "depends_on", "cwd", "env",
               "created_at", "updated_at", "started_at", "finished_at",
               "exit_code", "last_error", "worker")
 
-ROW_FIELDS = JOB_FIELDS + ("seq", "blocked", "claim", "pid", "pid_start")
+ROW_FIELDS = JOB_FIELDS + ("seq", "blocked", "claim", "pid", "pid_start", "env_id",
+                          "umask")
 
 JOB_COLUMNS = ", ".join(ROW_FIELDS)
 
@@ -1032,8 +1141,19 @@ JOB_COLUMNS = ", ".join(ROW_FIELDS)
 FENCE = " WHERE id = ? AND worker = ? AND claim = ? AND state = 'processing'"
 
 SQL_INSERT = """INSERT INTO jobs (id, command, state, queue, priority,
-    max_retries, timeout, run_at, depends_on, blocked, cwd, env, created_at,
-    updated_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    max_retries, timeout, run_at, depends_on, blocked, cwd, env, env_id, umask,
+    created_at, updated_at)
+    VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+SQL_ENV = "SELECT vars FROM envs WHERE id = ?"
+
+SQL_ADD_ENV = "INSERT INTO envs (id, vars) VALUES (?, ?)"
+
+SQL_JOB_ENV_IDS = """SELECT DISTINCT env_id FROM jobs WHERE id IN ({marks})
+    AND env_id IS NOT NULL"""
+
+SQL_DROP_UNUSED_ENVS = """DELETE FROM envs WHERE id IN ({marks})
+    AND NOT EXISTS (SELECT 1 FROM jobs WHERE env_id = envs.id)"""
 
 SQL_INSERT_DEP = "INSERT OR IGNORE INTO deps (job, dep) VALUES (?, ?)"
 
@@ -1062,6 +1182,16 @@ SQL_REQUEUE = """UPDATE jobs SET state = 'pending', updated_at = ?, claim = NULL
 
 SQL_CANCEL = """UPDATE jobs SET state = 'cancelled', finished_at = ?,
     updated_at = ?, last_error = 'cancelled' WHERE id = ?"""
+
+SQL_RUN_NOW = """UPDATE jobs SET run_at = ?, updated_at = ? WHERE id = ?
+    AND state = 'failed'"""
+
+SQL_EDIT = """UPDATE jobs SET command = ?, queue = ?, priority = ?, max_retries = ?,
+    timeout = ?, run_at = ?, cwd = ?, env = ?, updated_at = ?
+    WHERE id = ? AND updated_at = ? AND state IN ('pending', 'failed', 'dead')"""
+
+SQL_WAITING_ON = """SELECT d.job, d.dep FROM deps d JOIN jobs j ON j.id = d.job
+    WHERE d.dep IN ({marks}) AND j.state IN ('pending', 'processing', 'failed')"""
 
 SQL_RESET = """UPDATE jobs SET state = 'pending', attempts = 0, run_at = ?,
     updated_at = ?, blocked = ?, worker = NULL, claim = NULL, pid = NULL,
@@ -1138,6 +1268,33 @@ SQL_BLOCKED_ON_DEAD = """SELECT j.id, d.dep, coalesce(k.state, 'missing') FROM j
     WHERE j.state IN ('pending', 'failed') AND j.blocked = 1
     AND coalesce(k.state, 'missing') IN ('dead', 'cancelled', 'missing')"""
 
+# Jobs that can never run until a person acts: each waiting job blocked,
+# directly or through other waiting jobs, on a dependency that is dead,
+# cancelled or deleted; with that dependency and its state.
+SQL_STUCK = """WITH RECURSIVE stuck(job, dep, state) AS (
+        SELECT d.job, d.dep, coalesce(k.state, 'missing') FROM deps d
+        JOIN jobs j ON j.id = d.job LEFT JOIN jobs k ON k.id = d.dep
+        WHERE j.state IN ('pending', 'failed') AND j.blocked = 1
+        AND coalesce(k.state, 'missing') IN ('dead', 'cancelled', 'missing')
+    UNION
+        SELECT d.job, s.dep, s.state FROM deps d JOIN stuck s ON d.dep = s.job
+        JOIN jobs j ON j.id = d.job WHERE j.state IN ('pending', 'failed')
+        AND j.blocked = 1)
+    SELECT job, dep, state FROM stuck"""
+
+# wait with no ids: the jobs enqueued so far (seq <= ?) that are unfinished,
+# and those that ended dead or cancelled since it began.
+SQL_OPEN_UP_TO = """SELECT id, state, blocked FROM jobs
+    WHERE seq <= ? AND state IN ('pending', 'processing', 'failed'){where}"""
+
+SQL_FAILED_SINCE = """SELECT id, state FROM jobs WHERE seq <= ?
+    AND state IN ('dead', 'cancelled') AND finished_at >= ?{where} ORDER BY seq"""
+
+SQL_OPEN_OF = """SELECT id, state, blocked FROM jobs WHERE id IN ({marks})
+    AND state IN ('pending', 'processing', 'failed')"""
+
+SQL_MAX_SEQ = "SELECT coalesce(max(seq), 0) FROM jobs"
+
 SQL_STATS = "SELECT queue, {names} FROM stats ORDER BY queue"
 
 SQL_COUNT_TABLES = "SELECT count(*) FROM sqlite_master"
@@ -1187,7 +1344,7 @@ class Store:
     means a job runs again, never a corrupt database.
     """
 
-    def __init__(self, home, durable=True, local_lock=None):
+    def __init__(self, home, durable=True, local_lock=None, memory=False):
         import sqlite3
         self.sqlite3 = sqlite3
         self.home = home
@@ -1196,6 +1353,11 @@ class Store:
         # a millisecond or more each time it finds the database locked.
         self.local_lock = local_lock
         self.path = os.path.join(home, "queue.db")
+        self.busy_timeout = 0
+        if memory:               # an empty queue, for a home that has none
+            self.db = sqlite3.connect(":memory:", isolation_level=None)
+            self._setup()
+            return
         try:
             ensure_private_dir(home)
         except OSError as e:
@@ -1313,15 +1475,16 @@ class Store:
     def recent_failures(self, n):
         return [job_from_row(r) for r in self.q(SQL_RECENT_FAILURES, (n,))]
 
-    def list_jobs(self, state=None, queue=None, limit=0):
-        """(jobs in enqueue order, how many more match past limit; 0 = all)."""
+    def list_jobs(self, states=None, queues=None, limit=0):
+        """(jobs of states and queues (None: all) in enqueue order, how many
+        more match past limit; 0 = all)."""
         where, params = [], []
-        if state:
-            where.append("state = ?")
-            params.append(state)
-        if queue:
-            where.append("queue = ?")
-            params.append(queue)
+        if states:
+            where.append(f"state IN ({_marks(states)})")
+            params += states
+        if queues:
+            where.append(f"queue IN ({_marks(queues)})")
+            params += queues
         clause = (" WHERE " + " AND ".join(where)) if where else ""
         rows = [job_from_row(r) for r in self.q(SQL_LIST.format(
             where=clause, limit=f" LIMIT {int(limit)}" if limit else ""), params)]
@@ -1370,6 +1533,11 @@ class Store:
         that is dead, cancelled or missing."""
         return self.q(SQL_BLOCKED_ON_DEAD)
 
+    def stuck(self):
+        """{job: (dependency, its state)} of the jobs that can never run
+        until a person acts (SQL_STUCK)."""
+        return {job: (dep, state) for job, dep, state in self.q(SQL_STUCK)}
+
     def stats(self, names):
         return self.q(SQL_STATS.format(names=", ".join(names)))
 
@@ -1390,21 +1558,40 @@ class Store:
 
     # Jobs: transitions (inside tx() unless said) ------------------------------
 
-    def insert(self, spec, now):
-        """enqueue: one validated job spec; returns the id, or None when
-        spec['unique'] and the id exists."""
+    def add_env(self, blob):
+        """The id of the stored environment blob, added if new."""
+        key = env_key(blob)
+        while True:
+            row = self.x(SQL_ENV, (key,)).fetchone()
+            if row is None:
+                self.x(SQL_ADD_ENV, (key, blob))
+                return key
+            if bytes(row[0]) == blob:
+                return key
+            key = (key + 1) % (1 << 63)          # a collision: the next id
+
+    def env(self, env_id):
+        """A stored environment (as env_from_blob gives it), or None."""
+        rows = self.q(SQL_ENV, (env_id,))
+        return env_from_blob(rows[0][0]) if rows else None
+
+    def insert(self, spec, now, env_id=None, umask=None):
+        """enqueue: one validated job spec, to run in the stored environment
+        env_id with umask (None: the worker's). Returns (the id, or None when
+        spec['unique'] and the id exists; [(dependency, state)] of those that
+        are dead or cancelled)."""
         job_id = spec.get("id")
         if job_id is not None:
             if self.x(SQL_JOB_EXISTS, (job_id,)).fetchone():
                 if spec.get("unique"):
-                    return None
+                    return None, []
                 raise QueuectlError(f"a job with id {job_id!r} exists already "
                                     "(use --unique to accept that)")
         deps = spec.get("depends_on") or []
         if job_id is not None and job_id in deps:
             raise UsageError(f"job {job_id!r} cannot depend on itself")
-        known = {r[0] for r in self.x(SQL_JOB_STATES.format(marks=_marks(deps)),
-                                      deps)} if deps else set()
+        known = dict(self.x(SQL_JOB_STATES.format(marks=_marks(deps)),
+                            deps).fetchall()) if deps else {}
         for dep in deps:
             if dep not in known:
                 raise QueuectlError(f"unknown job {dep!r} in --after/depends_on")
@@ -1415,7 +1602,8 @@ class Store:
         values = [spec["command"], spec.get("queue") or DEFAULT_QUEUE,
                   spec.get("priority", 0), spec.get("max_retries"),
                   spec.get("timeout"), run_at, _json_or_none(deps),
-                  int(blocked), spec["cwd"], _json_or_none(env), stamp, stamp]
+                  int(blocked), spec["cwd"], _json_or_none(env), env_id, umask,
+                  stamp, stamp]
         while True:
             try_id = job_id or new_id()
             try:
@@ -1426,7 +1614,7 @@ class Store:
                     raise QueuectlError(f"a job with id {job_id!r} exists already") from None
         for dep in deps:
             self.x(SQL_INSERT_DEP, (try_id, dep))
-        return try_id
+        return try_id, [(d, known[d]) for d in deps if known[d] in (DEAD, CANCELLED)]
 
     def _blocked(self, deps):
         """The one rule for a job's blocked flag, at enqueue and at reset
@@ -1523,13 +1711,33 @@ class Store:
         if job["state"] == COMPLETED:
             self.x(SQL_REBLOCK, (job["id"],))
 
+    def run_now(self, job_id, now):
+        """A failed job waiting out its backoff: runnable now."""
+        self.x(SQL_RUN_NOW, (iso(now), iso(now), job_id))
+
+    def edit(self, job, spec, now):
+        """edit: a pending, failed or dead job's fields from a checked spec,
+        fenced on its updated_at; False when it changed meanwhile."""
+        run_at = iso(spec["run_at"]) if spec.get("run_at") is not None else job["run_at"]
+        return bool(self.x(SQL_EDIT, (
+            spec["command"], spec.get("queue") or DEFAULT_QUEUE, spec.get("priority", 0),
+            spec.get("max_retries"), spec.get("timeout"), run_at, spec["cwd"],
+            _json_or_none(spec.get("env")), iso(now), job["id"],
+            job["updated_at"])).rowcount)
+
+    def waiting_on(self, ids):
+        """[(job, dependency)] of unfinished jobs that depend on one of ids."""
+        return self.x(SQL_WAITING_ON.format(marks=_marks(ids)), ids).fetchall()
+
     def delete(self, ids, states):
         """The jobs of ids still in states, deleted with their dependency
         rows; their ids."""
         gone = [r[0] for r in self.x(SQL_IDS_STILL_IN.format(
             marks=_marks(ids), smarks=_marks(states)), list(ids) + list(states))]
+        envs = [r[0] for r in self.x(SQL_JOB_ENV_IDS.format(marks=_marks(gone)), gone)]
         self.x(SQL_DELETE_JOBS.format(marks=_marks(gone)), gone)
         self.x(SQL_DELETE_DEPS.format(marks=_marks(gone)), gone)
+        self.x(SQL_DROP_UNUSED_ENVS.format(marks=_marks(envs)), envs)
         return gone
 
     # Workers and paused queues ------------------------------------------------
@@ -1775,17 +1983,33 @@ class Attempts:
     record -> footer. A mixin of Worker (it shares the worker's state, see
     the threading model there)."""
 
-    def _job_env(self, job, token, attempt):
-        env = dict(self.base_env)
+    def _job_env(self, store, job, token, attempt):
+        """The job's environment: its enqueuer's (or with --worker-env, the
+        worker's), its --env values, then its identity variables."""
+        if job["env_id"] is None:
+            env = dict(self.base_env)
+        else:
+            base = self.env_cache.get(job["env_id"])
+            if base is None:
+                base = store.env(job["env_id"])
+                if base is None:
+                    raise QueuectlError(f"its environment {job['env_id']} is missing "
+                                        "from the database")
+                if len(self.env_cache) >= 64:
+                    self.env_cache.clear()
+                self.env_cache[job["env_id"]] = base
+            env = dict(base)
         if job["env"]:
             env.update(_loads(job["env"], {}))
+        env["QUEUECTL_HOME"] = self.home
         env["QUEUECTL_JOB_ID"] = job["id"]
         env["QUEUECTL_ATTEMPT"] = str(attempt)
         env["QUEUECTL_CLAIM"] = token       # how its processes are found again
         env["__QUEUECTL_STATUS"] = status_path(self.home, job["id"], token)
         env["__QUEUECTL_COMMAND"] = job["command"]
         env["__QUEUECTL_CWD"] = job["cwd"]
-        env["__QUEUECTL_UMASK"] = self.umask
+        env["__QUEUECTL_UMASK"] = (self.umask if job["umask"] is None
+                                   else f"{job['umask']:04o}")
         return env
 
     def execute(self, store, job):
@@ -1815,7 +2039,7 @@ class Attempts:
             if not os.path.isdir(job["cwd"]):
                 raise FileNotFoundError(2, f"no such directory (cwd {job['cwd']})")
             proc = spawn(["/bin/sh", "-c", JOB_WRAPPER, "queuectl-job"], job["cwd"],
-                         self._job_env(job, token, attempt), self.devnull, fd)
+                         self._job_env(store, job, token, attempt), self.devnull, fd)
         except Exception as e:           # OSError, an unencodable env, a bug
             reason = e.strerror if isinstance(e, OSError) and e.strerror else repr(e)
             return self._record(store, job, None, f"could not start: {reason}", None, fd)
@@ -1857,7 +2081,7 @@ class Attempts:
             # Cancelled while starting; cancel kills it too, but may have
             # looked while it was still in execve. It is our unreaped child,
             # so its pid cannot belong to anyone else.
-            kill_group(run.pid, CANCEL_GRACE, run.gone)
+            kill_group(run.pid, self.config["kill_grace"], run.gone)
         elif owner != self.id:
             # Adopted while this worker was frozen: it is the adopter's now.
             self.say(f"{job['id']} was taken over by worker {owner} while "
@@ -2275,6 +2499,9 @@ class Recovery:
 # - config is replaced whole by the main thread; readers take one reference.
 # - devnull, base_env, umask, id, home and queues are set before any thread
 #   starts and never change.
+# - env_cache maps env ids to environments, which never change: threads add
+#   and clear entries (single dict operations, atomic under the GIL); a miss
+#   only costs a read.
 # - A Running's stopped and lost_to are set by other threads and read by its
 #   own waiting thread, again only False/None -> set.
 # - db_lock serialises this process's write transactions (Store.tx), so its
@@ -2313,8 +2540,10 @@ class Worker(Attempts, Recovery):
         self.signals = []
         self.threads_left = 0            # job threads not yet returned
         # Copied once, not per job; the wrapper's own variables never leak in.
+        # Jobs enqueued with --worker-env get it; the others their own.
         self.base_env = {k: v for k, v in os.environ.items()
                          if not k.upper().startswith("__QUEUECTL_")}
+        self.env_cache = {}              # env_id -> environment (rows never change)
         umask = os.umask(0o077)          # read it: no thread runs yet
         os.umask(umask)
         self.umask = f"{umask:04o}"
@@ -2686,7 +2915,8 @@ def print_json(obj):
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 def job_public(job, home):
-    """A job as users see it (show --json, list --json)."""
+    """A job as users see it (show --json, list --json). Of its environment
+    only the names set with --env show: values only with show --env."""
     out = {}
     for k in JOB_FIELDS:
         v = job[k]
@@ -2695,10 +2925,23 @@ def job_public(job, home):
         elif k == "depends_on":
             v = _loads(v, [])
         elif k == "env":
-            v = _loads(v, {})
+            v = sorted(_loads(v, {}))
         out[k] = v
+        if k == "env":
+            out["env_from"] = "worker" if job["env_id"] is None else "enqueuer"
+            out["umask"] = None if job["umask"] is None else f"{job['umask']:04o}"
     out["log"] = log_path(home, job["id"])
     return out
+
+def job_environment(store, job):
+    """The environment a job runs in, as far as it is stored: its enqueuer's
+    (none with --worker-env) and its --env values; the worker adds
+    QUEUECTL_HOME, QUEUECTL_JOB_ID, QUEUECTL_ATTEMPT and QUEUECTL_CLAIM."""
+    env = {}
+    if job["env_id"] is not None:
+        env = store.env(job["env_id"]) or {}
+    env.update(_loads(job["env"], {}))
+    return dict(sorted(env.items()))
 
 def blocked_on(store, job):
     """[(dep id, its state or 'missing')] of a job's unmet dependencies."""
@@ -2716,7 +2959,8 @@ def when_text(store, job, now):
             return "blocked on " + ",".join(
                 f"{d}({s})" if s != PENDING else d for d, s in blocked_on(store, job))
         due = epoch(job["run_at"]) - now
-        return f"due {relative(job['run_at'], now)}" if due >= 1 else "ready"
+        return (f"due {local_time(epoch(job['run_at']), now)} "
+                f"({relative(job['run_at'], now)})" if due >= 1 else "ready")
     if state == PROCESSING:
         return f"running {human_duration(now - epoch(job['started_at']))}"
     return relative(job["finished_at"] or job["updated_at"], now)
@@ -2769,13 +3013,59 @@ def render_top(store, home, width, height):
 # One cmd_<name>(args) -> exit code per subcommand, in --help order.
 
 
-def open_store(args, durable=True):
+def open_store(args, durable=True, create=False):
+    """The home's store. Only commands that create work (create=True) create
+    a home: the others, on a home with no queue yet, say so on stderr and
+    see an empty queue (exit 0 and empty output for scripts)."""
+    if not create and not os.path.exists(os.path.join(args.home, "queue.db")) \
+            and (os.path.isdir(args.home) or not os.path.exists(args.home)):
+        if os.path.isdir(args.home):
+            check_private(args.home, "home directory")
+        sys.stderr.write(f"queuectl: note: there is no queue in {args.home} yet; "
+                         "point at another home with --home or QUEUECTL_HOME\n")
+        return Store(args.home, memory=True)
     return Store(args.home, durable=durable)
 
+SHELL_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                       "0123456789@%+=:,./-_")
+
+def shell_join(words):
+    """Words -> one shell command that gives the job the same arguments
+    (each word quoted as needed, as shlex.join does)."""
+    return " ".join(w if w and all(c in SHELL_SAFE for c in w)
+                    else "'" + w.replace("'", "'\"'\"'") + "'" for w in words)
+
+def job_text(args):
+    """The command (or JSON job) of an enqueue from its words, or None.
+
+    Options come first; everything from the first other word on is the
+    command, as with nohup, tsp or pueue: `enqueue echo hello world`, and
+    `enqueue -- -cmd` for a command that starts with -. Several words are
+    joined, each quoted as needed. One word is used as it is: a shell
+    command line, or a JSON job. Options may still follow a command line
+    given as one quoted argument (`enqueue 'cmd arg' --queue q`), as before."""
+    words = list(args.job or [])
+    if words and words[0] == "--":
+        words = words[1:]
+    elif len(words) > 1 and (any(c.isspace() for c in words[0])
+                             or words[0].lstrip().startswith("{")):
+        rest, words = words[1:], words[:1]
+        args.job = []
+        args.parser.parse_args(rest, namespace=args)
+        if args.job:
+            raise UsageError("give the command as one quoted argument or as "
+                             "separate words, not both: queuectl enqueue "
+                             "'cmd arg' or queuectl enqueue cmd arg")
+    if not words:
+        return None
+    return words[0] if len(words) == 1 else shell_join(words)
+
 def parse_specs(args):
-    """The job specs of an enqueue, validated; flags override JSON fields."""
+    """The job specs of an enqueue, validated; flags override JSON fields.
+    A rejected --stdin line is named by its number, whatever the error."""
+    text = job_text(args)
     if args.stdin:
-        if args.job is not None or args.command is not None:
+        if text is not None or args.command is not None:
             raise UsageError("--stdin reads the jobs from standard input; "
                              "give no JOB or --command with it")
         items = []
@@ -2786,74 +3076,113 @@ def parse_specs(args):
             except UnicodeDecodeError:
                 raise UsageError(f"--stdin: line {n} is not valid UTF-8") from None
             if line.strip():
-                items.append((f"line {n}", spec_from_text(line, f"line {n}")))
+                items.append((f"line {n}", line))
         if not items:
             raise UsageError("--stdin: no jobs on standard input")
     else:
-        if args.job is None and args.command is None:
+        if text is None and args.command is None:
             raise UsageError("enqueue needs a command: queuectl enqueue 'echo hi' "
-                             "(or a JSON job, or --command)")
-        if args.job is not None and args.command is not None:
-            if not args.job.lstrip().startswith("{"):
-                raise UsageError("give the command once: as JOB or as --command")
-        spec = spec_from_text(args.job, "") if args.job is not None else {}
-        if args.command is not None:
-            spec["command"] = args.command
-        items = [("", spec)]
-    flags = {"id": args.id, "priority": args.priority, "max_retries": args.max_retries,
-             "timeout": args.timeout, "queue": args.queue, "cwd": args.cwd}
+                             "or queuectl enqueue echo hi (or a JSON job, or -c)")
+        if text is not None and args.command is not None \
+                and not text.lstrip().startswith("{"):
+            raise UsageError("give the command once: as words or as --command")
+        items = [("", text)]
     if args.run_at is not None and args.delay is not None:
         raise UsageError("give --run-at or --delay, not both")
-    specs = []
-    for where, spec in items:
-        for k, v in flags.items():
-            if v is not None:
-                spec[k] = v
-        if args.run_at is not None:
-            spec.pop("delay", None)
-            spec["run_at"] = args.run_at
-        if args.delay is not None:
-            spec.pop("run_at", None)
-            spec["delay"] = args.delay
-        if args.after:
-            spec["depends_on"] = list(spec.get("depends_on") or []) + args.after
-        if args.env:
-            env = dict(spec.get("env") or {}) if isinstance(spec.get("env"), dict) else {}
-            for kv in args.env:
-                k, sep, v = kv.partition("=")
-                if not sep or not k:
-                    raise UsageError(f"invalid --env {kv!r}: use NAME=VALUE")
-                env[k] = v
-            spec["env"] = env
-        if args.unique:
-            spec["unique"] = True
-        specs.append((where, check_spec(spec, where)))
-    if args.stdin and args.id is not None and len(specs) > 1:
+    if args.stdin and args.id is not None and len(items) > 1:
         raise UsageError("--id names one job; with --stdin put ids in the lines")
+    env = {}
+    for kv in args.env or []:
+        k, sep, v = kv.partition("=")
+        if not sep:                      # --env NAME: this one, passed through
+            v = os.environ.get(k)
+            if v is None:
+                raise UsageError(f"--env {k}: {k} is not set here; give "
+                                 f"--env {k}=VALUE")
+        env[k] = v
+    specs = []
+    for where, text in items:
+        try:
+            specs.append((where, check_spec(job_spec(args, text, env))))
+        except QueuectlError as e:
+            if where:
+                raise type(e)(f"{where}: {e}") from None
+            raise
     return specs
+
+def job_spec(args, text, env):
+    """One job's spec: its text (a command or JSON job) and the flags."""
+    spec = spec_from_text(text) if text is not None else {}
+    if args.command is not None:
+        spec["command"] = args.command
+    flags = {"id": args.id, "priority": args.priority, "max_retries": args.max_retries,
+             "timeout": args.timeout, "queue": args.queue, "cwd": args.cwd}
+    for k, v in flags.items():
+        if v is not None:
+            spec[k] = v
+    if args.run_at is not None:
+        spec.pop("delay", None)
+        spec["run_at"] = args.run_at
+    if args.delay is not None:
+        spec.pop("run_at", None)
+        spec["delay"] = args.delay
+    if args.after:
+        spec["depends_on"] = list(spec.get("depends_on") or []) + args.after
+    if env:
+        spec["env"] = {**(spec["env"] if isinstance(spec.get("env"), dict) else {}),
+                       **env}
+    if args.unique:
+        spec["unique"] = True
+    return spec
 
 def cmd_enqueue(args):
     """Add jobs; print each job's id (or the jobs as JSON with --json)."""
     specs = parse_specs(args)
-    store = open_store(args)
+    blob = umask = None
+    if not args.worker_env:              # run as if here: environment and umask
+        blob, umask = captured_env(), current_umask()
+    store = open_store(args, create=True)
     now = time.time()
-    ids = []
+    ids, notes = [], []
     with store.tx():
+        env_id = store.add_env(blob) if blob is not None else None
         for where, spec in specs:
             try:
-                new = store.insert(spec, now)
+                new, dead = store.insert(spec, now, env_id, umask)
             except QueuectlError as e:
                 if where:
                     raise type(e)(f"{where}: {e}") from None
                 raise
             ids.append(new if new is not None else spec["id"])
+            notes += [(ids[-1], dep, state) for dep, state in dead]
     wake_workers(args.home)
+    if sys.stderr.isatty():              # a person at a terminal, not cron
+        hint_no_worker(store, {spec.get("queue") or DEFAULT_QUEUE for _, spec in specs})
+    for job_id, dep, state in notes[:10]:
+        sys.stderr.write(f"queuectl: warning: job {job_id} waits on {dep}, which is "
+                         f"{state}: it runs only once {dep} is retried and completes\n")
     if args.json:
         jobs = [job_public(store.get(i), args.home) for i in ids]
         print_json(jobs if args.stdin else jobs[0])
     else:
         sys.stdout.write("".join(i + "\n" for i in ids))
     return EXIT_OK
+
+def hint_no_worker(store, queues):
+    """One line on stderr when no live worker serves one of queues."""
+    served = set()
+    for w in store.live_workers():
+        if w["queues"] is None:
+            return
+        served.update(_loads(w["queues"], []))
+    idle = sorted(set(queues) - served)
+    if idle:
+        sys.stderr.write(f"queuectl: note: no worker is running for queue "
+                         f"{', '.join(idle)}; start one with: queuectl worker start "
+                         "--detach\n")
+
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 def cmd_worker_start(args):
     """Run workers in this process until stopped (or drained)."""
@@ -2864,10 +3193,16 @@ def cmd_worker_start(args):
         raise UsageError(f"invalid --count {args.count}: {args.count} threads need "
                          f"about {need} open files but the limit is {soft} "
                          "(ulimit -n); raise the limit or use a smaller --count")
-    for q in args.queue or []:
-        check_name(q, "queue name")
-    open_store(args, durable=False).close()
+    store = open_store(args, durable=False, create=True)
+    others = store.live_workers()
+    store.close()
     Config(args.home).load()
+    if others:
+        threads = sum(w["threads"] for w in others)
+        sys.stderr.write(
+            f"queuectl: note: {plural(len(others), 'worker')} ({plural(threads, 'thread')}) "
+            f"already run on {args.home}; with this one, {plural(len(others) + 1, 'worker')} "
+            f"({plural(threads + args.count, 'thread')}) will run\n")
     if args.detach:
         return detach_worker(args)
     return Worker(args.home, args.count, args.queue, args.drain).run()
@@ -2965,6 +3300,7 @@ def cmd_worker_status(args):
 def cmd_status(args):
     """Counts per state and queue, workers, oldest pending, next scheduled."""
     if args.id:
+        args.env = False
         return cmd_show(args)
     store = open_store(args)
     now = time.time()
@@ -3000,36 +3336,37 @@ def cmd_status(args):
     return EXIT_OK
 
 def cmd_show(args):
-    """Every field of one job, and its log path."""
+    """Every field of one job, and its log path; --env: its environment."""
     store = open_store(args)
     job = store.must_get(args.id)
     pub = job_public(job, args.home)
     blocked = blocked_on(store, job)
     pub["blocked_on"] = [d for d, _ in blocked]
+    environment = job_environment(store, job) if args.env else None
     if args.json:
+        if args.env:
+            pub["environment"] = environment
         print_json(pub)
         return EXIT_OK
     width = max(len(k) for k in pub)
     for k, v in pub.items():
         if k == "blocked_on":
             v = ", ".join(f"{d} ({s})" for d, s in blocked) or None
-        elif k in ("depends_on",):
+        elif k in ("depends_on", "env"):
             v = ", ".join(v) or None
-        elif k == "env":
-            v = " ".join(f"{a}={b}" for a, b in v.items()) or None
         elif k in ("run_at", "created_at", "updated_at", "started_at", "finished_at") \
                 and v is not None:
-            v = f"{v} ({relative(v)})"
+            v = f"{v} ({local_time(epoch(v))} local, {relative(v)})"
         print(f"{k.ljust(width)}  {'-' if v is None else v}")
+    if args.env:
+        print("environment:" + ("" if job["env_id"] is not None else
+                                " the worker's, and"))
+        for k, v in environment.items():
+            print(f"  {k}={v}")
     return EXIT_OK
 
 def cmd_list(args):
     """Jobs in enqueue order, filtered by --state/--queue, at most --limit."""
-    if args.state and args.state not in STATES:
-        raise UsageError(f"unknown state {args.state!r}; use one of "
-                         + ", ".join(STATES))
-    if args.queue:
-        check_name(args.queue, "queue name")
     store = open_store(args)
     return list_jobs(store, args, args.state)
 
@@ -3051,7 +3388,8 @@ def list_jobs(store, args, state):
     return EXIT_OK
 
 def cmd_logs(args):
-    """Print a job's log; --tail N lines; --follow until the job ends."""
+    """Print a job's log; --tail N lines; --follow until the job ends, then
+    exit as wait does: 0 completed, 1 dead or cancelled, 3 stuck."""
     store = open_store(args)
     job = store.must_get(args.id)
     path = log_path(args.home, job["id"])
@@ -3066,15 +3404,26 @@ def cmd_logs(args):
             pos = copy_from(path, pos, out)
     if not args.follow:
         return EXIT_OK
-    at = [pos]
+    at, end = [pos], [None]
 
     def ended():
         at[0] = copy_from(path, at[0], out)
         now = store.get(job["id"])
-        return now is None or now["state"] in FINISHED
+        if now is None or now["state"] in FINISHED:
+            end[0] = now and now["state"]
+        elif now["blocked"] and job["id"] in store.stuck():
+            end[0] = "stuck"
+        return end[0] is not None or now is None
     poll_until(ended, first=0.05, cap=0.5)       # until the job ends: no limit
     copy_from(path, at[0], out)
-    return EXIT_OK
+    if end[0] == COMPLETED:
+        return EXIT_OK
+    sys.stderr.write(f"queuectl: error: job {job['id']} " + (
+        "was deleted" if end[0] is None else
+        "can never run: " + "{} waits on {}, which is {}".format(
+            job["id"], *store.stuck().get(job["id"], ("?", "?")))
+        if end[0] == "stuck" else f"is {end[0]}") + "\n")
+    return EXIT_STUCK if end[0] == "stuck" else EXIT_FAIL
 
 def tail_start(f, n):
     """Offset where the last n lines of binary file f start."""
@@ -3120,67 +3469,129 @@ def copy_from(path, pos, out):
     return pos
 
 def cmd_wait(args):
-    """Block until each job is finished: 0 if all completed, 1 otherwise."""
-    for i in args.ids:
-        check_name(i)
+    """Block until every job is finished or can never run until a person
+    acts. Exit 0: all completed; 1: one ended dead or cancelled (or was
+    deleted); 3: one waits on a dead, cancelled or deleted dependency;
+    124: --timeout ran out."""
     store = open_store(args)
-    for i in args.ids:
-        store.must_get(i)
-    states = {}
+    if args.ids:
+        ids = [check_name(i) for i in dict.fromkeys(args.ids)]
+        missing = [i for i in ids if i not in store.states(ids)]
+        if missing:                      # exit 2: a script's mistake
+            raise UsageError(f"no job with id {missing[0]!r}")
+        if args.queue:
+            raise UsageError("give job ids or --queue, not both")
+    seq, began = store.q(SQL_MAX_SEQ)[0][0], iso(time.time())
+    where, params = "", []
+    if args.queue:
+        where, params = f" AND queue IN ({_marks(args.queue)})", list(args.queue)
+    left, stuck = {}, {}
 
-    def finished():
-        states.clear()
-        states.update(store.states(args.ids))
-        return all(states.get(i, DEAD) in FINISHED for i in args.ids)
-    if not poll_until(finished, args.timeout, first=0.02, cap=0.5):
-        waiting = [f"{i} {states[i]}" for i in args.ids if states.get(i) not in FINISHED]
-        sys.stderr.write(f"queuectl: error: timed out after {args.timeout:g}s; "
-                         f"still waiting for {', '.join(waiting)}\n")
-        return EXIT_FAIL
-    bad = [f"{i} {states.get(i, 'deleted')}" for i in args.ids
-           if states.get(i) != COMPLETED]
+    def settled():
+        if args.ids:                     # a deleted job has settled too
+            rows = store.q(SQL_OPEN_OF.format(marks=_marks(ids)), ids)
+        else:
+            rows = store.q(SQL_OPEN_UP_TO.format(where=where), [seq] + params)
+        left.clear()
+        left.update((i, s) for i, s, _ in rows)
+        stuck.clear()
+        if any(b for _, _, b in rows):   # only then can one be stuck
+            stuck.update((j, why) for j, why in store.stuck().items() if j in left)
+        return len(stuck) == len(left)
+    if not poll_until(settled, args.timeout, first=0.02, cap=0.5):
+        waiting = [f"{i} ({s})" for i, s in left.items() if i not in stuck]
+        sys.stderr.write(f"queuectl: error: timed out after {human_duration(args.timeout)}; "
+                         f"still waiting for {len(waiting)} job"
+                         f"{'s' if len(waiting) != 1 else ''}: {', '.join(waiting[:5])}"
+                         f"{', …' if len(waiting) > 5 else ''}\n")
+        return EXIT_TIMEOUT
+    if args.ids:
+        states = store.states(ids)
+        bad = [(i, states.get(i, "deleted")) for i in ids
+               if states.get(i, "deleted") in (DEAD, CANCELLED, "deleted")]
+    else:
+        bad = store.q(SQL_FAILED_SINCE.format(where=where), [seq, began] + params)
     if bad:
-        sys.stderr.write(f"queuectl: error: not completed: {', '.join(bad)}\n")
+        sys.stderr.write(f"queuectl: error: {len(bad)} job{'s' if len(bad) != 1 else ''} "
+                         "did not complete: " + ", ".join(f"{i} {s}" for i, s in bad[:5])
+                         + (", …" if len(bad) > 5 else "") + "\n")
         return EXIT_FAIL
+    if stuck:
+        sys.stderr.write("queuectl: error: " + "; ".join(
+            f"{j} waits on {dep}, which is {st}" for j, (dep, st) in list(stuck.items())[:5])
+            + ("; …" if len(stuck) > 5 else "")
+            + ": retry or remove that dependency, or cancel the job\n")
+        return EXIT_STUCK
     return EXIT_OK
 
+def selected_ids(store, args, allowed, default=None):
+    """The ids a command acts on: those named, or those its selectors pick
+    (--all, --state, --queue: jobs in allowed states, default states unless
+    --state names them); never both."""
+    selectors = args.all or args.state or args.queue
+    if bool(args.ids) == bool(selectors):
+        raise UsageError("give job ids, or select jobs with --all, --state or "
+                         "--queue" + (" (not both)" if args.ids else ""))
+    if args.ids:
+        return [check_name(i) for i in dict.fromkeys(args.ids)]
+    states = args.state or list(default or allowed)
+    for st in states:
+        if st not in allowed:
+            raise UsageError(f"--state {st} is not allowed here; use "
+                             + ", ".join(allowed))
+    return [j["id"] for j in store.list_jobs(states, args.queue)[0]]
+
 def reset_jobs(store, ids, allowed, verb):
-    """retry / dlq retry: dead/cancelled/completed jobs back to pending,
-    attempts reset; all or nothing."""
-    for job in [store.must_get(i) for i in dict.fromkeys(ids)]:
+    """retry / dlq retry, all or nothing: dead, cancelled or completed jobs
+    back to pending with attempts reset; a failed one (waiting out its
+    backoff) runnable now, its attempts kept."""
+    for job in [store.must_get(i) for i in ids]:
         wait_attempt_gone(job)
     now = time.time()
     with store.tx():             # read and change under one write lock
-        jobs = [store.must_get(i) for i in dict.fromkeys(ids)]
+        jobs = [store.must_get(i) for i in ids]
         for job in jobs:
             wait_attempt_gone(job, timeout=0)
             if job["state"] not in allowed:
                 raise QueuectlError(f"cannot {verb} job {job['id']}: it is "
                                     f"{job['state']}; only {', '.join(allowed)} jobs can be")
         for job in jobs:
-            store.reset(job, now)
+            if job["state"] == FAILED:
+                store.run_now(job["id"], now)
+            else:
+                store.reset(job, now)
     wake_workers(store.home)
     return jobs
 
+def print_ids_or_count(args, ids, verb):
+    """Named jobs: their ids, one a line; selected ones: how many."""
+    if args.ids:
+        sys.stdout.write("".join(i + "\n" for i in ids))
+    else:
+        print(f"{verb} {len(ids)} job{'s' if len(ids) != 1 else ''}")
+
 def cmd_retry(args):
-    """A dead, cancelled or completed job runs again (attempts reset)."""
+    """Dead, cancelled or completed jobs run again (attempts reset); a
+    failed one waiting out its backoff runs now."""
     store = open_store(args)
-    for job in reset_jobs(store, args.ids, (DEAD, CANCELLED, COMPLETED), "retry"):
-        print(job["id"])
+    ids = selected_ids(store, args, (DEAD, CANCELLED, COMPLETED, FAILED),
+                       default=(DEAD, CANCELLED))
+    print_ids_or_count(args, [j["id"] for j in reset_jobs(
+        store, ids, (DEAD, CANCELLED, COMPLETED, FAILED), "retry")], "retried")
     return EXIT_OK
 
 def cmd_pause(args):
     """Stop claiming from queues (all when none named); running jobs go on."""
-    names = [check_name(q, "queue name") for q in args.queues] or ["*"]
-    store = open_store(args)
+    names = args.queues or ["*"]
+    store = open_store(args, create=True)
     store.pause(names)
     print("paused: " + ("all queues" if names == ["*"] else ", ".join(names)))
     return EXIT_OK
 
 def cmd_resume(args):
     """Claim from queues again (all when none named)."""
-    names = [check_name(q, "queue name") for q in args.queues]
-    store = open_store(args)
+    names = args.queues
+    store = open_store(args, create=True)
     store.resume(names)
     wake_workers(args.home)
     left = store.paused()
@@ -3192,16 +3603,18 @@ def cmd_resume(args):
     return EXIT_OK
 
 def cmd_cancel(args):
-    """Cancel jobs: pending/failed at once, processing ones by stopping their
-    process tree (within 2 s); returns once that is done."""
-    for i in args.ids:
-        check_name(i)
+    """Cancel jobs: pending and failed ones at once; running ones get
+    --signal (TERM), then KILL after --grace (config kill_grace); returns
+    once their processes are gone."""
+    grace = args.grace if args.grace is not None else Config(args.home).load()["kill_grace"]
+    sig = parse_signal(args.signal)
     store = open_store(args)
     now = time.time()
     revoked = []
     try:
         with store.tx():         # read and change under one write lock
-            jobs = [store.must_get(i) for i in dict.fromkeys(args.ids)]
+            ids = selected_ids(store, args, (PENDING, FAILED, PROCESSING))
+            jobs = [store.must_get(i) for i in ids]
             for job in jobs:
                 if job["state"] not in (PENDING, FAILED, PROCESSING):
                     raise QueuectlError(f"cannot cancel job {job['id']}: it is "
@@ -3225,23 +3638,46 @@ def cmd_cancel(args):
         for path in revoked:     # nothing was cancelled: undo, all or nothing
             remove_file(path)
         raise
-    for job in jobs:
-        if job["state"] == PROCESSING and not job["revoked"]:
-            stop_attempt(job)
-        print(job["id"])
+    stop_attempts([j for j in jobs if j["state"] == PROCESSING and not j["revoked"]],
+                  grace, sig)
+    print_ids_or_count(args, [j["id"] for j in jobs], "cancelled")
     return EXIT_OK
 
-def stop_attempt(job):
-    """Kill the process group of a cancelled attempt that had started, found
-    by its recorded pid or by its claim token."""
-    pid, start = job["pid"], job["pid_start"]
-    if not same_process(pid, start):    # younger than PID_DELAY: find it in /proc
-        try:
-            pid, start = find_job_process(job["claim"])
-        except OSError:
-            pid = None
-    if pid:
-        kill_group(pid, CANCEL_GRACE, lambda p=pid, s=start: not same_process(p, s))
+def parse_signal(text):
+    """'TERM', 'SIGTERM', 'term' or '15' -> a signal number."""
+    import signal
+    name = str(text).strip().upper()
+    try:
+        return signal.Signals(int(name)) if name.isdigit() else \
+            signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+    except (KeyError, ValueError):
+        raise UsageError(f"invalid --signal {text!r}: use a name such as TERM, "
+                         "INT, HUP or KILL, or a number") from None
+
+def stop_attempts(jobs, grace, sig):
+    """Stop the process groups of cancelled attempts that had started, found
+    by their recorded pids or their claim tokens: sig to all, then SIGKILL
+    to what is left after grace seconds."""
+    import signal
+    groups = []
+    for job in jobs:
+        pid, start = job["pid"], job["pid_start"]
+        if not same_process(pid, start):    # younger than PID_DELAY: find it in /proc
+            try:
+                pid, start = find_job_process(job["claim"])
+            except OSError:
+                pid = None
+        if pid:
+            groups.append((pid, start))
+
+    def ended():
+        return not any(same_process(p, s) or group_alive(p) for p, s in groups)
+    for pid, _ in groups:
+        signal_group(pid, sig)
+    if groups and not poll_until(ended, grace, first=0.005):
+        for pid, _ in groups:
+            signal_group(pid, signal.SIGKILL)
+        poll_until(ended, 5, first=0.005)
 
 def wait_attempt_gone(job, timeout=10.0):
     """Wait until no process of a cancelled job's last attempt lives; else
@@ -3267,17 +3703,13 @@ def cmd_dlq(args):
     if args.action == "list":
         store = open_store(args)
         args.limit = args.limit if args.limit is not None else 100
-        return list_jobs(store, args, DEAD)
-    if bool(args.ids) == bool(args.all):
-        raise UsageError(f"dlq {args.action} takes job ids or --all")
+        return list_jobs(store, args, [DEAD])
+    args.state = None
     store = open_store(args)
-    if args.all:
-        ids = store.ids_in_state(DEAD)
-    else:
-        ids = [check_name(i) for i in args.ids]
+    ids = selected_ids(store, args, (DEAD,))
     if args.action == "retry":
-        for job in reset_jobs(store, ids, (DEAD,), "dlq retry"):
-            print(job["id"])
+        print_ids_or_count(args, [j["id"] for j in reset_jobs(
+            store, ids, (DEAD,), "dlq retry")], "retried")
         return EXIT_OK
     jobs = [store.must_get(i) for i in ids]
     for job in jobs:
@@ -3303,17 +3735,138 @@ def delete_jobs(store, ids, states):
         deleted += len(gone)
     return deleted
 
-def cmd_prune(args):
-    """Delete finished jobs older than --older-than, and their logs."""
-    age = parse_duration(args.older_than, "--older-than")
-    states = list(dict.fromkeys(args.state or FINISHED))
-    for s in states:
-        if s not in FINISHED:
-            raise UsageError(f"prune removes only finished jobs; --state takes "
-                             f"{', '.join(FINISHED)}, not {s!r}")
+def cmd_remove(args):
+    """Delete jobs that are not running, and their logs; refused for a job
+    that unfinished jobs (not removed with it) depend on."""
+    ids = [check_name(i) for i in dict.fromkeys(args.ids)]
     store = open_store(args)
-    cutoff = iso(time.time() - age)
-    n = delete_jobs(store, store.finished_before(states, cutoff), states)
+    with store.tx():
+        for job in [store.must_get(i) for i in ids]:
+            if job["state"] == PROCESSING:
+                raise QueuectlError(f"cannot remove job {job['id']}: it is running; "
+                                    "cancel it first")
+        waiting = [(j, d) for j, d in store.waiting_on(ids) if j not in ids]
+        if waiting:
+            j, d = waiting[0]
+            raise QueuectlError(f"cannot remove job {d}: job {j} waits on it; "
+                                f"remove or cancel {j} too")
+        gone = store.delete(ids, [s for s in STATES if s != PROCESSING])
+        for job_id in gone:      # under the write lock, as in delete_jobs
+            remove_file(log_path(store.home, job_id))
+    sys.stdout.write("".join(i + "\n" for i in gone))
+    return EXIT_OK
+
+def cmd_edit(args):
+    """Change a pending, failed or dead job: with flags, or in $EDITOR as
+    JSON; checked as enqueue checks a job."""
+    store = open_store(args)
+    job = store.must_get(args.id)
+    editable = (PENDING, FAILED, DEAD)
+    if job["state"] not in editable:
+        raise QueuectlError(f"cannot edit job {job['id']}: it is {job['state']}; "
+                            f"only {', '.join(editable)} jobs can be")
+    spec = {"command": job["command"], "queue": job["queue"], "priority": job["priority"],
+            "max_retries": job["max_retries"], "timeout": job["timeout"],
+            "run_at": show_time(job["run_at"]), "cwd": job["cwd"],
+            "env": _loads(job["env"], {})}
+    flags = {"queue": args.queue, "priority": args.priority, "max_retries": args.max_retries,
+             "timeout": args.timeout, "cwd": args.cwd, "run_at": args.run_at}
+    words = list(args.words or [])
+    if words and words[0] == "--":
+        words = words[1:]
+    command = args.command if args.command is not None else (
+        (words[0] if len(words) == 1 else shell_join(words)) if words else None)
+    if args.command is not None and words:
+        raise UsageError("give the new command once: as words or as --command")
+    changes = {k: v for k, v in flags.items() if v is not None}
+    if command is not None:
+        changes["command"] = command
+    if args.delay is not None:
+        if args.run_at is not None:
+            raise UsageError("give --run-at or --delay, not both")
+        changes["delay"] = args.delay
+        spec.pop("run_at")
+    env = dict(spec["env"])
+    for kv in args.env or []:
+        k, sep, v = kv.partition("=")
+        env[k] = v if sep else os.environ.get(k)
+        if env[k] is None:
+            raise UsageError(f"--env {k}: {k} is not set here; give --env {k}=VALUE")
+    for k in args.unset_env or []:
+        env.pop(k, None)
+    if args.env or args.unset_env:
+        changes["env"] = env
+    if changes:
+        spec.update(changes)
+    else:
+        spec = edit_in_editor(args.home, job, spec)
+    check_spec(spec)
+    with store.tx():
+        if not store.edit(job, spec, time.time()):
+            now = store.get(job["id"])
+            raise QueuectlError(f"job {job['id']} changed while it was being edited "
+                                f"(it is {now['state'] if now else 'deleted'} now); "
+                                "nothing was changed")
+    wake_workers(args.home)
+    print(job["id"])
+    return EXIT_OK
+
+def edit_in_editor(home, job, spec):
+    """The job's spec as JSON in $VISUAL or $EDITOR (vi); the edited spec.
+    The file (with the job's --env values) is private, in HOME/run."""
+    import json
+    import subprocess
+    path = os.path.join(run_dir(home), f"edit-{job['id']}-{new_id()}.json")
+    fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    try:
+        os.write(fd, (json.dumps(spec, indent=2) + "\n").encode())
+        os.close(fd)
+        editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+        rc = subprocess.call(["/bin/sh", "-c", editor + ' "$1"', "editor", path])
+        if rc != 0:
+            raise QueuectlError(f"the editor ({editor}) exited {rc}; nothing was changed")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    finally:
+        remove_file(path)
+    try:
+        new = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as e:
+        raise UsageError(f"the edited job is not valid JSON ({e}); nothing was "
+                         "changed") from None
+    if not isinstance(new, dict):
+        raise UsageError("the edited job must be a JSON object; nothing was changed")
+    if new.get("id", job["id"]) != job["id"]:
+        raise UsageError("a job's id cannot be edited; nothing was changed")
+    new.pop("id", None)
+    if new == spec:
+        raise QueuectlError("no change; nothing was changed")
+    return new
+
+def cmd_prune(args):
+    """Delete finished jobs older than --older-than, and their logs. Dead
+    jobs only with --state dead: the DLQ is for a person to read."""
+    age = parse_duration(args.older_than, "--older-than")
+    states = args.state or [COMPLETED, CANCELLED]
+    for st in states:
+        if st not in FINISHED:
+            raise UsageError(f"prune removes only finished jobs; --state takes "
+                             f"{', '.join(FINISHED)}, not {st!r}")
+    store = open_store(args)
+    ids = store.finished_before(states, iso(time.time() - age))
+    if args.dry_run:
+        sys.stdout.write("".join(i + "\n" for i in ids))
+        print(f"would prune {len(ids)} job{'s' if len(ids) != 1 else ''}", file=sys.stderr)
+        return EXIT_OK
+    if age == 0 and ids and not args.yes and sys.stdin.isatty() \
+            and (store.waiting() or store.live_workers()):
+        sys.stderr.write(f"queuectl: prune --older-than 0 deletes all {len(ids)} "
+                         f"finished jobs ({', '.join(states)}), even ones that ended a "
+                         "moment ago, while this home is busy. Delete them? [y/N] ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            raise QueuectlError("nothing was pruned (--yes skips this question)")
+    n = delete_jobs(store, ids, states)
     store.reclaim_space()
     print(f"pruned {n} job{'s' if n != 1 else ''}")
     return EXIT_OK
@@ -3555,8 +4108,15 @@ HOME_HELP = "queue home (default: $QUEUECTL_HOME or ~/.queuectl)"
 
 JSON_ARG = arg("--json", action="store_true", help="print JSON")
 
+QUEUES_ARG = arg("--queue", action="append", metavar="Q",
+                 help="jobs of these queues (repeatable, or Q1,Q2)")
+
 LIMIT_ARG = arg("--limit", type=lambda t: check_value("limit", t, "--limit", text=True),
                 default=100, help="at most this many (default 100, 0 = all)")
+
+def argparse_remainder():
+    import argparse
+    return argparse.REMAINDER
 
 def _value(name, flag):
     """An argparse type: the option's text checked by check_value()."""
@@ -3565,10 +4125,14 @@ def _value(name, flag):
 COMMAND_TABLE = [
     Command("enqueue", "add a job; prints its id", cmd_enqueue, [
         "queuectl enqueue 'pg_dump mydb > /backup/mydb.sql'",
-        "queuectl enqueue --id nightly --unique --max-retries 5 './backup.sh'",
+        "queuectl enqueue --queue backups rsync -a /srv/ /backup/srv/",
+        "queuectl enqueue --id nightly --unique --max-retries 5 ./backup.sh",
+        "queuectl enqueue --run-at 03:00 -- ./report.sh --full",
         "queuectl enqueue '{\"id\":\"a\",\"command\":\"echo hi\",\"max_retries\":2}'"], [
-        arg("job", nargs="?", metavar="JOB",
-            help="the shell command, or a JSON object when it starts with {"),
+        arg("job", nargs=argparse_remainder(), metavar="COMMAND",
+            help="the command: one shell command line, or words (joined, each "
+                 "quoted as needed), or a JSON object; options go before it, "
+                 "and -- before a command that starts with -"),
         arg("-c", "--command", help="the shell command"),
         arg("--id", help="the job id (default: a short random one)"),
         arg("-p", "--priority", type=_value("priority", "--priority"),
@@ -3577,14 +4141,18 @@ COMMAND_TABLE = [
             help="retries after the first attempt (default: config)"),
         arg("--timeout", type=_value("timeout", "--timeout"),
             help="90, 90s, 5m, 2h; 0 = none (default: config job_timeout)"),
-        arg("--run-at", metavar="TIME", help="ISO-8601; naive = local time"),
+        arg("--run-at", metavar="TIME",
+            help="03:00 (the next one), tomorrow 03:00, 2026-12-01 03:00, +90m, "
+                 "or ISO-8601 (local time unless it has an offset)"),
         arg("--delay", metavar="DUR", help="90, 90s, 5m, 2h, 1d"),
         arg("--queue", help=f"queue name (default {DEFAULT_QUEUE})"),
         arg("--after", action="append", metavar="ID",
             help="run after this job completed (repeatable)"),
         arg("--cwd", help="working directory (default: the current one)"),
-        arg("--env", action="append", metavar="K=V",
-            help="environment variable for the job (repeatable)"),
+        arg("--env", action="append", metavar="K=V|NAME",
+            help="set K=V, or pass NAME's value from here, for the job (repeatable)"),
+        arg("--worker-env", action="store_true",
+            help="run in the worker's environment and umask, not in yours"),
         arg("--unique", action="store_true",
             help="if the id exists already, print it and change nothing"),
         arg("--stdin", action="store_true",
@@ -3598,7 +4166,7 @@ COMMAND_TABLE = [
         arg("--count", type=_value("count", "--count"), default=1,
             help="worker threads in this process (default 1)"),
         arg("--queue", action="append", metavar="Q",
-            help="serve only this queue (repeatable; default: all)"),
+            help="serve only these queues (repeatable, or Q1,Q2; default: all)"),
         arg("--drain", action="store_true",
             help="exit when no job can run now and none awaits a retry"),
         arg("--detach", action="store_true",
@@ -3618,52 +4186,105 @@ COMMAND_TABLE = [
         arg("id", nargs="?", metavar="ID", help="show one job instead"), JSON_ARG],
         common=("status", "counts per state, workers, what is next")),
     Command("show", "every field of one job, and its log path", cmd_show,
-            ["queuectl show nightly"], [arg("id", metavar="ID"), JSON_ARG]),
+            ["queuectl show nightly", "queuectl show nightly --env"], [
+        arg("id", metavar="ID"),
+        arg("--env", action="store_true",
+            help="also print the job's environment, values included"), JSON_ARG]),
     Command("list", "list jobs in enqueue order", cmd_list, [
         "queuectl list --state failed", "queuectl list --queue reports --limit 20"], [
-        arg("--state", help="only jobs in this state: " + ", ".join(STATES)),
-        arg("--queue", help="only jobs of this queue"), LIMIT_ARG, JSON_ARG],
+        arg("--state", action="append", metavar="S",
+            help="only jobs in these states (repeatable, or S1,S2): " + ", ".join(STATES)),
+        arg("--queue", action="append", metavar="Q",
+            help="only jobs of these queues (repeatable, or Q1,Q2)"), LIMIT_ARG, JSON_ARG],
         common=("list [--state S]", "jobs and their states")),
     Command("logs", "print a job's log", cmd_logs, [
         "queuectl logs nightly --tail 50", "queuectl logs nightly --follow"], [
         arg("id", metavar="ID"),
-        arg("--tail", type=_value("tail", "--tail"), metavar="N",
+        arg("-n", "--tail", type=_value("tail", "--tail"), metavar="N",
             help="only the last N lines"),
         arg("-f", "--follow", action="store_true", help="keep printing until the job ends")],
         common=("logs ID", "a job's output")),
-    Command("wait", "block until jobs finish; 0 if all completed", cmd_wait,
-            ["id=$(queuectl enqueue 'make build') && queuectl wait \"$id\""], [
-        arg("ids", nargs="+", metavar="ID"),
+    Command("wait", "block until jobs finish; 0 if all completed", cmd_wait, [
+        "id=$(queuectl enqueue make build) && queuectl wait \"$id\"",
+        "queuectl wait --queue reports --timeout 1h", "queuectl wait"], [
+        arg("ids", nargs="*", metavar="ID",
+            help="these jobs (default: every job enqueued so far)"),
+        arg("--queue", action="append", metavar="Q",
+            help="every job of these queues enqueued so far (repeatable, or Q1,Q2)"),
         arg("--timeout", type=_value("wait", "--timeout"),
-            help="give up after this many seconds (exit 1)")]),
-    Command("retry", "run a dead, cancelled or completed job again", cmd_retry,
-            ["queuectl retry k3x9qa"], [arg("ids", nargs="+", metavar="ID")]),
+            help="give up after this long: 90, 90s, 5m, 2h (exit 124)")]),
+    Command("retry", "run jobs again: dead, cancelled, completed; failed ones now",
+            cmd_retry, ["queuectl retry k3x9qa", "queuectl retry --queue reports",
+                        "queuectl retry --all"], [
+        arg("ids", nargs="*", metavar="ID"),
+        arg("--all", action="store_true", help="every dead and cancelled job"),
+        arg("--state", action="append", metavar="S",
+            help="jobs in these states (repeatable, or S1,S2; default dead,cancelled): "
+                 "dead, cancelled, completed, failed"),
+        arg("--queue", action="append", metavar="Q",
+            help="jobs of these queues (repeatable, or Q1,Q2)")]),
     Command("pause", "stop claiming from queues (all when none named)", cmd_pause,
             ["queuectl pause reports", "queuectl pause"],
             [arg("queues", nargs="*", metavar="QUEUE")]),
     Command("resume", "claim from paused queues again (all when none named)", cmd_resume,
             ["queuectl resume reports", "queuectl resume"],
             [arg("queues", nargs="*", metavar="QUEUE")]),
-    Command("cancel", "cancel jobs; stops running ones within 2 s", cmd_cancel,
-            ["queuectl cancel k3x9qa"], [arg("ids", nargs="+", metavar="ID")]),
+    Command("cancel", "cancel jobs; stops running ones (TERM, then KILL)", cmd_cancel, [
+        "queuectl cancel k3x9qa", "queuectl cancel --queue reports --state pending",
+        "queuectl cancel --all --grace 30s", "queuectl cancel --signal INT k3x9qa"], [
+        arg("ids", nargs="*", metavar="ID"),
+        arg("--all", action="store_true",
+            help="every pending, failed and running job"),
+        arg("--state", action="append", metavar="S",
+            help="jobs in these states (repeatable, or S1,S2): pending, failed, processing"),
+        arg("--queue", action="append", metavar="Q",
+            help="jobs of these queues (repeatable, or Q1,Q2)"),
+        arg("--signal", default="TERM", metavar="SIG",
+            help="first signal to running jobs (default TERM)"),
+        arg("--grace", type=_value("kill_grace", "--grace"), metavar="DUR",
+            help="then KILL after this long (default: config kill_grace)")]),
+    Command("remove", "delete jobs that are not running, and their logs", cmd_remove,
+            ["queuectl remove k3x9qa"], [arg("ids", nargs="+", metavar="ID")]),
+    Command("edit", "change a pending, failed or dead job (flags or $EDITOR)", cmd_edit, [
+        "queuectl edit k3x9qa --priority 10 --run-at 03:00",
+        "queuectl edit k3x9qa -- ./backup.sh --full", "queuectl edit k3x9qa"], [
+        arg("id", metavar="ID"),
+        arg("words", nargs=argparse_remainder(), metavar="COMMAND",
+            help="a new command (as for enqueue); with no change given, "
+                 "$EDITOR opens the job as JSON"),
+        arg("-c", "--command", help="a new shell command"),
+        arg("-p", "--priority", type=_value("priority", "--priority")),
+        arg("--queue", metavar="Q"),
+        arg("--max-retries", type=_value("max_retries", "--max-retries")),
+        arg("--timeout", type=_value("timeout", "--timeout")),
+        arg("--run-at", metavar="TIME"), arg("--delay", metavar="DUR"),
+        arg("--cwd"),
+        arg("--env", action="append", metavar="K=V|NAME", help="set (repeatable)"),
+        arg("--unset-env", action="append", metavar="NAME", help="unset (repeatable)")]),
     Command("dlq", "the dead letter queue: list, retry, purge"),
     Command("dlq list", "list dead jobs", cmd_dlq, ["queuectl dlq list"],
-            [LIMIT_ARG, JSON_ARG], common=("dlq list", "jobs that failed for good")),
+            [QUEUES_ARG, LIMIT_ARG, JSON_ARG],
+            common=("dlq list", "jobs that failed for good")),
     Command("dlq retry", "run dead jobs again (attempts reset)", cmd_dlq, [
-        "queuectl dlq retry k3x9qa", "queuectl dlq retry --all"], [
+        "queuectl dlq retry k3x9qa", "queuectl dlq retry --all",
+        "queuectl dlq retry --queue reports"], [
         arg("ids", nargs="*", metavar="ID"),
-        arg("--all", action="store_true", help="every dead job")]),
+        arg("--all", action="store_true", help="every dead job"), QUEUES_ARG]),
     Command("dlq purge", "delete dead jobs and their logs", cmd_dlq,
             ["queuectl dlq purge --all"], [
         arg("ids", nargs="*", metavar="ID"),
-        arg("--all", action="store_true", help="every dead job")]),
+        arg("--all", action="store_true", help="every dead job"), QUEUES_ARG]),
     Command("prune", "delete old finished jobs and their logs", cmd_prune, [
         "queuectl prune --older-than 7d",
         "queuectl prune --older-than 30d --state dead"], [
         arg("--older-than", required=True, metavar="DUR",
             help="finished longer ago than this (7d, 12h)"),
         arg("--state", action="append", metavar="S",
-            help="only this finished state (repeatable): " + ", ".join(FINISHED))]),
+            help="only these states (repeatable, or S1,S2; default completed,cancelled): "
+                 + ", ".join(FINISHED)),
+        arg("--dry-run", action="store_true", help="list what would go; delete nothing"),
+        arg("--yes", action="store_true",
+            help="no question for --older-than 0 on a busy home")]),
     Command("config", "get, set or list settings"),
     Command("config get", "print one setting", cmd_config,
             ["queuectl config get max-retries"], [arg("key", metavar="KEY"), JSON_ARG]),
@@ -3710,7 +4331,15 @@ def build_parser(only=None):
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):
-            self.print_usage(sys.stderr)
+            # Unknown options reach the top parser: show the usage of the
+            # (sub)command they were given to.
+            parser = self
+            for word in getattr(self, "argv", []):
+                subs = parser._subparsers
+                choices = subs._group_actions[0].choices if subs else {}
+                if word in choices:
+                    parser = choices[word]
+            parser.print_usage(sys.stderr)
             raise UsageError(message)
 
     common = Parser(add_help=False)
@@ -3737,7 +4366,7 @@ def build_parser(only=None):
             continue
         for flags, kw in c.args:
             p.add_argument(*flags, **kw)
-        p.set_defaults(handler=c.handler)
+        p.set_defaults(handler=c.handler, parser=p)
     return parser
 
 def completion_words():
@@ -3752,6 +4381,37 @@ def completion_words():
             cases.append((c.words, [f for flags, _ in c.args for f in flags
                                     if f.startswith("-")] + extra))
     return sorted(cases, key=lambda case: -len(case[0]))
+
+# Options that take lists: repeated, or comma-separated, or both.
+LIST_OPTIONS = {"state": "--state", "queue": "--queue", "queues": "QUEUE"}
+
+def check_arguments(args):
+    """Checks every command shares: no empty value (--state '' is a
+    mistake, not 'all'); list options split on commas, each state known and
+    each queue a valid name."""
+    parser = getattr(args, "parser", None)
+    for action in parser._actions if parser else []:
+        value = getattr(args, action.dest, None)
+        name = action.option_strings[-1] if action.option_strings else action.metavar
+        values = value if isinstance(value, list) else [value]
+        if action.dest == "job" or not any(v == "" for v in values):
+            continue
+        allowed = {"state": "one of " + ", ".join(STATES),
+                   "queue": "a queue name", "queues": "a queue name"}.get(action.dest)
+        raise UsageError(f"{name} needs a value" + (f": {allowed}" if allowed else ""))
+    for dest, name in LIST_OPTIONS.items():
+        value = getattr(args, dest, None)
+        if not isinstance(value, list):
+            continue
+        items = [part.strip() for v in value for part in v.split(",")]
+        if "" in items:
+            raise UsageError(f"{name} {','.join(value)!r} has an empty item")
+        for item in items:
+            if dest == "state" and item not in STATES:
+                raise UsageError(f"unknown state {item!r}; use one of " + ", ".join(STATES))
+            if dest != "state":
+                check_name(item, "queue name")
+        setattr(args, dest, list(dict.fromkeys(items)))
 
 def _command_name(argv):
     """The subcommand named in argv (after --home DIR), or None."""
@@ -3769,8 +4429,11 @@ def main(argv=None):
         return EXIT_OK
     try:
         only = _command_name(argv)
-        args = build_parser(only).parse_args(argv)
+        parser = build_parser(only)
+        parser.argv = argv
+        args = parser.parse_args(argv)
         args.home = resolve_home(getattr(args, "home", None))
+        check_arguments(args)
         if args.cmd is None:
             sys.stdout.write(short_usage())
             return EXIT_OK

@@ -317,8 +317,12 @@ class QueueTest(unittest.TestCase):
         self.assertIsNone(p.poll(), self.output(p))
         return found[0]
 
-    def show(self, job_id, env=None):
-        r = self.q("show", job_id, "--json", env=env)
+    def show_env(self, job_id):
+        """The environment `show --env --json` gives for a job."""
+        return self.show(job_id, "--env")["environment"]
+
+    def show(self, job_id, *args, env=None):
+        r = self.q("show", job_id, "--json", *args, env=env)
         self.assertEqual(r.code, 0, r)
         return json.loads(r.out)
 
@@ -832,7 +836,8 @@ class TestOwnership(QueueTest):
         self.addCleanup(os.chown, self.home, 0, -1)
         before = self.db_dump()
         r = self.fails(2, "enqueue", "true")
-        self.assertIn("belongs to uid 12345", r.err)
+        self.assertIn("(uid 12345), not to you", r.err)
+        self.assertIn("sudo -u #12345 queuectl", r.err)
         self.assertEqual(self.db_dump(), before)
 
     @unittest.skipUnless(os.geteuid() == 0, "needs root to give a file away")
@@ -1154,7 +1159,8 @@ class TestEnqueue(QueueTest):
         job = self.job("a")
         self.assertEqual((job["command"], job["max_retries"], job["priority"],
                           job["queue"], job["timeout"], job["env"]),
-                         ("echo hi", 2, 5, "q1", 7, {"K": "v"}))
+                         ("echo hi", 2, 5, "q1", 7, ["K"]))
+        self.assertEqual(self.show_env("a")["K"], "v")
 
     def test_json_output(self):
         r = self.q("enqueue", "--id", "j", "--json", "echo hi")
@@ -1208,7 +1214,8 @@ class TestEnqueue(QueueTest):
             with self.subTest(bad=bad):
                 r = self.fails(2, "enqueue", f"--id={bad}", "true")
                 self.assertEqual(len(r.err.strip().splitlines()), 1, r)
-                self.assertIn("invalid job id", r.err)
+                self.assertIn("--id needs a value" if bad == "" else "invalid job id",
+                              r.err)
                 self.assertEqual(r.out, "")
         r = self.fails(2, "enqueue", json.dumps({"id": "../x", "command": "true"}))
         self.assertIn("invalid job id", r.err)
@@ -1284,7 +1291,9 @@ class TestEnqueue(QueueTest):
         self.enqueue("--id", "envjob", "--env", "FOO=bar baz", "--env", "X=1=2",
                      'printf "%s|%s|%s|%s\\n" "$FOO" "$X" "$QUEUECTL_JOB_ID" '
                      '"$QUEUECTL_ATTEMPT" > env.txt')
-        self.assertEqual(self.job("envjob")["env"], {"FOO": "bar baz", "X": "1=2"})
+        self.assertEqual(self.job("envjob")["env"], ["FOO", "X"])
+        env = self.show_env("envjob")
+        self.assertEqual((env["FOO"], env["X"]), ("bar baz", "1=2"))
         self.assertEqual(self.drain().code, 0)
         with open(self.path("env.txt")) as f:
             self.assertEqual(f.read(), "bar baz|1=2|envjob|1\n")
@@ -1791,7 +1800,7 @@ class TestRetriesAndDLQ(QueueTest):
             self.enqueue("--id", i, "--max-retries", "0", "exit 1")
         self.enqueue("--id", "ok", "true")
         self.assertEqual(self.drain().code, 1)
-        self.assertEqual(sorted(self.ok("dlq", "retry", "--all").split()), ["a", "b"])
+        self.assertEqual(self.ok("dlq", "retry", "--all"), "retried 2 jobs\n")
         self.assertEqual(self.state("a"), "pending")
         self.assertEqual(self.state("b"), "pending")
         self.assertEqual(self.state("ok"), "completed")
@@ -2414,17 +2423,17 @@ class TestTwoHomes(QueueTest):
                       what="B's nightly to start")
         self.assertIsNone(w.poll(), self.output(w))
         pid = int(self.lines("b-pid")[0])
-        self.wait_for(lambda: self.show("nightly", self.env_b)["state"] == "processing",
+        self.wait_for(lambda: self.show("nightly", env=self.env_b)["state"] == "processing",
                       what="B's nightly to run")
         return pid
 
     def check_b_untouched_then_finish(self, b_pid):
         self.assertTrue(pid_alive(b_pid))
-        self.assertEqual(self.show("nightly", self.env_b)["state"], "processing")
+        self.assertEqual(self.show("nightly", env=self.env_b)["state"], "processing")
         self.touch("b-go")
-        self.wait_for(lambda: self.show("nightly", self.env_b)["state"] == "completed",
+        self.wait_for(lambda: self.show("nightly", env=self.env_b)["state"] == "completed",
                       what="B's nightly to complete")
-        b = self.show("nightly", self.env_b)
+        b = self.show("nightly", env=self.env_b)
         self.assertEqual((b["attempts"], b["exit_code"]), (1, 0))
         self.assertEqual(self.lines("b-runs"), ["done"])
 
@@ -2486,7 +2495,7 @@ class TestScheduling(QueueTest):
         self.assertEqual(self.order(), ["now"])
         self.assertEqual(self.state("later"), "pending")
         line = [ln for ln in self.ok("list").splitlines() if ln.startswith("later ")][0]
-        self.assertIn("due in", line)
+        self.assertRegex(line, r"due \S+ \(in \d+s\)")
         run_at = queuectl.epoch(self.job("later")["run_at"])
         self.assertAlmostEqual(run_at - time.time(), 30, delta=5)
 
@@ -2740,7 +2749,10 @@ class TestReadCommands(QueueTest):
         self.assertEqual(job["timeout"], 5)
         self.assertEqual(job["depends_on"], ["dep"])
         self.assertEqual(os.path.realpath(job["cwd"]), os.path.realpath(self.work))
-        self.assertEqual(job["env"], {"A": "b"})
+        self.assertEqual(job["env"], ["A"])
+        umask = os.umask(0o022)
+        os.umask(umask)
+        self.assertEqual((job["env_from"], job["umask"]), ("enqueuer", f"{umask:04o}"))
         self.assertEqual(job["exit_code"], 0)
         self.assertIsNone(job["last_error"])
         self.assertIsInstance(job["worker"], str)
@@ -2846,6 +2858,7 @@ class TestReadCommands(QueueTest):
                       "0 cancelled", out)
         self.assertEqual(self.ok("list", "--json"), "[]\n")
         self.assertIn("no jobs", self.ok("list"))
+        self.enqueue("true")
         self.assertEqual(os.stat(self.home).st_mode & 0o777, 0o700)
 
 class TestWait(QueueTest):
@@ -2875,7 +2888,7 @@ class TestWait(QueueTest):
     def test_wait_times_out_on_a_pending_job(self):
         self.enqueue("--id", "j", "true")
         started = time.monotonic()
-        r = self.fails(1, "wait", "j", "--timeout", "0.3")
+        r = self.fails(124, "wait", "j", "--timeout", "0.3")
         self.assertLess(time.monotonic() - started, 10)
         self.assertIn("j", self.error_line(r))
         self.assertEqual(self.state("j"), "pending")
@@ -2883,7 +2896,7 @@ class TestWait(QueueTest):
     def test_wait_bad_ids(self):
         self.enqueue("--id", "j", "true")
         self.fails(2, "wait", "../x", "--timeout", "1")
-        r = self.fails(1, "wait", "nope", "--timeout", "1")
+        r = self.fails(2, "wait", "nope", "--timeout", "1")
         self.assertIn("nope", self.error_line(r))
 
 class TestPrune(QueueTest):
@@ -2898,7 +2911,10 @@ class TestPrune(QueueTest):
         self.assertEqual(self.ok("prune", "--older-than", "1h"), "pruned 0 jobs\n")
         self.assertEqual(self.state("done"), "completed")
         time.sleep(0.05)
-        self.assertEqual(self.ok("prune", "--older-than", "0"), "pruned 2 jobs\n")
+        self.assertEqual(self.ok("prune", "--older-than", "0"), "pruned 1 job\n")
+        self.assertEqual(self.state("bad"), "dead")      # the DLQ is for a person
+        self.assertEqual(self.ok("prune", "--older-than", "0", "--state", "dead"),
+                         "pruned 1 job\n")
         self.fails(1, "show", "done")
         self.fails(1, "show", "bad")
         self.assertFalse(os.path.exists(os.path.join(logs, "done.log")))
@@ -2956,7 +2972,7 @@ class TestHumanOutput(QueueTest):
         self.assertTrue(lines[1].endswith("…"), lines[1])
         self.assertEqual(lines[1].split()[:6], ["build-1", "pending", "default", "0", "0",
                                                 "ready"])
-        self.assertIn("due in 2h", lines[2])
+        self.assertIn("(in 2h)", lines[2])
         self.assertIn("blocked on build-1", lines[3])
         self.assertNotIn("\x1b[", out)                   # not a terminal: no colour
 
@@ -3010,7 +3026,8 @@ class TestMachineOutput(QueueTest):
         self.assertEqual(list(status["counts"]), list(queuectl.STATES))
         listed = json.loads(self.ok("list", "--json"))
         self.assertEqual([j["id"] for j in listed], [job])
-        self.assertEqual(set(listed[0]), set(queuectl.JOB_FIELDS) | {"log"})
+        self.assertEqual(set(listed[0]), set(queuectl.JOB_FIELDS) | {"log", "env_from",
+                                                                     "umask"})
         self.assertEqual(json.loads(self.ok("dlq", "list", "--json")), [])
         self.assertEqual(json.loads(self.ok("worker", "status", "--json")), [])
         cfg = json.loads(self.ok("config", "list", "--json"))
@@ -3186,7 +3203,7 @@ class TestFuzz(QueueTest):
             finally:
                 sys.stdin = saved_stdin
             with self.subTest(n=n, argv=argv):
-                self.assertIn(code, (0, 1, 2), err.getvalue())
+                self.assertIn(code, (0, 1, 2, 3, 124), err.getvalue())
                 self.assertNotIn("Traceback", err.getvalue())
                 self.assertNotIn("unexpected", err.getvalue())
             if argv[0] == "enqueue" and code == 0:
