@@ -2248,8 +2248,9 @@ class Attempts:
         took = f" after {duration:.3f}s" if duration is not None else ""
         not_started = error is not None and error.startswith("not started")
         if state is None:
-            outcome = ("cancelled" if current and current["state"] == CANCELLED else
-                       "taken over by another worker") + "; result not recorded"
+            outcome = "taken over by another worker; result not recorded"
+            if current and current["state"] == CANCELLED:
+                outcome = f"cancelled; {'exit 0' if error is None else error}{took}"
             if not_started:
                 outcome = "not started: taken over by another worker"
         elif error is None:
@@ -3482,6 +3483,7 @@ def cmd_wait(args):
         if args.queue:
             raise UsageError("give job ids or --queue, not both")
     seq, began = store.q(SQL_MAX_SEQ)[0][0], iso(time.time())
+    fault("wait-began")
     where, params = "", []
     if args.queue:
         where, params = f" AND queue IN ({_marks(args.queue)})", list(args.queue)
@@ -3750,15 +3752,25 @@ def cmd_remove(args):
             j, d = waiting[0]
             raise QueuectlError(f"cannot remove job {d}: job {j} waits on it; "
                                 f"remove or cancel {j} too")
-        gone = store.delete(ids, [s for s in STATES if s != PROCESSING])
+        gone = set(store.delete(ids, [s for s in STATES if s != PROCESSING]))
         for job_id in gone:      # under the write lock, as in delete_jobs
             remove_file(log_path(store.home, job_id))
-    sys.stdout.write("".join(i + "\n" for i in gone))
+    sys.stdout.write("".join(i + "\n" for i in ids if i in gone))
     return EXIT_OK
 
 def cmd_edit(args):
     """Change a pending, failed or dead job: with flags, or in $EDITOR as
     JSON; checked as enqueue checks a job."""
+    words = list(args.words or [])
+    if words and words[0].startswith("-"):    # options after the ID, then -- CMD
+        cut = words.index("--") if "--" in words else len(words)
+        opts, words = words[:cut], words[cut + 1:]
+        args.words = []
+        args.parser.parse_args(opts + [args.id], namespace=args)
+        if args.words:
+            raise UsageError("put a new command after --: queuectl edit ID "
+                             "[OPTIONS] -- COMMAND")
+        check_arguments(args)
     store = open_store(args)
     job = store.must_get(args.id)
     editable = (PENDING, FAILED, DEAD)
@@ -3771,9 +3783,6 @@ def cmd_edit(args):
             "env": _loads(job["env"], {})}
     flags = {"queue": args.queue, "priority": args.priority, "max_retries": args.max_retries,
              "timeout": args.timeout, "cwd": args.cwd, "run_at": args.run_at}
-    words = list(args.words or [])
-    if words and words[0] == "--":
-        words = words[1:]
     command = args.command if args.command is not None else (
         (words[0] if len(words) == 1 else shell_join(words)) if words else None)
     if args.command is not None and words:

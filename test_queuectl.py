@@ -21,6 +21,10 @@ process (default once). Points, in the order a job meets them:
     before-record  the job ended and was reaped; before its outcome is written
     record         each try of the outcome's transaction (use fail*N)
 
+and one of `wait` (not a worker's):
+
+    wait-began     wait has taken stock of the jobs it waits for
+
 Actions: stop (SIGSTOP to the worker: frozen, all threads, until SIGCONT),
 kill (SIGKILL), raise (an unexpected exception: a bug), fail (a database
 error such as a full disk or EIO).
@@ -317,6 +321,24 @@ class QueueTest(unittest.TestCase):
         self.assertIsNone(p.poll(), self.output(p))
         return found[0]
 
+    def q_tty(self, *args, answer=""):
+        """Run queuectl with a terminal as stdin (answer typed into it); its
+        stdout and stderr are pipes. A Result."""
+        master, slave = os.openpty()
+        try:
+            p = subprocess.Popen([PY, PROG, *args], stdin=slave, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, env=self.env, cwd=self.work,
+                                 text=True)
+            self.procs.append(p)
+            if answer:
+                os.write(master, answer.encode())
+            out, err = p.communicate(timeout=30)
+        finally:
+            os.close(slave)
+            os.close(master)
+        p.stdout = p.stderr = None
+        return Result(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+
     def show_env(self, job_id):
         """The environment `show --env --json` gives for a job."""
         return self.show(job_id, "--env")["environment"]
@@ -414,10 +436,14 @@ class QueueTest(unittest.TestCase):
         return self.worker_row(p)[0]
 
     def out(self, p):
+        if not hasattr(p, "outpath"):
+            return "(not kept)"
         with open(p.outpath) as f:
             return f.read()
 
     def err(self, p):
+        if not hasattr(p, "errpath"):
+            return "(not kept)"
         with open(p.errpath) as f:
             return f.read()
 
@@ -847,6 +873,92 @@ class TestOwnership(QueueTest):
         os.chown(db, 12345, -1)
         r = self.fails(2, "list")
         self.assertIn(db, r.err)
+
+class TestHomesAndFirstUse(QueueTest):
+    def test_read_commands_never_create_a_home(self):
+        for args in (("status",), ("list",), ("list", "--json"), ("metrics",),
+                     ("worker", "status"), ("dlq", "list"), ("wait",), ("doctor",),
+                     ("top", "--once"), ("worker", "stop"), ("prune", "--older-than", "1d"),
+                     ("cancel", "--all"), ("retry", "--all")):
+            with self.subTest(args=args):
+                r = self.q(*args)
+                self.assertEqual(r.code, 0, r)
+                self.assertIn(f"there is no queue in {self.home} yet", r.err)
+                self.assertIn("--home or QUEUECTL_HOME", r.err)
+                self.assertFalse(os.path.exists(self.home))
+        self.assertEqual(self.q("list", "--json").out, "[]\n")
+        r = self.fails(1, "show", "nope")
+        self.assertFalse(os.path.exists(self.home))
+        self.enqueue("true")
+        self.assertEqual(self.q("status").err, "")
+
+    @unittest.skipUnless(os.geteuid() == 0, "needs root")
+    def test_root_on_a_service_users_home_is_refused_and_creates_nothing(self):
+        import pwd
+        try:
+            nobody = pwd.getpwnam("nobody")
+        except KeyError:
+            self.skipTest("no user nobody")
+        self.enqueue("--id", "j", "true")
+        for dirpath, _dirnames, filenames in os.walk(self.home):
+            for name in [dirpath] + [os.path.join(dirpath, n) for n in filenames]:
+                os.chown(name, nobody.pw_uid, nobody.pw_gid)
+
+        def files():
+            return sorted((os.path.join(d, n), os.lstat(os.path.join(d, n)).st_uid)
+                          for d, dirs, names in os.walk(self.home) for n in names + dirs)
+        before = files()
+        for args in (("status",), ("list",), ("enqueue", "true"), ("worker", "start", "--drain"),
+                     ("config", "set", "max_retries", "1"), ("cancel", "j"),
+                     ("logs", "j"), ("pause",)):
+            with self.subTest(args=args):
+                r = self.fails(2, *args)
+                self.assertIn("belongs to nobody", r.err)
+                self.assertIn("sudo -u nobody queuectl", r.err)
+                self.assertEqual(files(), before)
+
+    def test_enqueue_hints_at_a_missing_worker_only_on_a_terminal(self):
+        r = self.q("enqueue", "true")                 # stderr is a pipe (cron)
+        self.assertEqual(r.err, "")
+        err = self.stderr_on_tty("enqueue", "--queue", "reports", "true")
+        self.assertIn("no worker is running for queue reports", err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.start_worker("--queue", "reports")
+        self.assertEqual(self.stderr_on_tty("enqueue", "--queue", "reports", "true"), "")
+        self.assertIn("queue default", self.stderr_on_tty("enqueue", "true"))
+
+    def stderr_on_tty(self, *args):
+        master, slave = os.openpty()
+        try:
+            r = subprocess.run([PY, PROG, *args], stdout=subprocess.PIPE, stderr=slave,
+                               env=self.env, cwd=self.work, timeout=30)
+            self.assertEqual(r.returncode, 0)
+            os.close(slave)
+            slave = None
+            data = b""
+            while True:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:              # EIO: the other side is closed
+                    break
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            if slave is not None:
+                os.close(slave)
+            os.close(master)
+        return data.decode().replace("\r\n", "\n")
+
+    def test_a_second_worker_says_how_many_will_run(self):
+        self.start_worker("--count", "2")
+        r = self.q("worker", "start", "--detach")
+        self.assertEqual(r.code, 0, r)
+        pid = int(r.out)
+        self.addCleanup(lambda: proc_state(pid) and os.kill(pid, signal.SIGKILL))
+        self.assertIn("1 worker (2 threads) already run on", r.err)
+        self.assertIn("with this one, 2 workers (3 threads) will run", r.err)
+        self.ok("worker", "stop", "--wait", "--timeout", "20")
 
 class TestUmask(QueueTest):
     def test_home_works_under_umask_0277(self):
@@ -1304,6 +1416,247 @@ class TestEnqueue(QueueTest):
                      'echo "$QUEUECTL_ATTEMPT" >> attempts.txt; exit 1')
         self.assertEqual(self.drain().code, 1)
         self.assertEqual(self.lines("attempts.txt"), ["1", "2", "3"])
+
+class TestJobEnvironment(QueueTest):
+    """A job runs in the environment and umask of whoever enqueued it, as
+    with at(1), pueue, tsp and nq; not in the worker's."""
+
+    def enqueue_as(self, env_extra, umask, *args, input=None, drop=()):
+        """enqueue run from a shell with env_extra set and this umask."""
+        env = {k: v for k, v in self.env.items() if k not in drop}
+        env.update(env_extra)
+        r = subprocess.run(["/bin/sh", "-c", f'umask {umask}; exec "$@"', "sh", PY, PROG,
+                            "enqueue", *args], env=env, cwd=self.work, input=input,
+                           capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return r.stdout
+
+    def drain_as_worker(self):
+        """Drain with a worker whose environment says FOO=worker, umask 022."""
+        env = dict(self.env, FOO="worker", ONLY_WORKER="w")
+        r = subprocess.run(["/bin/sh", "-c", 'umask 022; exec "$@"', "sh", PY, PROG,
+                            "worker", "start", "--drain"], env=env, cwd=self.work,
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+
+    def test_plain_json_and_stdin_jobs_get_the_enqueuers_env_and_umask(self):
+        def show(n):
+            return f'echo "$FOO|${{ONLY_WORKER-unset}}|$(umask)" > {n}.txt; touch {n}.file'
+        self.enqueue_as({"FOO": "plain"}, "027", "--id", "p", show("p"))
+        self.enqueue_as({"FOO": "json"}, "027", json.dumps({"id": "j", "command": show("j")}))
+        self.enqueue_as({"FOO": "stdin"}, "027", "--stdin",
+                        input=json.dumps({"id": "s", "command": show("s")}) + "\n")
+        self.drain_as_worker()
+        for name in ("plain", "json", "stdin"):
+            with self.subTest(name=name):
+                self.assertEqual(self.lines(f"{name[0]}.txt"), [f"{name}|unset|0027"])
+                mode = os.stat(self.path(f"{name[0]}.file")).st_mode & 0o777
+                self.assertEqual(oct(mode), oct(0o640))
+
+    def test_env_sets_and_passes_values_and_worker_env_opts_out(self):
+        self.enqueue_as({"FOO": "mine", "BAR": "b"}, "077", "--id", "o",
+                        "--env", "FOO=over", 'echo "$FOO|$BAR" > o.txt')
+        # --worker-env: the worker's environment and umask; --env NAME still
+        # passes that one variable from here.
+        self.enqueue_as({"FOO": "mine", "BAR": "b"}, "077", "--id", "w", "--worker-env",
+                        "--env", "BAR", 'echo "$FOO|$BAR|$ONLY_WORKER|$(umask)" > w.txt')
+        r = self.fails(2, "enqueue", "--env", "NOT_SET_ANYWHERE", "true")
+        self.assertIn("NOT_SET_ANYWHERE is not set here", r.err)
+        self.drain_as_worker()
+        self.assertEqual(self.lines("o.txt"), ["over|b"])
+        self.assertEqual(self.lines("w.txt"), ["worker|b|w|0022"])
+        self.assertEqual((self.job("o")["env_from"], self.job("w")["env_from"]),
+                         ("enqueuer", "worker"))
+
+    def test_queuectl_variables_of_the_enqueuer_never_reach_the_job(self):
+        fake = {"QUEUECTL_JOB_ID": "fake", "QUEUECTL_ATTEMPT": "9",
+                "QUEUECTL_CLAIM": "fakeclaim", "QUEUECTL_OTHER": "x",
+                "__QUEUECTL_COMMAND": "echo hijacked"}
+        self.enqueue_as(fake, "022", "--id", "real", "--env", "QUEUECTL_JOB_ID=fake2",
+                        'echo "$QUEUECTL_JOB_ID|$QUEUECTL_ATTEMPT|${QUEUECTL_OTHER-unset}'
+                        '|$QUEUECTL_HOME|${#QUEUECTL_CLAIM}" > ids.txt')
+        self.assertNotIn("QUEUECTL_OTHER", self.show_env("real"))
+        self.drain_as_worker()
+        self.assertEqual(self.lines("ids.txt"), [f"real|1|unset|{self.home}|12"])
+
+    def test_an_environment_is_stored_once_for_many_jobs(self):
+        lines = "".join(f"echo {i}\n" for i in range(300))
+        self.enqueue_as({"FOO": "same"}, "022", "--stdin", input=lines)
+        for _ in range(3):
+            self.enqueue_as({"FOO": "same"}, "022", "true")
+        con = self.db()
+        self.assertEqual(con.execute("SELECT count(*) FROM envs").fetchone()[0], 1)
+        self.enqueue_as({"FOO": "other"}, "022", "--id", "other", "true")
+        self.assertEqual(con.execute("SELECT count(*) FROM envs").fetchone()[0], 2)
+        self.ok("cancel", "other")
+        self.ok("prune", "--older-than", "0")
+        # The last job that used it is gone: so is the environment.
+        self.assertEqual(con.execute("SELECT count(*) FROM envs").fetchone()[0], 1)
+
+    def test_values_are_printed_only_by_show_env(self):
+        self.enqueue_as({"SECRET_TOKEN": "hunter2"}, "022", "--id", "s",
+                        "--env", "API_KEY=swordfish", "true")
+        for args in (("list",), ("list", "--json"), ("show", "s"), ("show", "s", "--json"),
+                     ("status", "s"), ("dlq", "list")):
+            with self.subTest(args=args):
+                out = self.ok(*args)
+                self.assertNotIn("hunter2", out)
+                self.assertNotIn("swordfish", out)
+        self.assertEqual(self.job("s")["env"], ["API_KEY"])
+        out = self.ok("show", "s", "--env")
+        self.assertIn("SECRET_TOKEN=hunter2", out)
+        self.assertIn("API_KEY=swordfish", out)
+        env = self.show_env("s")
+        self.assertEqual((env["SECRET_TOKEN"], env["API_KEY"]), ("hunter2", "swordfish"))
+
+    def test_a_version_1_database_is_migrated_and_its_jobs_keep_the_workers_env(self):
+        self.env.pop("FOO", None)
+        self.enqueue("--id", "old", 'echo "$FOO" > old.txt')
+        con = sqlite3.connect(os.path.join(self.home, "queue.db"))
+        con.execute("DROP INDEX jobs_env")
+        con.execute("DROP TABLE envs")
+        con.execute("ALTER TABLE jobs DROP COLUMN env_id")
+        con.execute("ALTER TABLE jobs DROP COLUMN umask")
+        con.execute("PRAGMA user_version = 1")
+        con.commit()
+        con.close()
+        self.assertEqual(self.job("old")["env_from"], "worker")
+        self.enqueue("--id", "new", 'echo "$FOO" > new.txt')
+        self.assertEqual(self.db().execute("PRAGMA user_version").fetchone()[0],
+                         queuectl.SCHEMA_VERSION)
+        self.drain_as_worker()
+        self.assertEqual((self.lines("old.txt"), self.lines("new.txt")), (["worker"], []))
+
+class TestCommandsAsTyped(QueueTest):
+    """Commands as people type them: words, --, brace groups, times a person
+    writes, durations, lists, -n, and exit 2 for what is not allowed."""
+
+    def output_of(self, job_id):
+        return [line for line in self.log(job_id).splitlines()
+                if not line.startswith("[queuectl]")]
+
+    def test_words_are_one_command_and_options_go_before_it(self):
+        self.enqueue("--id", "w", "echo", "hello", "world")
+        self.enqueue("--id", "q", "--queue", "q1", "printf", "%s|", "a  b", "it's", "-n")
+        self.enqueue("--id", "d", "--max-retries", "0", "--", "-x")   # starts with -
+        self.enqueue("--id", "old", "echo old way", "--queue", "q2")  # options after
+        self.assertEqual([self.job(i)["command"] for i in ("w", "q", "d", "old")],
+                         ["echo hello world", "printf '%s|' 'a  b' 'it'\"'\"'s' -n",
+                          "-x", "echo old way"])
+        self.assertEqual((self.job("q")["queue"], self.job("old")["queue"]), ("q1", "q2"))
+        r = self.fails(2, "enqueue", "echo a b", "c")
+        self.assertIn("not both", r.err)
+        self.drain()
+        self.assertEqual(self.output_of("w"), ["hello world"])
+        self.assertEqual(self.output_of("q"), ["a  b|it's|-n|"])
+
+    def test_a_brace_group_is_a_command_and_broken_json_points_at_c(self):
+        self.enqueue("--id", "g", "{ echo a; echo b; } > g.txt")
+        self.enqueue('{"id": "j", "command": "echo json"}')
+        before = self.db_dump()
+        r = self.fails(2, "enqueue", '{"id": "x", "command": ')
+        self.assertIn("invalid JSON job", r.err)
+        self.assertIn("-c", self.error_line(r))
+        self.assertEqual(self.db_dump(), before)
+        self.drain()
+        self.assertEqual(self.lines("g.txt"), ["a", "b"])
+        self.assertEqual(self.output_of("j"), ["json"])
+
+    def test_run_at_as_a_person_types_it(self):
+        now = time.time()
+        self.enqueue("--id", "rel", "--run-at", "+90m", "true")
+        self.enqueue("--id", "off", "--run-at", "2036-12-01T03:00+02:00", "true")
+        self.enqueue("--id", "clock", "--run-at", "03:00", "true")
+        self.enqueue("--id", "tom", "--run-at", "tomorrow 03:00", "true")
+        self.enqueue("--id", "day", "--run-at", "2036-12-01 03:00", "true")
+        rel = queuectl.epoch(self.job("rel")["run_at"])
+        self.assertLess(abs(rel - (now + 5400)), 30)
+        self.assertEqual(self.job("off")["run_at"], "2036-12-01T01:00:00Z")
+        clock = queuectl.epoch(self.job("clock")["run_at"])
+        self.assertTrue(now < clock <= now + 86400 + 3600)       # the next 03:00
+        self.assertEqual(time.localtime(clock)[3:5], (3, 0))
+        self.assertEqual(time.localtime(queuectl.epoch(self.job("tom")["run_at"]))[3:5],
+                         (3, 0))
+        self.assertEqual(time.localtime(queuectl.epoch(self.job("day")["run_at"]))[:5],
+                         (2036, 12, 1, 3, 0))
+        self.assertRegex(self.ok("show", "rel"), r"(?m)^run_at +\S+Z \(.+ local, in 1h30m\)$")
+        listed = [line for line in self.ok("list").splitlines() if line.startswith("rel ")]
+        self.assertIn("(in 1h30m)", listed[0])
+        r = self.fails(2, "enqueue", "--run-at", "tomorrowish", "true")
+        self.assertIn("tomorrow 03:00", r.err)
+
+    def test_every_duration_takes_units(self):
+        self.assertEqual(self.ok("config", "set", "job_timeout", "1h"), "job_timeout = 3600\n")
+        self.assertEqual(self.ok("config", "set", "max_backoff", "10m"),
+                         "max_backoff = 600\n")
+        self.assertEqual(self.ok("config", "set", "kill_grace", "30s"), "kill_grace = 30\n")
+        self.enqueue("--id", "t", "--timeout", "1m", "--delay", "1h", "true")
+        self.assertEqual(self.job("t")["timeout"], 60)
+        self.ok("worker", "stop", "--wait", "--timeout", "5m")
+        self.assertEqual(self.q("wait", "t", "--timeout", "0.1s").code, 124)
+        self.ok("cancel", "t", "--grace", "2s")
+        self.assertEqual(self.q("wait", "t", "--timeout", "5m").code, 1)
+
+    def test_filters_repeat_or_take_comma_lists(self):
+        self.enqueue("--id", "a", "--queue", "qa", "--max-retries", "0", "exit 1")
+        self.enqueue("--id", "b", "--queue", "qb", "true")
+        self.enqueue("--id", "c", "--queue", "qc", "--delay", "1h", "true")
+        self.drain()
+
+        def ids(*args):
+            return [j["id"] for j in json.loads(self.ok("list", "--json", *args))]
+        self.assertEqual(ids("--state", "dead", "--state", "completed"), ["a", "b"])
+        self.assertEqual(ids("--state", "dead,completed"), ["a", "b"])
+        self.assertEqual(ids("--queue", "qa,qc"), ["a", "c"])
+        self.assertEqual(ids("--queue", "qa", "--queue", "qb", "--state", "completed"), ["b"])
+        self.assertEqual(self.ok("prune", "--older-than", "0", "--state", "dead,completed"),
+                         "pruned 2 jobs\n")
+
+    def test_logs_n_is_tail_n(self):
+        self.enqueue("--id", "j", "seq 1 50")
+        self.drain()
+        self.assertEqual(self.ok("logs", "j", "-n", "2"), self.ok("logs", "j", "--tail", "2"))
+        self.assertEqual(self.ok("logs", "-n", "3", "j").splitlines()[0], "49")
+
+    def test_an_unknown_flag_prints_that_subcommands_usage(self):
+        for args, usage in ((("list", "--bogus"), "usage: queuectl list "),
+                            (("worker", "start", "--bogus"), "usage: queuectl worker start "),
+                            (("dlq", "retry", "--bogus"), "usage: queuectl dlq retry "),
+                            (("logs", "x", "--nope"), "usage: queuectl logs ")):
+            with self.subTest(args=args):
+                r = self.fails(2, *args)
+                self.assertTrue(r.err.startswith(usage), r.err)
+
+    def test_empty_values_are_refused_with_what_is_allowed(self):
+        self.enqueue("--id", "keep", "true")
+        before = self.db_dump()
+        r = self.fails(2, "list", "--state", "")
+        self.assertIn("--state needs a value: one of pending, processing", r.err)
+        for args in (("list", "--queue", ""), ("list", "--state", "dead,"),
+                     ("enqueue", "--env", "", "true"), ("enqueue", "--cwd", "", "true"),
+                     ("enqueue", "--queue", "", "true"), ("prune", "--older-than", ""),
+                     ("cancel", "--queue", ""), ("logs", ""), ("wait", "")):
+            with self.subTest(args=args):
+                r = self.fails(2, *args)
+                self.assertEqual(len(r.err.strip().splitlines()), 1, r)
+        self.assertEqual(self.db_dump(), before)
+
+    def test_every_rejected_stdin_line_is_named_by_its_number(self):
+        self.enqueue("--id", "taken", "true")
+        before = self.db_dump()
+        for line, why in (('{"id": "../x", "command": "true"}', "invalid job id"),
+                          ('{"id": 5, "command": "true"}', "an id is a string"),
+                          ('{"command": "true", "bogus": 1}', "unknown job field"),
+                          ('{"command": "true", "depends_on": ["nope"]}', "unknown job"),
+                          ('{"id": "taken", "command": "true"}', "exists already"),
+                          ('{"command": "true", "priority": "x"}', "priority"),
+                          ('{"id": "y", "command": ', "invalid JSON")):
+            with self.subTest(line=line):
+                r = self.fails(2 if why != "exists already" and why != "unknown job"
+                               else 1, "enqueue", "--stdin", input=f"true\n\n{line}\n")
+                self.assertTrue(self.error_line(r).startswith("queuectl: error: line 3: "), r)
+                self.assertIn(why, r.err)
+        self.assertEqual(self.db_dump(), before)
 
 class TestStdinSplitting(QueueTest):
     def one_job(self, data):
@@ -2898,6 +3251,265 @@ class TestWait(QueueTest):
         self.fails(2, "wait", "../x", "--timeout", "1")
         r = self.fails(2, "wait", "nope", "--timeout", "1")
         self.assertIn("nope", self.error_line(r))
+
+class TestScriptsCanRelyOnWait(QueueTest):
+    """wait and logs --follow return as soon as the answer is known, with an
+    exit status a script can act on: 0, 1, 2, 3 (stuck) or 124 (timeout)."""
+
+    def test_wait_returns_at_once_on_a_job_whose_dependency_is_dead(self):
+        self.enqueue("--id", "a", "--max-retries", "0", "exit 1")
+        self.enqueue("--id", "b", "--after", "a", "true")
+        self.enqueue("--id", "c", "--after", "b", "true")      # stuck through b
+        self.assertEqual(self.drain().code, 1)
+        for args in (("c",), ("b", "c"), ()):
+            with self.subTest(args=args):
+                started = time.monotonic()
+                r = self.fails(3, "wait", *args, "--timeout", "30")
+                self.assertLess(time.monotonic() - started, 10)
+                self.assertIn("c waits on a, which is dead", r.err)
+        self.ok("cancel", "b")
+        r = self.fails(3, "wait", "c", "--timeout", "30")
+        self.assertIn("c waits on", r.err)
+        self.fails(1, "wait", "b", "--timeout", "30")
+
+    def test_wait_with_no_id_or_a_queue_waits_for_what_was_enqueued(self):
+        self.enqueue("--id", "a", "--queue", "q1", "true")
+        self.enqueue("--id", "b", "--queue", "q2", "true")
+        self.assertEqual(self.drain("--queue", "q1").code, 0)
+        self.ok("wait", "--queue", "q1", "--timeout", "10")
+        r = self.fails(124, "wait", "--timeout", "0.3")
+        self.assertIn("b (pending)", r.err)
+        r = self.fails(124, "wait", "--queue", "q1,q2", "--timeout", "0.3")
+        self.fails(2, "wait", "a", "--queue", "q1")
+        self.assertEqual(self.drain().code, 0)
+        self.ok("wait", "--timeout", "10")
+        # Only jobs that ended since wait began count: an old dead job does not.
+        self.enqueue("--id", "old", "--max-retries", "0", "exit 1")
+        self.assertEqual(self.drain().code, 1)
+        self.ok("wait", "--timeout", "10")
+        # A job that fails while wait waits: wait stops itself once it has
+        # taken stock (a fault point), so the job surely ends after that.
+        self.enqueue("--id", "late", "--max-retries", "0", "exit 1")
+        w = subprocess.Popen([PY, PROG, "wait", "--timeout", "30"], stderr=subprocess.PIPE,
+                             env=self.fault_env("wait-began:stop"), text=True)
+        self.procs.append(w)
+        self.wait_stopped(w)
+        self.assertEqual(self.drain().code, 1)
+        os.kill(w.pid, signal.SIGCONT)
+        self.assertEqual(w.wait(timeout=30), 1)
+        self.assertIn("late dead", w.stderr.read())
+
+    def test_exit_statuses(self):
+        self.set_fast_retries()
+        self.enqueue("--id", "ok", "true")
+        self.enqueue("--id", "bad", "--max-retries", "0", "exit 1")
+        self.enqueue("--id", "later", "--delay", "1h", "true")
+        self.drain()
+        self.ok("wait", "ok")
+        self.fails(1, "wait", "ok", "bad")
+        self.fails(2, "wait", "ok", "nope")
+        self.fails(124, "wait", "later", "--timeout", "0.2")
+
+    def test_logs_follow_ends_with_the_jobs_outcome(self):
+        self.enqueue("--id", "ok", "echo fine")
+        self.enqueue("--id", "bad", "--max-retries", "0", "echo oops; exit 3")
+        self.enqueue("--id", "gone", "--delay", "1h", "true")
+        self.enqueue("--id", "dep", "--after", "bad", "true")
+        self.drain()
+        r = self.q("logs", "ok", "--follow", timeout=30)
+        self.assertEqual(r.code, 0, r)
+        self.assertIn("fine", r.out)
+        r = self.fails(1, "logs", "bad", "--follow", timeout=30)
+        self.assertIn("oops", r.out)
+        self.assertIn("job bad is dead", r.err)
+        self.ok("cancel", "gone")
+        self.fails(1, "logs", "gone", "-f", timeout=30)
+        r = self.fails(3, "logs", "dep", "-f", timeout=30)
+        self.assertIn("dep waits on bad, which is dead", r.err)
+
+    def test_after_a_dead_or_cancelled_job_is_accepted_with_a_warning(self):
+        self.enqueue("--id", "bad", "--max-retries", "0", "exit 1")
+        self.enqueue("--id", "off", "true")
+        self.ok("cancel", "off")
+        self.drain()
+        for dep, state in (("bad", "dead"), ("off", "cancelled")):
+            with self.subTest(dep=dep):
+                r = self.q("enqueue", "--after", dep, "true")
+                self.assertEqual(r.code, 0, r)
+                self.assertRegex(r.out, r"^[0-9a-z]{6}\n$")
+                self.assertIn(f"waits on {dep}, which is {state}", r.err)
+        r = self.q("enqueue", "--after", "off", "--after", "bad", "true")
+        self.assertEqual(len(r.err.splitlines()), 2, r)
+
+class TestActingOnManyJobs(QueueTest):
+    """cancel, retry and dlq retry by selector; remove; retry of a failed
+    job; edit; prune that keeps the DLQ; cancel that lets a job clean up."""
+
+    def states(self):
+        return {j["id"]: j["state"] for j in json.loads(self.ok("list", "--json"))}
+
+    def test_cancel_by_queue_state_or_all_prints_a_count(self):
+        for i, q in (("a", "q1"), ("b", "q1"), ("c", "q2"), ("d", "q3")):
+            self.enqueue("--id", i, "--queue", q, "true")
+        before = self.db_dump()
+        self.fails(2, "cancel", "a", "--all")
+        self.fails(2, "cancel")
+        self.fails(2, "cancel", "--state", "dead")
+        self.assertEqual(self.db_dump(), before)
+        self.assertEqual(self.ok("cancel", "--queue", "q1"), "cancelled 2 jobs\n")
+        self.assertEqual(self.ok("cancel", "--state", "pending", "--queue", "q2"),
+                         "cancelled 1 job\n")
+        self.assertEqual(self.ok("cancel", "--all"), "cancelled 1 job\n")
+        self.assertEqual(set(self.states().values()), {"cancelled"})
+        self.assertEqual(self.ok("retry", "--queue", "q1"), "retried 2 jobs\n")
+        self.assertEqual(self.states(), {"a": "pending", "b": "pending", "c": "cancelled",
+                                         "d": "cancelled"})
+        self.assertEqual(self.ok("retry", "--all"), "retried 2 jobs\n")
+        self.assertEqual(self.ok("retry", "--all"), "retried 0 jobs\n")
+
+    def test_dlq_retry_and_purge_by_queue(self):
+        for i, q in (("a", "q1"), ("b", "q2")):
+            self.enqueue("--id", i, "--queue", q, "--max-retries", "0", "exit 1")
+        self.drain()
+        self.assertEqual(self.ok("dlq", "retry", "--queue", "q1"), "retried 1 job\n")
+        self.assertEqual(self.states(), {"a": "pending", "b": "dead"})
+        self.assertEqual(self.ok("dlq", "purge", "--queue", "q2"), "purged 1 job\n")
+        self.assertEqual(self.states(), {"a": "pending"})
+
+    def test_retry_of_a_failed_job_runs_it_now_keeping_its_attempts(self):
+        self.ok("config", "set", "max_backoff", "1h")
+        self.ok("config", "set", "backoff_base", "1000")
+        self.enqueue("--id", "f", "--max-retries", "3", "echo x >> runs.txt; exit 1")
+        self.start_worker()
+        self.wait_for(lambda: self.job("f")["attempts"] == 1, what="the first attempt")
+        self.assertEqual(self.state("f"), "failed")       # for the next 1000 s
+        self.assertEqual(self.ok("retry", "f"), "f\n")
+        self.wait_for(lambda: self.job("f")["attempts"] == 2, what="the retry, now")
+        self.assertEqual(self.lines("runs.txt"), ["x", "x"])
+        self.assertEqual(self.state("f"), "failed")
+
+    def test_remove_deletes_a_job_that_is_not_running_and_its_log(self):
+        self.enqueue("--id", "done", "echo hi")
+        self.drain()
+        log = os.path.join(self.home, "logs", "done.log")
+        self.assertTrue(os.path.exists(log))
+        self.enqueue("--id", "p", "true")
+        self.enqueue("--id", "after", "--after", "p", "true")
+        before = self.db_dump()
+        r = self.fails(1, "remove", "p")
+        self.assertIn("after waits on it", r.err)
+        self.fails(1, "remove", "nope", "done")
+        self.assertEqual(self.db_dump(), before)
+        self.assertEqual(self.ok("remove", "done", "p", "after").split(),
+                         ["done", "p", "after"])
+        self.assertFalse(os.path.exists(log))
+        self.assertEqual(self.states(), {})
+        self.enqueue("--id", "run", self.gate_cmd("go"))
+        self.start_worker()
+        self.wait_state("run", "processing")
+        r = self.fails(1, "remove", "run")
+        self.assertIn("cancel it first", r.err)
+        self.touch("go")
+
+    def test_edit_with_flags_goes_through_enqueues_checks(self):
+        self.enqueue("--id", "e", "--queue", "q1", "echo old")
+        self.assertEqual(self.ok("edit", "e", "--priority", "7", "--queue", "q2",
+                                 "--env", "A=1", "--", "echo", "new"), "e\n")
+        job = self.job("e")
+        self.assertEqual((job["command"], job["priority"], job["queue"], job["env"]),
+                         ("echo new", 7, "q2", ["A"]))
+        before = self.db_dump()
+        for args in (("--priority", "x"), ("--queue", "a b"), ("--run-at", "soonish"),
+                     ("--cwd", "/nonexistent"), ("-c", " ")):
+            with self.subTest(args=args):
+                self.fails(2, "edit", "e", *args)
+        self.assertEqual(self.db_dump(), before)
+        self.ok("edit", "e", "--run-at", "+1h", "--unset-env", "A")
+        self.assertGreater(queuectl.epoch(self.job("e")["run_at"]), time.time() + 3000)
+        self.assertEqual(self.job("e")["env"], [])
+        self.drain()
+        self.ok("edit", "e", "--delay", "0")
+        self.drain()
+        self.assertIn("new", self.log("e"))
+        r = self.fails(1, "edit", "e", "--priority", "1")
+        self.assertIn("it is completed", r.err)
+
+    def test_edit_in_the_editor(self):
+        self.enqueue("--id", "e", "echo old")
+        env = dict(self.env, EDITOR="sed -i 's/echo old/echo edited/'", VISUAL="")
+        self.assertEqual(self.ok("edit", "e", env=env), "e\n")
+        self.assertEqual(self.job("e")["command"], "echo edited")
+        before = self.db_dump()
+        for editor, why in (("sed -i 's/\"command\"/\"cmd\"/'", "unknown job field"),
+                            ("sed -i 's/{/[/'", "not valid JSON"),
+                            ("false", "exited 1"), ("true", "no change")):
+            with self.subTest(editor=editor):
+                r = self.fails(2 if why in ("unknown job field", "not valid JSON") else 1,
+                               "edit", "e", env=dict(self.env, EDITOR=editor, VISUAL=""))
+                self.assertIn(why, r.err)
+        self.assertEqual(self.db_dump(), before)
+        self.assertEqual(os.listdir(os.path.join(self.home, "run")), [])
+
+    def test_prune_keeps_dead_jobs_unless_asked_and_dry_run_deletes_nothing(self):
+        self.enqueue("--id", "ok", "true")
+        self.enqueue("--id", "bad", "--max-retries", "0", "exit 1")
+        self.drain()
+        before = self.db_dump()
+        r = self.q("prune", "--older-than", "0", "--dry-run")
+        self.assertEqual((r.code, r.out, r.err), (0, "ok\n", "would prune 1 job\n"))
+        r = self.q("prune", "--older-than", "0", "--state", "dead", "--dry-run")
+        self.assertEqual(r.out, "bad\n")
+        self.assertEqual(self.db_dump(), before)
+        self.assertEqual(self.ok("prune", "--older-than", "0"), "pruned 1 job\n")
+        self.assertEqual(self.states(), {"bad": "dead"})
+
+    def test_prune_older_than_0_on_a_busy_home_asks_on_a_terminal(self):
+        self.enqueue("--id", "ok", "true")
+        self.drain()
+        self.enqueue("--id", "waiting", "--delay", "1h", "true")
+        r = self.q_tty("prune", "--older-than", "0", answer="n\n")
+        self.assertEqual(r.code, 1, r)
+        self.assertIn("Delete them? [y/N]", r.err)
+        self.assertEqual(self.state("ok"), "completed")
+        r = self.q_tty("prune", "--older-than", "0", answer="y\n")
+        self.assertEqual((r.code, r.out), (0, "pruned 1 job\n"), r)
+        self.enqueue("--id", "ok2", "true")
+        self.ok("cancel", "ok2")
+        r = self.q_tty("prune", "--older-than", "0", "--yes", answer="")
+        self.assertEqual((r.code, r.out), (0, "pruned 1 job\n"), r)
+        self.assertNotIn("[y/N]", r.err)
+
+    def test_cancel_gives_kill_grace_to_a_job_that_cleans_up(self):
+        # The job traps TERM and takes 1.5 s to clean up: more than the old
+        # fixed 1 s, less than kill_grace.
+        self.ok("config", "set", "kill_grace", "20")
+        self.enqueue("--id", "c", "trap 'sleep 1.5; echo cleaned > clean.txt; exit 0' TERM; "
+                     "echo $$ > pid.txt; while :; do sleep 0.05; done")
+        self.enqueue("--id", "i", "trap 'echo int > int.txt; exit 0' INT; "
+                     "while :; do sleep 0.05; done")
+        w = self.start_worker("--count", "2")
+        self.read_pid("pid.txt")
+        self.wait_running("c")
+        self.wait_running("i")
+        self.assertEqual(self.ok("cancel", "c"), "c\n")
+        self.assertEqual(self.lines("clean.txt"), ["cleaned"])
+        self.ok("cancel", "--signal", "INT", "i")
+        self.assertEqual(self.lines("int.txt"), ["int"])
+        self.wait_for(lambda: "attempt 1 ended" in self.log("c"), what="c's footer")
+        self.assertIn("ended: cancelled; exit 0", self.log("c"))
+        self.assertNotIn("result not recorded", self.log("c"))
+        self.fails(2, "cancel", "--signal", "NOPE", "c")
+        del w
+
+    def test_cancel_grace_then_kill(self):
+        self.enqueue("--id", "stubborn", "trap '' TERM; while :; do sleep 0.05; done")
+        self.start_worker()
+        self.wait_running("stubborn")
+        started = time.monotonic()
+        self.ok("cancel", "stubborn", "--grace", "0.3")
+        self.assertLess(time.monotonic() - started, 8)
+        self.wait_for(lambda: "cancelled; killed by SIGKILL" in self.log("stubborn"),
+                      what="the footer of a killed job")
 
 class TestPrune(QueueTest):
     def test_prune_removes_old_finished_jobs_and_logs_keeps_pending(self):
