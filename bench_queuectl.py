@@ -423,7 +423,11 @@ def bench_enqueue(rep, n):
             sb.cli("enqueue", "true", launcher=argv)
         subprocess.run([PY, "-c", "pass"], check=True, timeout=CHILD_TIMEOUT)
 
-        times = {name: [] for name in ["bare", "bare -I"] + list(launchers)}
+        times = {name: [] for name in ["bare", "bare -I", "no env capture"]
+                 + list(launchers)}
+        # The cost of capturing the caller's environment: the same launcher
+        # with --worker-env (no capture, no envs row read or written).
+        plain = launchers.get("installed queuectl") or launchers["python queuectl.py"]
         for _ in range(n):
             t, _p = timed(subprocess.run, [PY, "-c", "pass"], env=sb.env,
                           cwd=sb.root, timeout=CHILD_TIMEOUT, check=True)
@@ -436,6 +440,8 @@ def bench_enqueue(rep, n):
             for name, argv in launchers.items():
                 t, _p = sb.cli("enqueue", "true", launcher=argv)
                 times[name].append(t)
+            t, _p = sb.cli("enqueue", "--worker-env", "true", launcher=plain)
+            times["no env capture"].append(t)
 
     targets = {"python queuectl.py": 2.0, "installed queuectl": 1.5}
     for name in launchers:
@@ -454,6 +460,11 @@ def bench_enqueue(rep, n):
                  f"p95 {percentile(ms, 95):.1f} ms; bare interpreter mean "
                  f"{mean(base_ms):.1f} ms, median {median(base_ms):.1f} ms "
                  f"(n={len(ms)})")
+    with_env = times["installed queuectl" if "installed queuectl" in launchers
+                     else "python queuectl.py"]
+    rep.add("enqueue_env_capture", "enqueue cost of capturing the environment (median)",
+            (median(with_env) - median(times["no env capture"])) * 1000, "ms",
+            median(times["no env capture"]) * 1000, "enqueue --worker-env", digits=2)
     if "./queuectl.py" in launchers:
         rep.note(f"./queuectl.py: its sh header imports queuectl with QUEUECTL_PYTHON={PY} "
                  "-I, loading cached bytecode from __pycache__ beside it")
@@ -480,6 +491,19 @@ con.execute("COMMIT")
 """
 
 
+def db_bytes(home):
+    """The size of home's database once its WAL is checkpointed into it."""
+    import sqlite3
+    path = os.path.join(home, "queue.db")
+    con = sqlite3.connect(path)
+    try:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    finally:
+        con.close()
+    return sum(os.path.getsize(path + ext) for ext in ("", "-wal")
+               if os.path.exists(path + ext))
+
+
 def bench_bulk(rep, n):
     """`enqueue --stdin` of n lines, against the same rows inserted into the
     same schema by a minimal sqlite3 script (also a child process)."""
@@ -490,13 +514,22 @@ def bench_bulk(rep, n):
                            input=data, text=True, check=True, timeout=300)
         took, _p = sb.cli("enqueue", "--stdin", input=data, timeout=300)
         stored = sb.count("pending")
+        size = db_bytes(sb.home)
         claim_big, plan = time_claims(sb.home, 5)
+    with Sandbox("bulk-worker-env") as sb:
+        sb.cli("enqueue", "--stdin", "--worker-env", input=data, timeout=300)
+        size_plain = db_bytes(sb.home)
     with Sandbox("bulk-small") as sb:
         sb.cli("enqueue", "--stdin", input="true\n" * 100)
         claim_small, _plan = time_claims(sb.home, 5)
     rate, base = n / took, n / base_t
     rep.add("bulk_enqueue", f"bulk enqueue --stdin ({n:,} lines)", rate, "jobs/s",
             base, "raw sqlite3 script", ">= 20,000/s", rate >= 20000, digits=0)
+    rep.add("db_bytes_per_job", f"database size per job, {n:,} --stdin jobs", size / n,
+            "bytes", size_plain / n, "with --worker-env", digits=1)
+    rep.note(f"database after {n:,} --stdin jobs: {size / 1e6:.1f} MB with the "
+             f"environment captured (one envs row), {size_plain / 1e6:.1f} MB with "
+             "--worker-env")
     rep.add("claim_backlog", f"one claim with {n:,} jobs pending (median of 5)",
             median(claim_big) * 1000, "ms", median(claim_small) * 1000, "100 pending",
             digits=2)
