@@ -390,9 +390,11 @@ def check_private(path, what):
             owner = pwd.getpwuid(st.st_uid).pw_name
         except KeyError:
             owner = f"#{st.st_uid}"
+        home = path if what == "home directory" else os.path.dirname(path)
+        user = owner if owner[0] != "#" else f"'{owner}'"     # # starts a comment
         raise UsageError(f"{what} {path} belongs to {owner} (uid {st.st_uid}), not to "
                          f"you (uid {os.geteuid()}): refusing to use it; run queuectl "
-                         f"as its owner: sudo -u {owner} queuectl …")
+                         f"as its owner: sudo -u {user} queuectl --home {home} …")
     if st.st_mode & 0o022:
         raise UsageError(
             f"{what} {path} is writable by group or others (mode "
@@ -623,6 +625,27 @@ def claim_processes(token, leader_only=False):
         alive, start = proc_start(pid)
         if alive:
             found.append((pid, start))
+    return found
+
+def live_claims():
+    """The claim tokens of every live process that carries one (one pass
+    over /proc). Raises OSError when /proc cannot be listed; empty without
+    /proc."""
+    if not os.path.isdir("/proc/self"):
+        return set()
+    found = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = b"\0" + f.read()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        at = env.find(b"\0QUEUECTL_CLAIM=")
+        if at >= 0:
+            end = env.find(b"\0", at + 1)
+            found.add(env[at + 16:end if end >= 0 else None].decode("ascii", "replace"))
     return found
 
 def same_process(pid, start):
@@ -945,8 +968,9 @@ def check_spec(spec):
                 isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise UsageError("env must be an object of strings")
         for k, v in env.items():
-            if not k or "=" in k or "\0" in k or "\0" in v:
-                raise UsageError(f"invalid environment variable name {k!r}")
+            if not k.isascii() or not shell_name(k.encode()) or "\0" in v:
+                raise UsageError(f"invalid environment variable name {k!r}: use "
+                                 "letters, digits and _, not starting with a digit")
             if not _utf8(k) or not _utf8(v):
                 raise UsageError(f"env {k!r} is not valid UTF-8")
     cwd = spec.get("cwd")
@@ -978,20 +1002,42 @@ def spec_from_text(text):
             obj = json.loads(text, parse_constant=_refuse_constant)
         except ValueError as e:
             if text.lstrip()[1:].lstrip().startswith('"'):
-                raise UsageError(f"invalid JSON job ({e}); to enqueue a shell "
-                                 "command that starts with {\", give it with -c") from None
+                raise UsageError(f"invalid JSON job ({e}); to enqueue a shell command "
+                                 "that starts with {\", give it with -c (or, on "
+                                 "--stdin, as a JSON job's \"command\")") from None
             obj = None
         if isinstance(obj, dict):
             return obj
     return {"command": text}
 
+SHELL_NAME_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                             b"0123456789_")
+
+def shell_name(name):
+    """Whether name (bytes) can be a variable of the job's shell: others
+    never reach its command, so they are neither captured nor accepted."""
+    return bool(name) and not name[:1].isdigit() and all(c in SHELL_NAME_CHARS
+                                                         for c in name)
+
 def captured_env():
     """The caller's environment as stored for its jobs: NAME=VALUE byte
     strings joined by NUL, sorted (one blob per distinct environment), less
-    ENV_NOT_CAPTURED and QUEUECTL_*."""
-    return b"\0".join(sorted(
-        k + b"=" + v for k, v in os.environb.items()
-        if k not in ENV_NOT_CAPTURED and not k.startswith((b"QUEUECTL_", b"__QUEUECTL_"))))
+    ENV_NOT_CAPTURED, QUEUECTL_* and names no shell variable can have. Read
+    from /proc/self/environ, the environment this process was started with:
+    os.environ also holds what Python's start-up added (LC_CTYPE=C.UTF-8 by
+    locale coercion)."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            items = f.read().split(b"\0")
+    except OSError:
+        items = [k + b"=" + v for k, v in os.environb.items()]
+    env = {}
+    for item in items:
+        k, sep, _ = item.partition(b"=")
+        if sep and k not in env and shell_name(k) and k not in ENV_NOT_CAPTURED \
+                and not k.startswith((b"QUEUECTL_", b"__QUEUECTL_")):
+            env[k] = item
+    return b"\0".join(sorted(env.values()))
 
 def env_from_blob(blob):
     """A stored environment -> {name: value} as os.environ has it."""
@@ -1003,8 +1049,8 @@ def env_from_blob(blob):
     return env
 
 def env_key(blob):
-    """A 63-bit content hash of a stored environment: its row's first choice
-    of id (a collision takes the next free one)."""
+    """A 63-bit content hash of a stored environment, to find its row (rows
+    whose hashes collide are told apart by their content)."""
     try:
         from _blake2 import blake2b      # built in, unlike hashlib's OpenSSL
         digest = blake2b(blob, digest_size=8).digest()
@@ -1037,9 +1083,14 @@ def _loads(text, default):
 # Store.tx(), which owns BEGIN IMMEDIATE, commit, rollback and the mapping of
 # sqlite3 errors to QueuectlError.
 
-# The environments jobs run in, stored once each (content-addressed: the id
-# is a hash of vars, see env_key) and shared by every job that names it.
-ENVS_TABLE = "CREATE TABLE envs (id INTEGER PRIMARY KEY, vars BLOB NOT NULL)"
+# The environments jobs run in, stored once each (content-addressed: found
+# by a hash of vars, see env_key) and shared by every job that names it. An
+# id is never reused (AUTOINCREMENT), so a row, once read, never changes:
+# workers cache them.
+ENVS_TABLE = """CREATE TABLE envs (id INTEGER PRIMARY KEY AUTOINCREMENT,
+    hash INTEGER NOT NULL, vars BLOB NOT NULL)"""
+
+ENVS_HASH_INDEX = "CREATE INDEX envs_hash ON envs (hash)"
 
 ENVS_INDEX = "CREATE INDEX jobs_env ON jobs (env_id) WHERE env_id IS NOT NULL"
 
@@ -1076,6 +1127,7 @@ SCHEMA = [
         WHERE state IN ('pending', 'failed') AND blocked = 0""",
     "CREATE INDEX jobs_state ON jobs (state, queue, finished_at)",
     ENVS_TABLE,
+    ENVS_HASH_INDEX,
     ENVS_INDEX,
     """CREATE TABLE deps (
         job TEXT NOT NULL,
@@ -1103,7 +1155,8 @@ SCHEMA = [
 MIGRATIONS = {
     # 1.1: jobs run in their enqueuer's environment and umask
     1: ["ALTER TABLE jobs ADD COLUMN env_id INTEGER",
-        "ALTER TABLE jobs ADD COLUMN umask INTEGER", ENVS_TABLE, ENVS_INDEX],
+        "ALTER TABLE jobs ADD COLUMN umask INTEGER", ENVS_TABLE, ENVS_HASH_INDEX,
+        ENVS_INDEX],
 }
 
 JOB_FIELDS = ("id", "command", "state", "queue", "priority", "attempts",
@@ -1147,7 +1200,9 @@ SQL_INSERT = """INSERT INTO jobs (id, command, state, queue, priority,
 
 SQL_ENV = "SELECT vars FROM envs WHERE id = ?"
 
-SQL_ADD_ENV = "INSERT INTO envs (id, vars) VALUES (?, ?)"
+SQL_ENVS_OF_HASH = "SELECT id, vars FROM envs WHERE hash = ?"
+
+SQL_ADD_ENV = "INSERT INTO envs (hash, vars) VALUES (?, ?)"
 
 SQL_JOB_ENV_IDS = """SELECT DISTINCT env_id FROM jobs WHERE id IN ({marks})
     AND env_id IS NOT NULL"""
@@ -1243,6 +1298,9 @@ SQL_IDS_IN_STATE = "SELECT id FROM jobs WHERE state = ? ORDER BY seq"
 SQL_FINISHED_BEFORE = """SELECT id FROM jobs WHERE state IN ({marks})
     AND finished_at < ?"""
 
+SQL_CANCELLED_CLAIMS = """SELECT id, claim FROM jobs WHERE id IN ({marks})
+    AND state = 'cancelled' AND claim IS NOT NULL"""
+
 SQL_IDS_STILL_IN = "SELECT id FROM jobs WHERE id IN ({marks}) AND state IN ({smarks})"
 
 SQL_OPEN_DEPS = "SELECT count(*) FROM jobs WHERE id IN ({marks}) AND state != 'completed'"
@@ -1283,12 +1341,13 @@ SQL_STUCK = """WITH RECURSIVE stuck(job, dep, state) AS (
     SELECT job, dep, state FROM stuck"""
 
 # wait with no ids: the jobs enqueued so far (seq <= ?) that are unfinished,
-# and those that ended dead or cancelled since it began.
+# and those that ended dead or cancelled (still in the home: in the DLQ, or
+# cancelled and not yet pruned).
 SQL_OPEN_UP_TO = """SELECT id, state, blocked FROM jobs
     WHERE seq <= ? AND state IN ('pending', 'processing', 'failed'){where}"""
 
-SQL_FAILED_SINCE = """SELECT id, state FROM jobs WHERE seq <= ?
-    AND state IN ('dead', 'cancelled') AND finished_at >= ?{where} ORDER BY seq"""
+SQL_NOT_COMPLETED = """SELECT id, state FROM jobs WHERE seq <= ?
+    AND state IN ('dead', 'cancelled'){where} ORDER BY seq"""
 
 SQL_OPEN_OF = """SELECT id, state, blocked FROM jobs WHERE id IN ({marks})
     AND state IN ('pending', 'processing', 'failed')"""
@@ -1420,12 +1479,27 @@ class Store:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             else:
                 self._check_app_id()
+                old = version
                 while version < SCHEMA_VERSION:
                     for sql in MIGRATIONS[version]:
                         db.execute(sql)
                     version += 1
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self.migrated_from = old
         db.execute("PRAGMA journal_mode = WAL")
+        if getattr(self, "migrated_from", None) is not None:
+            self._note_old_workers()
+
+    def _note_old_workers(self):
+        """After a migration: workers of an older queuectl that still run
+        keep serving jobs the old way (schema 1: in their own environment)."""
+        old = [w for w in self.workers() if worker_alive(self.home, w)]
+        if old:
+            sys.stderr.write(
+                f"queuectl: note: upgraded {self.path} to schema {SCHEMA_VERSION}; "
+                f"{plural(len(old), 'worker')} of an older queuectl still run "
+                "and run jobs in their own environment until restarted: "
+                "queuectl worker stop --wait, then start them again\n")
 
     def _check_app_id(self):
         if self.db.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
@@ -1561,14 +1635,10 @@ class Store:
     def add_env(self, blob):
         """The id of the stored environment blob, added if new."""
         key = env_key(blob)
-        while True:
-            row = self.x(SQL_ENV, (key,)).fetchone()
-            if row is None:
-                self.x(SQL_ADD_ENV, (key, blob))
-                return key
-            if bytes(row[0]) == blob:
-                return key
-            key = (key + 1) % (1 << 63)          # a collision: the next id
+        for env_id, stored in self.x(SQL_ENVS_OF_HASH, (key,)).fetchall():
+            if bytes(stored) == blob:
+                return env_id
+        return self.x(SQL_ADD_ENV, (key, blob)).lastrowid     # new, or a collision
 
     def env(self, env_id):
         """A stored environment (as env_from_blob gives it), or None."""
@@ -1577,21 +1647,20 @@ class Store:
 
     def insert(self, spec, now, env_id=None, umask=None):
         """enqueue: one validated job spec, to run in the stored environment
-        env_id with umask (None: the worker's). Returns (the id, or None when
-        spec['unique'] and the id exists; [(dependency, state)] of those that
-        are dead or cancelled)."""
+        env_id with umask (None: the worker's). Returns the id, or None when
+        spec['unique'] and the id exists."""
         job_id = spec.get("id")
         if job_id is not None:
             if self.x(SQL_JOB_EXISTS, (job_id,)).fetchone():
                 if spec.get("unique"):
-                    return None, []
+                    return None
                 raise QueuectlError(f"a job with id {job_id!r} exists already "
                                     "(use --unique to accept that)")
         deps = spec.get("depends_on") or []
         if job_id is not None and job_id in deps:
             raise UsageError(f"job {job_id!r} cannot depend on itself")
-        known = dict(self.x(SQL_JOB_STATES.format(marks=_marks(deps)),
-                            deps).fetchall()) if deps else {}
+        known = {r[0] for r in self.x(SQL_JOB_STATES.format(marks=_marks(deps)),
+                                      deps)} if deps else set()
         for dep in deps:
             if dep not in known:
                 raise QueuectlError(f"unknown job {dep!r} in --after/depends_on")
@@ -1614,7 +1683,7 @@ class Store:
                     raise QueuectlError(f"a job with id {job_id!r} exists already") from None
         for dep in deps:
             self.x(SQL_INSERT_DEP, (try_id, dep))
-        return try_id, [(d, known[d]) for d in deps if known[d] in (DEAD, CANCELLED)]
+        return try_id
 
     def _blocked(self, deps):
         """The one rule for a job's blocked flag, at enqueue and at reset
@@ -1729,6 +1798,10 @@ class Store:
         """[(job, dependency)] of unfinished jobs that depend on one of ids."""
         return self.x(SQL_WAITING_ON.format(marks=_marks(ids)), ids).fetchall()
 
+    def cancelled_claims(self, ids):
+        """{id: claim} of the cancelled jobs of ids whose attempt had started."""
+        return dict(self.x(SQL_CANCELLED_CLAIMS.format(marks=_marks(ids)), ids).fetchall())
+
     def delete(self, ids, states):
         """The jobs of ids still in states, deleted with their dependency
         rows; their ids."""
@@ -1737,8 +1810,12 @@ class Store:
         envs = [r[0] for r in self.x(SQL_JOB_ENV_IDS.format(marks=_marks(gone)), gone)]
         self.x(SQL_DELETE_JOBS.format(marks=_marks(gone)), gone)
         self.x(SQL_DELETE_DEPS.format(marks=_marks(gone)), gone)
-        self.x(SQL_DROP_UNUSED_ENVS.format(marks=_marks(envs)), envs)
+        self.drop_unused_envs(envs)
         return gone
+
+    def drop_unused_envs(self, env_ids):
+        """Delete the environments of env_ids that no job uses any more."""
+        self.x(SQL_DROP_UNUSED_ENVS.format(marks=_marks(env_ids)), env_ids)
 
     # Workers and paused queues ------------------------------------------------
 
@@ -2500,9 +2577,9 @@ class Recovery:
 # - config is replaced whole by the main thread; readers take one reference.
 # - devnull, base_env, umask, id, home and queues are set before any thread
 #   starts and never change.
-# - env_cache maps env ids to environments, which never change: threads add
-#   and clear entries (single dict operations, atomic under the GIL); a miss
-#   only costs a read.
+# - env_cache maps env ids to environments; an id is never reused, so an
+#   entry never goes stale. Threads add and clear entries (single dict
+#   operations, atomic under the GIL); a miss only costs a read.
 # - A Running's stopped and lost_to are set by other threads and read by its
 #   own waiting thread, again only False/None -> set.
 # - db_lock serialises this process's write transactions (Store.tx), so its
@@ -3044,12 +3121,14 @@ def job_text(args):
     `enqueue -- -cmd` for a command that starts with -. Several words are
     joined, each quoted as needed. One word is used as it is: a shell
     command line, or a JSON job. Options may still follow a command line
-    given as one quoted argument (`enqueue 'cmd arg' --queue q`), as before."""
+    given as one quoted argument (`enqueue 'cmd arg' --queue q`), as before;
+    not a program whose path has a space ('/opt/my app/run' --full)."""
     words = list(args.job or [])
     if words and words[0] == "--":
         words = words[1:]
-    elif len(words) > 1 and (any(c.isspace() for c in words[0])
-                             or words[0].lstrip().startswith("{")):
+    elif len(words) > 1 and (words[0].lstrip().startswith("{") or (
+            any(c.isspace() for c in words[0]) and not os.path.exists(
+                os.path.join(args.cwd or ".", words[0])))):
         rest, words = words[1:], words[:1]
         args.job = []
         args.parser.parse_args(rest, namespace=args)
@@ -3095,6 +3174,8 @@ def parse_specs(args):
     env = {}
     for kv in args.env or []:
         k, sep, v = kv.partition("=")
+        if not k:
+            raise UsageError(f"invalid --env {kv!r}: use NAME=VALUE or NAME")
         if not sep:                      # --env NAME: this one, passed through
             v = os.environ.get(k)
             if v is None:
@@ -3144,24 +3225,30 @@ def cmd_enqueue(args):
         blob, umask = captured_env(), current_umask()
     store = open_store(args, create=True)
     now = time.time()
-    ids, notes = [], []
+    ids, stuck, skipped = [], {}, False
     with store.tx():
         env_id = store.add_env(blob) if blob is not None else None
         for where, spec in specs:
             try:
-                new, dead = store.insert(spec, now, env_id, umask)
+                new = store.insert(spec, now, env_id, umask)
             except QueuectlError as e:
                 if where:
                     raise type(e)(f"{where}: {e}") from None
                 raise
             ids.append(new if new is not None else spec["id"])
-            notes += [(ids[-1], dep, state) for dep, state in dead]
+            skipped = skipped or new is None
+        if skipped and env_id is not None:       # --unique: maybe no job uses it
+            store.drop_unused_envs([env_id])
+        if any(spec.get("depends_on") for _, spec in specs):
+            stuck = store.stuck()
     wake_workers(args.home)
     if sys.stderr.isatty():              # a person at a terminal, not cron
         hint_no_worker(store, {spec.get("queue") or DEFAULT_QUEUE for _, spec in specs})
-    for job_id, dep, state in notes[:10]:
-        sys.stderr.write(f"queuectl: warning: job {job_id} waits on {dep}, which is "
-                         f"{state}: it runs only once {dep} is retried and completes\n")
+    for job_id in [i for i in ids if i in stuck][:10]:
+        dep, state = stuck[job_id]
+        sys.stderr.write(f"queuectl: warning: job {job_id} waits on "
+                         f"{stuck_text(dep, state)}: it runs only once {dep} is "
+                         "retried and completes\n")
     if args.json:
         jobs = [job_public(store.get(i), args.home) for i in ids]
         print_json(jobs if args.stdin else jobs[0])
@@ -3421,8 +3508,8 @@ def cmd_logs(args):
         return EXIT_OK
     sys.stderr.write(f"queuectl: error: job {job['id']} " + (
         "was deleted" if end[0] is None else
-        "can never run: " + "{} waits on {}, which is {}".format(
-            job["id"], *store.stuck().get(job["id"], ("?", "?")))
+        "can never run: {} waits on {}".format(
+            job["id"], stuck_text(*store.stuck().get(job["id"], ("?", "?"))))
         if end[0] == "stuck" else f"is {end[0]}") + "\n")
     return EXIT_STUCK if end[0] == "stuck" else EXIT_FAIL
 
@@ -3473,7 +3560,9 @@ def cmd_wait(args):
     """Block until every job is finished or can never run until a person
     acts. Exit 0: all completed; 1: one ended dead or cancelled (or was
     deleted); 3: one waits on a dead, cancelled or deleted dependency;
-    124: --timeout ran out."""
+    124: --timeout ran out. With no ids: every job enqueued so far (of
+    --queue), and a dead or cancelled one still in the home counts, however
+    long ago it ended: the answer never depends on when wait started."""
     store = open_store(args)
     if args.ids:
         ids = [check_name(i) for i in dict.fromkeys(args.ids)]
@@ -3482,7 +3571,7 @@ def cmd_wait(args):
             raise UsageError(f"no job with id {missing[0]!r}")
         if args.queue:
             raise UsageError("give job ids or --queue, not both")
-    seq, began = store.q(SQL_MAX_SEQ)[0][0], iso(time.time())
+    seq = store.q(SQL_MAX_SEQ)[0][0]
     fault("wait-began")
     where, params = "", []
     if args.queue:
@@ -3512,18 +3601,21 @@ def cmd_wait(args):
         bad = [(i, states.get(i, "deleted")) for i in ids
                if states.get(i, "deleted") in (DEAD, CANCELLED, "deleted")]
     else:
-        bad = store.q(SQL_FAILED_SINCE.format(where=where), [seq, began] + params)
+        bad = store.q(SQL_NOT_COMPLETED.format(where=where), [seq] + params)
+    parts = []
     if bad:
-        sys.stderr.write(f"queuectl: error: {len(bad)} job{'s' if len(bad) != 1 else ''} "
-                         "did not complete: " + ", ".join(f"{i} {s}" for i, s in bad[:5])
-                         + (", …" if len(bad) > 5 else "") + "\n")
-        return EXIT_FAIL
+        parts.append(f"{plural(len(bad), 'job')} did not complete: "
+                     + ", ".join(f"{i} {s}" for i, s in bad[:5]) + (", …" if len(bad) > 5 else ""))
     if stuck:
-        sys.stderr.write("queuectl: error: " + "; ".join(
-            f"{j} waits on {dep}, which is {st}" for j, (dep, st) in list(stuck.items())[:5])
-            + ("; …" if len(stuck) > 5 else "")
-            + ": retry or remove that dependency, or cancel the job\n")
-        return EXIT_STUCK
+        parts.append("; ".join(f"{j} waits on {stuck_text(dep, st)}"
+                               for j, (dep, st) in list(stuck.items())[:5])
+                     + ("; …" if len(stuck) > 5 else "")
+                     + (": retry or remove that dependency, or cancel the job"
+                        if any(st != "missing" for _, st in stuck.values()) else
+                        ": cancel or remove the job"))
+    if parts:
+        sys.stderr.write("queuectl: error: " + "; ".join(parts) + "\n")
+        return EXIT_FAIL if bad else EXIT_STUCK
     return EXIT_OK
 
 def selected_ids(store, args, allowed, default=None):
@@ -3542,6 +3634,10 @@ def selected_ids(store, args, allowed, default=None):
             raise UsageError(f"--state {st} is not allowed here; use "
                              + ", ".join(allowed))
     return [j["id"] for j in store.list_jobs(states, args.queue)[0]]
+
+def stuck_text(dep, state):
+    """'fetch, which is dead' / 'fetch, which was deleted'."""
+    return f"{dep}, which " + ("was deleted" if state == "missing" else f"is {state}")
 
 def reset_jobs(store, ids, allowed, verb):
     """retry / dlq retry, all or nothing: dead, cancelled or completed jobs
@@ -3650,7 +3746,7 @@ def parse_signal(text):
     import signal
     name = str(text).strip().upper()
     try:
-        return signal.Signals(int(name)) if name.isdigit() else \
+        return signal.Signals(int(name)) if name.isascii() and name.isdigit() else \
             signal.Signals[name if name.startswith("SIG") else "SIG" + name]
     except (KeyError, ValueError):
         raise UsageError(f"invalid --signal {text!r}: use a name such as TERM, "
@@ -3681,7 +3777,7 @@ def stop_attempts(jobs, grace, sig):
             signal_group(pid, signal.SIGKILL)
         poll_until(ended, 5, first=0.005)
 
-def wait_attempt_gone(job, timeout=10.0):
+def wait_attempt_gone(job, timeout=10.0, verb="retry"):
     """Wait until no process of a cancelled job's last attempt lives; else
     refuse: a job never runs while its previous attempt does."""
     if job["state"] != CANCELLED or not job["claim"]:
@@ -3696,7 +3792,7 @@ def wait_attempt_gone(job, timeout=10.0):
         return not left
     if not poll_until(gone, timeout, first=0.01, cap=0.05):
         pid = f" (pid {left[0][0]})" if left[0][0] else ""
-        raise QueuectlError(f"cannot retry job {job['id']}: its cancelled attempt "
+        raise QueuectlError(f"cannot {verb} job {job['id']}: its cancelled attempt "
                             f"still has running processes{pid}; try again once "
                             "they have stopped")
 
@@ -3724,11 +3820,21 @@ def cmd_dlq(args):
 
 def delete_jobs(store, ids, states):
     """Delete the jobs of ids still in states, and their logs, in batches;
-    how many were deleted."""
+    how many were deleted. A cancelled job whose attempt still has live
+    processes stays (its id must not be reused while they run)."""
     deleted = 0
+    live = None
     for i in range(0, len(ids), 500):
         batch = ids[i:i + 500]
         with store.tx():         # only jobs still finished: one retried meanwhile stays
+            claims = store.cancelled_claims(batch)
+            if claims:
+                if live is None:
+                    try:
+                        live = live_claims()
+                    except OSError:
+                        live = set(claims.values())      # cannot tell: keep them
+                batch = [j for j in batch if claims.get(j) not in live]
             gone = store.delete(batch, states)
             # Under the write lock: no job of the same id can be enqueued
             # and start a new log before these are gone.
@@ -3742,11 +3848,14 @@ def cmd_remove(args):
     that unfinished jobs (not removed with it) depend on."""
     ids = [check_name(i) for i in dict.fromkeys(args.ids)]
     store = open_store(args)
+    for job in [store.must_get(i) for i in ids]:
+        wait_attempt_gone(job, verb="remove")
     with store.tx():
         for job in [store.must_get(i) for i in ids]:
             if job["state"] == PROCESSING:
                 raise QueuectlError(f"cannot remove job {job['id']}: it is running; "
                                     "cancel it first")
+            wait_attempt_gone(job, timeout=0, verb="remove")
         waiting = [(j, d) for j, d in store.waiting_on(ids) if j not in ids]
         if waiting:
             j, d = waiting[0]
@@ -3808,8 +3917,16 @@ def cmd_edit(args):
     if changes:
         spec.update(changes)
     else:
+        if not sys.stdin.isatty():
+            raise UsageError("edit needs a change (--priority, --run-at, -- COMMAND, …), "
+                             "or a terminal to open the job in $EDITOR")
         spec = edit_in_editor(args.home, job, spec)
+    cwd_kept = args.cwd is None and spec["cwd"] == job["cwd"]
+    if cwd_kept:                 # it may be gone by now: only a new one is checked
+        spec.pop("cwd")
     check_spec(spec)
+    if cwd_kept:
+        spec["cwd"] = job["cwd"]
     with store.tx():
         if not store.edit(job, spec, time.time()):
             now = store.get(job["id"])
@@ -3824,8 +3941,14 @@ def edit_in_editor(home, job, spec):
     """The job's spec as JSON in $VISUAL or $EDITOR (vi); the edited spec.
     The file (with the job's --env values) is private, in HOME/run."""
     import json
+    import signal
     import subprocess
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
     path = os.path.join(run_dir(home), f"edit-{job['id']}-{new_id()}.json")
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # the file holds --env values
+        signal.signal(sig, interrupted)
     fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         os.write(fd, (json.dumps(spec, indent=2) + "\n").encode())
@@ -3848,8 +3971,15 @@ def edit_in_editor(home, job, spec):
     if new.get("id", job["id"]) != job["id"]:
         raise UsageError("a job's id cannot be edited; nothing was changed")
     new.pop("id", None)
+    fixed = set(new) - set(spec) - {"delay"}
+    if fixed & SPEC_FIELDS:
+        raise UsageError(f"{', '.join(sorted(fixed & SPEC_FIELDS))} cannot be edited; "
+                         "nothing was changed")
+    new = {**spec, **new}        # a field left out keeps its value
     if new == spec:
         raise QueuectlError("no change; nothing was changed")
+    if "delay" in new:
+        new.pop("run_at")
     return new
 
 def cmd_prune(args):
@@ -4403,7 +4533,7 @@ def check_arguments(args):
         value = getattr(args, action.dest, None)
         name = action.option_strings[-1] if action.option_strings else action.metavar
         values = value if isinstance(value, list) else [value]
-        if action.dest == "job" or not any(v == "" for v in values):
+        if action.dest in ("job", "words") or not any(v == "" for v in values):
             continue
         allowed = {"state": "one of " + ", ".join(STATES),
                    "queue": "a queue name", "queues": "a queue name"}.get(action.dest)

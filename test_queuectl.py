@@ -321,14 +321,14 @@ class QueueTest(unittest.TestCase):
         self.assertIsNone(p.poll(), self.output(p))
         return found[0]
 
-    def q_tty(self, *args, answer=""):
+    def q_tty(self, *args, answer="", env=None):
         """Run queuectl with a terminal as stdin (answer typed into it); its
         stdout and stderr are pipes. A Result."""
         master, slave = os.openpty()
         try:
             p = subprocess.Popen([PY, PROG, *args], stdin=slave, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, env=self.env, cwd=self.work,
-                                 text=True)
+                                 stderr=subprocess.PIPE, env=env or self.env,
+                                 cwd=self.work, text=True)
             self.procs.append(p)
             if answer:
                 os.write(master, answer.encode())
@@ -863,7 +863,7 @@ class TestOwnership(QueueTest):
         before = self.db_dump()
         r = self.fails(2, "enqueue", "true")
         self.assertIn("(uid 12345), not to you", r.err)
-        self.assertIn("sudo -u #12345 queuectl", r.err)
+        self.assertIn(f"sudo -u '#12345' queuectl --home {self.home} …", r.err)
         self.assertEqual(self.db_dump(), before)
 
     @unittest.skipUnless(os.geteuid() == 0, "needs root to give a file away")
@@ -1509,17 +1509,80 @@ class TestJobEnvironment(QueueTest):
         env = self.show_env("s")
         self.assertEqual((env["SECRET_TOKEN"], env["API_KEY"]), ("hunter2", "swordfish"))
 
+    def test_an_environment_id_is_never_reused(self):
+        # Workers cache environments by id: an id must never come to mean
+        # another environment, even after its row was deleted and a hash
+        # collided (here every hash collides).
+        store = queuectl.Store(self.home)
+        self.addCleanup(store.close)
+        real = queuectl.env_key
+        queuectl.env_key = lambda blob: 42
+        self.addCleanup(setattr, queuectl, "env_key", real)
+        with store.tx():
+            alice = store.add_env(b"SECRET=alice")
+        with store.tx():
+            store.drop_unused_envs([alice])
+        with store.tx():
+            bob = store.add_env(b"SECRET=bob")
+            carol = store.add_env(b"SECRET=carol")
+            self.assertEqual(store.add_env(b"SECRET=bob"), bob)
+        self.assertEqual(len({alice, bob, carol}), 3)
+        self.assertEqual(store.env(bob), {"SECRET": "bob"})
+        self.assertIsNone(store.env(alice))
+
+    def test_what_python_adds_at_start_up_and_odd_names_are_not_captured(self):
+        env = {k: v for k, v in self.env.items() if not k.startswith("LC_")}
+        env.update({"LANG": "C", "a-b": "x", "OK_NAME": "y"})
+        r = subprocess.run([PY, PROG, "enqueue", "--id", "j", "true"], env=env,
+                           cwd=self.work, capture_output=True, text=True, timeout=30)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        got = self.show_env("j")
+        self.assertNotIn("LC_CTYPE", got)        # Python's locale coercion
+        self.assertNotIn("a-b", got)             # no shell variable can carry it
+        self.assertEqual((got["LANG"], got["OK_NAME"]), ("C", "y"))
+        r = self.fails(2, "enqueue", "--env", "a-b=1", "true")
+        self.assertIn("invalid environment variable name 'a-b'", r.err)
+
+    def test_unique_on_an_existing_id_leaves_no_environment_behind(self):
+        self.enqueue_as({"FOO": "1"}, "022", "--id", "x", "true")
+        for value in ("2", "3"):
+            self.assertEqual(self.enqueue_as({"FOO": value}, "022", "--id", "x",
+                                             "--unique", "true"), "x\n")
+        self.assertEqual(self.db().execute("SELECT count(*) FROM envs").fetchone()[0], 1)
+
+    def downgrade_to_schema_1(self):
+        """Make the home's database what queuectl 1.0 (schema 1) wrote."""
+        con = sqlite3.connect(os.path.join(self.home, "queue.db"), timeout=10)
+        for sql in ("DROP INDEX jobs_env", "DROP INDEX envs_hash", "DROP TABLE envs",
+                    "ALTER TABLE jobs DROP COLUMN env_id",
+                    "ALTER TABLE jobs DROP COLUMN umask", "PRAGMA user_version = 1"):
+            con.execute(sql)
+        con.commit()
+        con.close()
+
+    def test_migrating_says_so_when_an_older_worker_still_runs(self):
+        old = os.path.join(self.tmp, "old", "queuectl.py")
+        os.mkdir(os.path.dirname(old))
+        with open(PROG) as f:
+            text = f.read()
+        with open(old, "w") as f:            # this file, as a schema-1 queuectl
+            f.write(text.replace("SCHEMA_VERSION = 2", "SCHEMA_VERSION = 1"))
+        p = subprocess.Popen([PY, old, "worker", "start"], env=self.env, cwd=self.work,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(p)
+        self.wait_for(lambda: os.path.exists(os.path.join(self.home, "queue.db"))
+                      and self.db().execute("SELECT count(*) FROM workers").fetchone()[0])
+        self.downgrade_to_schema_1()
+        r = self.q("status")
+        self.assertEqual(r.code, 0, r)
+        self.assertIn("upgraded", r.err)
+        self.assertIn("1 worker of an older queuectl still run", r.err)
+        self.assertEqual(self.q("status").err, "")
+
     def test_a_version_1_database_is_migrated_and_its_jobs_keep_the_workers_env(self):
         self.env.pop("FOO", None)
         self.enqueue("--id", "old", 'echo "$FOO" > old.txt')
-        con = sqlite3.connect(os.path.join(self.home, "queue.db"))
-        con.execute("DROP INDEX jobs_env")
-        con.execute("DROP TABLE envs")
-        con.execute("ALTER TABLE jobs DROP COLUMN env_id")
-        con.execute("ALTER TABLE jobs DROP COLUMN umask")
-        con.execute("PRAGMA user_version = 1")
-        con.commit()
-        con.close()
+        self.downgrade_to_schema_1()
         self.assertEqual(self.job("old")["env_from"], "worker")
         self.enqueue("--id", "new", 'echo "$FOO" > new.txt')
         self.assertEqual(self.db().execute("PRAGMA user_version").fetchone()[0],
@@ -2351,7 +2414,7 @@ class TestPoisonJob(QueueTest):
                          ["queuectl: error: env 'X' is not valid UTF-8"])
         self.assertEqual(r.out, "")
         r = self.fails(2, "enqueue", '{"command":"true","env":{"\\ud800":"v"}}')
-        self.assertIn("is not valid UTF-8", r.err)
+        self.assertIn("invalid environment variable name", r.err)
         self.assertEqual(len(r.err.strip().splitlines()), 1, r)
         self.assertEqual(self.db_dump(), before)              # stored nothing
         ids = [j["id"] for j in json.loads(self.ok("list", "--json"))]
@@ -3264,7 +3327,8 @@ class TestScriptsCanRelyOnWait(QueueTest):
         for args in (("c",), ("b", "c"), ()):
             with self.subTest(args=args):
                 started = time.monotonic()
-                r = self.fails(3, "wait", *args, "--timeout", "30")
+                # Without ids, the dead job a counts too: exit 1.
+                r = self.fails(3 if args else 1, "wait", *args, "--timeout", "30")
                 self.assertLess(time.monotonic() - started, 10)
                 self.assertIn("c waits on a, which is dead", r.err)
         self.ok("cancel", "b")
@@ -3283,10 +3347,6 @@ class TestScriptsCanRelyOnWait(QueueTest):
         self.fails(2, "wait", "a", "--queue", "q1")
         self.assertEqual(self.drain().code, 0)
         self.ok("wait", "--timeout", "10")
-        # Only jobs that ended since wait began count: an old dead job does not.
-        self.enqueue("--id", "old", "--max-retries", "0", "exit 1")
-        self.assertEqual(self.drain().code, 1)
-        self.ok("wait", "--timeout", "10")
         # A job that fails while wait waits: wait stops itself once it has
         # taken stock (a fault point), so the job surely ends after that.
         self.enqueue("--id", "late", "--max-retries", "0", "exit 1")
@@ -3298,6 +3358,13 @@ class TestScriptsCanRelyOnWait(QueueTest):
         os.kill(w.pid, signal.SIGCONT)
         self.assertEqual(w.wait(timeout=30), 1)
         self.assertIn("late dead", w.stderr.read())
+        # The answer does not depend on when wait starts: the dead job still
+        # counts later, until it is retried, removed or pruned.
+        r = self.fails(1, "wait", "--timeout", "10")
+        self.assertIn("late dead", r.err)
+        self.ok("wait", "--queue", "q1,q2", "--timeout", "10")
+        self.ok("remove", "late")
+        self.ok("wait", "--timeout", "10")
 
     def test_exit_statuses(self):
         self.set_fast_retries()
@@ -3338,8 +3405,14 @@ class TestScriptsCanRelyOnWait(QueueTest):
                 self.assertEqual(r.code, 0, r)
                 self.assertRegex(r.out, r"^[0-9a-z]{6}\n$")
                 self.assertIn(f"waits on {dep}, which is {state}", r.err)
-        r = self.q("enqueue", "--after", "off", "--after", "bad", "true")
-        self.assertEqual(len(r.err.splitlines()), 2, r)
+        r = self.q("enqueue", "--id", "both", "--after", "off", "--after", "bad", "true")
+        self.assertEqual(len(r.err.splitlines()), 1, r)        # one line per job
+        # Through a job that is itself stuck: the warning names the cause.
+        r = self.q("enqueue", "--after", "both", "true")
+        self.assertEqual(r.code, 0, r)
+        self.assertRegex(r.err, r"waits on (bad, which is dead|off, which is cancelled)")
+        r = self.q("enqueue", "--id", "fine", "true")
+        self.assertEqual(r.err, "")
 
 class TestActingOnManyJobs(QueueTest):
     """cancel, retry and dlq retry by selector; remove; retry of a failed
@@ -3424,6 +3497,8 @@ class TestActingOnManyJobs(QueueTest):
             with self.subTest(args=args):
                 self.fails(2, "edit", "e", *args)
         self.assertEqual(self.db_dump(), before)
+        self.fails(2, "edit", "e", "--queue", "")
+        self.ok("edit", "e", "-p", "1", "--", "echo", "", "new")
         self.ok("edit", "e", "--run-at", "+1h", "--unset-env", "A")
         self.assertGreater(queuectl.epoch(self.job("e")["run_at"]), time.time() + 3000)
         self.assertEqual(self.job("e")["env"], [])
@@ -3437,18 +3512,58 @@ class TestActingOnManyJobs(QueueTest):
     def test_edit_in_the_editor(self):
         self.enqueue("--id", "e", "echo old")
         env = dict(self.env, EDITOR="sed -i 's/echo old/echo edited/'", VISUAL="")
-        self.assertEqual(self.ok("edit", "e", env=env), "e\n")
+        r = self.q_tty("edit", "e", env=env)
+        self.assertEqual((r.code, r.out), (0, "e\n"), r)
         self.assertEqual(self.job("e")["command"], "echo edited")
         before = self.db_dump()
-        for editor, why in (("sed -i 's/\"command\"/\"cmd\"/'", "unknown job field"),
-                            ("sed -i 's/{/[/'", "not valid JSON"),
-                            ("false", "exited 1"), ("true", "no change")):
+        for editor, code, why in (
+                ("sed -i 's/\"command\"/\"cmd\"/'", 2, "unknown job field"),
+                ("sed -i 's/{/[/'", 2, "not valid JSON"),
+                ("sed -i 's/\"priority\"/\"depends_on\": [], \"priority\"/'", 2,
+                 "depends_on cannot be edited"),
+                ("false", 1, "exited 1"), ("true", 1, "no change")):
             with self.subTest(editor=editor):
-                r = self.fails(2 if why in ("unknown job field", "not valid JSON") else 1,
-                               "edit", "e", env=dict(self.env, EDITOR=editor, VISUAL=""))
+                r = self.q_tty("edit", "e", env=dict(self.env, EDITOR=editor, VISUAL=""))
+                self.assertEqual(r.code, code, r)
                 self.assertIn(why, r.err)
+        # Not at a terminal (cron, a script): no editor to wait for.
+        r = self.fails(2, "edit", "e", env=dict(self.env, EDITOR="sed -i s/old/new/"))
+        self.assertIn("or a terminal", r.err)
         self.assertEqual(self.db_dump(), before)
         self.assertEqual(os.listdir(os.path.join(self.home, "run")), [])
+
+    def test_remove_and_prune_wait_for_a_cancelled_attempt_to_end(self):
+        # The job ignores the cancel's TERM until the test lets it go: its id
+        # must not be freed (and reused) while that attempt still runs.
+        self.enqueue("--id", "r", "trap 'while [ ! -f go ]; do sleep 0.05; done; "
+                     "echo ended > ended.txt; exit 0' TERM; echo $$ > pid.txt; "
+                     "while :; do sleep 0.05; done")
+        self.start_worker()
+        self.read_pid("pid.txt")
+        self.wait_running("r")
+        c = subprocess.Popen([PY, PROG, "cancel", "r", "--grace", "60"], env=self.env,
+                             cwd=self.work, stdout=subprocess.DEVNULL)
+        self.procs.append(c)
+        self.wait_state("r", "cancelled")
+        self.assertEqual(self.ok("prune", "--older-than", "0"), "pruned 0 jobs\n")
+        rm = subprocess.Popen([PY, PROG, "remove", "r"], env=self.env, cwd=self.work,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(rm)
+        self.assertIsNone(rm.poll())
+        self.touch("go")
+        out, err = rm.communicate(timeout=30)
+        self.assertEqual((rm.returncode, out), (0, "r\n"), err)
+        self.assertEqual(self.lines("ended.txt"), ["ended"])   # it had ended first
+        self.assertEqual(c.wait(timeout=30), 0)
+
+    def test_edit_keeps_a_cwd_that_has_gone(self):
+        gone = self.path("gone")
+        os.mkdir(gone)
+        self.enqueue("--id", "e", "--cwd", gone, "true")
+        os.rmdir(gone)
+        self.ok("edit", "e", "-p", "5")
+        self.assertEqual((self.job("e")["priority"], self.job("e")["cwd"]), (5, gone))
+        self.fails(2, "edit", "e", "--cwd", gone)
 
     def test_prune_keeps_dead_jobs_unless_asked_and_dry_run_deletes_nothing(self):
         self.enqueue("--id", "ok", "true")
