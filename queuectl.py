@@ -328,9 +328,10 @@ def _is_clock(text):
     return (len(parts) in (2, 3) and all(p.isdigit() and len(p) <= 2 for p in parts)
             and int(parts[0]) < 24 and all(int(p) < 60 for p in parts[1:]))
 
-def local_time(ts, now=None):
-    """Epoch seconds -> a short local time for people: '03:00' today,
-    'tomorrow 03:00', 'Tue 03:00' within a week, else '2026-12-01 03:00'."""
+def local_time(ts, now=None, short=False):
+    """Epoch seconds -> a local time for people: '03:00' today, 'tomorrow
+    03:00', 'Tue 03:00' within a week, else '2026-12-01 03:00'. short (for
+    tables): 'Tue 03:00' for tomorrow too, '12-01 03:00' within the year."""
     now = time.time() if now is None else now
     t, n = time.localtime(ts), time.localtime(now)
     days = (_days_from_civil(t.tm_year, t.tm_mon, t.tm_mday)
@@ -338,15 +339,19 @@ def local_time(ts, now=None):
     clock = time.strftime("%H:%M", t)
     if days == 0:
         return clock
-    if days == 1:
+    if days == 1 and not short:
         return "tomorrow " + clock
-    if 1 < days < 7:
+    if 0 < days < 7:
         return time.strftime("%a ", t) + clock
+    if short and t.tm_year == n.tm_year:
+        return time.strftime("%m-%d ", t) + clock
     return time.strftime("%Y-%m-%d ", t) + clock
 
 def human_duration(secs):
     """Seconds -> '45s', '3m', '2h5m', '3d'."""
     secs = abs(secs)
+    if secs < 0.9995:
+        return f"{secs * 1000:.0f}ms"
     if secs < 10:
         return f"{secs:.1f}s".replace(".0s", "s")
     if secs < 59.5:
@@ -1289,7 +1294,7 @@ SQL_WORKER_JOBS = """SELECT id FROM jobs WHERE state = 'processing' AND worker =
 SQL_RECENT_FAILURES = f"""SELECT {JOB_COLUMNS} FROM jobs
     WHERE state IN ('failed', 'dead') ORDER BY updated_at DESC LIMIT ?"""
 
-SQL_LIST = f"SELECT {JOB_COLUMNS} FROM jobs{{where}} ORDER BY seq{{limit}}"
+SQL_LIST = f"SELECT {JOB_COLUMNS} FROM jobs{{where}} ORDER BY seq{{order}}{{limit}}"
 
 SQL_LIST_COUNT = "SELECT count(*) FROM jobs{where}"
 
@@ -1351,6 +1356,9 @@ SQL_NOT_COMPLETED = """SELECT id, state FROM jobs WHERE seq <= ?
 
 SQL_OPEN_OF = """SELECT id, state, blocked FROM jobs WHERE id IN ({marks})
     AND state IN ('pending', 'processing', 'failed')"""
+
+SQL_LAST_STARTED = """SELECT id FROM jobs WHERE started_at IS NOT NULL
+    ORDER BY started_at DESC, seq DESC LIMIT 1"""
 
 SQL_MAX_SEQ = "SELECT coalesce(max(seq), 0) FROM jobs"
 
@@ -1551,7 +1559,7 @@ class Store:
 
     def list_jobs(self, states=None, queues=None, limit=0):
         """(jobs of states and queues (None: all) in enqueue order, how many
-        more match past limit; 0 = all)."""
+        older ones match past limit; 0 = all): with a limit, the newest."""
         where, params = [], []
         if states:
             where.append(f"state IN ({_marks(states)})")
@@ -1561,7 +1569,9 @@ class Store:
             params += queues
         clause = (" WHERE " + " AND ".join(where)) if where else ""
         rows = [job_from_row(r) for r in self.q(SQL_LIST.format(
-            where=clause, limit=f" LIMIT {int(limit)}" if limit else ""), params)]
+            where=clause, order=" DESC" if limit else "",
+            limit=f" LIMIT {int(limit)}" if limit else ""), params)]
+        rows.reverse() if limit else None
         more = 0
         if limit and len(rows) == limit:
             more = self.q(SQL_LIST_COUNT.format(where=clause), params)[0][0] - len(rows)
@@ -2322,7 +2332,7 @@ class Attempts:
             # that took a running job over (same claim) still reads it.
             remove_file(status)
         attempt = job["attempts"] + 1
-        took = f" after {duration:.3f}s" if duration is not None else ""
+        took = f", ran {duration:.3f}s" if duration is not None else ""
         not_started = error is not None and error.startswith("not started")
         if state is None:
             outcome = "taken over by another worker; result not recorded"
@@ -2954,9 +2964,10 @@ STATE_COLORS = {PROCESSING: "36", FAILED: "33", COMPLETED: "32", DEAD: "1;31",
                 CANCELLED: "2"}
 
 def use_color(stream=None):
-    """Colour only on a terminal, never with NO_COLOR set or TERM=dumb."""
+    """Colour only on a terminal, never with NO_COLOR set to a non-empty
+    value (no-color.org: an empty one does not count) or TERM=dumb."""
     stream = stream or sys.stdout
-    if "NO_COLOR" in os.environ or os.environ.get("TERM") == "dumb":
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
         return False
     try:
         return stream.isatty()
@@ -2966,26 +2977,36 @@ def use_color(stream=None):
 def paint(text, code, on=True):
     return f"\x1b[{code}m{text}\x1b[0m" if on and code else text
 
-def table(headers, rows, width=None, color_col=None):
-    """Aligned columns; the last column is cut with … to fit the width.
-    color_col: index of a column of states, coloured on a terminal."""
+def table(headers, rows, width=None, color_col=None, shrink=None, drop=()):
+    """Aligned columns, fitted to width: the columns of shrink (indexes, cut
+    first to last; default: the last column) are cut with … down to 8
+    characters, then those of drop are left out; the others (ids, states)
+    are never cut. color_col: index of a column of states, coloured on a
+    terminal."""
     rows = [[("-" if c is None else str(c)) for c in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i, c in enumerate(row[:-1]):
-            widths[i] = max(widths[i], len(c))
+    n = len(headers)
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    shown = list(range(n))
+    if width:
+        over = sum(widths) + 2 * (n - 1) - width
+        for i in (shrink if shrink is not None else (n - 1,)):
+            if over <= 0:
+                break
+            by = min(over, max(widths[i] - 8, 0))
+            widths[i] -= by
+            over -= by
+        for i in drop:
+            if over <= 0:
+                break
+            shown.remove(i)
+            over -= widths[i] + 2
     color = color_col is not None and use_color()
     lines = []
-    for n, row in enumerate([list(headers)] + rows):
-        cells = [c.ljust(widths[i]) for i, c in enumerate(row[:-1])]
-        head = "  ".join(cells)
-        last = row[-1]
-        if width:
-            last = cut(last, max(width - len(head) - 2, 8))
-        if color and n and color_col < len(cells):
+    for k, row in enumerate([list(headers)] + rows):
+        cells = {i: cut(row[i], widths[i]).ljust(widths[i]) for i in shown}
+        if color and k and color_col in cells:
             cells[color_col] = paint(cells[color_col], STATE_COLORS.get(row[color_col]))
-        line = "  ".join(cells)
-        lines.append((line + "  " + last).rstrip() if cells else last)
+        lines.append("  ".join(cells[i] for i in shown).rstrip())
     return "\n".join(lines)
 
 def print_json(obj):
@@ -3037,7 +3058,7 @@ def when_text(store, job, now):
             return "blocked on " + ",".join(
                 f"{d}({s})" if s != PENDING else d for d, s in blocked_on(store, job))
         due = epoch(job["run_at"]) - now
-        return (f"due {local_time(epoch(job['run_at']), now)} "
+        return (f"due {local_time(epoch(job['run_at']), now, short=True)} "
                 f"({relative(job['run_at'], now)})" if due >= 1 else "ready")
     if state == PROCESSING:
         return f"running {human_duration(now - epoch(job['started_at']))}"
@@ -3055,7 +3076,7 @@ def summary_lines(counts, per_queue, workers, paused, every_queue):
     if every_queue or len(per_queue) > 1 or (per_queue and DEFAULT_QUEUE not in per_queue):
         lines += table(["QUEUE"] + [s.upper() for s in STATES],
                        queues or [[DEFAULT_QUEUE] + [0] * len(STATES)]).splitlines()
-    lines.append(f"workers: {len(workers)} live ({threads} threads)"
+    lines.append(f"workers: {len(workers)} live ({plural(threads, 'thread')})"
                  + (("; paused: " + ("all queues" if "*" in paused else ", ".join(paused)))
                     if paused else ""))
     return lines
@@ -3458,8 +3479,14 @@ def cmd_list(args):
     store = open_store(args)
     return list_jobs(store, args, args.state)
 
-def list_jobs(store, args, state):
-    rows, more = store.list_jobs(state, getattr(args, "queue", None), args.limit)
+def list_jobs(store, args, states):
+    """list and dlq list: the newest jobs (all with --json, unless --limit),
+    oldest first so the newest is next to the prompt; a footer says how many
+    older ones a human view leaves out."""
+    limit = args.limit
+    if limit is None:
+        limit = 0 if args.json or args.all else 100
+    rows, more = store.list_jobs(states, args.queue, limit)
     if args.json:
         print_json([job_public(j, args.home) for j in rows])
         return EXIT_OK
@@ -3467,24 +3494,63 @@ def list_jobs(store, args, state):
         print("no jobs")
         return EXIT_OK
     now = time.time()
-    print(table(["ID", "STATE", "QUEUE", "PRI", "TRIES", "WHEN", "COMMAND"],
-                [[j["id"], j["state"], j["queue"], j["priority"], j["attempts"],
-                  when_text(store, j, now), one_line(j["command"])] for j in rows],
-                term_width(), color_col=1))
+    cfg = Config(args.home).load() if args.cmd == "dlq" else None
+    if cfg is not None:
+        print(table(["ID", "QUEUE", "TRIES", "DIED", "LAST ERROR", "COMMAND"],
+                    [[j["id"], j["queue"], f"{j['attempts']}/{allowed_attempts(j, cfg)}",
+                      relative(j["finished_at"], now), one_line(j["last_error"]),
+                      one_line(j["command"])] for j in rows],
+                    term_width(), shrink=(5, 4, 3), drop=(1, 3)))
+    else:
+        print(table(["ID", "STATE", "QUEUE", "PRI", "TRIES", "WHEN", "OUTCOME", "COMMAND"],
+                    [[j["id"], j["state"], j["queue"], j["priority"],
+                      j["attempts"] + (j["state"] == PROCESSING), when_text(store, j, now),
+                      outcome_text(j), one_line(j["command"])] for j in rows],
+                    term_width(), color_col=1, shrink=(7, 6, 5), drop=(3, 4, 2)))
     if more:
-        print(f"… {more} more (use --limit 0 for all, or --state/--queue)")
+        print(f"… {more} older job{'s' if more != 1 else ''} not shown "
+              "(--all for every one, --limit N for the newest N)")
     return EXIT_OK
+
+def allowed_attempts(job, cfg):
+    """How many attempts a job may have: its retries (or config's) + 1."""
+    return (cfg["max_retries"] if job["max_retries"] is None else job["max_retries"]) + 1
+
+def outcome_text(job):
+    """What came of a job, for list: the pid of a running one, the exit of
+    a finished one and how long it ran, the last error of a failed one."""
+    state = job["state"]
+    if state == PROCESSING:
+        return f"pid {job['pid']}" if job["pid"] else "starting"
+    if state == PENDING:
+        return "-"
+    ran = ""
+    if job["started_at"] and job["finished_at"]:
+        ran = f", ran {human_duration(epoch(job['finished_at']) - epoch(job['started_at']))}"
+    if state == COMPLETED:
+        return f"exit 0{ran}"
+    if state == CANCELLED:
+        return "cancelled"
+    return one_line(job["last_error"]) + (ran if state == DEAD else "")
 
 def cmd_logs(args):
     """Print a job's log; --tail N lines; --follow until the job ends, then
     exit as wait does: 0 completed, 1 dead or cancelled, 3 stuck."""
     store = open_store(args)
+    if args.id is None:                  # like tsp -c: the latest job's
+        rows = store.q(SQL_LAST_STARTED)
+        if not rows:
+            raise QueuectlError("no job has started yet; name one: queuectl logs ID")
+        args.id = rows[0][0]
     job = store.must_get(args.id)
     path = log_path(args.home, job["id"])
     out = sys.stdout.buffer
     f = open_log(path)
+    if f is None and job["started_at"] is None and job["attempts"] == 0:
+        sys.stderr.write(f"queuectl: note: job {job['id']} has not started yet "
+                         f"({when_text(store, job, time.time())}); its log is empty\n")
     if f is None and not args.follow:
-        return EXIT_OK              # no attempt has started yet: an empty log
+        return EXIT_OK
     pos = 0
     if f is not None:
         with f:
@@ -3800,7 +3866,6 @@ def cmd_dlq(args):
     """The dead letter queue: list, retry, purge."""
     if args.action == "list":
         store = open_store(args)
-        args.limit = args.limit if args.limit is not None else 100
         return list_jobs(store, args, [DEAD])
     args.state = None
     store = open_store(args)
@@ -4251,7 +4316,9 @@ QUEUES_ARG = arg("--queue", action="append", metavar="Q",
                  help="jobs of these queues (repeatable, or Q1,Q2)")
 
 LIMIT_ARG = arg("--limit", type=lambda t: check_value("limit", t, "--limit", text=True),
-                default=100, help="at most this many (default 100, 0 = all)")
+                metavar="N", help="the newest N (default 100; --json: all; 0 = all)")
+
+ALL_ARG = arg("--all", action="store_true", help="every job, not only the newest 100")
 
 def argparse_remainder():
     import argparse
@@ -4334,11 +4401,12 @@ COMMAND_TABLE = [
         arg("--state", action="append", metavar="S",
             help="only jobs in these states (repeatable, or S1,S2): " + ", ".join(STATES)),
         arg("--queue", action="append", metavar="Q",
-            help="only jobs of these queues (repeatable, or Q1,Q2)"), LIMIT_ARG, JSON_ARG],
+            help="only jobs of these queues (repeatable, or Q1,Q2)"), ALL_ARG, LIMIT_ARG,
+        JSON_ARG],
         common=("list [--state S]", "jobs and their states")),
-    Command("logs", "print a job's log", cmd_logs, [
-        "queuectl logs nightly --tail 50", "queuectl logs nightly --follow"], [
-        arg("id", metavar="ID"),
+    Command("logs", "print a job's log (default: the latest started job's)", cmd_logs, [
+        "queuectl logs nightly -n 50", "queuectl logs nightly --follow", "queuectl logs"], [
+        arg("id", nargs="?", metavar="ID", help="the job (default: the one started last)"),
         arg("-n", "--tail", type=_value("tail", "--tail"), metavar="N",
             help="only the last N lines"),
         arg("-f", "--follow", action="store_true", help="keep printing until the job ends")],
@@ -4402,7 +4470,7 @@ COMMAND_TABLE = [
         arg("--unset-env", action="append", metavar="NAME", help="unset (repeatable)")]),
     Command("dlq", "the dead letter queue: list, retry, purge"),
     Command("dlq list", "list dead jobs", cmd_dlq, ["queuectl dlq list"],
-            [QUEUES_ARG, LIMIT_ARG, JSON_ARG],
+            [QUEUES_ARG, ALL_ARG, LIMIT_ARG, JSON_ARG],
             common=("dlq list", "jobs that failed for good")),
     Command("dlq retry", "run dead jobs again (attempts reset)", cmd_dlq, [
         "queuectl dlq retry k3x9qa", "queuectl dlq retry --all",

@@ -3235,7 +3235,8 @@ class TestReadCommands(QueueTest):
         rows = json.loads(self.ok("list", "--queue", "other", "--json"))
         self.assertEqual([j["id"] for j in rows], ["x"])
         out = self.ok("list", "--limit", "2")
-        self.assertIn("4 more", out)
+        self.assertEqual([ln.split()[0] for ln in out.splitlines()[1:3]], ["x", "late"])
+        self.assertIn("4 older jobs not shown", out)
         self.assertEqual(len(json.loads(self.ok("list", "--limit", "2", "--json"))), 2)
         self.assertIn("no jobs", self.ok("list", "--state", "cancelled"))
 
@@ -3694,7 +3695,7 @@ class TestHumanOutput(QueueTest):
         out = self.ok("list")
         lines = out.splitlines()
         self.assertEqual(lines[0].split(), ["ID", "STATE", "QUEUE", "PRI", "TRIES", "WHEN",
-                                            "COMMAND"])
+                                            "OUTCOME", "COMMAND"])
         self.assertTrue(all(len(line) <= 80 for line in lines), out)
         self.assertTrue(lines[1].endswith("…"), lines[1])
         self.assertEqual(lines[1].split()[:6], ["build-1", "pending", "default", "0", "0",
@@ -3742,6 +3743,87 @@ class TestHumanOutput(QueueTest):
 
         self.assertIn("\x1b[", run_in_pty({}))
         self.assertNotIn("\x1b[", run_in_pty({"NO_COLOR": "1"}))
+        self.assertIn("\x1b[", run_in_pty({"NO_COLOR": ""}))    # empty: not set
+
+class TestListsShowTheNewestAndTheirOutcome(QueueTest):
+    """list and dlq list, as tsp -l and pueue status: the newest jobs next to
+    the prompt, what came of each, and complete machine output."""
+
+    def test_the_newest_at_the_bottom_a_footer_and_complete_json(self):
+        self.ok("enqueue", "--stdin", input="".join(f"echo {i}\n" for i in range(305)))
+        newest = self.enqueue("--id", "newest", "true")
+        lines = self.ok("list").splitlines()
+        self.assertEqual(len(lines), 1 + 100 + 1, lines[:3])
+        self.assertEqual(lines[-2].split()[0], newest)              # next to the prompt
+        self.assertEqual(lines[-1], "… 206 older jobs not shown (--all for every one, "
+                                    "--limit N for the newest N)")
+        self.assertEqual(len(self.ok("list", "--all").splitlines()), 1 + 306)
+        self.assertEqual(len(self.ok("list", "--limit", "0").splitlines()), 1 + 306)
+        rows = json.loads(self.ok("list", "--json"))
+        self.assertEqual(len(rows), 306)                            # never cut silently
+        self.assertEqual(rows[-1]["id"], "newest")
+        rows = json.loads(self.ok("list", "--json", "--limit", "5"))
+        self.assertEqual([r["id"] for r in rows][-1], "newest")
+        self.assertEqual(len(rows), 5)
+
+    def test_each_job_shows_what_came_of_it(self):
+        self.ok("config", "set", "max_backoff", "0.01")
+        self.enqueue("--id", "ok", "true")
+        self.enqueue("--id", "bad", "--max-retries", "1", "exit 3")
+        self.enqueue("--id", "sig", "--max-retries", "0", "kill -TERM $$")
+        self.enqueue("--id", "off", "true")
+        self.ok("cancel", "off")
+        self.assertIn("ok completed (attempt 1, ran ", self.drain().out)
+        self.enqueue("--id", "run", self.gate_cmd())
+        self.start_worker()
+        pid = self.wait_running("run")
+        env = dict(self.env, COLUMNS="200")
+        rows = {line.split()[0]: line for line in self.ok("list", env=env).splitlines()[1:]}
+        self.assertRegex(rows["ok"], r"completed +default +0 +1 +(\S+ ago|now) +exit 0, "
+                         r"ran \d+ms")
+        self.assertRegex(rows["bad"], r"dead .* 2 .* exit code 3, ran \d+ms")
+        self.assertIn("killed by SIGTERM", rows["sig"])
+        self.assertRegex(rows["off"], r"cancelled .* cancelled")
+        # A running job: its attempt number (not the attempts that ended) and pid.
+        self.assertRegex(rows["run"], rf"processing +default +0 +1 +running \S+ +pid {pid} ")
+        self.touch("go")
+        out = self.ok("dlq", "list", env=env).splitlines()
+        self.assertEqual(out[0].split(), ["ID", "QUEUE", "TRIES", "DIED", "LAST", "ERROR",
+                                          "COMMAND"])
+        dlq = {line.split()[0]: line for line in out[1:]}
+        self.assertRegex(dlq["bad"], r"^bad +default +2/2 +(\S+ ago|now) +exit code 3 +exit 3$")
+        self.assertRegex(dlq["sig"], r"^sig +default +1/1 +(\S+ ago|now) +killed by SIGTERM ")
+
+    def test_a_narrow_terminal_cuts_the_command_never_the_id_or_state(self):
+        self.enqueue("--id", "a-long-job-id-that-stays", "--max-retries", "0",
+                     "echo " + "x" * 100 + "; exit 7")
+        self.drain()
+        for cols in ("60", "80", "100"):
+            with self.subTest(cols=cols):
+                out = self.ok("list", env=dict(self.env, COLUMNS=cols))
+                lines = out.splitlines()
+                self.assertTrue(all(len(line) <= int(cols) for line in lines), out)
+                self.assertEqual(lines[1].split()[:2], ["a-long-job-id-that-stays", "dead"])
+                self.assertIn("…", lines[1])
+
+    def test_logs_without_an_id_and_of_a_job_that_has_not_started(self):
+        r = self.fails(1, "logs")
+        self.assertIn("no job has started yet", r.err)
+        self.enqueue("--id", "a", "echo from a")
+        self.enqueue("--id", "b", "echo from b")
+        self.enqueue("--id", "later", "--delay", "1h", "true")
+        r = self.q("logs", "b")
+        self.assertEqual((r.code, r.out), (0, ""), r)
+        self.assertIn("job b has not started yet (ready); its log is empty", r.err)
+        self.assertIn("has not started yet (due ", self.q("logs", "later").err)
+        self.drain()
+        out = self.ok("logs")                     # like tsp -c: the latest job's
+        self.assertIn("from b", out)
+        self.assertNotIn("from a", out)
+
+    def test_status_wording(self):
+        self.start_worker()
+        self.assertIn("workers: 1 live (1 thread)", self.ok("status"))
 
 class TestMachineOutput(QueueTest):
     def test_json_shapes(self):
