@@ -3255,7 +3255,9 @@ class TestReadCommands(QueueTest):
     def test_logs_of_a_job_that_has_not_run(self):
         self.enqueue("--id", "j", "true")
         r = self.q("logs", "j")
-        self.assertEqual((r.code, r.out, r.err), (0, "", ""))
+        self.assertEqual((r.code, r.out), (0, ""))
+        self.assertEqual(r.err, "queuectl: note: job j has not started yet (ready); "
+                                "its log is empty\n")
 
     def test_json_outputs_are_only_json(self):
         self.enqueue("--id", "j", "--max-retries", "0", "exit 1")
