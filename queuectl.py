@@ -62,6 +62,10 @@ SCHEMA_VERSION = 2
 
 APPLICATION_ID = 0x71756575          # "queu": marks a queuectl database
 
+# Upper bounds (seconds) of the job duration histogram's buckets, 10 ms to 6 h.
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
+                    600, 1800, 3600, 7200, 21600)
+
 CONFIG_DEFAULTS = {
     "max_retries": 3,
     "backoff_base": 2,
@@ -1099,6 +1103,15 @@ ENVS_HASH_INDEX = "CREATE INDEX envs_hash ON envs (hash)"
 
 ENVS_INDEX = "CREATE INDEX jobs_env ON jobs (env_id) WHERE env_id IS NOT NULL"
 
+# Run times of ended attempts per queue, by histogram bucket (not
+# cumulative: n counts the attempts with DURATION_BUCKETS[i-1] < t <= le;
+# longer ones only in stats.duration_count, the +Inf bucket).
+DURATIONS_TABLE = """CREATE TABLE durations (
+    queue TEXT NOT NULL,
+    le REAL NOT NULL,
+    n INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (queue, le)) WITHOUT ROWID"""
+
 SCHEMA = [
     """CREATE TABLE jobs (
         seq INTEGER PRIMARY KEY,
@@ -1134,6 +1147,7 @@ SCHEMA = [
     ENVS_TABLE,
     ENVS_HASH_INDEX,
     ENVS_INDEX,
+    DURATIONS_TABLE,
     """CREATE TABLE deps (
         job TEXT NOT NULL,
         dep TEXT NOT NULL,
@@ -1161,7 +1175,7 @@ MIGRATIONS = {
     # 1.1: jobs run in their enqueuer's environment and umask
     1: ["ALTER TABLE jobs ADD COLUMN env_id INTEGER",
         "ALTER TABLE jobs ADD COLUMN umask INTEGER", ENVS_TABLE, ENVS_HASH_INDEX,
-        ENVS_INDEX],
+        ENVS_INDEX, DURATIONS_TABLE],
 }
 
 JOB_FIELDS = ("id", "command", "state", "queue", "priority", "attempts",
@@ -1271,6 +1285,20 @@ SQL_STAT_ADD = """INSERT INTO stats (queue, attempts, failures, duration_sum,
     attempts = attempts + 1, failures = failures + excluded.failures,
     duration_sum = duration_sum + excluded.duration_sum,
     duration_count = duration_count + excluded.duration_count"""
+
+SQL_DURATION_ADD = """INSERT INTO durations (queue, le, n) VALUES (?, ?, 1)
+    ON CONFLICT (queue, le) DO UPDATE SET n = n + 1"""
+
+SQL_DURATIONS = "SELECT queue, le, n FROM durations"
+
+SQL_RUNNABLE_SINCE = """SELECT min(run_at) FROM jobs INDEXED BY jobs_ready
+    WHERE state IN ('pending', 'failed') AND blocked = 0 AND run_at <= ?{where}"""
+
+SQL_DELAYED = """SELECT queue, count(*) FROM jobs INDEXED BY jobs_ready
+    WHERE state IN ('pending', 'failed') AND blocked = 0 AND run_at > ? GROUP BY queue"""
+
+SQL_BLOCKED = """SELECT queue, count(*) FROM jobs WHERE state IN ('pending', 'failed')
+    AND blocked = 1 GROUP BY queue"""
 
 SQL_DELETE_JOBS = "DELETE FROM jobs WHERE id IN ({marks})"
 
@@ -1769,6 +1797,9 @@ class Store:
             return None, 0
         self.x(SQL_STAT_ADD, (job["queue"], int(error is not None), duration or 0.0,
                               int(duration is not None)))
+        if duration is not None and duration <= DURATION_BUCKETS[-1]:
+            le = next(b for b in DURATION_BUCKETS if duration <= b)
+            self.x(SQL_DURATION_ADD, (job["queue"], le))
         return state, unblocked
 
     def requeue(self, job_id, worker, token):
@@ -4241,50 +4272,82 @@ def attempt_ended(home, job):
         return False
 
 def cmd_metrics(args):
-    """Prometheus text format: jobs per state and queue, workers, attempts,
-    failures, durations, oldest pending age."""
+    """Prometheus text format (0.0.4): jobs per state and queue, runnable,
+    delayed and blocked jobs, workers, attempts, failures, a histogram of
+    run times per queue, and how long the oldest runnable job has waited."""
     store = open_store(args)
     now = time.time()
-    lines = ["# HELP queuectl_jobs Jobs by state and queue.",
-             "# TYPE queuectl_jobs gauge"]
+    out = []
+
+    def family(name, kind, help_, samples):
+        """One metric family: HELP, TYPE, then its samples, each a (suffix,
+        labels, value); never an empty family."""
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {kind}")
+        for suffix, labels, value in samples:
+            text = ",".join(f'{k}="{prom_escape(v)}"' for k, v in labels.items())
+            out.append(f"{name}{suffix}{{{text}}} {prom_value(value)}" if text
+                       else f"{name}{suffix} {prom_value(value)}")
     _, per_queue = store.counts()
-    for queue, counts in sorted(per_queue.items()):
-        for state in STATES:
-            if counts[state]:
-                lines.append(f'queuectl_jobs{{queue="{queue}",state="{state}"}} '
-                             f'{counts[state]}')
-    for state in STATES:
-        if not any(c[state] for c in per_queue.values()):
-            lines.append(f'queuectl_jobs{{queue="{DEFAULT_QUEUE}",state="{state}"}} 0')
+    queues = sorted(per_queue) or [DEFAULT_QUEUE]
+    family("queuectl_jobs", "gauge", "Jobs by state and queue.",
+           [("", {"queue": q, "state": st}, per_queue.get(q, {}).get(st, 0))
+            for q in queues for st in STATES])
+    delayed, blocked = dict(store.q(SQL_DELAYED, (iso(now),))), dict(store.q(SQL_BLOCKED))
+    family("queuectl_delayed_jobs", "gauge",
+           "Waiting jobs scheduled for later (--run-at, --delay, a retry's backoff).",
+           [("", {"queue": q}, delayed.get(q, 0)) for q in queues])
+    family("queuectl_blocked_jobs", "gauge", "Waiting jobs blocked on a dependency.",
+           [("", {"queue": q}, blocked.get(q, 0)) for q in queues])
+    where, params = claim_filter(None, store.paused())
+    oldest = None if "*" in store.paused() else store.q(
+        SQL_RUNNABLE_SINCE.format(where=where), [iso(now)] + params)[0][0]
+    family("queuectl_oldest_pending_seconds", "gauge",
+           "How long the oldest job that could run now (due, not blocked, queue not "
+           "paused) has waited; 0 when none.",
+           [("", {}, round(max(now - epoch(oldest), 0), 3) if oldest else 0)])
     workers = store.live_workers()
-    lines += ["# HELP queuectl_workers Live worker processes.",
-              "# TYPE queuectl_workers gauge", f"queuectl_workers {len(workers)}",
-              "# HELP queuectl_worker_threads Job threads of live workers.",
-              "# TYPE queuectl_worker_threads gauge",
-              f"queuectl_worker_threads {sum(w['threads'] for w in workers)}"]
+    family("queuectl_workers", "gauge", "Live worker processes.", [("", {}, len(workers))])
+    family("queuectl_worker_threads", "gauge", "Job threads of live workers.",
+           [("", {}, sum(w["threads"] for w in workers))])
     names = ("attempts", "failures", "duration_sum", "duration_count")
-    by = {}
-    for row in store.stats(names):
-        for name, value in zip(names, row[1:]):
-            by.setdefault(name, []).append((row[0], value))
-    for name, metric, kind, help_ in (
-            ("attempts", "queuectl_attempts_total", "counter", "Attempts that ended."),
-            ("failures", "queuectl_failures_total", "counter",
-             "Attempts that failed (exit != 0, timeout, worker died)."),
-            ("duration_sum", "queuectl_job_duration_seconds_sum", "counter",
-             "Total run time of ended attempts."),
-            ("duration_count", "queuectl_job_duration_seconds_count", "counter",
-             "Ended attempts with a known run time.")):
-        lines += [f"# HELP {metric} {help_}", f"# TYPE {metric} {kind}"]
-        for queue, value in by.get(name, [(DEFAULT_QUEUE, 0)]):
-            lines.append(f'{metric}{{queue="{queue}"}} {value:g}')
-    oldest = store.oldest_pending()
-    age = max(now - epoch(oldest[1]), 0) if oldest else 0
-    lines += ["# HELP queuectl_oldest_pending_seconds Age of the oldest pending job.",
-              "# TYPE queuectl_oldest_pending_seconds gauge",
-              f"queuectl_oldest_pending_seconds {age:.3f}"]
-    sys.stdout.write("\n".join(lines) + "\n")
+    stats = {row[0]: dict(zip(names, row[1:])) for row in store.stats(names)}
+    zero = dict.fromkeys(names, 0)
+    squeues = sorted(stats) or [DEFAULT_QUEUE]
+    family("queuectl_attempts_total", "counter", "Attempts that ended.",
+           [("", {"queue": q}, stats.get(q, zero)["attempts"]) for q in squeues])
+    family("queuectl_failures_total", "counter",
+           "Attempts that failed (exit != 0, timeout, worker died).",
+           [("", {"queue": q}, stats.get(q, zero)["failures"]) for q in squeues])
+    buckets = {}
+    for queue, le, n in store.q(SQL_DURATIONS):
+        buckets.setdefault(queue, {})[le] = n
+    samples = []
+    for q in squeues:
+        total = 0
+        for le in DURATION_BUCKETS:
+            total += buckets.get(q, {}).get(le, 0)
+            samples.append(("_bucket", {"queue": q, "le": prom_value(le)}, total))
+        count = stats.get(q, zero)["duration_count"]
+        samples += [("_bucket", {"queue": q, "le": "+Inf"}, count),
+                    ("_sum", {"queue": q}, stats.get(q, zero)["duration_sum"]),
+                    ("_count", {"queue": q}, count)]
+    family("queuectl_job_duration_seconds", "histogram",
+           "Run time of ended attempts, by queue.", samples)
+    sys.stdout.write("\n".join(out) + "\n")
     return EXIT_OK
+
+def prom_escape(value):
+    """A label value in the text format: \\, \" and newline escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+def prom_value(v):
+    """A sample value or le bound: integers without a point, +Inf, NaN."""
+    if v != v:
+        return "NaN"
+    if v in (float("inf"), float("-inf")):
+        return "+Inf" if v > 0 else "-Inf"
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else repr(float(v))
 
 
 # Command line ################################################################

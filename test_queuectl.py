@@ -76,6 +76,110 @@ class Result:
     def __repr__(self):
         return f"Result(code={self.code}, out={self.out!r}, err={self.err!r})"
 
+def parse_exposition(text):
+    """Parse the Prometheus text exposition format (version 0.0.4) strictly,
+    by the rules of its specification
+    (https://prometheus.io/docs/instrumenting/exposition_formats/):
+
+    - lines end with \\n; `# HELP name text` and `# TYPE name type` are the
+      only comments that mean something, at most one of each per metric,
+      and TYPE comes before the metric's first sample;
+    - a sample is `name{label="value",...} value [timestamp]`, names match
+      [a-zA-Z_:][a-zA-Z0-9_:]*, label names [a-zA-Z_][a-zA-Z0-9_]* (never
+      starting with __), label values escape only \\\\, \\" and \\n;
+    - all samples of one metric form one group; a histogram named X has
+      only X_bucket (with an le label), X_sum and X_count samples, its
+      buckets cumulative (non-decreasing in le), an le="+Inf" bucket equal
+      to X_count, for each set of other labels;
+    - the same name and label set never appears twice.
+
+    Returns {family: (type, [(sample name, {labels}, value)])}; raises
+    AssertionError naming the line that breaks a rule."""
+    import re
+    name_re = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+    label_re = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+    assert text.endswith("\n"), "the output must end with a newline"
+    families, order, seen, current = {}, [], set(), None
+    for n, line in enumerate(text[:-1].split("\n"), 1):
+        where = f"line {n}: {line!r}"
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                assert name_re.fullmatch(parts[2]), where
+                fam = families.setdefault(parts[2], {"type": None, "help": None,
+                                                     "samples": []})
+                key = parts[1].lower()
+                assert fam[key] is None, f"{where}: a second {parts[1]}"
+                if key == "type":
+                    assert len(parts) == 4 and parts[3] in (
+                        "counter", "gauge", "histogram", "summary", "untyped"), where
+                    assert not fam["samples"], f"{where}: TYPE after samples"
+                    fam["type"] = parts[3]
+                else:
+                    fam["help"] = parts[3] if len(parts) == 4 else ""
+                    assert "\\" not in fam["help"].replace("\\\\", "").replace("\\n", ""), where
+            continue
+        assert line.strip(), f"{where}: an empty line"
+        m = name_re.match(line)
+        assert m, where
+        name, rest = m.group(), line[m.end():]
+        labels = {}
+        if rest.startswith("{"):
+            end = rest.index("}")
+            body, rest = rest[1:end], rest[end + 1:]
+            pos = 0
+            while pos < len(body):
+                lm = label_re.match(body, pos)
+                assert lm, f"{where}: bad label at {body[pos:]!r}"
+                lname = lm.group(1)
+                assert not lname.startswith("__") and lname not in labels, where
+                labels[lname] = re.sub(r"\\(.)", lambda e: {"n": "\n"}.get(e.group(1),
+                                                                          e.group(1)),
+                                       lm.group(2))
+                pos = lm.end()
+                if pos < len(body):
+                    assert body[pos] == ",", where
+                    pos += 1
+        fields = rest.split(" ")
+        assert fields[0] == "" and len(fields) in (2, 3), where
+        value = float(fields[1])             # also +Inf, -Inf, NaN
+        fam_name = name
+        for suffix in ("_bucket", "_sum", "_count"):
+            base = name[:-len(suffix)]
+            if name.endswith(suffix) and families.get(base, {}).get("type") == "histogram":
+                fam_name = base
+        fam = families.setdefault(fam_name, {"type": None, "help": None, "samples": []})
+        if fam_name != current:
+            assert fam_name not in order, f"{where}: {fam_name}'s samples are split"
+            order.append(fam_name)
+            current = fam_name
+        key = (name, tuple(sorted(labels.items())))
+        assert key not in seen, f"{where}: a duplicate sample"
+        seen.add(key)
+        if fam["type"] == "histogram":
+            assert name != fam_name, f"{where}: a histogram sample needs a suffix"
+            assert (name.endswith("_bucket")) == ("le" in labels), where
+        fam["samples"].append((name, labels, value))
+    for fam_name, fam in families.items():
+        if fam["type"] != "histogram":
+            continue
+        groups = {}
+        for name, labels, value in fam["samples"]:
+            other = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+            groups.setdefault(other, {"buckets": [], "count": None, "sum": None})
+            g = groups[other]
+            if name.endswith("_bucket"):
+                g["buckets"].append((float(labels["le"]), value))
+            else:
+                g[name.rsplit("_", 1)[1]] = value
+        for other, g in groups.items():
+            bounds = [b for b, _ in g["buckets"]]
+            assert bounds == sorted(bounds) and bounds[-1] == float("inf"), (fam_name, other)
+            counts = [c for _, c in g["buckets"]]
+            assert counts == sorted(counts), f"{fam_name} {other}: buckets not cumulative"
+            assert g["count"] == counts[-1] and g["sum"] is not None, (fam_name, other)
+    return {k: (v["type"], v["samples"]) for k, v in families.items()}
+
 class QueueTest(unittest.TestCase):
     """A test with its own temporary home; helpers to run the CLI."""
 
@@ -1554,6 +1658,7 @@ class TestJobEnvironment(QueueTest):
         """Make the home's database what queuectl 1.0 (schema 1) wrote."""
         con = sqlite3.connect(os.path.join(self.home, "queue.db"), timeout=10)
         for sql in ("DROP INDEX jobs_env", "DROP INDEX envs_hash", "DROP TABLE envs",
+                    "DROP TABLE durations",
                     "ALTER TABLE jobs DROP COLUMN env_id",
                     "ALTER TABLE jobs DROP COLUMN umask", "PRAGMA user_version = 1"):
             con.execute(sql)
@@ -3848,28 +3953,62 @@ class TestMachineOutput(QueueTest):
         out = self.ok("enqueue", "true")
         self.assertRegex(out, r"^[0-9a-z]{6}\n$")
 
-    def test_metrics_parse_as_prometheus_text(self):
-        import re
+class TestMetrics(QueueTest):
+    def test_the_whole_output_follows_the_exposition_format(self):
         self.set_fast_retries()
         self.enqueue("--queue", "q1", "true")
+        self.enqueue("--queue", "q1", "sleep 0.3")
         self.enqueue("--max-retries", "1", "false")
         self.drain()
-        out = self.ok("metrics")
-        sample = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? '
-                            r'-?[0-9.e+]+$')
-        values = {}
-        for line in out.splitlines():
-            if line.startswith("#"):
-                self.assertRegex(line, r"^# (HELP|TYPE) queuectl_[a-z_]+ .+")
-                continue
-            self.assertRegex(line, sample)
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-        self.assertEqual(values['queuectl_jobs{queue="q1",state="completed"}'], 1)
-        self.assertEqual(values['queuectl_jobs{queue="default",state="dead"}'], 1)
-        self.assertEqual(values['queuectl_attempts_total{queue="default"}'], 2)
-        self.assertEqual(values['queuectl_failures_total{queue="default"}'], 2)
-        self.assertEqual(values["queuectl_workers"], 0)
+        fams = parse_exposition(self.ok("metrics"))
+        kind, samples = fams["queuectl_job_duration_seconds"]
+        self.assertEqual(kind, "histogram")
+        q1 = {(n, lb.get("le")): v for n, lb, v in samples if lb["queue"] == "q1"}
+        self.assertEqual(q1[("queuectl_job_duration_seconds_count", None)], 2)
+        self.assertEqual(q1[("queuectl_job_duration_seconds_bucket", "0.01")], 1)
+        self.assertEqual(q1[("queuectl_job_duration_seconds_bucket", "0.5")], 2)
+        self.assertGreater(q1[("queuectl_job_duration_seconds_sum", None)], 0.29)
+        les = [lb["le"] for n, lb, _ in samples if n.endswith("_bucket")
+               and lb["queue"] == "q1"]
+        self.assertEqual((les[0], les[-2], les[-1]), ("0.01", "21600", "+Inf"))
+        self.assertEqual(fams["queuectl_attempts_total"][0], "counter")
+        values = {(n, tuple(sorted(lb.items()))): v for _, (_, s) in fams.items()
+                  for n, lb, v in s}
+        self.assertEqual(values[("queuectl_jobs", (("queue", "q1"), ("state", "completed")))],
+                         2)
+        self.assertEqual(values[("queuectl_failures_total", (("queue", "default"),))], 2)
+        # The parser itself refuses what the format forbids.
+        for bad in ("x 1",                                   # no newline at the end
+                    "# TYPE x gauge\n# TYPE x gauge\nx 1\n",  # two TYPEs
+                    "x 1\n# TYPE x gauge\n",                  # TYPE after a sample
+                    "x 1\ny 1\nx 2\n",                        # a split family
+                    'x{a="1",a="2"} 1\n', 'x{a="\\q"} 1\n',   # labels
+                    "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\n"
+                    "h_sum 1\nh_count 1\n"):                 # not cumulative
+            with self.subTest(bad=bad):
+                with self.assertRaises((AssertionError, ValueError)):
+                    parse_exposition(bad)
+
+    def test_oldest_pending_counts_only_jobs_that_could_run_now(self):
+        self.enqueue("--id", "later", "--delay", "1h", "true")
+        self.enqueue("--id", "dead", "--max-retries", "0", "false")
+        self.drain()
+        self.enqueue("--id", "blocked", "--after", "dead", "true")
+        self.enqueue("--queue", "held", "true")
+        self.ok("pause", "held")
+        time.sleep(0.2)
+
+        def gauges():
+            fams = parse_exposition(self.ok("metrics"))
+            return {(n, lb.get("queue")): v for name in (
+                "queuectl_oldest_pending_seconds", "queuectl_delayed_jobs",
+                "queuectl_blocked_jobs") for n, lb, v in fams[name][1]}
+        g = gauges()
+        self.assertEqual(g[("queuectl_oldest_pending_seconds", None)], 0)
+        self.assertEqual(g[("queuectl_delayed_jobs", "default")], 1)
+        self.assertEqual(g[("queuectl_blocked_jobs", "default")], 1)
+        self.ok("resume", "held")
+        self.assertGreater(gauges()[("queuectl_oldest_pending_seconds", None)], 0.1)
 
 class TestLiveView(QueueTest):
     def test_top_refreshes_in_a_pty_and_quits_on_q(self):
