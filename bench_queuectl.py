@@ -40,7 +40,7 @@ MB = 1024 * 1024
 # Sizes: (full, quick).
 SIZES = {
     "throughput_jobs": (2000, 200),
-    "enqueue_runs": (100, 20),
+    "enqueue_runs": (100, 8),
     "bulk_lines": (100_000, 5_000),
     "pickup_runs": (50, 10),
     "scale_small": (1_000, 1_000),

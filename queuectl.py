@@ -103,6 +103,8 @@ HEARTBEAT = 5.0          # seconds between heartbeats and recovery scans
 
 BUSY_TIMEOUT = 30.0      # seconds a command waits for a busy database
 
+WORKER_LOG_MAX = 10_000_000   # bytes of worker.log before it is rotated
+
 PID_DELAY = 0.05         # a job still running after this gets its pid recorded
 
 FDS_BASE = 32            # descriptors a worker process needs, besides its threads
@@ -1417,6 +1419,12 @@ SQL_RESUME_ALL = "DELETE FROM paused"
 
 # Store #######################################################################
 
+def worker_log_max():
+    """Bytes a detached worker's log may reach before it is rotated:
+    $QUEUECTL_WORKER_LOG_MAX or 10 MB."""
+    text = os.environ.get("QUEUECTL_WORKER_LOG_MAX", "")
+    return int(text) if text.isdigit() and int(text) > 0 else WORKER_LOG_MAX
+
 def busy_timeout():
     """Seconds to wait for a busy database: $QUEUECTL_BUSY_TIMEOUT or 30."""
     text = os.environ.get("QUEUECTL_BUSY_TIMEOUT")
@@ -2667,6 +2675,8 @@ class Worker(Attempts, Recovery):
         os.umask(umask)
         self.umask = f"{umask:04o}"
         self.devnull = None              # opened by run(), before any thread
+        self.log_file = None             # worker.log, when detached (see say)
+        self.log_max = worker_log_max()
 
     # Output and wake-ups ---------------------------------------------------
 
@@ -2675,8 +2685,26 @@ class Worker(Attempts, Recovery):
             try:
                 self.out.write(f"{show_time(iso(time.time()))} {text}\n")
                 self.out.flush()
+                if self.log_file:
+                    self._rotate_log()
             except (OSError, ValueError):
                 pass
+
+    def _rotate_log(self):
+        """A detached worker's log (its stdout and stderr): once it passes
+        worker_log_max bytes it becomes worker.log.1 (the one before is
+        dropped) and a new worker.log starts: two files, bounded."""
+        if os.fstat(1).st_size < self.log_max:
+            return
+        fd = None
+        try:
+            os.replace(self.log_file, self.log_file + ".1")
+            fd = open_private(self.log_file, os.O_WRONLY | os.O_APPEND)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def notify(self):
         with self.cond:
@@ -3382,6 +3410,7 @@ def detach_worker(args):
         sys.stdout = os.fdopen(1, "w", buffering=1)
         sys.stderr = os.fdopen(2, "w", buffering=1)
         worker = Worker(args.home, args.count, args.queue, args.drain)
+        worker.log_file = os.path.join(args.home, "worker.log")
         os.write(w, str(os.getpid()).encode())
         os.close(w)
         code = worker.run()
@@ -4693,7 +4722,14 @@ def _command_name(argv):
 def main(argv=None):
     """Run one command; returns its exit code. Errors become one line on
     stderr; QUEUECTL_DEBUG=1 shows tracebacks of unexpected ones."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+        if not (_command_name(argv) == "worker" and "start" in argv):
+            # Like cat: a closed pipe (| head) ends the command quietly, at
+            # any write. A worker keeps running; it ignores a closed output.
+            import signal
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    argv = list(argv)
     if not argv:
         sys.stdout.write(short_usage())
         return EXIT_OK
