@@ -56,6 +56,14 @@ STATES = (PENDING, PROCESSING, FAILED, COMPLETED, DEAD, CANCELLED)
 
 FINISHED = (COMPLETED, DEAD, CANCELLED)
 
+# The states each command's --state takes (completion offers only these).
+STATE_CHOICES = {
+    "list": STATES,
+    "prune": FINISHED,
+    "cancel": (PENDING, FAILED, PROCESSING),
+    "retry": (DEAD, CANCELLED, COMPLETED, FAILED),
+}
+
 DEFAULT_QUEUE = "default"
 
 SCHEMA_VERSION = 2
@@ -3798,7 +3806,7 @@ def cmd_retry(args):
     """Dead, cancelled or completed jobs run again (attempts reset); a
     failed one waiting out its backoff runs now."""
     store = open_store(args)
-    ids = selected_ids(store, args, (DEAD, CANCELLED, COMPLETED, FAILED),
+    ids = selected_ids(store, args, STATE_CHOICES["retry"],
                        default=(DEAD, CANCELLED))
     print_ids_or_count(args, [j["id"] for j in reset_jobs(
         store, ids, (DEAD, CANCELLED, COMPLETED, FAILED), "retry")], "retried")
@@ -3837,7 +3845,7 @@ def cmd_cancel(args):
     revoked = []
     try:
         with store.tx():         # read and change under one write lock
-            ids = selected_ids(store, args, (PENDING, FAILED, PROCESSING))
+            ids = selected_ids(store, args, STATE_CHOICES["cancel"])
             jobs = [store.must_get(i) for i in ids]
             for job in jobs:
                 if job["state"] not in (PENDING, FAILED, PROCESSING):
@@ -4113,7 +4121,7 @@ def cmd_prune(args):
     age = parse_duration(args.older_than, "--older-than")
     states = args.state or [COMPLETED, CANCELLED]
     for st in states:
-        if st not in FINISHED:
+        if st not in STATE_CHOICES["prune"]:
             raise UsageError(f"prune removes only finished jobs; --state takes "
                              f"{', '.join(FINISHED)}, not {st!r}")
     store = open_store(args)
@@ -4199,25 +4207,170 @@ def cmd_top(args):
     return EXIT_OK
 
 def cmd_completion(args):
-    """Print a shell completion script (bash)."""
-    cases = completion_words()
-    lines = ["# queuectl bash completion: source <(queuectl completion bash)",
+    """Print a shell completion script: bash, zsh or fish. Job ids and queue
+    names come from the live home (queuectl __complete), bounded in time."""
+    spec = completion_spec()
+    print({"bash": bash_completion, "zsh": zsh_completion,
+           "fish": fish_completion}[args.shell](spec))
+    return EXIT_OK
+
+COMPLETE_BUDGET = 0.06       # seconds __complete may spend in the database
+
+def complete_values(argv):
+    """queuectl __complete ids|queues|keys [HOME]: words for a completion
+    script, one a line; nothing on any error or past the time budget (a
+    shell waits for this while a person types)."""
+    started = time.monotonic()
+    kind = argv[0] if argv else ""
+    if kind == "keys":
+        print("\n".join(CONFIG_DEFAULTS))
+        return EXIT_OK
+    queries = {"ids": ["SELECT id FROM jobs ORDER BY seq DESC LIMIT 500"],
+               # cheap first: the scan of jobs may run out of time
+               "queues": ["SELECT queue FROM stats UNION SELECT queue FROM paused",
+                          "SELECT DISTINCT queue FROM jobs"]}.get(kind, [])
+    words = []
+    try:
+        home = resolve_home(argv[1] if len(argv) > 1 else None)
+        import sqlite3
+        db = sqlite3.connect(f"file:{os.path.join(home, 'queue.db')}?mode=ro", uri=True,
+                             timeout=0)
+        db.set_progress_handler(
+            lambda: time.monotonic() - started > COMPLETE_BUDGET, 100)
+        for sql in queries:
+            words += [r[0] for r in db.execute(sql).fetchall()]
+    except Exception:            # no home, busy, out of time, not a db: what there is
+        pass
+    words = list(dict.fromkeys(w for w in words if w != "*"))
+    sys.stdout.write("".join(w + "\n" for w in words))
+    return EXIT_OK
+
+def completion_spec():
+    """[(words typed so far, [flags and actions], positional kind, {flag:
+    values})], longest paths first. A kind or value is @ids, @queues or
+    @keys (from the live home), or a list of words."""
+    cases = [((), sorted(COMMAND_NAMES, key=[c.words[0] for c in COMMAND_TABLE].index)
+              + ["-h", "--help", "--home", "--version"], None, {"--home": "@dirs"})]
+    for c in COMMAND_TABLE:
+        extra = ["-h", "--help", "--home"]
+        if c.handler is None:
+            cases.append((c.words, actions_of(c.words[0]) + extra, None, {}))
+            continue
+        flags, positional, values = [], None, {"--home": "@dirs"}
+        for names, kw in c.args:
+            if not names[0].startswith("-"):
+                positional = {"id": "@ids", "ids": "@ids", "queues": "@queues",
+                              "key": "@keys"}.get(names[0], kw.get("choices"))
+                continue
+            flags += names
+            long = names[-1]
+            if long == "--state":
+                values[long] = list(STATE_CHOICES.get(c.words[-1], STATES))
+            elif long in ("--queue", "--after"):
+                values[long] = "@queues" if long == "--queue" else "@ids"
+            elif long == "--signal":
+                values[long] = ["TERM", "INT", "HUP", "KILL", "QUIT", "USR1", "USR2"]
+            elif long == "--cwd":
+                values[long] = "@dirs"
+        cases.append((c.words, flags + extra, positional, values))
+    return sorted(cases, key=lambda case: -len(case[0]))
+
+def bash_completion(spec):
+    """The bash script (zsh runs it too, through bashcompinit)."""
+    lines = ["# queuectl completion for bash: source <(queuectl completion bash)",
+             "_queuectl_live() {",
+             "    # Live words from the home, never more than about 0.1 s.",
+             "    local t=; command -v timeout >/dev/null 2>&1 && t='timeout 0.1'",
+             '    $t "${COMP_WORDS[0]}" __complete "$1" ${2:+"$2"} 2>/dev/null',
+             "}",
              "_queuectl() {",
-             '    local cur=${COMP_WORDS[COMP_CWORD]} opts',
-             '    local words=" ${COMP_WORDS[*]:1:COMP_CWORD-1} "',
+             "    [ -n \"${ZSH_VERSION-}\" ] && emulate -L ksh",
+             '    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}',
+             '    local words=" ${COMP_WORDS[*]:1:$((COMP_CWORD - 1))} " opts= pos= vals= home= i',
+             "    for ((i = 1; i < COMP_CWORD - 1; i++)); do",
+             '        [ "${COMP_WORDS[i]}" = --home ] && home=${COMP_WORDS[i+1]}',
+             "    done",
              '    case "$words" in']
-    for path, words in cases:
+    for path, flags, positional, values in spec:
         pattern = '*" ' + " ".join(path) + ' "*' if path else "*"
-        lines.append(f'        {pattern}) opts="{" ".join(words)}" ;;')
+        pos = (positional if isinstance(positional, str) or positional is None
+               else ",".join(positional)) or ""
+        vals = " ".join(f"{k}:{v if isinstance(v, str) else ','.join(v)}"
+                        for k, v in values.items())
+        lines.append(f'        {pattern}) opts="{" ".join(flags)}" pos="{pos}" vals="{vals}" ;;')
     lines += ["    esac",
-              '    case "${COMP_WORDS[COMP_CWORD-1]}" in',
-              f'        --state) opts="{" ".join(STATES)}" ;;',
-              "    esac",
+              "    local v want",
+              "    for v in $vals; do",
+              '        if [ "$prev" = "${v%%:*}" ]; then',
+              "            want=${v#*:}",
+              '            case $want in',
+              '                @dirs) COMPREPLY=($(compgen -d -- "$cur")) ;;',
+              '                @*) COMPREPLY=($(compgen -W "$(_queuectl_live ${want#@} "$home")" '
+              '-- "$cur")) ;;',
+              '                *) COMPREPLY=($(compgen -W "${want//,/ }" -- "$cur")) ;;',
+              "            esac",
+              "            return 0",
+              "        fi",
+              "    done",
+              '    if [ -n "$pos" ] && [ "${cur#-}" = "$cur" ]; then',
+              '        case $pos in',
+              '            @*) COMPREPLY=($(compgen -W "$(_queuectl_live ${pos#@} "$home")" '
+              '-- "$cur")) ;;',
+              '            *) COMPREPLY=($(compgen -W "${pos//,/ }" -- "$cur")) ;;',
+              "        esac",
+              "        return 0",
+              "    fi",
               '    COMPREPLY=($(compgen -W "$opts" -- "$cur"))',
               "}",
               "complete -F _queuectl queuectl queuectl.py ./queuectl.py"]
-    print("\n".join(lines))
-    return EXIT_OK
+    return "\n".join(lines)
+
+def zsh_completion(spec):
+    """zsh: the bash script, through zsh's own bashcompinit."""
+    return ("# queuectl completion for zsh: source <(queuectl completion zsh)\n"
+            "autoload -U +X compinit && compinit\n"
+            "autoload -U +X bashcompinit && bashcompinit\n"
+            + bash_completion(spec).split("\n", 1)[1])
+
+def fish_completion(spec):
+    """fish: one complete line per flag, action and argument."""
+    groups = {c.words[0]: actions_of(c.words[0]) for c in COMMAND_TABLE if c.handler is None}
+    lines = ["# queuectl completion for fish: queuectl completion fish | source",
+             "function __queuectl_live",
+             "    set -l t; command -sq timeout; and set t timeout 0.1",
+             "    $t queuectl __complete $argv 2>/dev/null",
+             "end",
+             "complete -c queuectl -f"]
+
+    def condition(path):
+        if not path:
+            return "__fish_use_subcommand"
+        parts = [f"__fish_seen_subcommand_from {w}" for w in path]
+        others = [g for g, acts in groups.items() if path[-1] in acts and g not in path]
+        if len(path) == 1 and path[0] in groups:        # the group, no action yet
+            parts.append(f"not __fish_seen_subcommand_from {' '.join(groups[path[0]])}")
+        parts += [f"not __fish_seen_subcommand_from {g}" for g in others]
+        return "; and ".join(parts)
+
+    def words(v):
+        if v == "@dirs":
+            return "(__fish_complete_directories)"
+        return f"(__queuectl_live {v[1:]})" if isinstance(v, str) else " ".join(v)
+    for path, flags, positional, values in spec:
+        cond = condition(path)
+        subs = [f for f in flags if not f.startswith("-")]
+        if subs:
+            lines.append(f"complete -c queuectl -n '{cond}' -a '{' '.join(subs)}'")
+        for f in flags:
+            if not f.startswith("-") or f in ("-h", "--home") and path:
+                continue
+            opt = f"-l {f[2:]}" if f.startswith("--") else f"-s {f[1:]}"
+            v = values.get(f)
+            lines.append(f"complete -c queuectl -n '{cond}' {opt}"
+                         + (f" -x -a '{words(v)}'" if v else ""))
+        if positional:
+            lines.append(f"complete -c queuectl -n '{cond}' -a '{words(positional)}'")
+    return "\n".join(lines)
 
 def cmd_doctor(args):
     """Check the queue's health: integrity, permissions, orphaned, stuck and
@@ -4602,8 +4755,10 @@ COMMAND_TABLE = [
             help="print one frame and exit (no terminal needed)")]),
     Command("completion", "print a shell completion script", cmd_completion, [
         "source <(queuectl completion bash)",
-        "queuectl completion bash > /etc/bash_completion.d/queuectl"],
-        [arg("shell", choices=["bash"], help="the shell (bash)")]),
+        "queuectl completion bash > /etc/bash_completion.d/queuectl",
+        "source <(queuectl completion zsh)        # in ~/.zshrc",
+        "queuectl completion fish > ~/.config/fish/completions/queuectl.fish"],
+        [arg("shell", choices=["bash", "zsh", "fish"], help="the shell")]),
     Command("doctor", "check integrity, permissions, stuck and orphaned jobs", cmd_doctor,
             ["queuectl doctor", "queuectl doctor --json"], [JSON_ARG]),
 ]
@@ -4668,19 +4823,6 @@ def build_parser(only=None):
         p.set_defaults(handler=c.handler, parser=p)
     return parser
 
-def completion_words():
-    """[(words typed so far, words that may come next)], longest first."""
-    extra = ["-h", "--help", "--home"]
-    cases = [((), sorted(COMMAND_NAMES, key=[c.words[0] for c in COMMAND_TABLE].index)
-              + extra + ["--version"])]
-    for c in COMMAND_TABLE:
-        if c.handler is None:
-            cases.append((c.words, actions_of(c.words[0]) + extra))
-        else:
-            cases.append((c.words, [f for flags, _ in c.args for f in flags
-                                    if f.startswith("-")] + extra))
-    return sorted(cases, key=lambda case: -len(case[0]))
-
 # Options that take lists: repeated, or comma-separated, or both.
 LIST_OPTIONS = {"state": "--state", "queue": "--queue", "queues": "QUEUE"}
 
@@ -4730,6 +4872,8 @@ def main(argv=None):
             import signal
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = list(argv)
+    if argv[:1] == ["__complete"]:
+        return complete_values(argv[1:])
     if not argv:
         sys.stdout.write(short_usage())
         return EXIT_OK

@@ -4205,14 +4205,68 @@ class TestInstallAndHelp(QueueTest):
         out = self.ok()
         self.assertIn("Common commands:", out)
 
-    def test_bash_completion(self):
-        script = self.ok("completion", "bash")
-        r = subprocess.run(["bash", "-c", script + "\nCOMP_WORDS=(queuectl worker st); "
-                            "COMP_CWORD=2; _queuectl; echo ${COMPREPLY[@]}\n"
-                            "COMP_WORDS=(queuectl en); COMP_CWORD=1; _queuectl; "
-                            "echo ${COMPREPLY[@]}"], capture_output=True, text=True,
+    def completing(self, shell, script, words):
+        """What the shell's completion offers after words (the last one
+        being typed), with this home; a list of words."""
+        env = dict(self.env, QUEUECTL_PYTHON=PY, PATH=os.path.dirname(PROG) + ":"
+                   + self.env.get("PATH", ""))
+        if shell == "fish":
+            code = f"source {script}; complete -C {json.dumps(' '.join(words))}"
+        else:
+            code = (f"source {script}; COMP_WORDS=({' '.join(json.dumps(w) for w in words)});"
+                    f" COMP_CWORD={len(words) - 1}; _queuectl; echo \"${{COMPREPLY[*]}}\"")
+        r = subprocess.run([shell, "-c", code], capture_output=True, text=True, env=env,
                            timeout=30)
-        self.assertEqual(r.stdout.splitlines(), ["start stop status", "enqueue"])
+        self.assertEqual(r.stderr, "", r)
+        return sorted(r.stdout.split())
+
+    def test_completion_offers_live_ids_queues_and_keys(self):
+        import shutil
+        os.symlink(PROG, os.path.join(self.tmp, "queuectl"))   # as installed, on PATH
+        self.enqueue("--id", "abc1", "true")
+        self.enqueue("--id", "abd2", "--queue", "reports", "true")
+        for shell in ("bash", "zsh", "fish"):
+            if not shutil.which(shell):
+                continue                     # CI may lack zsh and fish
+            with self.subTest(shell=shell):
+                script = os.path.join(self.tmp, f"completion.{shell}")
+                with open(script, "w") as f:
+                    f.write(self.ok("completion", shell))
+                env_path = dict(self.env, PATH=self.tmp + ":" + self.env.get("PATH", ""))
+                self.env = env_path
+                self.assertEqual(self.completing(shell, script, ["queuectl", "show", "ab"]),
+                                 ["abc1", "abd2"])
+                self.assertEqual(self.completing(shell, script,
+                                                 ["queuectl", "list", "--queue", ""]),
+                                 ["default", "reports"])
+                # prune --state offers only what prune takes.
+                self.assertEqual(self.completing(shell, script,
+                                                 ["queuectl", "prune", "--state", ""]),
+                                 ["cancelled", "completed", "dead"])
+                self.assertIn("max_retries", self.completing(
+                    shell, script, ["queuectl", "config", "get", ""]))
+                if shell != "zsh":           # zsh itself filters by what is typed
+                    self.assertEqual(self.completing(shell, script,
+                                                     ["queuectl", "worker", "st"]),
+                                     ["start", "status", "stop"])
+
+    def test_live_completion_is_bounded_in_time(self):
+        import contextlib
+        import io
+        self.enqueue("true")
+        home_words = io.StringIO()
+        with contextlib.redirect_stdout(home_words):
+            queuectl.complete_values(["ids", self.home])
+        self.assertEqual(len(home_words.getvalue().split()), 1)
+        # Out of time (a budget of 0): the query is interrupted, no words.
+        self.addCleanup(setattr, queuectl, "COMPLETE_BUDGET", queuectl.COMPLETE_BUDGET)
+        queuectl.COMPLETE_BUDGET = 0
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(queuectl.complete_values(["queues", self.home]), 0)
+        self.assertEqual(out.getvalue(), "")
+        r = self.q("__complete", "ids", os.path.join(self.tmp, "nowhere"))
+        self.assertEqual((r.code, r.out, r.err), (0, "", ""))
 
 class TestFuzz(QueueTest):
     """Seeded random CLI invocations, in-process: never a traceback, never an
