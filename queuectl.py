@@ -3045,10 +3045,10 @@ def paint(text, code, on=True):
     return f"\x1b[{code}m{text}\x1b[0m" if on and code else text
 
 def table(headers, rows, width=None, color_col=None, shrink=None, drop=()):
-    """Aligned columns, fitted to width: the columns of shrink (indexes, cut
-    first to last; default: the last column) are cut with … down to 8
-    characters, then those of drop are left out; the others (ids, states)
-    are never cut. color_col: index of a column of states, coloured on a
+    """Aligned columns, fitted to width: the columns of shrink ((index,
+    narrowest), cut first to last; default: the last column, to 8) are cut
+    with …, then those of drop are left out; the others (ids, states) are
+    never cut. color_col: index of a column of states, coloured on a
     terminal."""
     rows = [[("-" if c is None else str(c)) for c in row] for row in rows]
     n = len(headers)
@@ -3056,10 +3056,10 @@ def table(headers, rows, width=None, color_col=None, shrink=None, drop=()):
     shown = list(range(n))
     if width:
         over = sum(widths) + 2 * (n - 1) - width
-        for i in (shrink if shrink is not None else (n - 1,)):
+        for i, least in (shrink if shrink is not None else ((n - 1, 8),)):
             if over <= 0:
                 break
-            by = min(over, max(widths[i] - 8, 0))
+            by = min(over, max(widths[i] - least, 0))
             widths[i] -= by
             over -= by
         for i in drop:
@@ -3568,13 +3568,16 @@ def list_jobs(store, args, states):
                     [[j["id"], j["queue"], f"{j['attempts']}/{allowed_attempts(j, cfg)}",
                       relative(j["finished_at"], now), one_line(j["last_error"]),
                       one_line(j["command"])] for j in rows],
-                    term_width(), shrink=(5, 4, 3), drop=(1, 3)))
+                    term_width(), drop=(1, 3),
+                    shrink=((4, 20), (5, 20), (4, 8), (5, 8), (3, 8))))
     else:
         print(table(["ID", "STATE", "QUEUE", "PRI", "TRIES", "WHEN", "OUTCOME", "COMMAND"],
                     [[j["id"], j["state"], j["queue"], j["priority"],
                       j["attempts"] + (j["state"] == PROCESSING), when_text(store, j, now),
                       outcome_text(j), one_line(j["command"])] for j in rows],
-                    term_width(), color_col=1, shrink=(7, 6, 5), drop=(3, 4, 2)))
+                    term_width(), color_col=1, drop=(3, 4, 2),
+                    shrink=((6, 20), (7, 20), (7, 12), (6, 12), (7, 8), (6, 8), (5, 14),
+                            (5, 8))))
     if more:
         print(f"… {more} older job{'s' if more != 1 else ''} not shown "
               "(--all for every one, --limit N for the newest N)")
