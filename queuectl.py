@@ -4223,7 +4223,6 @@ def complete_values(argv):
     """queuectl __complete ids|queues|keys [HOME]: words for a completion
     script, one a line; nothing on any error or past the time budget (a
     shell waits for this while a person types)."""
-    started = time.monotonic()
     kind = argv[0] if argv else ""
     if kind == "keys":
         print("\n".join(CONFIG_DEFAULTS))
@@ -4238,6 +4237,7 @@ def complete_values(argv):
         import sqlite3
         db = sqlite3.connect(f"file:{os.path.join(home, 'queue.db')}?mode=ro", uri=True,
                              timeout=0)
+        started = time.monotonic()
         db.set_progress_handler(
             lambda: time.monotonic() - started > COMPLETE_BUDGET, 100)
         for sql in queries:
@@ -4283,7 +4283,8 @@ def bash_completion(spec):
     lines = ["# queuectl completion for bash: source <(queuectl completion bash)",
              "_queuectl_live() {",
              "    # Live words from the home, never more than about 0.1 s.",
-             "    local t=; command -v timeout >/dev/null 2>&1 && t='timeout 0.1'",
+             "    local t=; command -v timeout >/dev/null 2>&1 &&",
+             "        t=\"timeout ${QUEUECTL_COMPLETE_TIMEOUT:-0.1}\"",
              '    $t "${COMP_WORDS[0]}" __complete "$1" ${2:+"$2"} 2>/dev/null',
              "}",
              "_queuectl() {",
@@ -4340,7 +4341,9 @@ def fish_completion(spec):
     groups = {c.words[0]: actions_of(c.words[0]) for c in COMMAND_TABLE if c.handler is None}
     lines = ["# queuectl completion for fish: queuectl completion fish | source",
              "function __queuectl_live",
-             "    set -l t; command -sq timeout; and set t timeout 0.1",
+             "    set -l limit 0.1; set -q QUEUECTL_COMPLETE_TIMEOUT; "
+             "and set limit $QUEUECTL_COMPLETE_TIMEOUT",
+             "    set -l t; command -sq timeout; and set t timeout $limit",
              "    $t queuectl __complete $argv 2>/dev/null",
              "end",
              "complete -c queuectl -f"]
