@@ -873,7 +873,6 @@ class Config:
 
     def read_set(self):
         """The keys set in the file, validated; {} when there is no file."""
-        import json
         try:
             with open(self.path, encoding="utf-8") as f:
                 text = f.read()
@@ -881,13 +880,8 @@ class Config:
             return {}
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read config file {self.path}: {e}") from None
-        try:
-            data = json.loads(text, parse_constant=_refuse_constant)
-        except ValueError as e:
-            raise UsageError(f"config file {self.path} is not valid JSON ({e}); "
-                             "fix it or remove it to use the defaults") from None
-        if not isinstance(data, dict):
-            raise UsageError(f"config file {self.path} must hold a JSON object")
+        data = json_object(text, f"config file {self.path}",
+                           "; fix it or remove it to use the defaults")
         out = {}
         for key, value in data.items():
             try:
@@ -905,6 +899,18 @@ class Config:
         data = self.read_set()
         data[key] = value
         write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+def json_object(text, what, then=""):
+    """Text that must be a JSON object (NaN and Infinity refused) -> a dict;
+    a UsageError naming what (and then, what follows) otherwise."""
+    import json
+    try:
+        data = json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as e:
+        raise UsageError(f"{what} is not valid JSON ({e}){then}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{what} must hold a JSON object{then}")
+    return data
 
 def _refuse_constant(name):
     raise ValueError(f"{name} is not allowed")
@@ -4097,13 +4103,7 @@ def edit_in_editor(home, job, spec):
             text = f.read()
     finally:
         remove_file(path)
-    try:
-        new = json.loads(text, parse_constant=_refuse_constant)
-    except ValueError as e:
-        raise UsageError(f"the edited job is not valid JSON ({e}); nothing was "
-                         "changed") from None
-    if not isinstance(new, dict):
-        raise UsageError("the edited job must be a JSON object; nothing was changed")
+    new = json_object(text, "the edited job", "; nothing was changed")
     if new.get("id", job["id"]) != job["id"]:
         raise UsageError("a job's id cannot be edited; nothing was changed")
     new.pop("id", None)
@@ -4875,8 +4875,9 @@ def main(argv=None):
         if not (_command_name(argv) == "worker" and "start" in argv):
             # Like cat: a closed pipe (| head) ends the command quietly, at
             # any write. A worker keeps running; it ignores a closed output.
-            import signal
-            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            # (_signal: the signal module's enums cost an enqueue 1 ms.)
+            import _signal
+            _signal.signal(_signal.SIGPIPE, _signal.SIG_DFL)
     argv = list(argv)
     if argv[:1] == ["__complete"]:
         return complete_values(argv[1:])
