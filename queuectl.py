@@ -2181,7 +2181,8 @@ class Attempts:
             proc = spawn(["/bin/sh", "-c", JOB_WRAPPER, "queuectl-job"], job["cwd"],
                          self._job_env(store, job, token, attempt), self.devnull, fd)
         except Exception as e:           # OSError, an unencodable env, a bug
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else repr(e)
+            reason = (e.strerror if isinstance(e, OSError) and e.strerror else
+                      str(e) if isinstance(e, QueuectlError) else repr(e))
             return self._record(store, job, None, f"could not start: {reason}", None, fd)
         run = Running(job, token, proc.pid, None, proc)
         run.began, run.log_fd = began, fd

@@ -1613,6 +1613,19 @@ class TestJobEnvironment(QueueTest):
         env = self.show_env("s")
         self.assertEqual((env["SECRET_TOKEN"], env["API_KEY"]), ("hunter2", "swordfish"))
 
+    def test_an_environment_that_cannot_be_read_is_a_counted_failed_attempt(self):
+        self.enqueue("--id", "j", "--max-retries", "0", "echo ran > ran.txt")
+        con = self.db()
+        con.execute("PRAGMA foreign_keys = OFF")
+        con.execute("DELETE FROM envs")                  # as a damaged database would
+        con.commit()
+        self.assertEqual(self.drain().code, 1)
+        job = self.job("j")
+        self.assertEqual((job["state"], job["attempts"]), ("dead", 1))
+        self.assertIn("could not start", job["last_error"])
+        self.assertIn("environment", job["last_error"])
+        self.assertEqual(self.lines("ran.txt"), [])
+
     def test_an_environment_id_is_never_reused(self):
         # Workers cache environments by id: an id must never come to mean
         # another environment, even after its row was deleted and a hash
