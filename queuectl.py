@@ -1342,8 +1342,6 @@ SQL_LIST = f"SELECT {JOB_COLUMNS} FROM jobs{{where}} ORDER BY seq{{order}}{{limi
 
 SQL_LIST_COUNT = "SELECT count(*) FROM jobs{where}"
 
-SQL_IDS_IN_STATE = "SELECT id FROM jobs WHERE state = ? ORDER BY seq"
-
 SQL_FINISHED_BEFORE = """SELECT id FROM jobs WHERE state IN ({marks})
     AND finished_at < ?"""
 
@@ -1626,9 +1624,6 @@ class Store:
         if limit and len(rows) == limit:
             more = self.q(SQL_LIST_COUNT.format(where=clause), params)[0][0] - len(rows)
         return rows, more
-
-    def ids_in_state(self, state):
-        return [r[0] for r in self.q(SQL_IDS_IN_STATE, (state,))]
 
     def finished_before(self, states, cutoff):
         return [r[0] for r in self.q(SQL_FINISHED_BEFORE.format(marks=_marks(states)),

@@ -443,6 +443,14 @@ class QueueTest(unittest.TestCase):
         p.stdout = p.stderr = None
         return Result(subprocess.CompletedProcess(p.args, p.returncode, out, err))
 
+    def nobody(self):
+        """The passwd entry of the unprivileged user nobody (else skip)."""
+        import pwd
+        try:
+            return pwd.getpwnam("nobody")
+        except KeyError:
+            self.skipTest("no user nobody")
+
     def show_env(self, job_id):
         """The environment `show --env --json` gives for a job."""
         return self.show(job_id, "--env")["environment"]
@@ -998,11 +1006,7 @@ class TestHomesAndFirstUse(QueueTest):
 
     @unittest.skipUnless(os.geteuid() == 0, "needs root")
     def test_root_on_a_service_users_home_is_refused_and_creates_nothing(self):
-        import pwd
-        try:
-            nobody = pwd.getpwnam("nobody")
-        except KeyError:
-            self.skipTest("no user nobody")
+        nobody = self.nobody()
         self.enqueue("--id", "j", "true")
         for dirpath, _dirnames, filenames in os.walk(self.home):
             for name in [dirpath] + [os.path.join(dirpath, n) for n in filenames]:
@@ -4139,12 +4143,8 @@ class TestInstallAndHelp(QueueTest):
 
     @unittest.skipUnless(os.geteuid() == 0, "needs root to run as another user")
     def test_an_installed_queuectl_works_for_an_unprivileged_user(self):
-        import pwd
         import shutil
-        try:
-            nobody = pwd.getpwnam("nobody")
-        except KeyError:
-            self.skipTest("no user nobody")
+        nobody = self.nobody()
         if not shutil.which("setpriv"):
             self.skipTest("no setpriv")
         # A prefix every user can reach; make run with this interpreter
