@@ -1716,6 +1716,110 @@ class TestJobEnvironment(QueueTest):
         self.drain_as_worker()
         self.assertEqual((self.lines("old.txt"), self.lines("new.txt")), (["worker"], []))
 
+class TestEnqueueStartUp(unittest.TestCase):
+    """enqueue runs from cron thousands of times a day: its plain forms are
+    parsed without argparse (fast_parse), exactly as argparse parses them,
+    and it imports neither argparse nor the sqlite3 package."""
+
+    SAMPLES = [
+        ["enqueue", "true"],
+        ["enqueue", "echo", "hello", "world"],
+        ["enqueue", "pg_dump mydb > /backup/mydb.sql"],
+        ["--home", "/tmp/h", "enqueue", "true"],
+        ["--home=/tmp/h", "enqueue", "--home", "/tmp/g", "true"],
+        ["enqueue", "--queue", "backups", "--priority", "5", "--max-retries=2",
+         "rsync", "-a", "/srv/", "/backup/srv/"],
+        ["enqueue", "-p", "3", "--timeout", "5m", "--delay", "90", "echo", "-n", "x"],
+        ["enqueue", "--id", "nightly", "--unique", "--worker-env", "./backup.sh"],
+        ["enqueue", "--env", "A=1", "--env", "B", "--after", "x", "--after=y", "true"],
+        ["enqueue", "--stdin"],
+        ["enqueue", "--json", "-c", "echo hi"],
+        ["enqueue", "--run-at", "03:00", "--cwd", "/tmp", "./report.sh", "--full"],
+        ["enqueue", '{"command": "echo hi"}'],
+        ["enqueue", "-", "x"],
+        ["enqueue", "--queue=", "true"],
+        ["enqueue"],
+        # argparse's alone: help, --, abbreviations, odd values, mistakes.
+        ["enqueue", "--help"],
+        ["enqueue", "--", "-x"],
+        ["enqueue", "--prio", "5", "true"],
+        ["enqueue", "-p5", "true"],
+        ["enqueue", "--priority", "-5", "true"],
+        ["enqueue", "--priority", "x", "true"],
+        ["enqueue", "--unique=1", "true"],
+        ["enqueue", "--bogus", "true"],
+        ["enqueue", "--queue"],
+        ["enqueue", "echo hi", "--queue", "q"],
+        ["enqueue", "{", "echo", "hi;", "}"],
+        ["--home", "enqueue", "true"],
+        ["--hom", "/tmp/h", "enqueue", "true"],
+        ["list"],
+    ]
+
+    PARSED_FAST = 16           # the first samples are the plain forms
+
+    def argparse_args(self, argv):
+        parser = queuectl.build_parser(queuectl._command_name(argv))
+        parser.argv = argv
+        with open(os.devnull, "w") as null:
+            out, err = sys.stdout, sys.stderr
+            sys.stdout = sys.stderr = null
+            try:
+                return vars(parser.parse_args(argv))
+            except (SystemExit, queuectl.QueuectlError) as e:
+                return repr(e)
+            finally:
+                sys.stdout, sys.stderr = out, err
+
+    def test_fast_parse_agrees_with_argparse_or_leaves_it_the_argv(self):
+        for i, argv in enumerate(self.SAMPLES):
+            with self.subTest(argv=argv):
+                fast = queuectl.fast_parse(argv)
+                if i < self.PARSED_FAST:
+                    self.assertIsNotNone(fast, "a plain form went to argparse")
+                else:
+                    self.assertIsNone(fast, "argparse's to parse")
+                    continue
+                slow = self.argparse_args(argv)
+                self.assertIsInstance(slow, dict)
+                got = vars(fast)
+                for key in ("parser", "handler"):
+                    got.pop(key), slow.pop(key)
+                self.assertEqual(got, slow)
+        self.assertEqual(queuectl.REMAINDER, __import__("argparse").REMAINDER)
+
+    def test_enqueue_imports_neither_argparse_nor_the_sqlite3_package(self):
+        # What the interpreter itself loads (a site .pth hook may load re)
+        # does not count: only what queuectl adds to it.
+        heavy = "('argparse', 're', 'sqlite3', 'datetime', 'json', 'subprocess')"
+        bare = subprocess.run(
+            [PY, "-I", "-c", f"import sys; print([m for m in {heavy} if m in sys.modules])"],
+            capture_output=True, text=True, timeout=60).stdout.strip()
+        with tempfile.TemporaryDirectory() as home:
+            code = ("import sys; sys.path.insert(0, sys.argv[1]); import queuectl; "
+                    "code = queuectl.main(['enqueue', '--queue', 'q', 'echo', 'hi']); "
+                    f"print(code, [m for m in {heavy} if m in sys.modules])")
+            p = subprocess.run([PY, "-I", "-c", code, HERE], capture_output=True,
+                               text=True, timeout=60,
+                               env=dict(os.environ, QUEUECTL_HOME=home))
+            self.assertEqual(p.stderr, "")
+            job_id, last = p.stdout.splitlines()
+            self.assertEqual(last, f"0 {bare}")
+            con = sqlite3.connect(os.path.join(home, "queue.db"))
+            try:
+                row = con.execute("SELECT command, queue FROM jobs WHERE id = ?",
+                                  (job_id,)).fetchone()
+            finally:
+                con.close()
+            self.assertEqual(row, ("echo hi", "q"))
+
+    def test_shell_names(self):
+        for name, ok in [(b"A", True), (b"_a1", True), (b"_", True), (b"1a", False),
+                         (b"a-b", False), (b"", False), (b"\xc3\xa9", False),
+                         (b"a b", False), ("é".encode(), False), (b"A\x00", False)]:
+            self.assertEqual(queuectl.shell_name(name), ok, name)
+
+
 class TestCommandsAsTyped(QueueTest):
     """Commands as people type them: words, --, brace groups, times a person
     writes, durations, lists, -n, and exit 2 for what is not allowed."""
