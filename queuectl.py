@@ -4800,9 +4800,6 @@ class Args:
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
-# Commands whose plain forms fast_parse() reads without argparse.
-FAST_COMMANDS = ("enqueue",)
-
 def fast_parse(argv):
     """argv of a plain enqueue, parsed as argparse parses it but without
     importing argparse and the re, enum and gettext it pulls in: 10 ms of
@@ -4959,7 +4956,7 @@ def main(argv=None):
         return EXIT_OK
     try:
         only = _command_name(argv)
-        args = fast_parse(argv) if only in FAST_COMMANDS else None
+        args = fast_parse(argv)
         if args is None:
             parser = build_parser(only)
             parser.argv = argv
