@@ -66,7 +66,7 @@ STATE_CHOICES = {
 
 DEFAULT_QUEUE = "default"
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 APPLICATION_ID = 0x71756575          # "queu": marks a queuectl database
 
@@ -80,7 +80,32 @@ CONFIG_DEFAULTS = {
     "max_backoff": 3600,
     "job_timeout": 0,
     "kill_grace": 10,
+    "hook_timeout": 300,
+    # text: a hook's shell command, or a list of exit codes; "" = none
+    "on_success": "",
+    "on_failure": "",
+    "on_dead": "",
+    "on_cancel": "",
+    "retry_on": "",
+    "no_retry_on": "",
 }
+
+# A job's hooks: the command each event runs (a job of its own, in HOOK_QUEUE).
+HOOK_EVENTS = ("on_success", "on_failure", "on_dead", "on_cancel")
+
+# Config keys whose values are text, not numbers.
+TEXT_KEYS = HOOK_EVENTS + ("retry_on", "no_retry_on")
+
+# Config keys that may also be set per queue, as queue.NAME.KEY.
+QUEUE_KEYS = ("max_retries", "backoff_base", "max_backoff", "job_timeout",
+              "hook_timeout") + TEXT_KEYS
+
+# The internal queue hooks run in. Its name cannot be a user's queue (a
+# queue name starts with a letter or digit); every worker serves it.
+HOOK_QUEUE = "_hooks"
+
+# A key named queue:NAME is queue NAME's own: every job of the queue holds it.
+QUEUE_KEY = "queue:"
 
 # Every number queuectl takes, from the command line, a JSON job or
 # config.json, is checked by check_value() against this one table:
@@ -94,6 +119,7 @@ VALUE_RULES = {
     "max_backoff": ("dur", 0, 31_536_000, "cap on one backoff wait, seconds"),
     "job_timeout": ("dur", 0, 31_536_000, "default timeout, seconds, 0 = none"),
     "kill_grace": ("dur", 0, 3600, "seconds between SIGTERM and SIGKILL"),
+    "hook_timeout": ("dur", 0, 31_536_000, "a hook's timeout, seconds, 0 = none"),
     # job fields
     "timeout": ("dur", 0, 31_536_000, "seconds, 0 = none"),
     "priority": ("int", -2**62, 2**62, "higher runs first"),
@@ -103,6 +129,7 @@ VALUE_RULES = {
     "tail": ("int", 0, 1_000_000_000, "lines"),
     "wait": ("dur", 0, 31_536_000, "seconds to wait"),
     "interval": ("dur", 0, 86_400, "seconds between refreshes"),
+    "key_limit": ("int", 1, 1_000_000, "running jobs that may hold the key at once"),
 }
 
 LEASE = 30.0             # a worker whose heartbeat is older is presumed gone
@@ -844,12 +871,93 @@ def check_value(name, value, source=None, text=False):
     return int(v) if kind == "int" or v == int(v) else float(v)
 
 def check_config_value(key, value, source="value"):
-    """One value of config.json (a JSON number) -> int or float."""
-    return check_value(key, value, source)
+    """One value of config.json (a JSON number, or text for TEXT_KEYS) ->
+    the value as stored; key may be a queue's (queue.NAME.KEY)."""
+    base = key.rpartition(".")[2]
+    if base not in TEXT_KEYS:
+        return check_value(base, value, source)
+    if not isinstance(value, str):
+        raise UsageError(f"invalid {source} {value!r} for {key}: give text")
+    if base in ("retry_on", "no_retry_on"):
+        return parse_codes(value, base) if value.strip() else ""
+    return check_hook(value, base)
 
 def parse_config_text(key, text):
-    """A value typed on the command line for a config key -> a checked number."""
-    return check_value(key, text, "value", text=True)
+    """A value typed on the command line for a config key -> a checked value."""
+    if key.rpartition(".")[2] in TEXT_KEYS:
+        return check_config_value(key, text)
+    return check_value(key.rpartition(".")[2], text, "value", text=True)
+
+def check_hook(text, what):
+    """A hook's command (text for sh -c); "" means none."""
+    if not isinstance(text, str) or "\0" in text or not _utf8(text):
+        raise UsageError(f"invalid {what} {text!r}: give a shell command")
+    return text if text.strip() else ""
+
+# Exit-code lists of the retry policy: codes and ranges (2,64-78), and the
+# words timeout and signal for an attempt that timed out or was killed.
+CODE_WORDS = ("timeout", "signal")
+
+def parse_codes(text, what="retry_on"):
+    """'2, 64-78,timeout' -> its canonical text '2,64-78,timeout'."""
+    flag = "--" + what.replace("_", "-")
+    items = []
+    for part in str(text).split(","):
+        part = part.strip().lower()
+        lo, dash, hi = part.partition("-")
+        try:
+            if part in CODE_WORDS:
+                items.append(part)
+                continue
+            a, b = int(lo), int(hi) if dash else int(lo)
+            if not (0 <= a <= b <= 255) or not lo.isdigit() or dash and not hi.isdigit():
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"invalid {flag} {text!r}: give exit codes 0-255 and "
+                             "ranges, comma-separated (2,64-78), and timeout or "
+                             "signal") from None
+        items.append(str(a) if a == b else f"{a}-{b}")
+    return ",".join(dict.fromkeys(items))
+
+def codes_match(codes, outcome):
+    """Whether outcome (an exit code, 'timeout' or 'signal') is in codes,
+    the canonical text of parse_codes."""
+    for part in codes.split(","):
+        if part in CODE_WORDS or isinstance(outcome, str):
+            if part == outcome:
+                return True
+            continue
+        lo, _, hi = part.partition("-")
+        if int(lo) <= outcome <= int(hi or lo):
+            return True
+    return False
+
+def retry_verdict(job, cfg, rc, error):
+    """None when an attempt that failed this way may be retried, else the
+    reason it may not: the job's retry_on/no_retry_on, or config's."""
+    if error is None:
+        return None
+    if error.startswith("timed out"):
+        outcome = "timeout"
+    elif rc is not None and rc < 0:
+        outcome = "signal"
+    elif rc is not None and rc > 0:
+        outcome = rc
+    else:
+        return None          # could not start, or the outcome is unknown
+    retry_on = job["retry_on"] if job["retry_on"] is not None else cfg["retry_on"]
+    no_retry = job["no_retry_on"] if job["no_retry_on"] is not None else cfg["no_retry_on"]
+    if no_retry and codes_match(no_retry, outcome):
+        return f"not retried (no_retry_on {no_retry})"
+    if retry_on and isinstance(outcome, int) and not codes_match(retry_on, outcome):
+        return f"not retried (retry_on {retry_on})"
+    return None
+
+def queue_config(cfg, queue):
+    """cfg as it applies to a job of queue: its queue.NAME.KEY values win."""
+    prefix = f"queue.{queue}."
+    own = {k[len(prefix):]: v for k, v in cfg.items() if k.startswith(prefix)}
+    return {**cfg, **own} if own else cfg
 
 def resolve_home(arg=None):
     if arg is not None and not arg.strip():
@@ -859,10 +967,20 @@ def resolve_home(arg=None):
     return os.path.abspath(home)
 
 def normalize_key(key):
-    k = str(key).strip().lower().replace("-", "_")
+    """A config key as typed (max-retries) -> as stored (max_retries); a
+    queue's own value is queue.NAME.KEY."""
+    text = str(key).strip()
+    if text.startswith("queue."):
+        queue, _, base = text[6:].rpartition(".")
+        base = base.lower().replace("-", "_")
+        if base not in QUEUE_KEYS or not valid_name(queue):
+            raise UsageError(f"unknown config key {key!r}; a queue's own key is "
+                             "queue.NAME.KEY with KEY one of " + ", ".join(QUEUE_KEYS))
+        return f"queue.{queue}.{base}"
+    k = text.lower().replace("-", "_")
     if k not in CONFIG_DEFAULTS:
         raise UsageError(f"unknown config key {key!r}; allowed: "
-                         + ", ".join(CONFIG_DEFAULTS))
+                         + ", ".join(CONFIG_DEFAULTS) + ", and queue.NAME.KEY")
     return k
 
 class Config:
@@ -926,7 +1044,31 @@ def backoff_delay(attempts, cfg):
 # Job specs (validation of what enqueue takes) ################################
 
 SPEC_FIELDS = {"id", "command", "queue", "priority", "max_retries", "timeout",
-               "run_at", "delay", "depends_on", "cwd", "env", "unique"}
+               "run_at", "delay", "depends_on", "cwd", "env", "unique", "keys",
+               "if_busy", "retry_on", "no_retry_on", *HOOK_EVENTS}
+
+def check_key(key):
+    """A concurrency key a job holds (--key): a name, not a queue's own."""
+    if isinstance(key, str) and key.startswith(QUEUE_KEY):
+        raise UsageError(f"invalid key {key!r}: queue:NAME is the queue's own key, "
+                         "held by every job of the queue; use --queue NAME")
+    if not valid_name(key):
+        raise UsageError(f"invalid key {key!r}: use 1-128 of A-Z a-z 0-9 . _ - "
+                         "starting with a letter or digit")
+    return key
+
+def check_limit_key(key):
+    """The key of limit set/rm: a key, or queue:NAME."""
+    if key.startswith(QUEUE_KEY):
+        check_name(key[len(QUEUE_KEY):], "queue name")
+        return key
+    return check_key(key)
+
+def check_if_busy(text):
+    if text not in ("skip", "queue"):
+        raise UsageError(f"invalid --if-busy {text!r}: use skip (enqueue nothing "
+                         "while a job with the key waits or runs) or queue")
+    return text
 
 def _utf8(text):
     try:
@@ -1013,6 +1155,25 @@ def check_spec(spec):
             raise UsageError(f"cwd {cwd!r} is not a directory")
     if not isinstance(spec.get("unique", False), bool):
         raise UsageError("unique must be true or false")
+    keys = spec.get("keys")
+    if keys is not None:
+        if isinstance(keys, str):
+            keys = [keys]
+        if not isinstance(keys, list):
+            raise UsageError("keys must be a list of key names")
+        spec["keys"] = [check_key(k) for k in dict.fromkeys(keys)]
+    if spec.get("if_busy") is not None:
+        check_if_busy(spec["if_busy"])
+        if spec["if_busy"] == "skip" and not spec.get("keys"):
+            raise UsageError("--if-busy skip needs a --key to look for")
+    for name in HOOK_EVENTS:
+        if spec.get(name) is not None:
+            spec[name] = check_hook(spec[name], name.replace("_", "-")) or None
+    for name in ("retry_on", "no_retry_on"):
+        if spec.get(name) is not None:
+            if not isinstance(spec[name], str):
+                raise UsageError(f"{name} must be text such as \"2,64-78\"")
+            spec[name] = parse_codes(spec[name], name)
     if spec.get("unique") and spec.get("id") is None:
         raise UsageError("--unique needs an id (--id or \"id\")")
     return spec
@@ -1125,6 +1286,24 @@ DURATIONS_TABLE = """CREATE TABLE durations (
     n INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (queue, le)) WITHOUT ROWID"""
 
+# The concurrency keys of jobs (enqueue --key), a row per job and key, kept
+# while the job exists. A job holds its keys while it is processing, so a
+# key's holders are read off the jobs' state, never kept apart from it.
+JOB_KEYS_TABLE = """CREATE TABLE job_keys (
+    key TEXT NOT NULL,
+    job TEXT NOT NULL,
+    PRIMARY KEY (key, job)) WITHOUT ROWID"""
+
+JOB_KEYS_INDEX = "CREATE INDEX job_keys_job ON job_keys (job)"
+
+# limit set KEY N: at most n running jobs hold key (a key with no row: 1;
+# queue:NAME with no row: no limit).
+LIMITS_TABLE = """CREATE TABLE limits (
+    key TEXT PRIMARY KEY,
+    n INTEGER NOT NULL) WITHOUT ROWID"""
+
+HOOKS_INDEX = "CREATE INDEX jobs_hook_of ON jobs (hook_of) WHERE hook_of IS NOT NULL"
+
 SCHEMA = [
     """CREATE TABLE jobs (
         seq INTEGER PRIMARY KEY,
@@ -1152,7 +1331,12 @@ SCHEMA = [
         pid INTEGER,
         pid_start TEXT,
         env_id INTEGER,
-        umask INTEGER)""",
+        umask INTEGER,
+        keys TEXT,
+        hooks TEXT,
+        retry_on TEXT,
+        no_retry_on TEXT,
+        hook_of TEXT)""",
     # The claim is one walk of this partial index, in selection order.
     """CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq)
         WHERE state IN ('pending', 'failed') AND blocked = 0""",
@@ -1175,6 +1359,10 @@ SCHEMA = [
         started_at TEXT NOT NULL,
         heartbeat TEXT NOT NULL)""",
     "CREATE TABLE paused (queue TEXT PRIMARY KEY)",
+    JOB_KEYS_TABLE,
+    JOB_KEYS_INDEX,
+    LIMITS_TABLE,
+    HOOKS_INDEX,
     """CREATE TABLE stats (
         queue TEXT PRIMARY KEY,
         attempts INTEGER NOT NULL DEFAULT 0,
@@ -1189,12 +1377,19 @@ MIGRATIONS = {
     1: ["ALTER TABLE jobs ADD COLUMN env_id INTEGER",
         "ALTER TABLE jobs ADD COLUMN umask INTEGER", ENVS_TABLE, ENVS_HASH_INDEX,
         ENVS_INDEX, DURATIONS_TABLE],
+    # 1.2: concurrency keys and limits, hooks, retry policy by exit code
+    2: ["ALTER TABLE jobs ADD COLUMN keys TEXT", "ALTER TABLE jobs ADD COLUMN hooks TEXT",
+        "ALTER TABLE jobs ADD COLUMN retry_on TEXT",
+        "ALTER TABLE jobs ADD COLUMN no_retry_on TEXT",
+        "ALTER TABLE jobs ADD COLUMN hook_of TEXT",
+        JOB_KEYS_TABLE, JOB_KEYS_INDEX, LIMITS_TABLE, HOOKS_INDEX],
 }
 
 JOB_FIELDS = ("id", "command", "state", "queue", "priority", "attempts",
               "max_retries", "timeout", "run_at", "depends_on", "cwd", "env",
               "created_at", "updated_at", "started_at", "finished_at",
-              "exit_code", "last_error", "worker")
+              "exit_code", "last_error", "worker", "keys", "hooks", "retry_on",
+              "no_retry_on", "hook_of")
 
 ROW_FIELDS = JOB_FIELDS + ("seq", "blocked", "claim", "pid", "pid_start", "env_id",
                           "umask")
@@ -1227,8 +1422,45 @@ FENCE = " WHERE id = ? AND worker = ? AND claim = ? AND state = 'processing'"
 
 SQL_INSERT = """INSERT INTO jobs (id, command, state, queue, priority,
     max_retries, timeout, run_at, depends_on, blocked, cwd, env, env_id, umask,
-    created_at, updated_at)
-    VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    created_at, updated_at, keys, hooks, retry_on, no_retry_on, hook_of)
+    VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+SQL_INSERT_KEY = "INSERT OR IGNORE INTO job_keys (key, job) VALUES (?, ?)"
+
+SQL_DELETE_KEYS = "DELETE FROM job_keys WHERE job IN ({marks})"
+
+# The keys running jobs hold, and how many hold each.
+SQL_HELD = """SELECT k.key, count(*) FROM jobs j JOIN job_keys k ON k.job = j.id
+    WHERE j.state = 'processing' GROUP BY k.key"""
+
+SQL_RUNNING_PER_QUEUE = """SELECT queue, count(*) FROM jobs WHERE state = 'processing'
+    GROUP BY queue"""
+
+SQL_HOLDERS = """SELECT j.id FROM job_keys k JOIN jobs j ON j.id = k.job
+    WHERE k.key = ? AND j.state = 'processing' ORDER BY j.started_at"""
+
+SQL_QUEUE_HOLDERS = """SELECT id FROM jobs WHERE state = 'processing' AND queue = ?
+    ORDER BY started_at"""
+
+# --if-busy skip: a job with one of the keys that waits or runs.
+SQL_KEY_BUSY = """SELECT j.id FROM job_keys k JOIN jobs j ON j.id = k.job
+    WHERE k.key IN ({marks}) AND j.state IN ('pending', 'failed', 'processing')
+    ORDER BY j.state = 'processing' DESC, j.seq LIMIT 1"""
+
+SQL_KEYS_WAITING = """SELECT k.key, count(*) FROM jobs j JOIN job_keys k ON k.job = j.id
+    WHERE j.state IN ('pending', 'failed') GROUP BY k.key"""
+
+SQL_LIMITS = "SELECT key, n FROM limits ORDER BY key"
+
+SQL_SET_LIMIT = "INSERT OR REPLACE INTO limits (key, n) VALUES (?, ?)"
+
+SQL_DELETE_LIMIT = "DELETE FROM limits WHERE key = ?"
+
+# The claim's tail for full keys: a job holding one of them is passed over.
+CLAIM_KEYS_FREE = """ AND (keys IS NULL OR NOT EXISTS (SELECT 1 FROM job_keys k
+    WHERE k.job = jobs.id AND k.key IN ({marks})))"""
+
+SQL_HOOKS_OF = f"SELECT {JOB_COLUMNS} FROM jobs WHERE hook_of = ? ORDER BY seq"
 
 SQL_ENV = "SELECT vars FROM envs WHERE id = ?"
 
@@ -1338,6 +1570,10 @@ SQL_RECENT_FAILURES = f"""SELECT {JOB_COLUMNS} FROM jobs
 SQL_LIST = f"SELECT {JOB_COLUMNS} FROM jobs{{where}} ORDER BY seq{{order}}{{limit}}"
 
 SQL_LIST_COUNT = "SELECT count(*) FROM jobs{where}"
+
+SQL_DUE = f"""SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_ready
+    WHERE state IN ('pending', 'failed') AND blocked = 0 AND run_at <= ?
+    ORDER BY priority DESC, run_at, seq LIMIT ?"""
 
 SQL_FINISHED_BEFORE = """SELECT id FROM jobs WHERE state IN ({marks})
     AND finished_at < ?"""
@@ -1476,6 +1712,7 @@ class Store:
         self.local_lock = local_lock
         self.path = os.path.join(home, "queue.db")
         self.busy_timeout = 0
+        self.limited = {}        # the limits the last claim saw
         if memory:               # an empty queue, for a home that has none
             self.db = sqlite3.connect(":memory:", isolation_level=None)
             self._setup()
@@ -1707,17 +1944,24 @@ class Store:
         rows = self.q(SQL_ENV, (env_id,))
         return env_from_blob(rows[0][0]) if rows else None
 
-    def insert(self, spec, now, env_id=None, umask=None):
+    def insert(self, spec, now, env_id=None, umask=None, hook_of=None):
         """enqueue: one validated job spec, to run in the stored environment
-        env_id with umask (None: the worker's). Returns the id, or None when
-        spec['unique'] and the id exists."""
+        env_id with umask (None: the worker's). Returns (the id, True), or
+        (the id found, False) when nothing was added: spec['unique'] and the
+        id exists, or --if-busy skip and a job with one of its keys waits
+        or runs."""
         job_id = spec.get("id")
         if job_id is not None:
             if self.x(SQL_JOB_EXISTS, (job_id,)).fetchone():
                 if spec.get("unique"):
-                    return None
+                    return job_id, False
                 raise QueuectlError(f"a job with id {job_id!r} exists already "
                                     "(use --unique to accept that)")
+        keys = spec.get("keys") or []
+        if spec.get("if_busy") == "skip":
+            busy = self.x(SQL_KEY_BUSY.format(marks=_marks(keys)), keys).fetchone()
+            if busy:
+                return busy[0], False
         deps = spec.get("depends_on") or []
         if job_id is not None and job_id in deps:
             raise UsageError(f"job {job_id!r} cannot depend on itself")
@@ -1734,7 +1978,9 @@ class Store:
                   spec.get("priority", 0), spec.get("max_retries"),
                   spec.get("timeout"), run_at, _json_or_none(deps),
                   int(blocked), spec["cwd"], _json_or_none(env), env_id, umask,
-                  stamp, stamp]
+                  stamp, stamp, _json_or_none(keys),
+                  _json_or_none({k: spec[k] for k in HOOK_EVENTS if spec.get(k)}),
+                  spec.get("retry_on"), spec.get("no_retry_on"), hook_of]
         while True:
             try_id = job_id or new_id()
             try:
@@ -1745,7 +1991,9 @@ class Store:
                     raise QueuectlError(f"a job with id {job_id!r} exists already") from None
         for dep in deps:
             self.x(SQL_INSERT_DEP, (try_id, dep))
-        return try_id
+        for key in keys:
+            self.x(SQL_INSERT_KEY, (key, try_id))
+        return try_id, True
 
     def _blocked(self, deps):
         """The one rule for a job's blocked flag, at enqueue and at reset
@@ -1761,7 +2009,18 @@ class Store:
         paused = {r[0] for r in self.x(SQL_PAUSED)}
         if "*" in paused:
             return None
-        where, params = claim_filter(queues, paused)
+        limits = dict(self.x(SQL_LIMITS))
+        self.limited = limits
+        full_queues = set()
+        if any(k.startswith(QUEUE_KEY) for k in limits):
+            for queue, n in self.x(SQL_RUNNING_PER_QUEUE):
+                if n >= limits.get(QUEUE_KEY + queue, n + 1):
+                    full_queues.add(queue)
+        where, params = claim_filter(queues, paused | full_queues)
+        full = [k for k, n in self.x(SQL_HELD) if n >= limits.get(k, 1)]
+        if full:
+            where += CLAIM_KEYS_FREE.format(marks=_marks(full))
+            params += full
         row = self.x(SQL_CLAIMABLE.format(where=where), [iso(now)] + params).fetchone()
         if row is None:
             return None
@@ -1795,7 +2054,9 @@ class Store:
     def finish(self, job, worker, token, rc, error, cfg, duration, now=None):
         """complete or fail: the end of an attempt. Returns (the job's new
         state, or None when the claim no longer holds: cancelled, or
-        recovered by another worker; how many dependents it unblocked)."""
+        recovered by another worker; how many dependents it unblocked; the
+        error as recorded, with why it is not retried when the retry policy
+        says so). Fires the job's hook for its new state."""
         now = time.time() if now is None else now
         stamp = iso(now)
         attempts = job["attempts"] + 1
@@ -1810,7 +2071,10 @@ class Store:
         else:
             limit = job["max_retries"]
             limit = cfg["max_retries"] if limit is None else limit
-            if attempts > limit:
+            verdict = retry_verdict(job, cfg, rc, error)
+            if verdict:
+                error = f"{error}; {verdict}"
+            if attempts > limit or verdict:
                 state, run_at, finished = DEAD, job["run_at"], stamp
             else:
                 state, finished = FAILED, None
@@ -1818,13 +2082,16 @@ class Store:
             cur = self.x(SQL_FAIL, (state, attempts, exit_code, error, run_at,
                                     finished, stamp) + fence)
         if not cur.rowcount:
-            return None, 0
+            return None, 0, error
+        self.fire_hook(job, {COMPLETED: "on_success", FAILED: "on_failure",
+                             DEAD: "on_dead"}[state], cfg, state, exit_code, attempts,
+                       error, now)
         self.x(SQL_STAT_ADD, (job["queue"], int(error is not None), duration or 0.0,
                               int(duration is not None)))
         if duration is not None and duration <= DURATION_BUCKETS[-1]:
             le = next(b for b in DURATION_BUCKETS if duration <= b)
             self.x(SQL_DURATION_ADD, (job["queue"], le))
-        return state, unblocked
+        return state, unblocked, error
 
     def requeue(self, job_id, worker, token):
         """requeue, in a transaction of its own: back to pending, the attempt
@@ -1833,8 +2100,32 @@ class Store:
             return bool(self.x(SQL_REQUEUE, (iso(time.time()), job_id, worker,
                                              token)).rowcount)
 
-    def cancel(self, job_id, now):
-        self.x(SQL_CANCEL, (iso(now), iso(now), job_id))
+    def cancel(self, job, now, cfg):
+        """cancel, and its on_cancel hook."""
+        self.x(SQL_CANCEL, (iso(now), iso(now), job["id"]))
+        self.fire_hook(job, "on_cancel", queue_config(cfg, job["queue"]), CANCELLED,
+                       None, job["attempts"], "cancelled", now)
+
+    def fire_hook(self, job, event, cfg, state, exit_code, attempts, error, now):
+        """Enqueue job's hook for event (its own, else its queue's or the
+        home's default in cfg) as a job of HOOK_QUEUE, in the transaction
+        of the job's change; a hook's own end fires none."""
+        if job["hook_of"] is not None:
+            return None
+        command = _loads(job["hooks"], {}).get(event) or cfg.get(event)
+        if not command:
+            return None
+        env = {**_loads(job["env"], {}),
+               "QUEUECTL_JOB_ID": job["id"], "QUEUECTL_JOB_STATE": state,
+               "QUEUECTL_EXIT_CODE": "" if exit_code is None else str(exit_code),
+               "QUEUECTL_ATTEMPT": str(attempts), "QUEUECTL_ERROR": error or "",
+               "QUEUECTL_LOG": log_path(self.home, job["id"]),
+               "QUEUECTL_COMMAND": job["command"], "QUEUECTL_QUEUE": job["queue"],
+               "QUEUECTL_HOOK": event}
+        cwd = job["cwd"] if os.path.isdir(job["cwd"]) else "/"
+        spec = {"command": command, "queue": HOOK_QUEUE, "cwd": cwd, "env": env,
+                "timeout": cfg.get("hook_timeout") or None}
+        return self.insert(spec, now, job["env_id"], job["umask"], hook_of=job["id"])[0]
 
     def reset(self, job, now):
         """reset: a finished job back to pending, runnable now, attempts 0;
@@ -1875,12 +2166,42 @@ class Store:
         envs = [r[0] for r in self.x(SQL_JOB_ENV_IDS.format(marks=_marks(gone)), gone)]
         self.x(SQL_DELETE_JOBS.format(marks=_marks(gone)), gone)
         self.x(SQL_DELETE_DEPS.format(marks=_marks(gone)), gone)
+        self.x(SQL_DELETE_KEYS.format(marks=_marks(gone)), gone)
         self.drop_unused_envs(envs)
         return gone
 
     def drop_unused_envs(self, env_ids):
         """Delete the environments of env_ids that no job uses any more."""
         self.x(SQL_DROP_UNUSED_ENVS.format(marks=_marks(env_ids)), env_ids)
+
+    # Concurrency keys and limits --------------------------------------------
+
+    def limits(self):
+        return dict(self.q(SQL_LIMITS))
+
+    def set_limit(self, key, n):
+        with self.tx():
+            self.x(SQL_SET_LIMIT, (key, n))
+
+    def remove_limit(self, key):
+        """Whether key had a limit set."""
+        with self.tx():
+            return bool(self.x(SQL_DELETE_LIMIT, (key,)).rowcount)
+
+    def held(self):
+        """{key: running jobs that hold it}, queues' own keys included."""
+        held = dict(self.q(SQL_HELD))
+        held.update((QUEUE_KEY + q, n) for q, n in self.q(SQL_RUNNING_PER_QUEUE))
+        return held
+
+    def holders(self, key):
+        """The ids of the running jobs that hold key, oldest first."""
+        if key.startswith(QUEUE_KEY):
+            return [r[0] for r in self.q(SQL_QUEUE_HOLDERS, (key[len(QUEUE_KEY):],))]
+        return [r[0] for r in self.q(SQL_HOLDERS, (key,))]
+
+    def hooks_of(self, job_id):
+        return [job_from_row(r) for r in self.q(SQL_HOOKS_OF, (job_id,))]
 
     # Workers and paused queues ------------------------------------------------
 
@@ -1974,12 +2295,13 @@ def _marks(items):
     return ",".join("?" * len(items))
 
 def claim_filter(queues, paused):
-    """The WHERE tail and parameters that keep a claim to queues (None: all)
-    and out of paused ones."""
+    """The WHERE tail and parameters that keep a claim to queues (None: all;
+    every worker serves HOOK_QUEUE too) and out of paused ones."""
     where, params = "", []
     if queues:
+        queues = list(queues) + [HOOK_QUEUE]
         where += f" AND queue IN ({_marks(queues)})"
-        params += list(queues)
+        params += queues
     if paused:
         where += f" AND queue NOT IN ({_marks(paused)})"
         params += sorted(paused)
@@ -2146,6 +2468,9 @@ class Attempts:
         env["QUEUECTL_HOME"] = self.home
         env["QUEUECTL_JOB_ID"] = job["id"]
         env["QUEUECTL_ATTEMPT"] = str(attempt)
+        if job["hook_of"] is not None:   # a hook: the variables of its job
+            env["QUEUECTL_HOOK_ID"] = job["id"]
+            env.update(_loads(job["env"], {}))
         env["QUEUECTL_CLAIM"] = token       # how its processes are found again
         env["__QUEUECTL_STATUS"] = status_path(self.home, job["id"], token)
         env["__QUEUECTL_COMMAND"] = job["command"]
@@ -2160,7 +2485,8 @@ class Attempts:
         to start it is a counted, failed attempt with its reason."""
         attempt = job["attempts"] + 1
         token = job["claim"]
-        timeout = job["timeout"] if job["timeout"] is not None else self.config["job_timeout"]
+        timeout = job["timeout"] if job["timeout"] is not None else \
+            queue_config(self.config, job["queue"])["job_timeout"]
         path = log_path(self.home, job["id"])
         fd = None
         try:
@@ -2355,13 +2681,14 @@ class Attempts:
         def write():
             fault("record", job["id"])
             with store.tx():
-                state, unblocked = store.finish(job, self.id, job["claim"], rc,
-                                                error, self.config, duration)
+                state, unblocked, err = store.finish(
+                    job, self.id, job["claim"], rc, error,
+                    queue_config(self.config, job["queue"]), duration)
                 nxt = None
                 if claim_next and not self.stopping:
                     nxt = store.claim(self.id, self.queues, time.time())
-            return state, unblocked, nxt
-        state, unblocked, nxt = self._until_written(
+            return state, unblocked, err, nxt
+        state, unblocked, error, nxt = self._until_written(
             write, f"{job['id']}: cannot record its outcome yet")
         status = status_path(self.home, job["id"], job["claim"])
         try:
@@ -2419,9 +2746,12 @@ class Attempts:
             with self.lock:
                 self.dead += state == DEAD
             self.say(f"{job['id']} {state}: {error} (attempt {attempt}{took})")
-        if state != COMPLETED or unblocked or (self.drain and nxt is None):
+        # A job that held keys lets another run: wake the threads and workers
+        # that passed it over (a queue's own key: the queue has a limit).
+        keyed = job["keys"] is not None or QUEUE_KEY + job["queue"] in store.limited
+        if state != COMPLETED or unblocked or keyed or (self.drain and nxt is None):
             self.notify()
-        if unblocked:
+        if unblocked or keyed:
             wake_workers(self.home)
         return nxt
 
@@ -2607,7 +2937,7 @@ class Recovery:
         with self.lock:
             self.running[run.token] = run
         timeout = job["timeout"] if job["timeout"] is not None \
-            else self.config["job_timeout"]
+            else queue_config(self.config, job["queue"])["job_timeout"]
         self.threading.Thread(target=self._watch, args=(run, timeout),
                               daemon=True).start()
 
@@ -2932,6 +3262,9 @@ class Worker(Attempts, Recovery):
                 where + " AND state = 'failed'", params)
             if nxt is not None:
                 return min(max(epoch(nxt) - now, 0.001), HEARTBEAT)
+            due = None if everything_paused else store.next_run(where, params)
+            if due is not None and epoch(due) <= now:
+                return HEARTBEAT     # passed over for a full key: a holder runs
             with self.lock:
                 if self.active == 0 and not self.running and not self.settling:
                     self.stopping = True
@@ -3101,6 +3434,10 @@ def job_public(job, home):
             v = _loads(v, [])
         elif k == "env":
             v = sorted(_loads(v, {}))
+        elif k == "keys":
+            v = _loads(v, [])
+        elif k == "hooks":
+            v = _loads(v, {})
         out[k] = v
         if k == "env":
             out["env_from"] = "worker" if job["env_id"] is None else "enqueuer"
@@ -3127,15 +3464,121 @@ def blocked_on(store, job):
     return [(d, states.get(d, "missing")) for d in deps
             if states.get(d) != COMPLETED]
 
-def when_text(store, job, now):
+class WhyContext:
+    """What every job's reasons are read against (paused queues, limits,
+    keys held, live workers), read from the database once, when first
+    needed, for a whole list."""
+
+    def __init__(self, store, now):
+        self.store, self.now = store, now
+        self._paused = self._limits = self._held = self._workers = None
+
+    def paused(self):
+        if self._paused is None:
+            self._paused = self.store.paused()
+        return self._paused
+
+    def limits(self):
+        if self._limits is None:
+            self._limits, self._held = self.store.limits(), self.store.held()
+        return self._limits
+
+    def held(self):
+        self.limits()
+        return self._held
+
+    def workers(self):
+        """[(worker, its running jobs)] of the live workers."""
+        if self._workers is None:
+            busy = {}
+            for job in self.store.processing():
+                busy[job["worker"]] = busy.get(job["worker"], 0) + 1
+            self._workers = [(w, busy.get(w["id"], 0))
+                             for w in self.store.live_workers()]
+        return self._workers
+
+def why_reasons(store, job, now, ctx=None):
+    """[(code, text, details)]: why job is not running now, in plain words,
+    one per reason (why, list's WHEN and doctor read them); for a running
+    or finished job, one that says so. The codes are stable (why --json):
+    scheduled, backoff, dependencies, paused, key_full, no_worker,
+    workers_busy, ready; running; completed, dead, cancelled."""
+    ctx = ctx or WhyContext(store, now)
+    state, queue = job["state"], job["queue"]
+    if state == PROCESSING:
+        pid = f", pid {job['pid']}" if job["pid"] else ""
+        return [("running", f"running for {human_duration(now - epoch(job['started_at']))} "
+                 f"on worker {job['worker']}{pid}", {"worker": job["worker"]})]
+    if state in FINISHED:
+        tries = plural(job["attempts"], "attempt")
+        when = relative(job["finished_at"] or job["updated_at"], now)
+        text = {COMPLETED: f"completed {when}, after {tries}",
+                DEAD: f"dead {when}, after {tries}: {job['last_error']}",
+                CANCELLED: f"cancelled {when}, after {tries}"}[state]
+        return [(state, text, {"attempts": job["attempts"]})]
+    reasons = []
+    run_at = epoch(job["run_at"])
+    if run_at - now >= 1:
+        at = f"{local_time(run_at, now)} ({relative(job['run_at'], now)})"
+        if state == FAILED:
+            reasons.append(("backoff", f"waiting out its backoff until {at}, after "
+                            f"attempt {job['attempts']} failed: {job['last_error']}",
+                            {"until": show_time(job["run_at"])}))
+        else:
+            reasons.append(("scheduled", f"scheduled for {at}",
+                            {"until": show_time(job["run_at"])}))
+    deps = blocked_on(store, job)
+    if deps:
+        reasons.append(("dependencies", "waits for " + ", ".join(
+            f"{d} ({s})" for d, s in deps), {"on": dict(deps)}))
+    paused = ctx.paused()
+    if "*" in paused or queue in paused:
+        reasons.append(("paused", f"queue {queue} is paused" if queue in paused else
+                        "every queue is paused", {"queue": queue}))
+    limits, held = ctx.limits(), ctx.held()
+    keys = _loads(job["keys"], [])
+    if QUEUE_KEY + queue in limits:
+        keys.append(QUEUE_KEY + queue)
+    for key in keys:
+        limit = limits.get(key, 1)
+        if held.get(key, 0) >= limit:
+            holders = store.holders(key)
+            reasons.append(("key_full", f"key {key} is full: {held[key]} of {limit} "
+                            f"running ({', '.join(holders[:5])}"
+                            f"{', …' if len(holders) > 5 else ''})",
+                            {"key": key, "limit": limit, "holders": holders}))
+    serving = [(w, n) for w, n in ctx.workers() if queue == HOOK_QUEUE or
+               w["queues"] is None or queue in _loads(w["queues"], [])]
+    if not serving:
+        reasons.append(("no_worker", f"no live worker serves queue {queue}",
+                        {"queue": queue}))
+    else:
+        threads = sum(w["threads"] for w, _ in serving)
+        busy = sum(n for _, n in serving)
+        if busy >= threads:
+            reasons.append(("workers_busy", f"all {plural(threads, 'thread')} of the "
+                            f"{plural(len(serving), 'worker')} that serve queue {queue} "
+                            "are busy", {"threads": threads, "busy": busy}))
+    if not reasons:
+        reasons.append(("ready", "nothing holds it back: a worker claims it next "
+                        "(after any job ahead of it)", {}))
+    return reasons
+
+def when_text(store, job, now, ctx=None):
+    """list's WHEN: the first reason a waiting job waits, briefly."""
     state = job["state"]
     if state in (PENDING, FAILED):
-        if job["blocked"]:
+        code, _, info = why_reasons(store, job, now, ctx)[0]
+        if code in ("scheduled", "backoff"):
+            return (f"due {local_time(epoch(job['run_at']), now, short=True)} "
+                    f"({relative(job['run_at'], now)})")
+        if code == "dependencies":
             return "blocked on " + ",".join(
-                f"{d}({s})" if s != PENDING else d for d, s in blocked_on(store, job))
-        due = epoch(job["run_at"]) - now
-        return (f"due {local_time(epoch(job['run_at']), now, short=True)} "
-                f"({relative(job['run_at'], now)})" if due >= 1 else "ready")
+                f"{d}({s})" if s != PENDING else d for d, s in info["on"].items())
+        if code == "key_full":
+            return f"key {info['key']} full"
+        return {"paused": "paused", "no_worker": "no worker",
+                "workers_busy": "workers busy"}.get(code, "ready")
     if state == PROCESSING:
         return f"running {human_duration(now - epoch(job['started_at']))}"
     return relative(job["finished_at"] or job["updated_at"], now)
@@ -3312,6 +3755,12 @@ def job_spec(args, text, env):
                        **env}
     if args.unique:
         spec["unique"] = True
+    if args.key:
+        spec["keys"] = list(spec.get("keys") or []) + args.key \
+            if isinstance(spec.get("keys", []), list) else args.key
+    for name in ("if_busy", "retry_on", "no_retry_on") + HOOK_EVENTS:
+        if getattr(args, name) is not None:
+            spec[name] = getattr(args, name)
     return spec
 
 def cmd_enqueue(args):
@@ -3327,14 +3776,17 @@ def cmd_enqueue(args):
         env_id = store.add_env(blob) if blob is not None else None
         for where, spec in specs:
             try:
-                new = store.insert(spec, now, env_id, umask)
+                job_id, added = store.insert(spec, now, env_id, umask)
             except QueuectlError as e:
                 if where:
                     raise type(e)(f"{where}: {e}") from None
                 raise
-            ids.append(new if new is not None else spec["id"])
-            skipped = skipped or new is None
-        if skipped and env_id is not None:       # --unique: maybe no job uses it
+            ids.append(job_id)
+            skipped = skipped or not added
+            if not added and spec.get("if_busy") == "skip" and sys.stderr.isatty():
+                sys.stderr.write(f"queuectl: note: job {job_id} holds or waits for "
+                                 f"key {', '.join(spec['keys'])}; enqueued nothing\n")
+        if skipped and env_id is not None:       # maybe no job uses it
             store.drop_unused_envs([env_id])
         if any(spec.get("depends_on") for _, spec in specs):
             stuck = store.stuck()
@@ -3528,6 +3980,8 @@ def cmd_show(args):
     pub = job_public(job, args.home)
     blocked = blocked_on(store, job)
     pub["blocked_on"] = [d for d, _ in blocked]
+    pub["hook_jobs"] = [{"id": h["id"], "event": _loads(h["env"], {}).get("QUEUECTL_HOOK"),
+                         "state": h["state"]} for h in store.hooks_of(job["id"])]
     environment = job_environment(store, job) if args.env else None
     if args.json:
         if args.env:
@@ -3538,8 +3992,12 @@ def cmd_show(args):
     for k, v in pub.items():
         if k == "blocked_on":
             v = ", ".join(f"{d} ({s})" for d, s in blocked) or None
-        elif k in ("depends_on", "env"):
+        elif k in ("depends_on", "env", "keys"):
             v = ", ".join(v) or None
+        elif k == "hooks":
+            v = "; ".join(f"{e}: {c}" for e, c in v.items()) or None
+        elif k == "hook_jobs":
+            v = ", ".join(f"{h['id']} ({h['event']}, {h['state']})" for h in v) or None
         elif k in ("run_at", "created_at", "updated_at", "started_at", "finished_at") \
                 and v is not None:
             v = f"{v} ({local_time(epoch(v))} local, {relative(v)})"
@@ -3571,6 +4029,7 @@ def list_jobs(store, args, states):
         print("no jobs")
         return EXIT_OK
     now = time.time()
+    ctx = WhyContext(store, now)
     cfg = Config(args.home).load() if args.cmd == "dlq" else None
     if cfg is not None:
         print(table(["ID", "QUEUE", "TRIES", "DIED", "LAST ERROR", "COMMAND"],
@@ -3582,14 +4041,67 @@ def list_jobs(store, args, states):
     else:
         print(table(["ID", "STATE", "QUEUE", "PRI", "TRIES", "WHEN", "OUTCOME", "COMMAND"],
                     [[j["id"], j["state"], j["queue"], j["priority"],
-                      j["attempts"] + (j["state"] == PROCESSING), when_text(store, j, now),
-                      outcome_text(j), one_line(j["command"])] for j in rows],
+                      j["attempts"] + (j["state"] == PROCESSING), when_text(store, j, now, ctx),
+                      outcome_text(j), one_line(command_text(j))] for j in rows],
                     term_width(), color_col=1, drop=(3, 4, 2),
                     shrink=((6, 20), (7, 20), (7, 12), (6, 12), (7, 8), (6, 8), (5, 14),
                             (5, 8))))
     if more:
         print(f"… {more} older job{'s' if more != 1 else ''} not shown "
               "(--all for every one, --limit N for the newest N)")
+    return EXIT_OK
+
+def command_text(job):
+    """A job's command as list shows it; a hook's names its job and event."""
+    if job["hook_of"] is None:
+        return job["command"]
+    event = _loads(job["env"], {}).get("QUEUECTL_HOOK", "hook")
+    return f"[{event} of {job['hook_of']}] {job['command']}"
+
+def cmd_why(args):
+    """Why a job is not running now: one line per reason (or how it ended)."""
+    store = open_store(args)
+    job = store.must_get(args.id)
+    reasons = why_reasons(store, job, time.time())
+    if args.json:
+        print_json({"id": job["id"], "state": job["state"],
+                    "reasons": [{"code": c, "text": t, **d} for c, t, d in reasons]})
+    else:
+        sys.stdout.write("".join(f"{job['id']}: {t}\n" for _, t, _ in reasons))
+    return EXIT_OK
+
+def cmd_limit(args):
+    """limit set KEY N / rm KEY / list."""
+    store = open_store(args, create=args.action == "set")
+    if args.action == "set":
+        key = check_limit_key(args.key)
+        n = check_value("key_limit", args.n, "N", text=True)
+        store.set_limit(key, n)
+        print(f"{key}: at most {n} running")
+        wake_workers(args.home)              # a raised limit lets more run now
+        return EXIT_OK
+    if args.action == "rm":
+        key = check_limit_key(args.key)
+        if not store.remove_limit(key):
+            raise QueuectlError(f"key {key} has no limit set")
+        print(f"{key}: " + ("no limit" if key.startswith(QUEUE_KEY) else
+                            "at most 1 running (the default)"))
+        wake_workers(args.home)
+        return EXIT_OK
+    limits, held = store.limits(), store.held()
+    waiting = dict(store.q(SQL_KEYS_WAITING))
+    keys = sorted(set(limits) | {k for k in held if not k.startswith(QUEUE_KEY)}
+                  | set(waiting))
+    rows = [{"key": k, "limit": limits.get(k, 1), "set": k in limits,
+             "running": held.get(k, 0), "waiting": waiting.get(k, 0)} for k in keys]
+    if args.json:
+        print_json(rows)
+    elif not rows:
+        print("no limits set and no job holds a key")
+    else:
+        print(table(["KEY", "LIMIT", "RUNNING", "WAITING"],
+                    [[r["key"], r["limit"] if r["set"] else f"{r['limit']} (default)",
+                      r["running"], r["waiting"]] for r in rows], term_width()))
     return EXIT_OK
 
 def allowed_attempts(job, cfg):
@@ -3850,7 +4362,8 @@ def cmd_cancel(args):
     """Cancel jobs: pending and failed ones at once; running ones get
     --signal (TERM), then KILL after --grace (config kill_grace); returns
     once their processes are gone."""
-    grace = args.grace if args.grace is not None else Config(args.home).load()["kill_grace"]
+    cfg = Config(args.home).load()
+    grace = args.grace if args.grace is not None else cfg["kill_grace"]
     sig = parse_signal(args.signal)
     store = open_store(args)
     now = time.time()
@@ -3877,7 +4390,7 @@ def cmd_cancel(args):
                         revoked.append(path)
                 # The claim stays: it names the cancelled attempt's
                 # processes, and retry waits until none of them is left.
-                store.cancel(job["id"], now)
+                store.cancel(job, now, cfg)
     except BaseException:
         for path in revoked:     # nothing was cancelled: undo, all or nothing
             remove_file(path)
@@ -4428,6 +4941,17 @@ def cmd_doctor(args):
     for job_id, dep, state in store.blocked_on_dead():
         problems.append(f"job {job_id} waits on {dep}, which is {state}; "
                         f"retry {dep} or cancel {job_id}")
+    ctx, waits = WhyContext(store, now), {}
+    for row in store.q(SQL_DUE, (iso(now), 1000)):
+        job = job_from_row(row)
+        for code, text, info in why_reasons(store, job, now, ctx):
+            if code in ("paused", "key_full", "no_worker", "workers_busy"):
+                what = (code, info.get("key") or info.get("queue") or job["queue"])
+                waits.setdefault(what, [0, text])[0] += 1
+    for (code, _), (n, text) in waits.items():
+        if code == "no_worker" and not live:
+            continue             # said below, once for every queue
+        notes.append(f"{plural(n, 'due job')} wait{'s' if n == 1 else ''}: {text}")
     pending = store.waiting()
     if pending and not live:
         notes.append(f"{pending} jobs wait and no worker is running: "
@@ -4471,7 +4995,9 @@ def cmd_metrics(args):
 
     def family(name, kind, help_, samples):
         """One metric family: HELP, TYPE, then its samples, each a (suffix,
-        labels, value); never an empty family."""
+        labels, value); a family with no samples is left out."""
+        if not samples:
+            return
         out.append(f"# HELP {name} {help_}")
         out.append(f"# TYPE {name} {kind}")
         for suffix, labels, value in samples:
@@ -4497,6 +5023,14 @@ def cmd_metrics(args):
            "paused) has waited; 0 when none.",
            [("", {}, round(max(now - epoch(oldest), 0), 3) if oldest else 0)])
     workers = store.live_workers()
+    limits, held = store.limits(), store.held()
+    keys = sorted(set(limits) | set(held))
+    family("queuectl_key_running", "gauge",
+           "Running jobs that hold each key (queue:NAME: a queue with a limit).",
+           [("", {"key": k}, held.get(k, 0)) for k in keys
+            if not k.startswith(QUEUE_KEY) or k in limits])
+    family("queuectl_key_limit", "gauge", "Running jobs each key allows (limit set).",
+           [("", {"key": k}, n) for k, n in limits.items()])
     family("queuectl_workers", "gauge", "Live worker processes.", [("", {}, len(workers))])
     family("queuectl_worker_threads", "gauge", "Job threads of live workers.",
            [("", {}, sum(w["threads"] for w in workers))])
@@ -4623,6 +5157,22 @@ COMMAND_TABLE = [
             help="run in the worker's environment and umask, not in yours"),
         arg("--unique", action="store_true",
             help="if the id exists already, print it and change nothing"),
+        arg("--key", action="append", metavar="KEY", type=check_key,
+            help="hold KEY while running: at most N jobs with it run at once "
+                 "(limit set KEY N; default 1) (repeatable)"),
+        arg("--if-busy", metavar="skip|queue", type=check_if_busy,
+            help="skip: if a job with one of its keys waits or runs, print its id "
+                 "and enqueue nothing (default queue)"),
+        arg("--on-success", metavar="CMD", help="run CMD when the job completes"),
+        arg("--on-failure", metavar="CMD",
+            help="run CMD after each failed attempt that will be retried"),
+        arg("--on-dead", metavar="CMD", help="run CMD when the job goes to the DLQ"),
+        arg("--on-cancel", metavar="CMD", help="run CMD when the job is cancelled"),
+        arg("--retry-on", metavar="CODES", type=lambda t: parse_codes(t, "retry_on"),
+            help="retry only these exit codes (2,64-78); others go to the DLQ"),
+        arg("--no-retry-on", metavar="CODES",
+            type=lambda t: parse_codes(t, "no_retry_on"),
+            help="never retry these exit codes (also: timeout, signal)"),
         arg("--stdin", action="store_true",
             help="one job per line (JSON or command), all or nothing"),
         arg("--json", action="store_true", help="print the job as JSON")],
@@ -4666,6 +5216,10 @@ COMMAND_TABLE = [
             help="only jobs of these queues (repeatable, or Q1,Q2)"), ALL_ARG, LIMIT_ARG,
         JSON_ARG],
         common=("list [--state S]", "jobs and their states")),
+    Command("why", "why a job is not running now (or how it ended)", cmd_why, [
+        "queuectl why nightly", "queuectl why nightly --json"],
+        [arg("id", metavar="ID"), JSON_ARG],
+        common=("why ID", "why a job waits")),
     Command("logs", "print a job's log (default: the latest started job's)", cmd_logs, [
         "queuectl logs nightly -n 50", "queuectl logs nightly --follow", "queuectl logs"], [
         arg("id", nargs="?", metavar="ID", help="the job (default: the one started last)"),
@@ -4754,6 +5308,14 @@ COMMAND_TABLE = [
         arg("--dry-run", action="store_true", help="list what would go; delete nothing"),
         arg("--yes", action="store_true",
             help="no question for --older-than 0 on a busy home")]),
+    Command("limit", "concurrency limits of keys and queues: set, list, rm"),
+    Command("limit set", "at most N running jobs hold KEY (queue:NAME: a queue's)",
+            cmd_limit, ["queuectl limit set db-main 1", "queuectl limit set queue:reports 2"],
+            [arg("key", metavar="KEY"), arg("n", metavar="N")]),
+    Command("limit list", "limits set, and keys in use with what holds them", cmd_limit,
+            ["queuectl limit list"], [JSON_ARG]),
+    Command("limit rm", "remove a limit (a key: 1 again; a queue: none)", cmd_limit,
+            ["queuectl limit rm queue:reports"], [arg("key", metavar="KEY")]),
     Command("config", "get, set or list settings"),
     Command("config get", "print one setting", cmd_config,
             ["queuectl config get max-retries"], [arg("key", metavar="KEY"), JSON_ARG]),
@@ -4926,7 +5488,7 @@ def check_arguments(args):
         for item in items:
             if dest == "state" and item not in STATES:
                 raise UsageError(f"unknown state {item!r}; use one of " + ", ".join(STATES))
-            if dest != "state":
+            if dest != "state" and item != HOOK_QUEUE:
                 check_name(item, "queue name")
         setattr(args, dest, list(dict.fromkeys(items)))
 

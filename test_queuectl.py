@@ -351,6 +351,16 @@ class QueueTest(unittest.TestCase):
     def error_line(self, r):
         return r.err.strip().splitlines()[-1]
 
+    def drain_in_processes(self, n, threads):
+        """n worker processes of threads each, --drain; each must exit 0."""
+        procs = [subprocess.Popen([PY, PROG, "worker", "start", "--count", str(threads),
+                                   "--drain"], env=self.env, cwd=self.work,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(n)]
+        self.procs.extend(procs)
+        for p in procs:
+            self.assertEqual(p.wait(timeout=90), 0, p.stderr.read())
+
     def drain_within(self, seconds, *args):
         """worker start --drain that must exit within seconds; the Result."""
         try:
@@ -1245,7 +1255,9 @@ class TestConfig(QueueTest):
             self.assertIn(line, out)
         self.assertEqual(json.loads(self.ok("config", "list", "--json")),
                          {"max_retries": 3, "backoff_base": 2, "max_backoff": 3600,
-                          "job_timeout": 0, "kill_grace": 10})
+                          "job_timeout": 0, "kill_grace": 10, "hook_timeout": 300,
+                          "on_success": "", "on_failure": "", "on_dead": "",
+                          "on_cancel": "", "retry_on": "", "no_retry_on": ""})
         self.assertEqual(self.ok("config", "get", "max_retries"), "3\n")
 
     def test_set_get_and_key_aliases(self):
@@ -1674,7 +1686,10 @@ class TestJobEnvironment(QueueTest):
     def downgrade_to_schema_1(self):
         """Make the home's database what queuectl 1.0 (schema 1) wrote."""
         con = sqlite3.connect(os.path.join(self.home, "queue.db"), timeout=10)
-        for sql in ("DROP INDEX jobs_env", "DROP INDEX envs_hash", "DROP TABLE envs",
+        for sql in ("DROP INDEX jobs_hook_of", "DROP TABLE job_keys", "DROP TABLE limits",
+                    *(f"ALTER TABLE jobs DROP COLUMN {c}" for c in (
+                        "keys", "hooks", "retry_on", "no_retry_on", "hook_of")),
+                    "DROP INDEX jobs_env", "DROP INDEX envs_hash", "DROP TABLE envs",
                     "DROP TABLE durations",
                     "ALTER TABLE jobs DROP COLUMN env_id",
                     "ALTER TABLE jobs DROP COLUMN umask", "PRAGMA user_version = 1"):
@@ -1688,7 +1703,7 @@ class TestJobEnvironment(QueueTest):
         with open(PROG) as f:
             text = f.read()
         with open(old, "w") as f:            # this file, as a schema-1 queuectl
-            f.write(text.replace("SCHEMA_VERSION = 2", "SCHEMA_VERSION = 1"))
+            f.write(text.replace("SCHEMA_VERSION = 3", "SCHEMA_VERSION = 1"))
         p = subprocess.Popen([PY, old, "worker", "start"], env=self.env, cwd=self.work,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(p)
@@ -2116,12 +2131,7 @@ class TestConcurrency(QueueTest):
         lines = "".join(json.dumps({"id": i, "command": f"echo {i} >> {out}"}) + "\n"
                         for i in ids)
         self.ok("enqueue", "--stdin", input=lines)
-        procs = [subprocess.Popen([PY, PROG, "worker", "start", "--count", "4", "--drain"],
-                                  env=self.env, cwd=self.work, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
-        self.procs.extend(procs)
-        for p in procs:
-            self.assertEqual(p.wait(timeout=90), 0, p.stderr.read())
+        self.drain_in_processes(2, 4)
         got = self.lines("out")
         self.assertEqual(sorted(got), sorted(ids))       # each exactly once
         counts = json.loads(self.ok("status", "--json"))["counts"]
@@ -2885,12 +2895,12 @@ class TestCrashRecovery(QueueTest):
         self.db().execute("UPDATE jobs SET worker = 'other' WHERE id = 'a'").connection.commit()
         with store.tx():
             self.assertEqual(store.finish(job, worker.id, job["claim"], 0, None, cfg, 0.1),
-                             (None, 0))
+                             (None, 0, None))
         self.assertEqual(self.state("a"), "processing")
         # The right worker and claim can.
         with store.tx():
             self.assertEqual(store.finish(job, "other", job["claim"], 0, None, cfg, 0.1),
-                             ("completed", 0))
+                             ("completed", 0, None))
 
     def test_worker_status_shows_live_workers_and_forgets_dead_ones(self):
         self.enqueue("--id", "long", "sleep 30")
@@ -3486,7 +3496,7 @@ class TestReadCommands(QueueTest):
         self.enqueue("--id", "j", "true")
         r = self.q("logs", "j")
         self.assertEqual((r.code, r.out), (0, ""))
-        self.assertEqual(r.err, "queuectl: note: job j has not started yet (ready); "
+        self.assertEqual(r.err, "queuectl: note: job j has not started yet (no worker); "
                                 "its log is empty\n")
 
     def test_json_outputs_are_only_json(self):
@@ -3930,8 +3940,8 @@ class TestHumanOutput(QueueTest):
                                             "OUTCOME", "COMMAND"])
         self.assertTrue(all(len(line) <= 80 for line in lines), out)
         self.assertTrue(lines[1].endswith("…"), lines[1])
-        self.assertEqual(lines[1].split()[:6], ["build-1", "pending", "default", "0", "0",
-                                                "ready"])
+        self.assertEqual(lines[1].split()[:7], ["build-1", "pending", "default", "0", "0",
+                                                "no", "worker"])
         self.assertIn("(in 2h)", lines[2])
         self.assertIn("blocked on build-1", lines[3])
         self.assertNotIn("\x1b[", out)                   # not a terminal: no colour
@@ -4046,7 +4056,7 @@ class TestListsShowTheNewestAndTheirOutcome(QueueTest):
         self.enqueue("--id", "later", "--delay", "1h", "true")
         r = self.q("logs", "b")
         self.assertEqual((r.code, r.out), (0, ""), r)
-        self.assertIn("job b has not started yet (ready); its log is empty", r.err)
+        self.assertIn("job b has not started yet (no worker); its log is empty", r.err)
         self.assertIn("has not started yet (due ", self.q("logs", "later").err)
         self.drain()
         out = self.ok("logs")                     # like tsp -c: the latest job's
@@ -4182,6 +4192,273 @@ class TestLiveView(QueueTest):
 
 
 # Command line ################################################################
+
+# Concurrency keys, hooks, retry policy, why ##################################
+
+def intervals(lines):
+    """'START END' lines (date +%s%N) -> [(start, end)] sorted by start."""
+    return sorted(tuple(int(x) for x in line.split()) for line in lines if line.strip())
+
+def most_at_once(spans):
+    """The most spans [(start, end)] that overlap at one moment."""
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    now = best = 0
+    for _, d in events:
+        now += d
+        best = max(best, now)
+    return best
+
+# A job that appends "START END" (in ns) to a file of the work directory.
+def timed(name, secs):
+    return f's=$(date +%s%N); sleep {secs}; echo "$s $(date +%s%N)" >> {name}'
+
+class TestConcurrencyKeys(QueueTest):
+    def spans(self, name):
+        try:
+            with open(self.path(name)) as f:
+                return intervals(f.read().splitlines())
+        except FileNotFoundError:
+            return []
+
+    def test_one_key_never_runs_twice_at_once_across_two_processes_of_four_threads(self):
+        lines = [json.dumps({"command": timed("keyed", 0.01), "keys": ["db-main"]})
+                 for _ in range(40)]
+        lines += [json.dumps({"command": timed("other", 0.3), "keys": [f"other-{i}"]})
+                  for i in range(12)]
+        self.ok("enqueue", "--stdin", input="\n".join(lines) + "\n")
+        self.drain_in_processes(2, 4)
+        keyed = self.spans("keyed")
+        self.assertEqual(len(keyed), 40)
+        for (_, end), (start, _) in zip(keyed, keyed[1:]):
+            self.assertGreaterEqual(start, end, "two jobs with key db-main overlapped")
+        # Jobs on other keys ran side by side meanwhile: 12 x 0.3 s on the 7
+        # threads the keyed jobs leave free, not one after another.
+        other = self.spans("other")
+        self.assertEqual(len(other), 12)
+        self.assertGreaterEqual(most_at_once(other), 4)
+        self.assertEqual(json.loads(self.ok("status", "--json"))["counts"]["completed"], 52)
+
+    def test_a_queue_limit_caps_its_parallelism_without_a_dedicated_worker(self):
+        self.assertEqual(self.ok("limit", "set", "queue:reports", "2"),
+                         "queue:reports: at most 2 running\n")
+        for _ in range(6):
+            self.enqueue("--queue", "reports", timed("reports", 0.3))
+        for _ in range(3):
+            self.enqueue(timed("default", 0.3))
+        r = self.drain_within(60, "--count", "4")
+        self.assertEqual(r.code, 0, r)
+        reports, default = self.spans("reports"), self.spans("default")
+        self.assertEqual((len(reports), most_at_once(reports)), (6, 2))
+        self.assertGreaterEqual(most_at_once(reports + default), 3)
+        listed = json.loads(self.ok("limit", "list", "--json"))
+        self.assertEqual(listed, [{"key": "queue:reports", "limit": 2, "set": True,
+                                   "running": 0, "waiting": 0}])
+        self.assertEqual(self.ok("limit", "rm", "queue:reports"),
+                         "queue:reports: no limit\n")
+        self.fails(1, "limit", "rm", "queue:reports")
+        for bad in (("limit", "set", "db", "0"), ("limit", "set", "a/b", "1"),
+                    ("limit", "set", "queue:", "1"), ("limit", "set", "db", "x")):
+            self.assertIn("queuectl: error: ", self.fails(2, *bad).err)
+
+    def test_a_job_whose_key_is_full_is_passed_over_and_order_holds_for_the_rest(self):
+        self.enqueue("--id", "a", "--key", "k", "-p", "20",
+                     f"echo a >> {self.path('order.txt')}; " + self.gate_cmd())
+        self.enqueue("--id", "b", "--key", "k", "-p", "10", "echo b >> order.txt")
+        self.enqueue("--id", "c", "-p", "5", "echo c >> order.txt")
+        self.enqueue("--id", "d", "echo d >> order.txt")
+        w = self.bg("--count", "2", "--drain")
+        self.wait_state("d", "completed")
+        self.assertEqual(self.order(), ["a", "c", "d"])
+        self.assertEqual(self.state("b"), "pending")
+        r = self.ok("why", "b")
+        self.assertEqual(r, "b: key k is full: 1 of 1 running (a)\n")
+        listed = {j.split()[0]: j for j in self.ok("list").splitlines()[1:]}
+        self.assertIn("key k full", listed["b"])
+        running = parse_exposition(self.ok("metrics"))["queuectl_key_running"][1]
+        self.assertIn(("queuectl_key_running", {"key": "k"}, 1), running)
+        self.assertIn("1 due job waits: key k is full: 1 of 1 running (a)",
+                      self.ok("doctor"))
+        self.go()
+        self.assertEqual(w.wait(timeout=30), 0, self.err(w))
+        self.assertEqual(self.order(), ["a", "c", "d", "b"])
+
+    def test_if_busy_skip_prints_the_job_that_holds_the_key_and_adds_nothing(self):
+        first = self.enqueue("--key", "db-main", "--if-busy", "skip", "./backup.sh")
+        r = self.q("enqueue", "--key", "db-main", "--if-busy", "skip", "./backup.sh")
+        self.assertEqual((r.code, r.out, r.err), (0, first + "\n", ""))
+        other = self.enqueue("--key", "other", "--if-busy", "skip", "true")
+        self.assertNotEqual(other, first)
+        self.assertEqual(json.loads(self.ok("status", "--json"))["counts"]["pending"], 2)
+        self.ok("cancel", first)
+        again = self.enqueue("--key", "db-main", "--if-busy", "skip", "true")
+        self.assertNotIn(again, (first, other))
+        self.assertIn("needs a --key", self.fails(2, "enqueue", "--if-busy", "skip",
+                                                  "true").err)
+        self.assertIn("queue:NAME is the queue's own key",
+                      self.fails(2, "enqueue", "--key", "queue:x", "true").err)
+        self.fails(2, "enqueue", "--if-busy", "never", "--key", "k", "true")
+
+    def test_an_adopted_job_keeps_holding_its_key(self):
+        self.enqueue("--id", "g", "--key", "k", self.gate_cmd())
+        a = self.bg(fault="after-spawn:stop")
+        self.resume_in_cleanup(a)
+        self.wait_stopped(a)
+        self.wait_for(lambda: self.lines("runs") == ["start"], 10, "g to start")
+        self.adopt_from(a, "g")
+        self.enqueue("--id", "n", "--key", "k", "-p", "5", f"echo n >> {self.path('runs')}")
+        self.enqueue("--id", "m", "true")           # claimed after n was passed over
+        self.wait_state("m", "completed")
+        self.assertEqual(self.state("n"), "pending")
+        self.assertIn("key k is full: 1 of 1 running (g)", self.ok("why", "n"))
+        self.go()
+        self.wait_state("n", "completed")
+        self.assertEqual(self.lines("runs"), ["start", "done", "n"])
+
+class TestHooks(QueueTest):
+    def env_file(self, name):
+        with open(self.path(name)) as f:
+            return dict(line.split("=", 1) for line in f.read().splitlines() if "=" in line)
+
+    def test_hooks_run_as_jobs_of_their_own_with_the_jobs_variables(self):
+        self.set_fast_retries()
+        self.enqueue("--id", "ok", "--on-success", "env | grep ^QUEUECTL_ > success.env",
+                     "echo fine")
+        self.enqueue("--id", "f", "--max-retries", "1",
+                     "--on-failure", "echo $QUEUECTL_ATTEMPT >> failure.txt",
+                     "--on-dead", "echo $QUEUECTL_JOB_ID $QUEUECTL_JOB_STATE "
+                     "$QUEUECTL_EXIT_CODE >> dead.txt", "exit 3")
+        self.assertEqual(self.drain().code, 1)          # f died
+        env = self.env_file("success.env")
+        self.assertEqual({k: env[k] for k in ("QUEUECTL_JOB_ID", "QUEUECTL_JOB_STATE",
+                                              "QUEUECTL_EXIT_CODE", "QUEUECTL_ATTEMPT",
+                                              "QUEUECTL_COMMAND", "QUEUECTL_HOOK")},
+                         {"QUEUECTL_JOB_ID": "ok", "QUEUECTL_JOB_STATE": "completed",
+                          "QUEUECTL_EXIT_CODE": "0", "QUEUECTL_ATTEMPT": "1",
+                          "QUEUECTL_COMMAND": "echo fine", "QUEUECTL_HOOK": "on_success"})
+        with open(env["QUEUECTL_LOG"]) as f:
+            self.assertIn("fine", f.read())
+        self.assertEqual(self.lines("failure.txt"), ["1"])
+        self.assertEqual(self.lines("dead.txt"), ["f", "dead", "3"])
+        hooks = json.loads(self.ok("list", "--queue", "_hooks", "--json"))
+        self.assertEqual(sorted((h["hook_of"], h["state"]) for h in hooks),
+                         [("f", "completed"), ("f", "completed"), ("ok", "completed")])
+        self.assertEqual([h["event"] for h in self.job("f")["hook_jobs"]],
+                         ["on_failure", "on_dead"])
+        self.assertIn("[on_dead of f]", self.ok("list", "--queue", "_hooks"))
+
+    def test_defaults_for_the_home_and_per_queue_and_a_hook_fires_no_hooks(self):
+        self.ok("config", "set", "max_retries", "0")
+        self.ok("config", "set", "on_dead", "echo home $QUEUECTL_JOB_ID >> dead.txt; exit 1")
+        self.ok("config", "set", "queue.reports.on_dead",
+                "echo reports $QUEUECTL_JOB_ID >> dead.txt")
+        self.enqueue("--id", "a", "exit 1")
+        self.enqueue("--id", "b", "--queue", "reports", "exit 1")
+        self.enqueue("--id", "c", "--on-dead", "echo own $QUEUECTL_JOB_ID >> dead.txt",
+                     "exit 1")
+        self.assertEqual(self.drain_within(30).code, 1)         # jobs died
+        got = sorted(" ".join(p) for p in zip(*[iter(self.lines("dead.txt"))] * 2))
+        self.assertEqual(got, ["home a", "own c", "reports b"])
+        # The home's hook died (exit 1) and fired nothing: three hook jobs.
+        hooks = json.loads(self.ok("list", "--queue", "_hooks", "--json"))
+        self.assertEqual(sorted(h["state"] for h in hooks), ["completed", "completed", "dead"])
+        self.assertEqual(self.ok("config", "get", "queue.reports.on-dead"),
+                         "echo reports $QUEUECTL_JOB_ID >> dead.txt\n")
+        self.fails(2, "config", "set", "queue.reports.kill_grace", "1")
+        self.fails(2, "config", "set", "no_retry_on", "x")
+
+    def test_on_cancel_runs_and_a_worker_of_other_queues_runs_hooks_too(self):
+        self.enqueue("--id", "later", "--queue", "q", "--delay", "1h",
+                     "--on-cancel", "echo $QUEUECTL_JOB_STATE > cancel.txt", "true")
+        self.ok("cancel", "later")
+        self.assertEqual(self.drain_within(30, "--queue", "other").code, 0)
+        self.assertEqual(self.lines("cancel.txt"), ["cancelled"])
+
+class TestRetryPolicy(QueueTest):
+    def outcome(self, *args):
+        job_id = self.enqueue(*args)
+        self.drain_within(30)
+        job = self.job(job_id)
+        return job["state"], job["attempts"], job["last_error"]
+
+    def test_exit_codes_decide_whether_an_attempt_is_retried(self):
+        self.set_fast_retries()
+        self.assertEqual(self.outcome("--max-retries", "3", "--no-retry-on", "2,64-78",
+                                      "exit 65"),
+                         ("dead", 1, "exit code 65; not retried (no_retry_on 2,64-78)"))
+        self.assertEqual(self.outcome("--max-retries", "3", "--no-retry-on", "2,64-78",
+                                      "exit 1")[:2], ("dead", 4))
+        self.assertEqual(self.outcome("--max-retries", "3", "--retry-on", "75", "exit 1"),
+                         ("dead", 1, "exit code 1; not retried (retry_on 75)"))
+        self.assertEqual(self.outcome("--max-retries", "1", "--retry-on", "75",
+                                      "exit 75")[:2], ("dead", 2))
+
+    def test_timeouts_and_signals_are_retried_unless_the_job_says_otherwise(self):
+        self.set_fast_retries()
+        self.assertEqual(self.outcome("--max-retries", "1", "--retry-on", "75",
+                                      "--timeout", "0.2", "sleep 5")[:2], ("dead", 2))
+        self.assertEqual(self.outcome("--max-retries", "1", "--no-retry-on", "timeout",
+                                      "--timeout", "0.2", "sleep 5"),
+                         ("dead", 1, "timed out after 0.2s; not retried "
+                                     "(no_retry_on timeout)"))
+        self.assertEqual(self.outcome("--max-retries", "1", "kill -TERM $$")[:2],
+                         ("dead", 2))
+        self.assertEqual(self.outcome("--max-retries", "1", "--no-retry-on", "signal",
+                                      "kill -TERM $$")[:2], ("dead", 1))
+
+    def test_config_defaults_and_bad_lists(self):
+        self.set_fast_retries()
+        self.ok("config", "set", "no_retry_on", "3")
+        self.ok("config", "set", "queue.strict.retry_on", "75")
+        self.assertEqual(self.outcome("--max-retries", "2", "exit 3")[:2], ("dead", 1))
+        self.assertEqual(self.outcome("--max-retries", "2", "--queue", "strict",
+                                      "exit 4")[:2], ("dead", 1))
+        self.assertEqual(self.outcome("--max-retries", "2", "exit 4")[:2], ("dead", 3))
+        for bad in ("x", "300", "5-2", "", "1,,2", "-1"):
+            with self.subTest(bad=bad):
+                r = self.fails(2, "enqueue", f"--retry-on={bad}", "true")
+                self.assertIn("--retry-on", r.err)
+
+    def test_codes_are_parsed_and_matched(self):
+        self.assertEqual(queuectl.parse_codes(" 2, 64-78 ,TIMEOUT,2"), "2,64-78,timeout")
+        self.assertTrue(queuectl.codes_match("2,64-78", 70))
+        self.assertFalse(queuectl.codes_match("2,64-78", 79))
+        self.assertFalse(queuectl.codes_match("2,64-78", "signal"))
+        self.assertTrue(queuectl.codes_match("1,signal", "signal"))
+
+class TestWhy(QueueTest):
+    def why(self, job_id):
+        return [(r["code"], r["text"]) for r in
+                json.loads(self.ok("why", job_id, "--json"))["reasons"]]
+
+    def test_why_names_every_reason_a_job_waits(self):
+        self.enqueue("--id", "later", "--delay", "1h", "true")
+        self.enqueue("--id", "dep", "--after", "later", "true")
+        self.enqueue("--id", "held", "--queue", "held", "true")
+        self.ok("pause", "held")
+        self.assertEqual([c for c, _ in self.why("later")], ["scheduled", "no_worker"])
+        self.assertEqual(self.why("dep")[0], ("dependencies", "waits for later (pending)"))
+        self.assertEqual([c for c, _ in self.why("held")], ["paused", "no_worker"])
+        self.assertEqual(self.ok("why", "held"), "held: queue held is paused\n"
+                         "held: no live worker serves queue held\n")
+        # A failed job waits out its backoff; a busy worker has no free thread.
+        self.ok("config", "set", "backoff_base", "1000")
+        self.enqueue("--id", "flaky", "exit 1")
+        self.enqueue("--id", "busy", "-p", "-1", self.gate_cmd())
+        self.bg()
+        self.wait_state("flaky", "failed")
+        self.wait_for(lambda: self.lines("runs") == ["start"], 20, "busy to start")
+        self.enqueue("--id", "next", "-p", "-2", "true")
+        codes = [c for c, _ in self.why("flaky")]
+        self.assertEqual(codes, ["backoff", "workers_busy"])
+        self.assertIn("after attempt 1 failed: exit code 1", self.why("flaky")[0][1])
+        self.assertEqual(self.why("next"), [("workers_busy", "all 1 thread of the 1 "
+                                             "worker that serve queue default are busy")])
+        self.assertEqual([c for c, _ in self.why("busy")], ["running"])
+        self.go()
+        self.wait_state("next", "completed")
+        self.assertRegex(self.ok("why", "next"), r"^next: completed .*, after 1 attempt\n$")
+        r = self.fails(1, "why", "nosuch")
+        self.assertIn("nosuch", r.err)
 
 class TestServiceAndPipes(QueueTest):
     def test_read_commands_end_quietly_on_a_closed_pipe_under_load(self):
