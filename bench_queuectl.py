@@ -445,19 +445,23 @@ def bench_throughput(rep, n, rounds):
             t.join()
         return n / (time.perf_counter() - t0)
 
-    rates, bases, boxes = [], [], []
+    def drain(name, lines):
+        sb = Sandbox(name)
+        boxes.append(sb)
+        sb.cli("enqueue", "--stdin", input=lines, timeout=120)
+        p = sb.spawn([PY, PROG, "worker", "start", "--count", "2", "--drain"])
+        took, code = timed(wait_proc, p, 60 + n * 0.1, "worker --drain")
+        done = sb.count("completed")
+        if done != n:
+            raise RuntimeError(f"only {done} of {n} jobs completed (exit {code})")
+        return n / took
+
+    rates, keyed, bases, boxes = [], [], [], []
     try:
         for i in range(rounds):
-            sb = Sandbox(f"throughput{i}")
-            boxes.append(sb)
-            sb.cli("enqueue", "--stdin", input="true\n" * n, timeout=120)
             bases.append(baseline())
-            p = sb.spawn([PY, PROG, "worker", "start", "--count", "2", "--drain"])
-            took, code = timed(wait_proc, p, 60 + n * 0.1, "worker --drain")
-            done = sb.count("completed")
-            if done != n:
-                raise RuntimeError(f"only {done} of {n} jobs completed (exit {code})")
-            rates.append(n / took)
+            rates.append(drain(f"throughput{i}", "true\n" * n))
+            keyed.append(drain(f"throughput-keys{i}", keyed_lines(n, 4, 8)))
     finally:
         for sb in boxes:
             sb.close()
@@ -465,9 +469,18 @@ def bench_throughput(rep, n, rounds):
     r = rate / base
     rep.add("throughput", f"throughput ({n} true jobs, 2 threads, median of {rounds})",
             rate, "jobs/s", base, "2 threads sh -c true", ">= 0.8x", r >= 0.8)
+    rep.add("throughput_keys", f"throughput, 1 in 4 jobs holding 1 of 8 keys "
+            f"(median of {rounds})", median(keyed), "jobs/s", rate, "no keys (above)")
     rep.note("throughput: drains " + ", ".join(f"{x:.0f}" for x in rates)
-             + " jobs/s (worker start to exit); baseline " + ", ".join(
+             + " jobs/s (worker start to exit); with keys " + ", ".join(
+                 f"{x:.0f}" for x in keyed) + "; baseline " + ", ".join(
                  f"{x:.0f}" for x in bases) + " jobs/s")
+
+
+def keyed_lines(n, every, keys, command="true"):
+    """n --stdin lines of command; one in every holds one of keys keys."""
+    return "".join(json.dumps({"command": command, "keys": [f"k{i % keys}"]}) + "\n"
+                   if i % every == 0 else command + "\n" for i in range(n))
 
 
 # 2. Enqueue cost #############################################################
@@ -612,6 +625,20 @@ def bench_bulk(rep, n):
     with Sandbox("bulk-small") as sb:
         sb.cli("enqueue", "--stdin", input="true\n" * 100)
         claim_small, _plan = time_claims(sb.home, 5)
+    with Sandbox("bulk-keys") as sb:
+        # One in 10 jobs holds one of 10 keys, each held by a running job.
+        sb.cli("enqueue", "--stdin", input=keyed_lines(n, 10, 10), timeout=300)
+        hold_keys(sb.db, 10)
+        claim_keys, _plan = time_claims(sb.home, 5)
+    with Sandbox("bulk-one-key") as sb:
+        # The worst case: the first 10,000 jobs in claim order all wait for
+        # one full key, and the claim passes over every one of them.
+        over = min(10_000, n // 10)
+        sb.cli("enqueue", "--stdin", input="".join(
+            json.dumps({"command": "true", "keys": ["k0"], "priority": 1}) + "\n"
+            for _ in range(over)) + "true\n" * (n - over), timeout=300)
+        hold_keys(sb.db, 1)
+        claim_over, _plan = time_claims(sb.home, 5)
     rate, base = n / took, n / base_t
     rep.add("bulk_enqueue", f"bulk enqueue --stdin ({n:,} lines)", rate, "jobs/s",
             base, "raw sqlite3 script", ">= 20,000/s", rate >= 20000, digits=0)
@@ -623,6 +650,12 @@ def bench_bulk(rep, n):
     rep.add("claim_backlog", f"one claim with {n:,} jobs pending (median of 5)",
             median(claim_big) * 1000, "ms", median(claim_small) * 1000, "100 pending",
             digits=2)
+    rep.add("claim_backlog_keys", f"one claim with {n:,} pending, 1 in 10 on a full "
+            "key (median of 5)", median(claim_keys) * 1000, "ms",
+            median(claim_big) * 1000, "no keys", digits=2)
+    rep.add("claim_over_full_key", f"one claim passing over {over:,} jobs on a full key "
+            "(median of 5)", median(claim_over) * 1000, "ms", median(claim_big) * 1000,
+            "no keys", digits=2)
     rep.extra["claim_query_plan_backlog"] = plan
     rep.note(f"claim with a backlog: plan {' / '.join(plan)}")
     rep.note(f"bulk enqueue: {took:.2f}s for {n:,} lines ({stored:,} stored); "
@@ -797,6 +830,21 @@ def build_scale_db(q, sb, total, pending=100):
         con.close()
     assert sum(counts.values()) == total, counts
     return counts
+
+
+def hold_keys(db, keys):
+    """Make keys k0..k{keys-1} full: the first pending job holding each is
+    marked running (as a worker's claim would)."""
+    import sqlite3
+    con = sqlite3.connect(db)
+    try:
+        for i in range(keys):
+            con.execute("UPDATE jobs SET state = 'processing', claim = 'bench', "
+                        "worker = 'bench', started_at = run_at WHERE id = (SELECT job "
+                        "FROM job_keys WHERE key = ? LIMIT 1)", (f"k{i}",))
+        con.commit()
+    finally:
+        con.close()
 
 
 def time_claims(home, repeats):
