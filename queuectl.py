@@ -4678,7 +4678,9 @@ def cmd_config(args):
         return EXIT_OK
     if args.action == "get":
         key = normalize_key(args.key)
-        value = cfg.load()[key]
+        values = cfg.load()
+        # A queue's key that is not set: the home's value applies.
+        value = values.get(key, values[key.rpartition(".")[2]])
         print_json(value) if args.json else print(value)
         return EXIT_OK
     values, explicit = cfg.load(), cfg.read_set()

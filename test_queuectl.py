@@ -4363,6 +4363,7 @@ class TestHooks(QueueTest):
         self.assertEqual(sorted(h["state"] for h in hooks), ["completed", "completed", "dead"])
         self.assertEqual(self.ok("config", "get", "queue.reports.on-dead"),
                          "echo reports $QUEUECTL_JOB_ID >> dead.txt\n")
+        self.assertEqual(self.ok("config", "get", "queue.other.max_retries"), "0\n")
         self.fails(2, "config", "set", "queue.reports.kill_grace", "1")
         self.fails(2, "config", "set", "no_retry_on", "x")
 
