@@ -588,7 +588,8 @@ stamp = queuectl.iso(time.time())
 con.execute("BEGIN IMMEDIATE")
 con.executemany(queuectl.SQL_INSERT, (
     (queuectl.new_id() + str(i), l, "default", 0, None, None, stamp, None, 0,
-     "/", None, None, None, stamp, stamp, None, None, None, None, None)
+     "/", None, None, None, stamp, stamp, None, None, None, None, None, None, None, None,
+     None, None)
     for i, l in enumerate(lines)))
 con.execute("COMMIT")
 """

@@ -66,13 +66,16 @@ STATE_CHOICES = {
 
 DEFAULT_QUEUE = "default"
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 APPLICATION_ID = 0x71756575          # "queu": marks a queuectl database
 
 # Upper bounds (seconds) of the job duration histogram's buckets, 10 ms to 6 h.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
                     600, 1800, 3600, 7200, 21600)
+
+# Upper bounds (bytes) of the peak RSS histogram's buckets, 1 MiB to 64 GiB.
+RSS_BUCKETS = tuple(2 ** n for n in range(20, 37, 2))
 
 CONFIG_DEFAULTS = {
     "max_retries": 3,
@@ -88,7 +91,15 @@ CONFIG_DEFAULTS = {
     "on_cancel": "",
     "retry_on": "",
     "no_retry_on": "",
+    # the limits of a job's processes; 0 = none
+    "mem": 0,
+    "cpu_time": 0,
+    "nofile": 0,
+    "nice": 0,
 }
+
+# The limits of a job's processes (enqueue --mem ...; config and per queue).
+LIMIT_KEYS = ("mem", "cpu_time", "nofile", "nice")
 
 # A job's hooks: the command each event runs (a job of its own, in HOOK_QUEUE).
 HOOK_EVENTS = ("on_success", "on_failure", "on_dead", "on_cancel")
@@ -98,7 +109,7 @@ TEXT_KEYS = HOOK_EVENTS + ("retry_on", "no_retry_on")
 
 # Config keys that may also be set per queue, as queue.NAME.KEY.
 QUEUE_KEYS = ("max_retries", "backoff_base", "max_backoff", "job_timeout",
-              "hook_timeout") + TEXT_KEYS
+              "hook_timeout") + TEXT_KEYS + LIMIT_KEYS
 
 # The internal queue hooks run in. Its name cannot be a user's queue (a
 # queue name starts with a letter or digit); every worker serves it.
@@ -120,6 +131,10 @@ VALUE_RULES = {
     "job_timeout": ("dur", 0, 31_536_000, "default timeout, seconds, 0 = none"),
     "kill_grace": ("dur", 0, 3600, "seconds between SIGTERM and SIGKILL"),
     "hook_timeout": ("dur", 0, 31_536_000, "a hook's timeout, seconds, 0 = none"),
+    "mem": ("size", 0, 2 ** 50, "bytes of address space per process, 0 = no limit"),
+    "cpu_time": ("dur", 0, 31_536_000, "CPU seconds per process, 0 = no limit"),
+    "nofile": ("int", 0, 1_048_576, "open files per process, 0 = no limit"),
+    "nice": ("int", -20, 19, "added to the worker's niceness, 0 = unchanged"),
     # job fields
     "timeout": ("dur", 0, 31_536_000, "seconds, 0 = none"),
     "priority": ("int", -2**62, 2**62, "higher runs first"),
@@ -130,6 +145,8 @@ VALUE_RULES = {
     "wait": ("dur", 0, 31_536_000, "seconds to wait"),
     "interval": ("dur", 0, 86_400, "seconds between refreshes"),
     "key_limit": ("int", 1, 1_000_000, "running jobs that may hold the key at once"),
+    "catch_up": ("int", 1, 1000, "missed slots enqueued after downtime"),
+    "jitter": ("dur", 0, 86_400, "seconds a slot's start may be spread over"),
 }
 
 LEASE = 30.0             # a worker whose heartbeat is older is presumed gone
@@ -154,7 +171,10 @@ O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
-# The job's own wrapper, run as `sh -c JOB_WRAPPER queuectl-job`. Its inputs
+# The job's own wrapper, run as `sh -c JOB_WRAPPER queuectl-job`.
+# Its limits (--mem, --cpu-time, --nofile: ulimit) are set in the shell,
+# before the command runs, so the command and its children never run
+# without them; --nice runs the shell itself under nice(1). Its inputs
 # travel in the environment (only the owner can read a process's environment;
 # anyone can read its argv with ps) and are unset before the command runs.
 # It first creates the status file exclusively (noclobber uses O_EXCL): that
@@ -165,10 +185,12 @@ O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # even when the worker that started it has died.
 JOB_WRAPPER = (
     '__queuectl_s=$__QUEUECTL_STATUS __queuectl_c=$__QUEUECTL_COMMAND '
-    '__queuectl_d=$__QUEUECTL_CWD __queuectl_u=$__QUEUECTL_UMASK; '
-    'unset __QUEUECTL_STATUS __QUEUECTL_COMMAND __QUEUECTL_CWD __QUEUECTL_UMASK; '
+    '__queuectl_d=$__QUEUECTL_CWD __queuectl_u=$__QUEUECTL_UMASK '
+    '__queuectl_l=$__QUEUECTL_LIMITS; unset __QUEUECTL_STATUS __QUEUECTL_COMMAND '
+    '__QUEUECTL_CWD __QUEUECTL_UMASK __QUEUECTL_LIMITS; '
     'umask 077; set -C; { true > "$__queuectl_s"; } 2>/dev/null || exit 125; set +C; '
     'trap \'echo $? >> "$__queuectl_s"\' EXIT; umask "$__queuectl_u"; '
+    'eval "$__queuectl_l" || exit 126; '
     'cd -- "$__queuectl_d" || exit 126; eval "$__queuectl_c"')
 
 WRAPPER_REFUSED = 125        # the wrapper's exit when its start fence was taken
@@ -235,19 +257,24 @@ def _parse_faults(text):
 
 # Text and time: ids, timestamps, durations ###################################
 
-def valid_name(s):
-    """True when s is a valid job id or queue name (it may name a file)."""
+def valid_name(s, more=""):
+    """True when s is a valid queue name, key or schedule name (it may name
+    a file); a job id may also hold @ and : (more), as a schedule's jobs'
+    ids do (nightly@2026-12-01T03:00)."""
     if not isinstance(s, str) or not 0 < len(s) <= MAX_ID or not s.isascii():
         return False
     if not s[0].isalnum():
         return False
-    return all(c.isalnum() or c in "._-" for c in s)
+    return all(c.isalnum() or c in "._-" or c in more for c in s)
+
+ID_MORE = "@:"                   # what a job id may hold besides a name's characters
 
 def check_name(s, what="job id"):
-    if not valid_name(s):
+    more = ID_MORE if what == "job id" else ""
+    if not valid_name(s, more):
         raise UsageError(
-            f"invalid {what} {s!r}: use 1-128 of A-Z a-z 0-9 . _ - "
-            "starting with a letter or digit")
+            f"invalid {what} {s!r}: use 1-128 of A-Z a-z 0-9 . _ -"
+            + (" @ :" if more else "") + " starting with a letter or digit")
     return s
 
 def new_id():
@@ -314,6 +341,28 @@ def parse_duration(text, what="duration"):
             return total
     raise UsageError(f"invalid {what} {text!r}: use seconds or a number with "
                      "s, m, h, d or w (90, 90s, 5m, 2h, 1d, 1h30m)")
+
+def parse_size(text):
+    """'512M', '2G', '2GiB', '1048576' -> bytes (K, M, G, T: powers of 1024)."""
+    t = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    mult = 1
+    if t[-1:] in "KMGT" and t[-1:]:
+        mult, t = 1024 ** ("KMGT".index(t[-1]) + 1), t[:-1]
+    try:
+        v = float(t)
+        if v != v or v < 0 or v * mult >= 2 ** 60:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"invalid size {text!r}: use bytes or a number with K, M, "
+                         "G or T (512M, 2G)") from None
+    return int(v * mult)
+
+def human_size(n):
+    """Bytes -> '512M', '2G', '1.5G' (powers of 1024), as --mem takes them."""
+    for unit, size in (("T", 2 ** 40), ("G", 2 ** 30), ("M", 2 ** 20), ("K", 1024)):
+        if n >= size:
+            return f"{n / size:.1f}".removesuffix(".0") + unit
+    return f"{n}B"
 
 def _number(num, text, what):
     try:
@@ -780,6 +829,7 @@ class Child:
         import threading
         self.pid = pid
         self.returncode = None
+        self.rusage = None       # what it used (and its children it waited for)
         # One waitpid at a time, and never a blocking one under the lock:
         # poll() from another thread (stop --now) must not wait for the end.
         self._lock = threading.Lock()
@@ -788,11 +838,15 @@ class Child:
         with self._lock:
             if self.returncode is None:
                 try:
-                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                    pid, status, usage = os.wait4(self.pid, os.WNOHANG)
                 except ChildProcessError:
-                    pid, status = self.pid, 255 << 8
+                    pid, status, usage = self.pid, 255 << 8, None
                 if pid:
                     self.returncode = os.waitstatus_to_exitcode(status)
+                    if usage is not None:
+                        self.rusage = {"cpu_user": round(usage.ru_utime, 6),
+                                       "cpu_sys": round(usage.ru_stime, 6),
+                                       "max_rss": usage.ru_maxrss * 1024}
             return self.returncode
 
     def wait(self):
@@ -808,6 +862,13 @@ class Child:
             os.close(fd)
         poll_until(lambda: self.poll() is not None)
         return self.returncode
+
+def nice_path():
+    """nice(1), which --nice runs the job's shell under."""
+    for path in ("/usr/bin/nice", "/bin/nice"):
+        if os.access(path, os.X_OK):
+            return path
+    raise QueuectlError("--nice needs nice(1), and there is none in /usr/bin or /bin")
 
 def spawn(argv, cwd, env, stdin, out):
     """Start argv in a new session with stdin/stdout/stderr set; a Child.
@@ -847,7 +908,8 @@ def check_value(name, value, source=None, text=False):
     kind, lo, hi, meaning = VALUE_RULES[name]
     what = {"int": "a whole number", "num": "a number",
             "dur": "seconds or a duration (90s, 5m, 2h)" if text
-            else "a number of seconds"}[kind]
+            else "a number of seconds",
+            "size": "bytes or a size (512M, 2G)" if text else "a number of bytes"}[kind]
     allowed = f"{name} takes {what} from {lo} to {hi} ({meaning})"
     v = value
     if text and isinstance(value, str):
@@ -859,16 +921,19 @@ def check_value(name, value, source=None, text=False):
                 v = float(t)
             except ValueError:
                 v = None
-                if kind == "dur":
-                    try:
+                try:
+                    if kind == "dur":
                         v = parse_duration(t)
-                    except UsageError:
-                        pass
+                    elif kind == "size":
+                        v = parse_size(t)
+                except UsageError:
+                    pass
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v \
-            or v in (float("inf"), float("-inf")) or (kind == "int" and v != int(v)) \
+            or v in (float("inf"), float("-inf")) \
+            or (kind in ("int", "size") and v != int(v)) \
             or not lo <= v <= hi:
         raise UsageError(f"invalid {source or name} {value!r}: {allowed}")
-    return int(v) if kind == "int" or v == int(v) else float(v)
+    return int(v) if kind in ("int", "size") or v == int(v) else float(v)
 
 def check_config_value(key, value, source="value"):
     """One value of config.json (a JSON number, or text for TEXT_KEYS) ->
@@ -1045,7 +1110,7 @@ def backoff_delay(attempts, cfg):
 
 SPEC_FIELDS = {"id", "command", "queue", "priority", "max_retries", "timeout",
                "run_at", "delay", "depends_on", "cwd", "env", "unique", "keys",
-               "if_busy", "retry_on", "no_retry_on", *HOOK_EVENTS}
+               "if_busy", "retry_on", "no_retry_on", *HOOK_EVENTS, *LIMIT_KEYS}
 
 def check_key(key):
     """A concurrency key a job holds (--key): a name, not a queue's own."""
@@ -1101,9 +1166,10 @@ def check_spec(spec):
         check_name(spec["id"])
     if spec.get("queue") is not None:
         check_name(spec["queue"], "queue name")
-    for name in ("priority", "max_retries", "timeout"):
+    for name in ("priority", "max_retries", "timeout") + LIMIT_KEYS:
         if spec.get(name) is not None:
-            spec[name] = check_value(name, spec[name])
+            spec[name] = check_value(name, spec[name],
+                                     text=name in LIMIT_KEYS and isinstance(spec[name], str))
     if spec.get("run_at") is not None and not isinstance(spec["run_at"], str):
         raise UsageError(f"invalid run_at {spec['run_at']!r}: use an ISO-8601 "
                          "string such as 2026-11-23T09:30:00Z")
@@ -1304,6 +1370,62 @@ LIMITS_TABLE = """CREATE TABLE limits (
 
 HOOKS_INDEX = "CREATE INDEX jobs_hook_of ON jobs (hook_of) WHERE hook_of IS NOT NULL"
 
+# Every ended attempt that a worker recorded, with what it cost: wall time,
+# CPU seconds (user, system) and the peak RSS of its largest process, from
+# wait4() when the worker reaped the job's shell; NULL when nobody could
+# (the job was adopted, or recovered, after its worker died). Kept while
+# its job exists; stats reads it.
+ATTEMPTS_TABLE = """CREATE TABLE attempts (
+    job TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    queue TEXT NOT NULL,
+    state TEXT NOT NULL,
+    started_at TEXT,
+    ended_at REAL NOT NULL,
+    wall REAL,
+    cpu_user REAL,
+    cpu_sys REAL,
+    max_rss INTEGER,
+    max_rss_bound INTEGER,
+    exit_code INTEGER,
+    signal INTEGER,
+    error TEXT)"""
+
+ATTEMPTS_JOB_INDEX = "CREATE INDEX attempts_job ON attempts (job)"
+
+ATTEMPTS_ENDED_INDEX = "CREATE INDEX attempts_ended ON attempts (ended_at)"
+
+# Peak RSS of measured attempts per queue, by bucket (as durations).
+RSS_TABLE = """CREATE TABLE rss_hist (
+    queue TEXT NOT NULL,
+    le REAL NOT NULL,
+    n INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (queue, le)) WITHOUT ROWID"""
+
+# Recurring schedules: a cron expression and the job each slot becomes.
+# last_slot is the last slot handled (fired or skipped), next_at the next
+# one's time (epoch seconds): the worker that fires a slot moves both in
+# the transaction that enqueues its job, so each slot fires once.
+SCHEDULES_TABLE = """CREATE TABLE schedules (
+    name TEXT PRIMARY KEY,
+    cron TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    env_id INTEGER,
+    umask INTEGER,
+    overlap TEXT NOT NULL,
+    catch_up INTEGER NOT NULL,
+    jitter REAL NOT NULL,
+    paused INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    last_slot REAL NOT NULL,
+    next_at REAL NOT NULL,
+    last_job TEXT,
+    skips INTEGER NOT NULL DEFAULT 0,
+    last_skip TEXT,
+    last_success REAL) WITHOUT ROWID"""
+
+SCHEDULE_INDEX = "CREATE INDEX jobs_schedule ON jobs (schedule) WHERE schedule IS NOT NULL"
+
 SCHEMA = [
     """CREATE TABLE jobs (
         seq INTEGER PRIMARY KEY,
@@ -1336,7 +1458,13 @@ SCHEMA = [
         hooks TEXT,
         retry_on TEXT,
         no_retry_on TEXT,
-        hook_of TEXT)""",
+        hook_of TEXT,
+        mem INTEGER,
+        cpu_time REAL,
+        nofile INTEGER,
+        nice INTEGER,
+        schedule TEXT,
+        usage TEXT)""",
     # The claim is one walk of this partial index, in selection order.
     """CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq)
         WHERE state IN ('pending', 'failed') AND blocked = 0""",
@@ -1368,7 +1496,17 @@ SCHEMA = [
         attempts INTEGER NOT NULL DEFAULT 0,
         failures INTEGER NOT NULL DEFAULT 0,
         duration_sum REAL NOT NULL DEFAULT 0,
-        duration_count INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID""",
+        duration_count INTEGER NOT NULL DEFAULT 0,
+        cpu_user REAL NOT NULL DEFAULT 0,
+        cpu_sys REAL NOT NULL DEFAULT 0,
+        rss_sum REAL NOT NULL DEFAULT 0,
+        rss_count INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID""",
+    ATTEMPTS_TABLE,
+    ATTEMPTS_JOB_INDEX,
+    ATTEMPTS_ENDED_INDEX,
+    RSS_TABLE,
+    SCHEDULES_TABLE,
+    SCHEDULE_INDEX,
 ]
 
 # Migrations: MIGRATIONS[n] takes a db from version n to n + 1.
@@ -1383,13 +1521,22 @@ MIGRATIONS = {
         "ALTER TABLE jobs ADD COLUMN no_retry_on TEXT",
         "ALTER TABLE jobs ADD COLUMN hook_of TEXT",
         JOB_KEYS_TABLE, JOB_KEYS_INDEX, LIMITS_TABLE, HOOKS_INDEX],
+    # 1.2: resource accounting, per-job limits, recurring schedules
+    3: [*(f"ALTER TABLE jobs ADD COLUMN {c}" for c in (
+        "mem INTEGER", "cpu_time REAL", "nofile INTEGER", "nice INTEGER",
+        "schedule TEXT", "usage TEXT")),
+        *(f"ALTER TABLE stats ADD COLUMN {c} NOT NULL DEFAULT 0" for c in (
+            "cpu_user REAL", "cpu_sys REAL", "rss_sum REAL", "rss_count INTEGER")),
+        ATTEMPTS_TABLE, ATTEMPTS_JOB_INDEX, ATTEMPTS_ENDED_INDEX, RSS_TABLE,
+        SCHEDULES_TABLE, SCHEDULE_INDEX],
 }
 
 JOB_FIELDS = ("id", "command", "state", "queue", "priority", "attempts",
               "max_retries", "timeout", "run_at", "depends_on", "cwd", "env",
               "created_at", "updated_at", "started_at", "finished_at",
               "exit_code", "last_error", "worker", "keys", "hooks", "retry_on",
-              "no_retry_on", "hook_of")
+              "no_retry_on", "hook_of", "mem", "cpu_time", "nofile", "nice", "schedule",
+              "usage")
 
 ROW_FIELDS = JOB_FIELDS + ("seq", "blocked", "claim", "pid", "pid_start", "env_id",
                           "umask")
@@ -1422,8 +1569,10 @@ FENCE = " WHERE id = ? AND worker = ? AND claim = ? AND state = 'processing'"
 
 SQL_INSERT = """INSERT INTO jobs (id, command, state, queue, priority,
     max_retries, timeout, run_at, depends_on, blocked, cwd, env, env_id, umask,
-    created_at, updated_at, keys, hooks, retry_on, no_retry_on, hook_of)
-    VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    created_at, updated_at, keys, hooks, retry_on, no_retry_on, hook_of, mem,
+    cpu_time, nofile, nice, schedule)
+    VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+            ?, ?)"""
 
 SQL_INSERT_KEY = "INSERT OR IGNORE INTO job_keys (key, job) VALUES (?, ?)"
 
@@ -1489,11 +1638,11 @@ SQL_RECORD_PID = "UPDATE jobs SET pid = ?, pid_start = ?" + FENCE
 SQL_TAKE = "UPDATE jobs SET worker = ?, updated_at = ?" + FENCE
 
 SQL_COMPLETE = """UPDATE jobs SET state = 'completed', attempts = ?,
-    exit_code = ?, finished_at = ?, updated_at = ?, last_error = NULL,
+    exit_code = ?, finished_at = ?, updated_at = ?, usage = ?, last_error = NULL,
     claim = NULL, pid = NULL, pid_start = NULL""" + FENCE
 
 SQL_FAIL = """UPDATE jobs SET state = ?, attempts = ?, exit_code = ?,
-    last_error = ?, run_at = ?, finished_at = ?, updated_at = ?,
+    last_error = ?, run_at = ?, finished_at = ?, updated_at = ?, usage = ?,
     claim = NULL, pid = NULL, pid_start = NULL""" + FENCE
 
 SQL_REQUEUE = """UPDATE jobs SET state = 'pending', updated_at = ?, claim = NULL,
@@ -1526,10 +1675,62 @@ SQL_REBLOCK = """UPDATE jobs SET blocked = 1 WHERE state IN ('pending', 'failed'
     AND id IN (SELECT job FROM deps WHERE dep = ?)"""
 
 SQL_STAT_ADD = """INSERT INTO stats (queue, attempts, failures, duration_sum,
-    duration_count) VALUES (?, 1, ?, ?, ?) ON CONFLICT (queue) DO UPDATE SET
+    duration_count, cpu_user, cpu_sys, rss_sum, rss_count)
+    VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (queue) DO UPDATE SET
     attempts = attempts + 1, failures = failures + excluded.failures,
     duration_sum = duration_sum + excluded.duration_sum,
-    duration_count = duration_count + excluded.duration_count"""
+    duration_count = duration_count + excluded.duration_count,
+    cpu_user = cpu_user + excluded.cpu_user, cpu_sys = cpu_sys + excluded.cpu_sys,
+    rss_sum = rss_sum + excluded.rss_sum, rss_count = rss_count + excluded.rss_count"""
+
+SQL_RSS_ADD = """INSERT INTO rss_hist (queue, le, n) VALUES (?, ?, 1)
+    ON CONFLICT (queue, le) DO UPDATE SET n = n + 1"""
+
+SQL_RSS = "SELECT queue, le, n FROM rss_hist"
+
+SQL_ATTEMPT_ADD = """INSERT INTO attempts (job, attempt, queue, state, started_at,
+    ended_at, wall, cpu_user, cpu_sys, max_rss, max_rss_bound, exit_code, signal, error)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+SQL_ATTEMPT_FIELDS = ("attempt", "state", "started_at", "ended_at", "wall", "cpu_user",
+                      "cpu_sys", "max_rss", "max_rss_bound", "exit_code", "signal", "error")
+
+SQL_ATTEMPTS_OF = (f"SELECT {', '.join(SQL_ATTEMPT_FIELDS)} FROM attempts WHERE job = ? "
+                   "ORDER BY rowid")
+
+SQL_ATTEMPTS_SINCE = """SELECT queue, state, wall, max_rss FROM attempts
+    WHERE ended_at >= ?{where}"""
+
+SQL_DELETE_ATTEMPTS = "DELETE FROM attempts WHERE job IN ({marks})"
+
+SCHEDULE_FIELDS = ("name", "cron", "spec", "env_id", "umask", "overlap", "catch_up",
+                   "jitter", "paused", "created_at", "last_slot", "next_at", "last_job",
+                   "skips", "last_skip", "last_success")
+
+SQL_SCHEDULES = f"SELECT {', '.join(SCHEDULE_FIELDS)} FROM schedules ORDER BY name"
+
+SQL_SCHEDULE = f"SELECT {', '.join(SCHEDULE_FIELDS)} FROM schedules WHERE name = ?"
+
+SQL_SCHEDULES_DUE = (f"SELECT {', '.join(SCHEDULE_FIELDS)} FROM schedules "
+                     "WHERE paused = 0 AND next_at <= ? ORDER BY next_at")
+
+SQL_NEXT_SCHEDULE = "SELECT min(next_at) FROM schedules WHERE paused = 0"
+
+SQL_ADD_SCHEDULE = f"""INSERT INTO schedules ({', '.join(SCHEDULE_FIELDS[:12])})
+    VALUES ({', '.join('?' * 12)})"""
+
+SQL_SCHEDULE_FIRED = """UPDATE schedules SET last_slot = ?, next_at = ?,
+    last_job = coalesce(?, last_job), skips = skips + ?,
+    last_skip = coalesce(?, last_skip) WHERE name = ?"""
+
+SQL_SCHEDULE_PAUSE = "UPDATE schedules SET paused = ?, next_at = ?, last_slot = ? WHERE name = ?"
+
+SQL_DELETE_SCHEDULE = "DELETE FROM schedules WHERE name = ?"
+
+SQL_SCHEDULE_SUCCESS = "UPDATE schedules SET last_success = ? WHERE name = ?"
+
+SQL_SCHEDULE_ACTIVE = """SELECT id FROM jobs WHERE schedule = ?
+    AND state IN ('pending', 'failed', 'processing') ORDER BY seq LIMIT 1"""
 
 SQL_DURATION_ADD = """INSERT INTO durations (queue, le, n) VALUES (?, ?, 1)
     ON CONFLICT (queue, le) DO UPDATE SET n = n + 1"""
@@ -1944,7 +2145,7 @@ class Store:
         rows = self.q(SQL_ENV, (env_id,))
         return env_from_blob(rows[0][0]) if rows else None
 
-    def insert(self, spec, now, env_id=None, umask=None, hook_of=None):
+    def insert(self, spec, now, env_id=None, umask=None, hook_of=None, schedule=None):
         """enqueue: one validated job spec, to run in the stored environment
         env_id with umask (None: the worker's). Returns (the id, True), or
         (the id found, False) when nothing was added: spec['unique'] and the
@@ -1980,7 +2181,8 @@ class Store:
                   int(blocked), spec["cwd"], _json_or_none(env), env_id, umask,
                   stamp, stamp, _json_or_none(keys),
                   _json_or_none({k: spec[k] for k in HOOK_EVENTS if spec.get(k)}),
-                  spec.get("retry_on"), spec.get("no_retry_on"), hook_of]
+                  spec.get("retry_on"), spec.get("no_retry_on"), hook_of,
+                  *(spec.get(k) for k in LIMIT_KEYS), schedule]
         while True:
             try_id = job_id or new_id()
             try:
@@ -2051,23 +2253,29 @@ class Store:
         return bool(self.x(SQL_TAKE, (new, iso(time.time()), job_id, old,
                                       token)).rowcount)
 
-    def finish(self, job, worker, token, rc, error, cfg, duration, now=None):
+    def finish(self, job, worker, token, rc, error, cfg, duration, now=None, usage=None):
         """complete or fail: the end of an attempt. Returns (the job's new
         state, or None when the claim no longer holds: cancelled, or
         recovered by another worker; how many dependents it unblocked; the
         error as recorded, with why it is not retried when the retry policy
-        says so). Fires the job's hook for its new state."""
+        says so). Fires the job's hook for its new state. usage: the
+        attempt's rusage (cpu_user, cpu_sys, max_rss), None if unmeasured."""
         now = time.time() if now is None else now
         stamp = iso(now)
         attempts = job["attempts"] + 1
         exit_code = describe_exit(rc)[0]
         fence = (job["id"], worker, token)
         unblocked = 0
+        use = {"wall": None if duration is None else round(duration, 6),
+               **(usage or dict.fromkeys(("cpu_user", "cpu_sys", "max_rss")))}
+        use_json = _json_or_none(use)
         if error is None:
             state = COMPLETED
-            cur = self.x(SQL_COMPLETE, (attempts, exit_code, stamp, stamp) + fence)
+            cur = self.x(SQL_COMPLETE, (attempts, exit_code, stamp, stamp, use_json) + fence)
             if cur.rowcount:
                 unblocked = self.x(SQL_UNBLOCK, (job["id"],)).rowcount
+                if job["schedule"] is not None:
+                    self.x(SQL_SCHEDULE_SUCCESS, (now, job["schedule"]))
         else:
             limit = job["max_retries"]
             limit = cfg["max_retries"] if limit is None else limit
@@ -2080,14 +2288,22 @@ class Store:
                 state, finished = FAILED, None
                 run_at = iso(now + backoff_delay(attempts, cfg))
             cur = self.x(SQL_FAIL, (state, attempts, exit_code, error, run_at,
-                                    finished, stamp) + fence)
+                                    finished, stamp, use_json) + fence)
         if not cur.rowcount:
             return None, 0, error
         self.fire_hook(job, {COMPLETED: "on_success", FAILED: "on_failure",
                              DEAD: "on_dead"}[state], cfg, state, exit_code, attempts,
                        error, now)
+        rss = use["max_rss"]
         self.x(SQL_STAT_ADD, (job["queue"], int(error is not None), duration or 0.0,
-                              int(duration is not None)))
+                              int(duration is not None), use["cpu_user"] or 0.0,
+                              use["cpu_sys"] or 0.0, rss or 0, int(rss is not None)))
+        self.x(SQL_ATTEMPT_ADD, (job["id"], attempts, job["queue"], state, job["started_at"],
+                                 now, use["wall"], use["cpu_user"], use["cpu_sys"], rss,
+                                 int(bool(use.get("max_rss_bound"))), rc if rc is not None and rc >= 0 else None,
+                                 -rc if rc is not None and rc < 0 else None, error))
+        if rss is not None and rss <= RSS_BUCKETS[-1]:
+            self.x(SQL_RSS_ADD, (job["queue"], next(b for b in RSS_BUCKETS if rss <= b)))
         if duration is not None and duration <= DURATION_BUCKETS[-1]:
             le = next(b for b in DURATION_BUCKETS if duration <= b)
             self.x(SQL_DURATION_ADD, (job["queue"], le))
@@ -2167,6 +2383,7 @@ class Store:
         self.x(SQL_DELETE_JOBS.format(marks=_marks(gone)), gone)
         self.x(SQL_DELETE_DEPS.format(marks=_marks(gone)), gone)
         self.x(SQL_DELETE_KEYS.format(marks=_marks(gone)), gone)
+        self.x(SQL_DELETE_ATTEMPTS.format(marks=_marks(gone)), gone)
         self.drop_unused_envs(envs)
         return gone
 
@@ -2199,6 +2416,80 @@ class Store:
         if key.startswith(QUEUE_KEY):
             return [r[0] for r in self.q(SQL_QUEUE_HOLDERS, (key[len(QUEUE_KEY):],))]
         return [r[0] for r in self.q(SQL_HOLDERS, (key,))]
+
+    def attempts_of(self, job_id):
+        return [dict(zip(SQL_ATTEMPT_FIELDS, r)) for r in self.q(SQL_ATTEMPTS_OF, (job_id,))]
+
+    # Recurring schedules ---------------------------------------------------
+
+    def schedules(self):
+        return [dict(zip(SCHEDULE_FIELDS, r)) for r in self.q(SQL_SCHEDULES)]
+
+    def schedule(self, name):
+        rows = self.q(SQL_SCHEDULE, (name,))
+        if not rows:
+            raise QueuectlError(f"no schedule named {name!r}")
+        return dict(zip(SCHEDULE_FIELDS, rows[0]))
+
+    def next_schedule(self):
+        """When the next slot of any schedule is due (epoch), or None."""
+        return self.q(SQL_NEXT_SCHEDULE)[0][0]
+
+    def fire_schedules(self, now, say=None):
+        """Enqueue the job of every due slot, each once: in one write
+        transaction, so that of all the workers that call this, one fires a
+        slot and the others find it handled. The jobs' ids."""
+        fired = []
+        with self.tx():
+            for row in self.x(SQL_SCHEDULES_DUE, (now,)).fetchall():
+                fired += self._fire(dict(zip(SCHEDULE_FIELDS, row)), now, say)
+        return fired
+
+    def _fire(self, sch, now, say):
+        """One schedule's due slots: the latest catch_up of them become jobs
+        (unless overlap skip finds its last run still pending or running),
+        the older ones are missed; then its next slot."""
+        import collections
+        import datetime as dt
+        import random
+        cron = Cron(sch["cron"])
+        label = parse_slot_label(sch["last_slot"])
+        due, passed = collections.deque(maxlen=sch["catch_up"]), 0
+        if now - slot_time(label) > 366 * 86400:      # down for over a year
+            label = dt.datetime.fromtimestamp(now - 366 * 86400)
+            passed = 1                   # slots before that count as one missed
+        for t in cron.slots_after(label):
+            if slot_time(t) > now:
+                break
+            due.append(t)
+            label = t
+            passed += 1
+        due = list(due)
+        missed = passed - len(due)
+        skipped, ids = missed, []
+        last_skip = f"{plural(missed, 'slot')} missed while no worker ran" if missed \
+            else None
+        running = sch["overlap"] == "skip" and due and \
+            self.x(SQL_SCHEDULE_ACTIVE, (sch["name"],)).fetchone()
+        if running:
+            skipped += len(due)
+            last_skip = f"{slot_label(due[-1])} ({running[0]} still pending or running)"
+            due = []
+        spec = _loads(sch["spec"], {})
+        for t in due:
+            job_id = f"{sch['name']}@{slot_label(t)}"
+            run_at = max(slot_time(t), now - 1) + random.uniform(0, sch["jitter"])
+            new, added = self.insert({**spec, "id": job_id, "unique": True, "run_at": run_at},
+                                     now, sch["env_id"], sch["umask"], schedule=sch["name"])
+            if added:
+                ids.append(new)
+        if say and skipped:
+            say(f"schedule {sch['name']}: skipped {plural(skipped, 'slot')}, last "
+                f"{last_skip}")
+        nxt, at = next_slot(cron, label)
+        self.x(SQL_SCHEDULE_FIRED, (slot_label(label), at, ids[-1] if ids else None,
+                                    skipped, last_skip, sch["name"]))
+        return ids
 
     def hooks_of(self, job_id):
         return [job_from_row(r) for r in self.q(SQL_HOOKS_OF, (job_id,))]
@@ -2416,11 +2707,49 @@ def describe_exit(rc):
         return 0, None
     return rc, f"exit code {rc}"
 
+def job_limits(job, cfg):
+    """{mem, cpu_time, nofile, nice} of a job: its own, else cfg's (its
+    queue's or the home's); 0 = none."""
+    return {k: job[k] if job[k] is not None else cfg[k] for k in LIMIT_KEYS}
+
+def limits_script(lim):
+    """The ulimit commands that set lim in the job's shell ("" if none). The
+    CPU limit's hard limit is a second later than its soft one: SIGXCPU at
+    the limit, SIGKILL a second on if the job ignores it."""
+    parts = []
+    if lim["mem"]:
+        parts.append(f"ulimit -v {max(lim['mem'] // 1024, 1)}")
+    if lim["cpu_time"]:
+        n = max(int(-(-lim["cpu_time"] // 1)), 1)
+        parts += [f"ulimit -S -t {n}", f"ulimit -H -t {n + 1}"]
+    if lim["nofile"]:
+        parts.append(f"ulimit -n {lim['nofile']}")
+    return " && ".join(parts)
+
+def limit_error(lim, rc, usage, error):
+    """An attempt's error, naming the limit that ended it: a CPU time
+    limit is known (SIGXCPU, or SIGKILL past it); an exhausted memory or
+    descriptor limit only makes a call fail, so it is named as likely."""
+    import signal
+    xcpu = int(signal.SIGXCPU)
+    cpu = usage and (usage["cpu_user"] or 0) + (usage["cpu_sys"] or 0)
+    if lim["cpu_time"] and (rc in (-xcpu, 128 + xcpu) or (
+            rc in (-9, 137) and cpu is not None and cpu >= lim["cpu_time"])):
+        return f"killed: CPU time limit {lim['cpu_time']:g}s"
+    if error is None or error.startswith("timed out"):
+        return error
+    hints = []
+    if lim["mem"]:
+        hints.append(f"memory limit {human_size(lim['mem'])}")
+    if lim["nofile"]:
+        hints.append(f"open files limit {lim['nofile']}")
+    return error + (f" (it may have hit its {' or '.join(hints)})" if hints else "")
+
 class Running:
     """A job this worker process runs (proc set) or adopted (proc None)."""
 
     __slots__ = ("job", "token", "pid", "start", "proc", "stopped", "began", "log_fd",
-                 "lost_to")
+                 "lost_to", "rss_floor")
 
     def __init__(self, job, token, pid, start, proc):
         self.job, self.token, self.pid, self.start, self.proc = job, token, pid, start, proc
@@ -2428,6 +2757,7 @@ class Running:
         self.began = time.monotonic()
         self.log_fd = None              # an own job's log, open for its footer
         self.lost_to = None             # the worker that adopted it from us
+        self.rss_floor = 0              # see Attempts._usage
 
     def gone(self):
         if self.proc is not None:
@@ -2477,7 +2807,29 @@ class Attempts:
         env["__QUEUECTL_CWD"] = job["cwd"]
         env["__QUEUECTL_UMASK"] = (self.umask if job["umask"] is None
                                    else f"{job['umask']:04o}")
+        env["__QUEUECTL_LIMITS"] = limits_script(self._limits(job))
         return env
+
+    def _rss_floor(self):
+        """This worker's own peak RSS, in bytes, just after a spawn."""
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _usage(self, run):
+        """What a reaped job's shell and its children used (wait4), or None.
+        Linux starts a spawned child's peak RSS at its parent's (the
+        worker's, at exec time): a peak no higher than that is only an upper
+        bound of the job's own, marked max_rss_bound."""
+        usage = getattr(run.proc, "rusage", None)
+        if usage is None:
+            return None
+        usage = dict(usage)
+        if usage["max_rss"] <= run.rss_floor:
+            usage["max_rss_bound"] = True
+        return usage
+
+    def _limits(self, job):
+        return job_limits(job, queue_config(self.config, job["queue"]))
 
     def execute(self, store, job):
         """Run one claimed job to its end and record the outcome; returns the
@@ -2506,14 +2858,19 @@ class Attempts:
             fault("before-spawn", job["id"])
             if not os.path.isdir(job["cwd"]):
                 raise FileNotFoundError(2, f"no such directory (cwd {job['cwd']})")
-            proc = spawn(["/bin/sh", "-c", JOB_WRAPPER, "queuectl-job"], job["cwd"],
-                         self._job_env(store, job, token, attempt), self.devnull, fd)
+            argv = ["/bin/sh", "-c", JOB_WRAPPER, "queuectl-job"]
+            nice = self._limits(job)["nice"]
+            if nice:                 # nice(1) execs the shell: same pid, niced
+                argv = [nice_path(), "-n", str(nice)] + argv
+            proc = spawn(argv, job["cwd"], self._job_env(store, job, token, attempt),
+                         self.devnull, fd)
         except Exception as e:           # OSError, an unencodable env, a bug
             reason = (e.strerror if isinstance(e, OSError) and e.strerror else
                       str(e) if isinstance(e, QueuectlError) else repr(e))
             return self._record(store, job, None, f"could not start: {reason}", None, fd)
         run = Running(job, token, proc.pid, None, proc)
         run.began, run.log_fd = began, fd
+        run.rss_floor = self._rss_floor()
         with self.lock:
             self.running[token] = run
             stop_now = self.kill_jobs
@@ -2598,11 +2955,13 @@ class Attempts:
                     return self._let_go(run)
             rc = run.proc.returncode
             duration = time.monotonic() - run.began
+            usage = self._usage(run)
         else:
             wait_exit(run.pid, None, start=run.start)
             kind, rc = read_status(status)
             rc = rc if kind == "exit" else None
             duration = time.time() - epoch(job["started_at"])
+            usage = None         # adopted: its own worker was its parent
         fault("before-record", job["id"])
         if (run.stopped or timed_out) and run.group_alive():
             self._kill(store, run, self.config["kill_grace"])
@@ -2634,8 +2993,13 @@ class Attempts:
                 error = describe_exit(rc)[1]
         else:
             error = describe_exit(rc)[1]
+        if not timed_out:
+            error = limit_error(self._limits(job), rc, usage, error)
+            if error and error.startswith("killed: CPU"):
+                import signal
+                rc = -int(signal.SIGXCPU)        # a signal, for the retry policy
         return self._record(store, job, rc, error, duration, run.log_fd,
-                            claim_next=run.proc is not None)
+                            claim_next=run.proc is not None, usage=usage)
 
     def _let_go(self, run):
         with self.lock:
@@ -2673,7 +3037,7 @@ class Attempts:
             os.close(fd)
 
     def _record(self, store, job, rc, error, duration, log_fd=None, claim_next=False,
-                recovered=False):
+                recovered=False, usage=None):
         """Write an attempt's outcome (and claim the next job in the same
         transaction when claim_next); report it; the next job or None. An
         outcome is retried until it is written: busy, a full disk, an I/O
@@ -2683,7 +3047,7 @@ class Attempts:
             with store.tx():
                 state, unblocked, err = store.finish(
                     job, self.id, job["claim"], rc, error,
-                    queue_config(self.config, job["queue"]), duration)
+                    queue_config(self.config, job["queue"]), duration, usage=usage)
                 nxt = None
                 if claim_next and not self.stopping:
                     nxt = store.claim(self.id, self.queues, time.time())
@@ -2754,6 +3118,137 @@ class Attempts:
         if unblocked or keyed:
             wake_workers(self.home)
         return nxt
+
+
+# Recurring schedules: cron expressions ########################################
+
+CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *",
+               "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
+               "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
+
+CRON_NAMES = {3: ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct",
+                  "nov", "dec"],
+              4: ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]}
+
+# (name, lowest, highest) of the five fields
+CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31),
+               ("month", 1, 12), ("day of week", 0, 7))
+
+class Cron:
+    """A crontab(5) time: five fields (minute hour day-of-month month
+    day-of-week) of *, values, ranges (a-b), steps (*/n, a-b/n, a/n) and
+    lists, with month and day names, or an @ macro (@daily, @hourly...).
+    As in cron, when both day fields are restricted (neither starts with
+    *), a day matches either. Times are the host's local time."""
+
+    def __init__(self, text):
+        self.text = " ".join(str(text).split())
+        expr = CRON_MACROS.get(self.text.lower(), self.text)
+        if expr.startswith("@"):
+            raise UsageError(f"invalid schedule {text!r}: {expr} is not supported; "
+                             "use " + ", ".join(CRON_MACROS) + " or five fields")
+        fields = expr.split()
+        if len(fields) != 5:
+            raise UsageError(f"invalid schedule {text!r}: give five fields (minute hour "
+                             "day-of-month month day-of-week, e.g. '0 3 * * *') or a "
+                             "macro such as @daily")
+        sets = [self._field(f, i, text) for i, f in enumerate(fields)]
+        self.minutes, self.hours = sorted(sets[0]), sorted(sets[1])
+        self.doms, self.months = sets[2], sets[3]
+        self.dows = {d % 7 for d in sets[4]}            # 7 is Sunday too
+        self.dom_star, self.dow_star = fields[2].startswith("*"), fields[4].startswith("*")
+
+    @staticmethod
+    def _field(text, i, whole):
+        name, lo, hi = CRON_FIELDS[i]
+        names = CRON_NAMES.get(i, [])
+        first = 1 if i == 3 else 0
+
+        def value(v):
+            v = v.lower()
+            if v in names:
+                return names.index(v) + first
+            if not v.isdigit() or not lo <= int(v) <= hi:
+                raise ValueError
+            return int(v)
+        out = set()
+        try:
+            for part in text.split(","):
+                rng, slash, step = part.partition("/")
+                step = int(step) if slash else 1
+                if step < 1 or slash and not str(step).isdigit():
+                    raise ValueError
+                if rng == "*":
+                    a, b = lo, hi
+                elif "-" in rng:
+                    a, b = (value(x) for x in rng.split("-", 1))
+                else:
+                    a = value(rng)
+                    b = hi if slash else a
+                if a > b:
+                    raise ValueError
+                out.update(range(a, b + 1, step))
+        except ValueError:
+            raise UsageError(f"invalid schedule {whole!r}: bad {name} field {text!r} "
+                             f"({lo}-{hi}" + (f", or {names[0]}-{names[-1]}" if names else "")
+                             + "; *, a-b, */n, a-b/n and lists)") from None
+        return out
+
+    def day_matches(self, day):
+        if day.month not in self.months:
+            return False
+        dom = day.day in self.doms
+        dow = (day.weekday() + 1) % 7 in self.dows
+        if self.dom_star or self.dow_star:
+            return (self.dom_star or dom) and (self.dow_star or dow)
+        return dom or dow
+
+    def slots_after(self, label):
+        """The slots after label (a naive local datetime, or None for
+        now), in order, as naive local datetimes: each minute that matches,
+        whether or not it exists on the clock (see slot_time)."""
+        import datetime as dt
+        start = (label or dt.datetime.now()).replace(second=0, microsecond=0) \
+            + dt.timedelta(minutes=1)
+        day, first = start.date(), True
+        for _ in range(366 * 8 + 1):                   # Feb 29 on a given weekday
+            if self.day_matches(day):
+                for h in self.hours:
+                    for m in self.minutes:
+                        t = dt.datetime(day.year, day.month, day.day, h, m)
+                        if not first or t >= start:
+                            yield t
+            day += dt.timedelta(days=1)
+            first = False
+        if label is None:
+            raise UsageError(f"schedule {self.text!r} never fires (no such date)")
+
+def slot_time(label):
+    """The epoch seconds a slot (a naive local time) fires at. A time that
+    comes twice (the clock turned back) fires the first time; one the clock
+    skips (turned forward) fires at the first minute after the gap."""
+    import datetime as dt
+    t = label.replace(fold=0)
+    for _ in range(24 * 60):
+        ts = t.timestamp()
+        if dt.datetime.fromtimestamp(ts) == t:
+            return ts
+        t += dt.timedelta(minutes=1)
+    return label.timestamp()
+
+def slot_label(label):
+    return label.strftime("%Y-%m-%dT%H:%M")
+
+def parse_slot_label(text):
+    import datetime as dt
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M")
+
+def next_slot(cron, label=None):
+    """(label, epoch) of the first slot after label (None: now)."""
+    t = next(iter(cron.slots_after(label)), None)
+    if t is None:
+        raise UsageError(f"schedule {cron.text!r} never fires (no such date)")
+    return t, slot_time(t)
 
 
 # Recovery: recover, adopt, watch, sweep ######################################
@@ -3133,6 +3628,7 @@ class Worker(Attempts, Recovery):
                      f"{'s' if self.count != 1 else ''}, {what}"
                      + (", drain" if self.drain else ""))
             self._recover(store)
+            sched_next = self._fire_schedules(store)    # before a drain looks
             self.threads_left = self.count
             for _ in range(self.count):
                 self.threading.Thread(target=self._job_thread, daemon=True).start()
@@ -3146,6 +3642,9 @@ class Worker(Attempts, Recovery):
                 if fifo_fd in ready:
                     _drain_fd(fifo_fd)
                     self.notify()
+                    sched_next = None            # schedule add/resume wakes us too
+                if not self.stopping and (sched_next is None or time.time() >= sched_next):
+                    sched_next = self._fire_schedules(store)
                 if sig_r in ready:
                     _drain_fd(sig_r)
                 self._handle_signals()
@@ -3161,6 +3660,7 @@ class Worker(Attempts, Recovery):
                     if not self.stopping:
                         self._recover(store)
                         self.notify()   # a safety net for any missed wake-up
+                        sched_next = None
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
@@ -3179,6 +3679,22 @@ class Worker(Attempts, Recovery):
         self.say(f"worker {self.id} stopped: {self.completed} completed, "
                  f"{self.dead} dead")
         return EXIT_FAIL if self.drain and self.dead else EXIT_OK
+
+    def _fire_schedules(self, store):
+        """Enqueue the jobs of due schedule slots; when to look again."""
+        now = time.time()
+        try:
+            nxt = store.next_schedule()
+            if nxt is not None and nxt <= now:
+                for job_id in store.fire_schedules(now, self.say):
+                    self.say(f"schedule: enqueued {job_id}")
+                self.notify()
+                wake_workers(self.home)
+                nxt = store.next_schedule()
+        except (QueuectlError, OSError) as e:
+            self.say(f"cannot fire schedules yet, will retry: {e}")
+            return now + HEARTBEAT
+        return min(nxt, now + HEARTBEAT) if nxt is not None else now + HEARTBEAT
 
     def _release_lost(self, store):
         """A stopping worker does not wait for a job of its own that another
@@ -3436,8 +3952,8 @@ def job_public(job, home):
             v = sorted(_loads(v, {}))
         elif k == "keys":
             v = _loads(v, [])
-        elif k == "hooks":
-            v = _loads(v, {})
+        elif k in ("hooks", "usage"):
+            v = _loads(v, {} if k == "hooks" else None)
         out[k] = v
         if k == "env":
             out["env_from"] = "worker" if job["env_id"] is None else "enqueuer"
@@ -3758,8 +4274,8 @@ def job_spec(args, text, env):
     if args.key:
         spec["keys"] = list(spec.get("keys") or []) + args.key \
             if isinstance(spec.get("keys", []), list) else args.key
-    for name in ("if_busy", "retry_on", "no_retry_on") + HOOK_EVENTS:
-        if getattr(args, name) is not None:
+    for name in ("if_busy", "retry_on", "no_retry_on") + HOOK_EVENTS + LIMIT_KEYS:
+        if getattr(args, name, None) is not None:
             spec[name] = getattr(args, name)
     return spec
 
@@ -3982,6 +4498,10 @@ def cmd_show(args):
     pub["blocked_on"] = [d for d, _ in blocked]
     pub["hook_jobs"] = [{"id": h["id"], "event": _loads(h["env"], {}).get("QUEUECTL_HOOK"),
                          "state": h["state"]} for h in store.hooks_of(job["id"])]
+    attempts = store.attempts_of(job["id"])
+    pub["attempts_recorded"] = [{**a, "ended_at": show_time(iso(a["ended_at"])),
+                                 "started_at": show_time(a["started_at"])}
+                                for a in attempts]
     environment = job_environment(store, job) if args.env else None
     if args.json:
         if args.env:
@@ -3998,16 +4518,40 @@ def cmd_show(args):
             v = "; ".join(f"{e}: {c}" for e, c in v.items()) or None
         elif k == "hook_jobs":
             v = ", ".join(f"{h['id']} ({h['event']}, {h['state']})" for h in v) or None
+        elif k == "usage":
+            v = usage_text(v) if v else None
+        elif k in ("mem",) and v:
+            v = human_size(v)
+        elif k == "attempts_recorded":
+            continue
         elif k in ("run_at", "created_at", "updated_at", "started_at", "finished_at") \
                 and v is not None:
             v = f"{v} ({local_time(epoch(v))} local, {relative(v)})"
         print(f"{k.ljust(width)}  {'-' if v is None else v}")
+    if attempts:
+        print("attempts:")
+        for a in attempts:
+            end = (f"exit {a['exit_code']}" if a["exit_code"] is not None else
+                   f"signal {a['signal']}" if a["signal"] is not None else "no exit status")
+            use = usage_text(a) if a["cpu_user"] is not None else (
+                f"ran {a['wall']:.3f}s, " if a["wall"] is not None else "") + \
+                "CPU and memory not measured (adopted or recovered: its worker died)"
+            print(f"  {a['attempt']}  {a['state']:<9}  {end:<14}  {use}")
     if args.env:
         print("environment:" + ("" if job["env_id"] is not None else
                                 " the worker's, and"))
         for k, v in environment.items():
             print(f"  {k}={v}")
     return EXIT_OK
+
+def usage_text(u):
+    """An attempt's cost in one line: ran, user, sys, max RSS."""
+    parts = [] if u.get("wall") is None else [f"ran {u['wall']:.3f}s"]
+    if u.get("cpu_user") is None:
+        return ", ".join(parts + ["CPU and memory not measured"])
+    bound = "≤ " if u.get("max_rss_bound") else ""
+    return ", ".join(parts + [f"user {u['cpu_user']:.3f}s", f"sys {u['cpu_sys']:.3f}s",
+                              f"max RSS {bound}{human_size(u['max_rss'])}"])
 
 def cmd_list(args):
     """Jobs in enqueue order, filtered by --state/--queue, at most --limit."""
@@ -4057,6 +4601,179 @@ def command_text(job):
         return job["command"]
     event = _loads(job["env"], {}).get("QUEUECTL_HOOK", "hook")
     return f"[{event} of {job['hook_of']}] {job['command']}"
+
+def percentile(values, p):
+    """The p-th percentile (nearest rank) of values, or None."""
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    return values[max(int(-(-p * len(values) // 100)) - 1, 0)]
+
+def cmd_stats(args):
+    """Per queue, from the recorded attempts: count, success rate, p50/p95
+    of run time and of peak RSS."""
+    since = time.time() - parse_duration(args.since, "--since") if args.since else 0
+    store = open_store(args)
+    where, params = "", [since]
+    if args.queue:
+        where, params = f" AND queue IN ({_marks(args.queue)})", params + args.queue
+    per = {}
+    for queue, state, wall, rss in store.q(SQL_ATTEMPTS_SINCE.format(where=where), params):
+        q = per.setdefault(queue, {"attempts": 0, "completed": 0, "wall": [], "rss": []})
+        q["attempts"] += 1
+        q["completed"] += state == COMPLETED
+        q["wall"].append(wall)
+        q["rss"].append(rss)
+    rows = [{"queue": q, "attempts": v["attempts"],
+             "success_rate": round(v["completed"] / v["attempts"], 4),
+             "run_p50": percentile(v["wall"], 50), "run_p95": percentile(v["wall"], 95),
+             "max_rss_p50": percentile(v["rss"], 50), "max_rss_p95": percentile(v["rss"], 95)}
+            for q, v in sorted(per.items())]
+    if args.json:
+        print_json(rows)
+        return EXIT_OK
+    if not rows:
+        print("no attempts recorded" + (f" in the last {args.since}" if args.since else ""))
+        return EXIT_OK
+
+    def dur(v):
+        return "-" if v is None else human_duration(v) if v >= 1 else f"{v * 1000:.0f}ms"
+    print(table(["QUEUE", "ATTEMPTS", "SUCCESS", "RUN p50", "RUN p95", "RSS p50", "RSS p95"],
+                [[r["queue"], r["attempts"], f"{r['success_rate'] * 100:.1f}%",
+                  dur(r["run_p50"]), dur(r["run_p95"]),
+                  "-" if r["max_rss_p50"] is None else human_size(r["max_rss_p50"]),
+                  "-" if r["max_rss_p95"] is None else human_size(r["max_rss_p95"])]
+                 for r in rows], term_width()))
+    return EXIT_OK
+
+SCHEDULE_NOT_ENQUEUE = ("id", "unique", "stdin", "json", "run_at", "delay", "after",
+                       "if_busy")
+
+def cmd_schedule(args):
+    """schedule add / list / rm / pause / resume / run."""
+    if args.action == "add":
+        return schedule_add(args)
+    store = open_store(args)
+    now = time.time()
+    if args.action == "list":
+        return schedule_list(store, args, now)
+    sch = store.schedule(args.name)
+    if args.action == "rm":
+        with store.tx():
+            store.x(SQL_DELETE_SCHEDULE, (sch["name"],))
+        print(f"schedule {sch['name']} removed (its jobs stay)")
+    elif args.action in ("pause", "resume"):
+        label, at = next_slot(Cron(sch["cron"]))
+        import datetime as dt
+        with store.tx():         # resumed: from now on, no catch-up of the pause
+            store.x(SQL_SCHEDULE_PAUSE, (int(args.action == "pause"), at, slot_label(
+                dt.datetime.now()), sch["name"]))
+        print(f"schedule {sch['name']} " + ("paused" if args.action == "pause" else
+                                             f"resumed; next run {local_time(at, now)}"))
+        wake_workers(args.home)
+    else:                        # run: once, now, whatever overlap says
+        spec = _loads(sch["spec"], {})
+        with store.tx():
+            job_id, _ = store.insert({**spec, "id": f"{sch['name']}@run-{new_id()}"}, now,
+                                     sch["env_id"], sch["umask"], schedule=sch["name"])
+        wake_workers(args.home)
+        print(job_id)
+    return EXIT_OK
+
+def schedule_add(args):
+    import datetime as dt
+    if not valid_name(args.name):
+        check_name(args.name, "schedule name")
+    cron = Cron(args.cron)
+    words = list(args.job or [])
+    if words and words[0].startswith("-") and words[0] != "--":
+        # Options after NAME CRON, which argparse leaves in COMMAND: they run
+        # up to --, or to the first word that is not one; argparse reads them.
+        flags = {f: kw.get("action") != "store_true" for flags_, kw in args.specs
+                 for f in flags_ if f.startswith("-")}
+        i = 0
+        while i < len(words) and words[i].startswith("-") and words[i] != "--":
+            name = words[i].partition("=")[0]
+            i += 2 if flags.get(name) and "=" not in words[i] else 1
+        opts, words = words[:i], words[i:]
+        args.job = []
+        args.parser.parse_args(opts + [args.name, args.cron], namespace=args)
+        check_arguments(args)
+        args.job = words
+    for name in SCHEDULE_NOT_ENQUEUE:
+        setattr(args, name, False if name in ("unique", "stdin", "json") else None)
+    (_, spec), = parse_specs(args)
+    spec.pop("run_at", None)
+    blob = umask = None
+    if not args.worker_env:
+        blob, umask = captured_env(), current_umask()
+    overlap = args.overlap or "skip"
+    if overlap not in ("skip", "queue"):
+        raise UsageError(f"invalid --overlap {overlap!r}: use skip (the default: no "
+                         "new run while the last one waits or runs) or queue")
+    catch_up = 1 if args.catch_up is None else check_value("catch_up", args.catch_up,
+                                                           "--catch-up", text=True)
+    jitter = 0 if args.jitter is None else check_value("jitter", args.jitter, "--jitter",
+                                                       text=True)
+    now = time.time()
+    label, at = next_slot(cron)
+    store = open_store(args, create=True)
+    with store.tx():
+        if store.x(SQL_SCHEDULE, (args.name,)).fetchone():
+            raise QueuectlError(f"a schedule named {args.name!r} exists already; "
+                                f"schedule rm {args.name} first")
+        env_id = store.add_env(blob) if blob is not None else None
+        store.x(SQL_ADD_SCHEDULE, (args.name, cron.text, _json_or_none(spec), env_id, umask,
+                                   overlap, catch_up, jitter, 0, iso(now),
+                                   slot_label(dt.datetime.now()), at))
+    wake_workers(args.home)
+    print(f"schedule {args.name}: next run {local_time(at, now)} ({relative(iso(at), now)})")
+    return EXIT_OK
+
+def schedule_overdue(sch, now):
+    """The dead man's switch: a line when a schedule that is not paused has
+    had no success within two of its periods (and is older than that)."""
+    if sch["paused"]:
+        return None
+    cron = Cron(sch["cron"])
+    first, a = next_slot(cron)
+    _, b = next_slot(cron, first)
+    period = b - a
+    since = sch["last_success"] or epoch(sch["created_at"])
+    if now - since <= 2 * period:
+        return None
+    what = (f"since {show_time(iso(sch['last_success']))}" if sch["last_success"]
+            else "since it was added " + relative(sch["created_at"], now))
+    return (f"schedule {sch['name']} ({sch['cron']}) has not succeeded {what}, two "
+            f"periods of {human_duration(period)}; last run: {sch['last_job'] or 'none'}")
+
+def schedule_list(store, args, now):
+    rows = []
+    for sch in store.schedules():
+        last = store.get(sch["last_job"]) if sch["last_job"] else None
+        rows.append({"name": sch["name"], "cron": sch["cron"],
+                     "command": _loads(sch["spec"], {}).get("command"),
+                     "paused": bool(sch["paused"]),
+                     "next_run": None if sch["paused"] else show_time(iso(sch["next_at"])),
+                     "last_job": sch["last_job"], "last_state": last and last["state"],
+                     "last_success": sch["last_success"] and show_time(
+                         iso(sch["last_success"])),
+                     "skips": sch["skips"], "last_skip": sch["last_skip"],
+                     "overlap": sch["overlap"], "catch_up": sch["catch_up"],
+                     "jitter": sch["jitter"]})
+    if args.json:
+        print_json(rows)
+        return EXIT_OK
+    if not rows:
+        print("no schedules")
+        return EXIT_OK
+    print(table(["NAME", "SCHEDULE", "NEXT", "LAST RUN", "OUTCOME", "SKIPS", "COMMAND"],
+                [[r["name"], r["cron"], "paused" if r["paused"] else
+                  local_time(epoch(r["next_run"]), now, short=True),
+                  r["last_job"] or "-", r["last_state"] or "-", r["skips"],
+                  one_line(r["command"] or "")] for r in rows], term_width(),
+                shrink=((6, 12),)))
+    return EXIT_OK
 
 def cmd_why(args):
     """Why a job is not running now: one line per reason (or how it ended)."""
@@ -4943,6 +5660,10 @@ def cmd_doctor(args):
     for job_id, dep, state in store.blocked_on_dead():
         problems.append(f"job {job_id} waits on {dep}, which is {state}; "
                         f"retry {dep} or cancel {job_id}")
+    for sch in store.schedules():
+        late = schedule_overdue(sch, now)
+        if late:
+            problems.append(late)
     ctx, waits = WhyContext(store, now), {}
     for row in store.q(SQL_DUE, (iso(now), 1000)):
         job = job_from_row(row)
@@ -5033,6 +5754,18 @@ def cmd_metrics(args):
             if not k.startswith(QUEUE_KEY) or k in limits])
     family("queuectl_key_limit", "gauge", "Running jobs each key allows (limit set).",
            [("", {"key": k}, n) for k, n in limits.items()])
+    schedules = store.schedules()
+    family("queuectl_schedule_last_success_timestamp_seconds", "gauge",
+           "When each schedule's last run completed (Unix time; 0 = never): a "
+           "dead man's switch.",
+           [("", {"schedule": c["name"]}, c["last_success"] or 0) for c in schedules])
+    family("queuectl_schedule_skips_total", "counter",
+           "Slots a schedule skipped (overlap skip, or missed beyond --catch-up).",
+           [("", {"schedule": c["name"]}, c["skips"]) for c in schedules])
+    family("queuectl_schedule_next_run_timestamp_seconds", "gauge",
+           "When each schedule that is not paused fires next (Unix time).",
+           [("", {"schedule": c["name"]}, c["next_at"]) for c in schedules
+            if not c["paused"]])
     family("queuectl_workers", "gauge", "Live worker processes.", [("", {}, len(workers))])
     family("queuectl_worker_threads", "gauge", "Job threads of live workers.",
            [("", {}, sum(w["threads"] for w in workers))])
@@ -5060,6 +5793,26 @@ def cmd_metrics(args):
                     ("_count", {"queue": q}, count)]
     family("queuectl_job_duration_seconds", "histogram",
            "Run time of ended attempts, by queue.", samples)
+    cpu = {row[0]: row[1:] for row in store.stats(("cpu_user", "cpu_sys", "rss_sum",
+                                                   "rss_count"))}
+    family("queuectl_cpu_seconds_total", "counter",
+           "CPU seconds of measured attempts (the job's shell and its children), by mode.",
+           [("", {"queue": q, "mode": mode}, cpu.get(q, (0, 0, 0, 0))[i])
+            for q in squeues for i, mode in ((0, "user"), (1, "system"))])
+    rss = {}
+    for queue, le, n in store.q(SQL_RSS):
+        rss.setdefault(queue, {})[le] = n
+    samples = []
+    for q in squeues:
+        total = 0
+        for le in RSS_BUCKETS:
+            total += rss.get(q, {}).get(le, 0)
+            samples.append(("_bucket", {"queue": q, "le": prom_value(le)}, total))
+        s_, n_ = cpu.get(q, (0, 0, 0, 0))[2:]
+        samples += [("_bucket", {"queue": q, "le": "+Inf"}, n_),
+                    ("_sum", {"queue": q}, s_), ("_count", {"queue": q}, n_)]
+    family("queuectl_job_max_rss_bytes", "histogram",
+           "Peak RSS of the largest process of measured attempts, by queue.", samples)
     sys.stdout.write("\n".join(out) + "\n")
     return EXIT_OK
 
@@ -5126,6 +5879,62 @@ def _value(name, flag):
     """An argparse type: the option's text checked by check_value()."""
     return lambda text: check_value(name, text, flag, text=True)
 
+ENQUEUE_ARGS = [
+    arg("job", nargs=REMAINDER, metavar="COMMAND",
+        help="the command: one shell command line, or words (joined, each "
+             "quoted as needed), or a JSON object; options go before it, "
+             "and -- before a command that starts with -"),
+    arg("-c", "--command", help="the shell command"),
+    arg("--id", help="the job id (default: a short random one)"),
+    arg("-p", "--priority", type=_value("priority", "--priority"),
+        help="higher runs first (default 0)"),
+    arg("--max-retries", type=_value("max_retries", "--max-retries"),
+        help="retries after the first attempt (default: config)"),
+    arg("--timeout", type=_value("timeout", "--timeout"),
+        help="90, 90s, 5m, 2h; 0 = none (default: config job_timeout)"),
+    arg("--run-at", metavar="TIME",
+        help="03:00 (the next one), tomorrow 03:00, 2026-12-01 03:00, +90m, "
+             "or ISO-8601 (local time unless it has an offset)"),
+    arg("--delay", metavar="DUR", help="90, 90s, 5m, 2h, 1d"),
+    arg("--queue", help=f"queue name (default {DEFAULT_QUEUE})"),
+    arg("--after", action="append", metavar="ID",
+        help="run after this job completed (repeatable)"),
+    arg("--cwd", help="working directory (default: the current one)"),
+    arg("--env", action="append", metavar="K=V|NAME",
+        help="set K=V, or pass NAME's value from here, for the job (repeatable)"),
+    arg("--worker-env", action="store_true",
+        help="run in the worker's environment and umask, not in yours"),
+    arg("--unique", action="store_true",
+        help="if the id exists already, print it and change nothing"),
+    arg("--key", action="append", metavar="KEY", type=check_key,
+        help="hold KEY while running: at most N jobs with it run at once "
+             "(limit set KEY N; default 1) (repeatable)"),
+    arg("--if-busy", metavar="skip|queue", type=check_if_busy,
+        help="skip: if a job with one of its keys waits or runs, print its id "
+             "and enqueue nothing (default queue)"),
+    arg("--on-success", metavar="CMD", help="run CMD when the job completes"),
+    arg("--on-failure", metavar="CMD",
+        help="run CMD after each failed attempt that will be retried"),
+    arg("--on-dead", metavar="CMD", help="run CMD when the job goes to the DLQ"),
+    arg("--on-cancel", metavar="CMD", help="run CMD when the job is cancelled"),
+    arg("--retry-on", metavar="CODES", type=lambda t: parse_codes(t, "retry_on"),
+        help="retry only these exit codes (2,64-78); others go to the DLQ"),
+    arg("--no-retry-on", metavar="CODES",
+        type=lambda t: parse_codes(t, "no_retry_on"),
+        help="never retry these exit codes (also: timeout, signal)"),
+    arg("--mem", metavar="SIZE", type=_value("mem", "--mem"),
+        help="address space per process: 512M, 2G (ulimit -v; 0 = none)"),
+    arg("--cpu-time", metavar="DUR", type=_value("cpu_time", "--cpu-time"),
+        help="CPU time per process: 90s, 1h (ulimit -t; 0 = none)"),
+    arg("--nofile", metavar="N", type=_value("nofile", "--nofile"),
+        help="open files per process (ulimit -n; 0 = none)"),
+    arg("--nice", metavar="N", type=_value("nice", "--nice"),
+        help="run at this niceness above the worker's (nice -n N)"),
+    arg("--stdin", action="store_true",
+        help="one job per line (JSON or command), all or nothing"),
+    arg("--json", action="store_true", help="print the job as JSON"),
+]
+
 COMMAND_TABLE = [
     Command("enqueue", "add a job; prints its id", cmd_enqueue, [
         "queuectl enqueue 'pg_dump mydb > /backup/mydb.sql'",
@@ -5133,51 +5942,7 @@ COMMAND_TABLE = [
         "queuectl enqueue --id nightly --unique --max-retries 5 ./backup.sh",
         "queuectl enqueue --run-at 03:00 -- ./report.sh --full",
         "queuectl enqueue '{\"id\":\"a\",\"command\":\"echo hi\",\"max_retries\":2}'"], [
-        arg("job", nargs=REMAINDER, metavar="COMMAND",
-            help="the command: one shell command line, or words (joined, each "
-                 "quoted as needed), or a JSON object; options go before it, "
-                 "and -- before a command that starts with -"),
-        arg("-c", "--command", help="the shell command"),
-        arg("--id", help="the job id (default: a short random one)"),
-        arg("-p", "--priority", type=_value("priority", "--priority"),
-            help="higher runs first (default 0)"),
-        arg("--max-retries", type=_value("max_retries", "--max-retries"),
-            help="retries after the first attempt (default: config)"),
-        arg("--timeout", type=_value("timeout", "--timeout"),
-            help="90, 90s, 5m, 2h; 0 = none (default: config job_timeout)"),
-        arg("--run-at", metavar="TIME",
-            help="03:00 (the next one), tomorrow 03:00, 2026-12-01 03:00, +90m, "
-                 "or ISO-8601 (local time unless it has an offset)"),
-        arg("--delay", metavar="DUR", help="90, 90s, 5m, 2h, 1d"),
-        arg("--queue", help=f"queue name (default {DEFAULT_QUEUE})"),
-        arg("--after", action="append", metavar="ID",
-            help="run after this job completed (repeatable)"),
-        arg("--cwd", help="working directory (default: the current one)"),
-        arg("--env", action="append", metavar="K=V|NAME",
-            help="set K=V, or pass NAME's value from here, for the job (repeatable)"),
-        arg("--worker-env", action="store_true",
-            help="run in the worker's environment and umask, not in yours"),
-        arg("--unique", action="store_true",
-            help="if the id exists already, print it and change nothing"),
-        arg("--key", action="append", metavar="KEY", type=check_key,
-            help="hold KEY while running: at most N jobs with it run at once "
-                 "(limit set KEY N; default 1) (repeatable)"),
-        arg("--if-busy", metavar="skip|queue", type=check_if_busy,
-            help="skip: if a job with one of its keys waits or runs, print its id "
-                 "and enqueue nothing (default queue)"),
-        arg("--on-success", metavar="CMD", help="run CMD when the job completes"),
-        arg("--on-failure", metavar="CMD",
-            help="run CMD after each failed attempt that will be retried"),
-        arg("--on-dead", metavar="CMD", help="run CMD when the job goes to the DLQ"),
-        arg("--on-cancel", metavar="CMD", help="run CMD when the job is cancelled"),
-        arg("--retry-on", metavar="CODES", type=lambda t: parse_codes(t, "retry_on"),
-            help="retry only these exit codes (2,64-78); others go to the DLQ"),
-        arg("--no-retry-on", metavar="CODES",
-            type=lambda t: parse_codes(t, "no_retry_on"),
-            help="never retry these exit codes (also: timeout, signal)"),
-        arg("--stdin", action="store_true",
-            help="one job per line (JSON or command), all or nothing"),
-        arg("--json", action="store_true", help="print the job as JSON")],
+        *ENQUEUE_ARGS],
         common=("enqueue 'CMD'", "add a job (prints its id)")),
     Command("worker", "start, stop or list workers"),
     Command("worker start", "run jobs until stopped", cmd_worker_start, [
@@ -5222,6 +5987,12 @@ COMMAND_TABLE = [
         "queuectl why nightly", "queuectl why nightly --json"],
         [arg("id", metavar="ID"), JSON_ARG],
         common=("why ID", "why a job waits")),
+    Command("stats", "per queue: attempts, success rate, run time and peak RSS",
+            cmd_stats, ["queuectl stats", "queuectl stats --queue backups --since 7d"], [
+        arg("--queue", action="append", metavar="Q",
+            help="only these queues (repeatable, or Q1,Q2)"),
+        arg("--since", metavar="DUR", help="attempts that ended in the last DUR (7d, 12h)"),
+        JSON_ARG]),
     Command("logs", "print a job's log (default: the latest started job's)", cmd_logs, [
         "queuectl logs nightly -n 50", "queuectl logs nightly --follow", "queuectl logs"], [
         arg("id", nargs="?", metavar="ID", help="the job (default: the one started last)"),
@@ -5310,6 +6081,28 @@ COMMAND_TABLE = [
         arg("--dry-run", action="store_true", help="list what would go; delete nothing"),
         arg("--yes", action="store_true",
             help="no question for --older-than 0 on a busy home")]),
+    Command("schedule", "recurring jobs: add, list, rm, pause, resume, run"),
+    Command("schedule add", "run a command on a cron schedule", cmd_schedule, [
+        "queuectl schedule add nightly '0 3 * * *' --mem 2G --nice 10 -- ./backup.sh",
+        "queuectl schedule add sync @hourly --overlap queue --jitter 5m -- ./sync.sh"], [
+        arg("name", metavar="NAME"), arg("cron", metavar="CRON",
+                                         help="5 fields (m h dom mon dow) or @daily ..."),
+        *[a for a in ENQUEUE_ARGS if spec_dest(*a) not in SCHEDULE_NOT_ENQUEUE],
+        arg("--overlap", metavar="skip|queue",
+            help="skip (default): no new run while the last one waits or runs"),
+        arg("--catch-up", metavar="N", help="after downtime, enqueue at most the latest N "
+                                            "missed slots (default 1)"),
+        arg("--jitter", metavar="DUR", help="spread each start over up to DUR")]),
+    Command("schedule list", "schedules, their next and last runs", cmd_schedule,
+            ["queuectl schedule list"], [JSON_ARG]),
+    Command("schedule rm", "remove a schedule (its jobs stay)", cmd_schedule,
+            ["queuectl schedule rm nightly"], [arg("name", metavar="NAME")]),
+    Command("schedule pause", "fire no slot until resumed", cmd_schedule,
+            ["queuectl schedule pause nightly"], [arg("name", metavar="NAME")]),
+    Command("schedule resume", "fire again, from the next slot on", cmd_schedule,
+            ["queuectl schedule resume nightly"], [arg("name", metavar="NAME")]),
+    Command("schedule run", "enqueue a schedule's job once, now", cmd_schedule,
+            ["queuectl schedule run nightly"], [arg("name", metavar="NAME")]),
     Command("limit", "concurrency limits of keys and queues: set, list, rm"),
     Command("limit set", "at most N running jobs hold KEY (queue:NAME: a queue's)",
             cmd_limit, ["queuectl limit set db-main 1", "queuectl limit set queue:reports 2"],

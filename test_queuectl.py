@@ -1257,7 +1257,8 @@ class TestConfig(QueueTest):
                          {"max_retries": 3, "backoff_base": 2, "max_backoff": 3600,
                           "job_timeout": 0, "kill_grace": 10, "hook_timeout": 300,
                           "on_success": "", "on_failure": "", "on_dead": "",
-                          "on_cancel": "", "retry_on": "", "no_retry_on": ""})
+                          "on_cancel": "", "retry_on": "", "no_retry_on": "", "mem": 0,
+                          "cpu_time": 0, "nofile": 0, "nice": 0})
         self.assertEqual(self.ok("config", "get", "max_retries"), "3\n")
 
     def test_set_get_and_key_aliases(self):
@@ -1686,7 +1687,13 @@ class TestJobEnvironment(QueueTest):
     def downgrade_to_schema_1(self):
         """Make the home's database what queuectl 1.0 (schema 1) wrote."""
         con = sqlite3.connect(os.path.join(self.home, "queue.db"), timeout=10)
-        for sql in ("DROP INDEX jobs_hook_of", "DROP TABLE job_keys", "DROP TABLE limits",
+        for sql in ("DROP INDEX jobs_schedule", "DROP TABLE schedules", "DROP TABLE rss_hist",
+                    "DROP TABLE attempts",
+                    *(f"ALTER TABLE jobs DROP COLUMN {c}" for c in (
+                        "mem", "cpu_time", "nofile", "nice", "schedule", "usage")),
+                    *(f"ALTER TABLE stats DROP COLUMN {c}" for c in (
+                        "cpu_user", "cpu_sys", "rss_sum", "rss_count")),
+                    "DROP INDEX jobs_hook_of", "DROP TABLE job_keys", "DROP TABLE limits",
                     *(f"ALTER TABLE jobs DROP COLUMN {c}" for c in (
                         "keys", "hooks", "retry_on", "no_retry_on", "hook_of")),
                     "DROP INDEX jobs_env", "DROP INDEX envs_hash", "DROP TABLE envs",
@@ -1703,7 +1710,7 @@ class TestJobEnvironment(QueueTest):
         with open(PROG) as f:
             text = f.read()
         with open(old, "w") as f:            # this file, as a schema-1 queuectl
-            f.write(text.replace("SCHEMA_VERSION = 3", "SCHEMA_VERSION = 1"))
+            f.write(text.replace("SCHEMA_VERSION = 4", "SCHEMA_VERSION = 1"))
         p = subprocess.Popen([PY, old, "worker", "start"], env=self.env, cwd=self.work,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(p)
