@@ -962,6 +962,22 @@ def bench_resources(rep, idle_seconds, nbytes):
                 base, "python sleep(1) loop", "< 1%", cpu < 1.0, digits=2)
         rep.note(f"idle CPU: worker {w1 - w0:.2f}s, baseline {b1 - b0:.2f}s of CPU "
                  f"in {wall:.1f}s (clock tick {1 / os.sysconf('SC_CLK_TCK'):.3f}s)")
+        with Sandbox("idle-keys") as sb:
+            # 4 threads, one running a job that holds key k, one job waiting for k:
+            # the other threads must sleep, not poll the claim.
+            sb.cli("enqueue", "--key", "k", "sleep 600")
+            sb.cli("enqueue", "--key", "k", "true")
+            w = sb.spawn([PY, PROG, "worker", "start", "--count", "4"])
+            sb.worker_up()
+            wait_until(lambda: sb.count("processing") == 1, 15, what="the key's holder")
+            time.sleep(min(1.0, idle_seconds / 4))
+            t0 = time.monotonic()
+            w0 = proc_cpu_seconds(w.pid)
+            time.sleep(idle_seconds)
+            keyed = (proc_cpu_seconds(w.pid) - w0) / (time.monotonic() - t0) * 100
+            sb.stop(w)
+        rep.add("idle_cpu_keys", "idle worker CPU, 4 threads, a job waiting on a full key",
+                keyed, "% core", cpu, "idle worker (above)", "< 1%", keyed < 1.0, digits=2)
 
     with Sandbox("rss") as sb:
         jobs = "".join(f"head -c {nbytes} /dev/zero\n" for _ in range(8))

@@ -19,7 +19,7 @@ a dead letter queue, timeouts and crash recovery. State lives in SQLite
 Stdlib only, Python 3.10+, POSIX. See README.md for the whole manual.
 """
 
-__version__ = "1.0.0"
+__version__ = "1.2.0"
 
 
 # Imports #####################################################################
@@ -963,9 +963,10 @@ def check_hook(text, what):
 # words timeout and signal for an attempt that timed out or was killed.
 CODE_WORDS = ("timeout", "signal")
 
-def parse_codes(text, what="retry_on"):
-    """'2, 64-78,timeout' -> its canonical text '2,64-78,timeout'."""
-    flag = "--" + what.replace("_", "-")
+def parse_codes(text, what="--retry-on"):
+    """'2, 64-78,timeout' -> its canonical text '2,64-78,timeout'; what:
+    where it was given (--retry-on, retry_on)."""
+    flag = what
     items = []
     for part in str(text).split(","):
         part = part.strip().lower()
@@ -1010,8 +1011,10 @@ def retry_verdict(job, cfg, rc, error):
         outcome = rc
     else:
         return None          # could not start, or the outcome is unknown
-    retry_on = job["retry_on"] if job["retry_on"] is not None else cfg["retry_on"]
-    no_retry = job["no_retry_on"] if job["no_retry_on"] is not None else cfg["no_retry_on"]
+    if job["retry_on"] is not None or job["no_retry_on"] is not None:
+        retry_on, no_retry = job["retry_on"] or "", job["no_retry_on"] or ""
+    else:                # a job that sets either list sets the policy whole
+        retry_on, no_retry = cfg["retry_on"], cfg["no_retry_on"]
     if no_retry and codes_match(no_retry, outcome):
         return f"not retried (no_retry_on {no_retry})"
     if retry_on and isinstance(outcome, int) and not codes_match(retry_on, outcome):
@@ -1225,7 +1228,7 @@ def check_spec(spec):
     if keys is not None:
         if isinstance(keys, str):
             keys = [keys]
-        if not isinstance(keys, list):
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise UsageError("keys must be a list of key names")
         spec["keys"] = [check_key(k) for k in dict.fromkeys(keys)]
     if spec.get("if_busy") is not None:
@@ -1234,7 +1237,7 @@ def check_spec(spec):
             raise UsageError("--if-busy skip needs a --key to look for")
     for name in HOOK_EVENTS:
         if spec.get(name) is not None:
-            spec[name] = check_hook(spec[name], name.replace("_", "-")) or None
+            spec[name] = check_hook(spec[name], name.replace("_", "-"))
     for name in ("retry_on", "no_retry_on"):
         if spec.get(name) is not None:
             if not isinstance(spec[name], str):
@@ -1426,6 +1429,10 @@ SCHEDULES_TABLE = """CREATE TABLE schedules (
 
 SCHEDULE_INDEX = "CREATE INDEX jobs_schedule ON jobs (schedule) WHERE schedule IS NOT NULL"
 
+# The jobs whose attempt may still run: processing ones, and cancelled ones
+# until their attempt's processes are gone (cancel ended clears the claim).
+CLAIMED_INDEX = "CREATE INDEX jobs_claimed ON jobs (state, queue) WHERE claim IS NOT NULL"
+
 SCHEMA = [
     """CREATE TABLE jobs (
         seq INTEGER PRIMARY KEY,
@@ -1507,6 +1514,7 @@ SCHEMA = [
     RSS_TABLE,
     SCHEDULES_TABLE,
     SCHEDULE_INDEX,
+    CLAIMED_INDEX,
 ]
 
 # Migrations: MIGRATIONS[n] takes a db from version n to n + 1.
@@ -1528,7 +1536,11 @@ MIGRATIONS = {
         *(f"ALTER TABLE stats ADD COLUMN {c} NOT NULL DEFAULT 0" for c in (
             "cpu_user REAL", "cpu_sys REAL", "rss_sum REAL", "rss_count INTEGER")),
         ATTEMPTS_TABLE, ATTEMPTS_JOB_INDEX, ATTEMPTS_ENDED_INDEX, RSS_TABLE,
-        SCHEDULES_TABLE, SCHEDULE_INDEX],
+        SCHEDULES_TABLE, SCHEDULE_INDEX, CLAIMED_INDEX,
+        # A cancelled job's claim now lasts only while its attempt runs; older
+        # versions kept it for good.
+        "UPDATE jobs SET claim = NULL, pid = NULL, pid_start = NULL "
+        "WHERE state = 'cancelled'"],
 }
 
 JOB_FIELDS = ("id", "command", "state", "queue", "priority", "attempts",
@@ -1560,6 +1572,8 @@ JOB_COLUMNS = ", ".join(ROW_FIELDS)
 #   cancel      pending, failed, processing  cancelled   finished_at last_error; keeps claim
 #                                                        and pid: they name the cancelled
 #                                                        attempt's processes until they end
+#   cancel      cancelled (claim set)        cancelled   attempts / claim pid pid_start: its
+#     ended                                              processes are gone (keys let go)
 #   reset       completed, dead, cancelled   pending     attempts=0 run_at blocked / worker
 #                                                        claim pid pid_start started_at
 #                                                        finished_at exit_code last_error
@@ -1579,17 +1593,27 @@ SQL_INSERT_KEY = "INSERT OR IGNORE INTO job_keys (key, job) VALUES (?, ?)"
 SQL_DELETE_KEYS = "DELETE FROM job_keys WHERE job IN ({marks})"
 
 # The keys running jobs hold, and how many hold each.
-SQL_HELD = """SELECT k.key, count(*) FROM jobs j JOIN job_keys k ON k.job = j.id
-    WHERE j.state = 'processing' GROUP BY k.key"""
+# (A cancelled job whose attempt still runs holds its keys too.)
+SQL_HELD = """SELECT k.key, count(*) FROM jobs j INDEXED BY jobs_claimed
+    JOIN job_keys k ON k.job = j.id
+    WHERE j.claim IS NOT NULL AND j.state IN ('processing', 'cancelled') GROUP BY k.key"""
 
-SQL_RUNNING_PER_QUEUE = """SELECT queue, count(*) FROM jobs WHERE state = 'processing'
-    GROUP BY queue"""
+SQL_RUNNING_PER_QUEUE = """SELECT queue, count(*) FROM jobs INDEXED BY jobs_claimed
+    WHERE claim IS NOT NULL AND state IN ('processing', 'cancelled') GROUP BY queue"""
 
 SQL_HOLDERS = """SELECT j.id FROM job_keys k JOIN jobs j ON j.id = k.job
-    WHERE k.key = ? AND j.state = 'processing' ORDER BY j.started_at"""
+    WHERE k.key = ? AND j.claim IS NOT NULL AND j.state IN ('processing', 'cancelled')
+    ORDER BY j.started_at"""
 
-SQL_QUEUE_HOLDERS = """SELECT id FROM jobs WHERE state = 'processing' AND queue = ?
-    ORDER BY started_at"""
+SQL_QUEUE_HOLDERS = """SELECT id FROM jobs INDEXED BY jobs_claimed WHERE claim IS NOT NULL
+    AND state IN ('processing', 'cancelled') AND queue = ? ORDER BY started_at"""
+
+SQL_CANCEL_ENDED = """UPDATE jobs SET claim = NULL, pid = NULL, pid_start = NULL,
+    attempts = attempts + 1, updated_at = ? WHERE id = ? AND state = 'cancelled'
+    AND claim = ?"""
+
+SQL_CANCELLED_RUNNING = f"""SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_claimed
+    WHERE claim IS NOT NULL AND state = 'cancelled'"""
 
 # --if-busy skip: a job with one of the keys that waits or runs.
 SQL_KEY_BUSY = """SELECT j.id FROM job_keys k JOIN jobs j ON j.id = k.job
@@ -1993,13 +2017,16 @@ class Store:
 
     def _note_old_workers(self):
         """After a migration: workers of an older queuectl that still run
-        keep serving jobs the old way (schema 1: in their own environment)."""
+        keep serving jobs the old way, without what came after their schema."""
         old = [w for w in self.workers() if worker_alive(self.home, w)]
+        added = {1: "the enqueuer's environment", 2: "keys, limits, hooks, retry policy",
+                 3: "resource accounting and limits, schedules"}
+        missing = ", ".join(v for k, v in added.items() if k >= self.migrated_from)
         if old:
             sys.stderr.write(
                 f"queuectl: note: upgraded {self.path} to schema {SCHEMA_VERSION}; "
                 f"{plural(len(old), 'worker')} of an older queuectl still run "
-                "and run jobs in their own environment until restarted: "
+                f"and run jobs without {missing} until restarted: "
                 "queuectl worker stop --wait, then start them again\n")
 
     def _check_app_id(self):
@@ -2180,7 +2207,7 @@ class Store:
                   spec.get("timeout"), run_at, _json_or_none(deps),
                   int(blocked), spec["cwd"], _json_or_none(env), env_id, umask,
                   stamp, stamp, _json_or_none(keys),
-                  _json_or_none({k: spec[k] for k in HOOK_EVENTS if spec.get(k)}),
+                  _json_or_none({k: spec[k] for k in HOOK_EVENTS if spec.get(k) is not None}),
                   spec.get("retry_on"), spec.get("no_retry_on"), hook_of,
                   *(spec.get(k) for k in LIMIT_KEYS), schedule]
         while True:
@@ -2317,10 +2344,26 @@ class Store:
                                              token)).rowcount)
 
     def cancel(self, job, now, cfg):
-        """cancel, and its on_cancel hook."""
+        """cancel; the on_cancel hook of a job that was not running (a running
+        one's fires when its attempt has ended: cancel_ended)."""
         self.x(SQL_CANCEL, (iso(now), iso(now), job["id"]))
+        if job["state"] != PROCESSING:
+            self.fire_hook(job, "on_cancel", queue_config(cfg, job["queue"]), CANCELLED,
+                           None, job["attempts"], "cancelled", now)
+
+    def cancel_ended(self, job, token, cfg, rc=None, now=None):
+        """cancel ended: the processes of a cancelled job's attempt are gone;
+        it lets go of its keys, counts the attempt and fires on_cancel.
+        False if that was done already."""
+        now = time.time() if now is None else now
+        if not self.x(SQL_CANCEL_ENDED, (iso(now), job["id"], token)).rowcount:
+            return False
         self.fire_hook(job, "on_cancel", queue_config(cfg, job["queue"]), CANCELLED,
-                       None, job["attempts"], "cancelled", now)
+                       describe_exit(rc)[0], job["attempts"] + 1, "cancelled", now)
+        return True
+
+    def cancelled_running(self):
+        return [job_from_row(r) for r in self.q(SQL_CANCELLED_RUNNING)]
 
     def fire_hook(self, job, event, cfg, state, exit_code, attempts, error, now):
         """Enqueue job's hook for event (its own, else its queue's or the
@@ -2328,8 +2371,9 @@ class Store:
         of the job's change; a hook's own end fires none."""
         if job["hook_of"] is not None:
             return None
-        command = _loads(job["hooks"], {}).get(event) or cfg.get(event)
-        if not command:
+        own = _loads(job["hooks"], {}).get(event)       # "": none, not the default
+        command = own if own is not None else cfg.get(event)
+        if not command or not command.strip():
             return None
         env = {**_loads(job["env"], {}),
                "QUEUECTL_JOB_ID": job["id"], "QUEUECTL_JOB_STATE": state,
@@ -2340,7 +2384,7 @@ class Store:
                "QUEUECTL_HOOK": event}
         cwd = job["cwd"] if os.path.isdir(job["cwd"]) else "/"
         spec = {"command": command, "queue": HOOK_QUEUE, "cwd": cwd, "env": env,
-                "timeout": cfg.get("hook_timeout") or None}
+                "timeout": cfg.get("hook_timeout", CONFIG_DEFAULTS["hook_timeout"])}
         return self.insert(spec, now, job["env_id"], job["umask"], hook_of=job["id"])[0]
 
     def reset(self, job, now):
@@ -3025,6 +3069,14 @@ class Attempts:
                 time.sleep(delay)
                 delay = min(delay * 4, 5)
 
+    def _cancel_ended(self, store, job, rc=None):
+        with store.tx():
+            ended = store.cancel_ended(job, job["claim"], self.config, rc)
+        if ended:
+            self.notify()            # its keys are free
+            wake_workers(self.home)
+        return ended
+
     def _footer(self, job, fd, text):
         if fd is None:
             _safe_append(self.home, job["id"], text)
@@ -3078,6 +3130,11 @@ class Attempts:
             # Recorded, or cancelled: nobody needs the status file. A worker
             # that took a running job over (same claim) still reads it.
             remove_file(status)
+        if state is None and current and current["state"] == CANCELLED \
+                and current["claim"] == job["claim"]:
+            self._until_written(lambda: self._cancel_ended(store, current, rc),
+                                f"{job['id']}: cannot record the end of its cancelled "
+                                "attempt yet")
         attempt = job["attempts"] + 1
         took = f", ran {duration:.3f}s" if duration is not None else ""
         not_started = error is not None and error.startswith("not started")
@@ -3108,7 +3165,7 @@ class Attempts:
             self.say(f"{job['id']} {outcome.split(';')[0]} (attempt {attempt})")
         else:
             with self.lock:
-                self.dead += state == DEAD
+                self.dead += state == DEAD and job["hook_of"] is None
             self.say(f"{job['id']} {state}: {error} (attempt {attempt}{took})")
         # A job that held keys lets another run: wake the threads and workers
         # that passed it over (a queue's own key: the queue has a limit).
@@ -3272,6 +3329,7 @@ class Recovery:
             alive = {w["id"] for w in workers} | {self.id}
             self._sweep_status_files({(j["id"], j["claim"]) for j in rows}, alive)
             fresh = {w["id"] for w in workers if not worker_stale(w)} | {self.id}
+            self._sweep_cancelled(store, alive)
             for job in rows:
                 if job["worker"] in fresh:
                     continue
@@ -3286,6 +3344,17 @@ class Recovery:
                 self._recover_job(store, job, job["worker"] in alive)
         except (QueuectlError, OSError) as e:
             self.say(f"recovery scan failed, will retry: {e}")
+
+    def _sweep_cancelled(self, store, alive):
+        """Cancelled jobs of workers that are gone: once no process carries
+        their claim, their attempt has ended (keys let go, on_cancel)."""
+        rows = [j for j in store.cancelled_running() if j["worker"] not in alive]
+        if not rows:
+            return
+        running = live_claims()
+        for job in rows:
+            if job["claim"] not in running:
+                self._cancel_ended(store, job)
 
     def _sweep_status_files(self, wanted, alive):
         """Remove status files nobody will read: not a processing job's, older
@@ -3767,8 +3836,10 @@ class Worker(Attempts, Recovery):
         with store.tx():
             return store.claim(self.id, self.queues, time.time())
 
-    def _idle_wait(self, store):
-        """Seconds an idle job thread may sleep, or None when draining is done."""
+    def _idle_wait(self, store, claimed_at):
+        """Seconds an idle job thread may sleep, or None when draining is done.
+        A job due before claimed_at that the claim passed over waits for a
+        key: a holder's end wakes the threads, so they sleep meanwhile."""
         paused = store.paused()
         everything_paused = "*" in paused
         where, params = claim_filter(self.queues, paused)
@@ -3780,7 +3851,8 @@ class Worker(Attempts, Recovery):
                 return min(max(epoch(nxt) - now, 0.001), HEARTBEAT)
             due = None if everything_paused else store.next_run(where, params)
             if due is not None and epoch(due) <= now:
-                return HEARTBEAT     # passed over for a full key: a holder runs
+                # due since the claim: claim it; before: it waits for a key
+                return 0.001 if epoch(due) > claimed_at else HEARTBEAT
             with self.lock:
                 if self.active == 0 and not self.running and not self.settling:
                     self.stopping = True
@@ -3790,6 +3862,8 @@ class Worker(Attempts, Recovery):
         if everything_paused:
             return HEARTBEAT
         nxt = store.next_run(where, params)
+        if nxt is not None and epoch(nxt) <= claimed_at:
+            return HEARTBEAT     # passed over for a full key: a holder's end wakes us
         if nxt is not None:
             return min(max(epoch(nxt) - now, 0.001), HEARTBEAT)
         return HEARTBEAT
@@ -3829,6 +3903,7 @@ class Worker(Attempts, Recovery):
                             return
                         gen = self.generation
                         self.active += 1
+                    claimed_at = time.time()
                     try:
                         job = self.claim(store)
                     finally:
@@ -3836,7 +3911,7 @@ class Worker(Attempts, Recovery):
                             with self.lock:
                                 self.active -= 1
                     if job is None:
-                        wait = self._idle_wait(store)
+                        wait = self._idle_wait(store, claimed_at)
                         if wait is None:
                             return
                         with self.cond:
@@ -4272,8 +4347,9 @@ def job_spec(args, text, env):
     if args.unique:
         spec["unique"] = True
     if args.key:
-        spec["keys"] = list(spec.get("keys") or []) + args.key \
-            if isinstance(spec.get("keys", []), list) else args.key
+        keys = spec.get("keys") or []
+        spec["keys"] = ([keys] if isinstance(keys, str) else keys) + args.key \
+            if isinstance(keys, (str, list)) else keys        # check_spec says what
     for name in ("if_busy", "retry_on", "no_retry_on") + HOOK_EVENTS + LIMIT_KEYS:
         if getattr(args, name, None) is not None:
             spec[name] = getattr(args, name)
@@ -4807,6 +4883,10 @@ def cmd_limit(args):
         return EXIT_OK
     limits, held = store.limits(), store.held()
     waiting = dict(store.q(SQL_KEYS_WAITING))
+    _, per_queue = store.counts()
+    waiting.update((k, per_queue.get(k[len(QUEUE_KEY):], {}).get(PENDING, 0)
+                    + per_queue.get(k[len(QUEUE_KEY):], {}).get(FAILED, 0))
+                   for k in limits if k.startswith(QUEUE_KEY))
     keys = sorted(set(limits) | {k for k in held if not k.startswith(QUEUE_KEY)}
                   | set(waiting))
     rows = [{"key": k, "limit": limits.get(k, 1), "set": k in limits,
@@ -5079,7 +5159,14 @@ def cmd_cancel(args):
     """Cancel jobs: pending and failed ones at once; running ones get
     --signal (TERM), then KILL after --grace (config kill_grace); returns
     once their processes are gone."""
-    cfg = Config(args.home).load()
+    try:
+        cfg = Config(args.home).load()
+    except UsageError:
+        if args.grace is None:
+            raise
+        cfg = dict(CONFIG_DEFAULTS)      # --grace given: cancel all the same
+        sys.stderr.write("queuectl: warning: config.json is unreadable: no default "
+                         "on_cancel hook runs\n")
     grace = args.grace if args.grace is not None else cfg["kill_grace"]
     sig = parse_signal(args.signal)
     store = open_store(args)
@@ -5299,9 +5386,14 @@ def cmd_edit(args):
     cwd_kept = args.cwd is None and spec["cwd"] == job["cwd"]
     if cwd_kept:                 # it may be gone by now: only a new one is checked
         spec.pop("cwd")
+    hook_queue = spec.get("queue") == HOOK_QUEUE == job["queue"]
+    if hook_queue:               # a hook stays a hook (no user job may join _hooks)
+        spec.pop("queue")
     check_spec(spec)
     if cwd_kept:
         spec["cwd"] = job["cwd"]
+    if hook_queue:
+        spec["queue"] = HOOK_QUEUE
     with store.tx():
         if not store.edit(job, spec, time.time()):
             now = store.get(job["id"])
@@ -5917,10 +6009,10 @@ ENQUEUE_ARGS = [
         help="run CMD after each failed attempt that will be retried"),
     arg("--on-dead", metavar="CMD", help="run CMD when the job goes to the DLQ"),
     arg("--on-cancel", metavar="CMD", help="run CMD when the job is cancelled"),
-    arg("--retry-on", metavar="CODES", type=lambda t: parse_codes(t, "retry_on"),
+    arg("--retry-on", metavar="CODES", type=lambda t: parse_codes(t, "--retry-on"),
         help="retry only these exit codes (2,64-78); others go to the DLQ"),
     arg("--no-retry-on", metavar="CODES",
-        type=lambda t: parse_codes(t, "no_retry_on"),
+        type=lambda t: parse_codes(t, "--no-retry-on"),
         help="never retry these exit codes (also: timeout, signal)"),
     arg("--mem", metavar="SIZE", type=_value("mem", "--mem"),
         help="address space per process: 512M, 2G (ulimit -v; 0 = none)"),
@@ -6268,8 +6360,8 @@ def check_arguments(args):
         value = getattr(args, dest, None)
         name = flags[-1] if flags[0].startswith("-") else kw.get("metavar", dest)
         values = value if isinstance(value, list) else [value]
-        if dest in ("job", "words") or not any(v == "" for v in values):
-            continue
+        if dest in ("job", "words", "value") + HOOK_EVENTS or not any(v == "" for v in values):
+            continue             # config set KEY '' and --on-dead '': none
         allowed = {"state": "one of " + ", ".join(STATES),
                    "queue": "a queue name", "queues": "a queue name"}.get(dest)
         raise UsageError(f"{name} needs a value" + (f": {allowed}" if allowed else ""))

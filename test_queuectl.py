@@ -1687,7 +1687,8 @@ class TestJobEnvironment(QueueTest):
     def downgrade_to_schema_1(self):
         """Make the home's database what queuectl 1.0 (schema 1) wrote."""
         con = sqlite3.connect(os.path.join(self.home, "queue.db"), timeout=10)
-        for sql in ("DROP INDEX jobs_schedule", "DROP TABLE schedules", "DROP TABLE rss_hist",
+        for sql in ("DROP INDEX jobs_claimed", "DROP INDEX jobs_schedule",
+                    "DROP TABLE schedules", "DROP TABLE rss_hist",
                     "DROP TABLE attempts",
                     *(f"ALTER TABLE jobs DROP COLUMN {c}" for c in (
                         "mem", "cpu_time", "nofile", "nice", "schedule", "usage")),
@@ -2574,11 +2575,12 @@ class TestTimeoutsAndCancel(QueueTest):
         self.assertEqual(self.ok("cancel", "c").strip(), "c")
         self.assertFalse(pid_alive(child))           # gone when cancel returns
         self.assertEqual(self.state("c"), "cancelled")
-        # The worker has seen the end of the attempt and recorded nothing.
+        # The worker has seen the end of the attempt: still cancelled, the
+        # attempt counted, its claim (which holds its keys) let go.
         self.wait_for(lambda: "c cancelled" in self.worker_output(w), 10,
                       "the worker to see the cancel")
-        job = self.job("c")
-        self.assertEqual((job["state"], job["attempts"]), ("cancelled", 0))
+        self.wait_for(lambda: self.job("c")["attempts"] == 1, 10, "the attempt counted")
+        self.assertEqual(self.state("c"), "cancelled")
 
     def test_cancel_pending_and_refuse_finished(self):
         self.enqueue("--id", "p", "--delay", "1h", "true")
@@ -4304,6 +4306,10 @@ class TestConcurrencyKeys(QueueTest):
         self.assertIn("queue:NAME is the queue's own key",
                       self.fails(2, "enqueue", "--key", "queue:x", "true").err)
         self.fails(2, "enqueue", "--if-busy", "never", "--key", "k", "true")
+        self.fails(2, "enqueue", '{"command": "true", "keys": [["x"]]}')
+        job = json.loads(self.ok("enqueue", "--json", "--key", "b",
+                                 '{"command": "true", "keys": "a"}'))
+        self.assertEqual(job["keys"], ["a", "b"])
 
     def test_an_adopted_job_keeps_holding_its_key(self):
         self.enqueue("--id", "g", "--key", "k", self.gate_cmd())
@@ -4320,6 +4326,30 @@ class TestConcurrencyKeys(QueueTest):
         self.go()
         self.wait_state("n", "completed")
         self.assertEqual(self.lines("runs"), ["start", "done", "n"])
+
+    def test_a_cancelled_job_holds_its_keys_until_its_processes_are_gone(self):
+        order = self.path("order.txt")
+        self.enqueue("--id", "a", "--key", "k", "--on-cancel",
+                     f"echo hook-$QUEUECTL_ATTEMPT >> {order}",
+                     f"trap 'sleep 1; echo a-end >> {order}; exit 0' TERM; "
+                     f"echo a-start >> {order}; while :; do sleep 0.05; done")
+        self.enqueue("--id", "b", "--key", "k", f"echo b >> {order}")
+        self.bg("--count", "2")
+        self.wait_for(lambda: self.order() == ["a-start"], 20, "a to start")
+        self.ok("cancel", "a", "--grace", "10")
+        self.wait_state("b", "completed")
+        self.wait_for(lambda: len(self.order()) == 4, 20, "the hook to run")
+        self.assertEqual(self.order()[:2], ["a-start", "a-end"])
+        self.assertEqual(sorted(self.order()[2:]), ["b", "hook-1"])
+        self.assertEqual(self.job("a")["attempts"], 1)
+
+    def test_limit_list_counts_the_jobs_waiting_for_a_queue(self):
+        self.ok("limit", "set", "queue:qq", "1")
+        for _ in range(3):
+            self.enqueue("--queue", "qq", "true")
+        self.assertEqual(json.loads(self.ok("limit", "list", "--json")),
+                         [{"key": "queue:qq", "limit": 1, "set": True, "running": 0,
+                           "waiting": 3}])
 
 class TestHooks(QueueTest):
     def env_file(self, name):
@@ -4381,6 +4411,33 @@ class TestHooks(QueueTest):
         self.assertEqual(self.drain_within(30, "--queue", "other").code, 0)
         self.assertEqual(self.lines("cancel.txt"), ["cancelled"])
 
+    def test_unsetting_a_default_and_opting_out_of_it(self):
+        self.ok("config", "set", "max_retries", "0")
+        self.ok("config", "set", "on_dead", "echo home >> dead.txt")
+        self.enqueue("--id", "quiet", "--on-dead", "", "exit 1")
+        self.enqueue("--id", "loud", "exit 1")
+        self.drain_within(30)
+        self.assertEqual(self.lines("dead.txt"), ["home"])
+        self.assertEqual(self.ok("config", "set", "on_dead", ""), "on_dead = \n")
+        self.enqueue("--id", "after", "exit 1")
+        self.drain_within(30)
+        self.assertEqual(self.lines("dead.txt"), ["home"])
+
+    def test_hook_timeout_0_is_no_timeout_and_a_dead_hook_can_be_edited(self):
+        self.ok("config", "set", "job_timeout", "0.5")
+        self.ok("config", "set", "hook_timeout", "0")
+        self.ok("config", "set", "max_retries", "0")
+        self.enqueue("--id", "j", "--timeout", "0", "--on-success", "sleep 1; exit 9", "true")
+        self.assertEqual(self.drain_within(30).code, 0)     # a dead hook: still 0
+        (hook,) = json.loads(self.ok("list", "--queue", "_hooks", "--json"))
+        self.assertEqual((hook["state"], hook["exit_code"]), ("dead", 9))
+        self.ok("edit", hook["id"], "--", "echo fixed > fixed.txt")
+        self.ok("retry", hook["id"])
+        self.drain_within(30)
+        self.assertEqual(self.lines("fixed.txt"), ["fixed"])
+        self.assertEqual(self.job(hook["id"])["queue"], "_hooks")
+        self.fails(2, "enqueue", "--queue", "_hooks", "true")
+
 class TestRetryPolicy(QueueTest):
     def outcome(self, *args):
         job_id = self.enqueue(*args)
@@ -4421,6 +4478,9 @@ class TestRetryPolicy(QueueTest):
         self.assertEqual(self.outcome("--max-retries", "2", "--queue", "strict",
                                       "exit 4")[:2], ("dead", 1))
         self.assertEqual(self.outcome("--max-retries", "2", "exit 4")[:2], ("dead", 3))
+        # A job's own list is the whole policy: config's no_retry_on 3 is not added.
+        self.assertEqual(self.outcome("--max-retries", "1", "--retry-on", "3",
+                                      "exit 3")[:2], ("dead", 2))
         for bad in ("x", "300", "5-2", "", "1,,2", "-1"):
             with self.subTest(bad=bad):
                 r = self.fails(2, "enqueue", f"--retry-on={bad}", "true")
