@@ -4528,6 +4528,245 @@ class TestWhy(QueueTest):
         r = self.fails(1, "why", "nosuch")
         self.assertIn("nosuch", r.err)
 
+# Resource accounting, per-job limits, recurring schedules ####################
+
+# A Python job that allocates and keeps MB megabytes and burns CPU seconds.
+def hog(mb, cpu=0.0):
+    return (f"{PY} -I -S -c \"import time; x = bytearray({mb} * 2**20); t = time.process_time()\n"
+            f"while time.process_time() - t < {cpu}: pass\"")
+
+class TestAccounting(QueueTest):
+    def test_an_attempt_records_its_cpu_time_and_peak_rss(self):
+        self.enqueue("--id", "big", hog(150, 0.3))
+        self.drain_within(60)
+        job = self.job("big")
+        use = job["usage"]
+        self.assertGreaterEqual(use["cpu_user"] + use["cpu_sys"], 0.25)
+        self.assertGreater(use["max_rss"], 150 * 2**20)
+        self.assertLess(use["max_rss"], 400 * 2**20)
+        self.assertNotIn("max_rss_bound", use)
+        self.assertGreater(use["wall"], 0.25)
+        (attempt,) = job["attempts_recorded"]
+        self.assertEqual((attempt["attempt"], attempt["state"], attempt["exit_code"]),
+                         (1, "completed", 0))
+        self.assertEqual(attempt["max_rss"], use["max_rss"])
+        out = self.ok("show", "big")
+        self.assertRegex(out, r"usage +ran \d+\.\d+s, user \d+\.\d+s, sys \d+\.\d+s, "
+                              r"max RSS 1\d\d(\.\d)?M")
+        self.assertRegex(out, r"attempts:\n  1  completed  exit 0 ")
+        listed = json.loads(self.ok("list", "--json"))
+        self.assertEqual(listed[0]["usage"], use)
+
+    def test_an_adopted_job_is_not_measured_and_says_so(self):
+        self.enqueue("--id", "long", self.gate_cmd())
+        a = self.bg(fault="after-spawn:stop")
+        self.resume_in_cleanup(a)
+        self.wait_stopped(a)
+        self.wait_for(lambda: self.lines("runs") == ["start"], 10, "long to start")
+        self.adopt_from(a, "long")
+        self.go()
+        self.wait_state("long", "completed")
+        use = self.job("long")["usage"]
+        self.assertEqual((use["cpu_user"], use["cpu_sys"], use["max_rss"]), (None, None, None))
+        self.assertIsNotNone(use["wall"])
+        self.assertIn("CPU and memory not measured (adopted or recovered: its worker died)",
+                      self.ok("show", "long"))
+
+    def test_stats_per_queue_from_the_recorded_attempts(self):
+        self.ok("config", "set", "max_retries", "0")
+        for cmd in ("true", "true", "exit 1"):
+            self.enqueue("--queue", "q1", cmd)
+        self.enqueue("--queue", "q2", hog(60))
+        self.drain_within(60)
+        rows = {r["queue"]: r for r in json.loads(self.ok("stats", "--json"))}
+        self.assertEqual((rows["q1"]["attempts"], rows["q1"]["success_rate"]), (3, 0.6667))
+        self.assertGreater(rows["q2"]["max_rss_p95"], 60 * 2**20)
+        self.assertLessEqual(rows["q1"]["run_p50"], rows["q1"]["run_p95"])
+        self.assertEqual([r["queue"] for r in json.loads(self.ok(
+            "stats", "--queue", "q2", "--json"))], ["q2"])
+        con = self.db()                     # one attempt of q1 ended two days ago
+        con.execute("UPDATE attempts SET ended_at = ended_at - 172800 WHERE rowid = "
+                    "(SELECT min(rowid) FROM attempts WHERE queue = 'q1')")
+        con.commit()
+        recent = {r["queue"]: r for r in json.loads(self.ok("stats", "--since", "1d",
+                                                            "--json"))}
+        self.assertEqual(recent["q1"]["attempts"], 2)
+        text = self.ok("stats")
+        self.assertRegex(text, r"q1 +3 +66\.7%")
+        fams = parse_exposition(self.ok("metrics"))
+        cpu = {(lb["queue"], lb["mode"]) for _, lb, _ in fams["queuectl_cpu_seconds_total"][1]}
+        self.assertIn(("q2", "user"), cpu)
+        rss = {(n, lb["queue"], lb.get("le")): v
+               for n, lb, v in fams["queuectl_job_max_rss_bytes"][1]}
+        self.assertEqual(rss[("queuectl_job_max_rss_bytes_count", "q1", None)], 3)
+        self.assertEqual(self.fails(2, "stats", "--since", "soon").code, 2)
+
+class TestLimits(QueueTest):
+    def test_a_job_that_allocates_past_its_memory_limit_fails_naming_it(self):
+        self.enqueue("--id", "m", "--mem", "100M", "--max-retries", "0", hog(300))
+        self.enqueue("--id", "ok", "--mem", "200M", hog(50))
+        self.drain_within(60)
+        job = self.job("m")
+        self.assertEqual(job["state"], "dead")
+        self.assertIn("(it may have hit its memory limit 100M)", job["last_error"])
+        self.assertEqual(job["mem"], 100 * 2**20)
+        self.assertEqual(self.state("ok"), "completed")
+
+    def test_a_busy_loop_past_its_cpu_time_is_killed(self):
+        self.enqueue("--id", "spin", "--cpu-time", "1", "--max-retries", "0",
+                     "while :; do :; done")
+        self.drain_within(60)
+        job = self.job("spin")
+        self.assertEqual((job["state"], job["last_error"]),
+                         ("dead", "killed: CPU time limit 1s"))
+        self.assertLess(job["usage"]["wall"], 10)
+
+    def test_nice_and_limits_apply_to_the_job_and_its_children(self):
+        self.ok("config", "set", "queue.slow.nice", "5")
+        self.enqueue("--nice", "10", "--nofile", "64", "--mem", "512M", "--cpu-time", "1h",
+                     "nice > limits.txt; sh -c 'ulimit -n; ulimit -v; ulimit -t' >> limits.txt")
+        self.enqueue("--queue", "slow", "nice > slow.txt")
+        self.enqueue("nice > plain.txt")
+        self.drain_within(60)
+        self.assertEqual(self.lines("limits.txt"), ["10", "64", "524288", "3600"])
+        self.assertEqual((self.lines("slow.txt"), self.lines("plain.txt")), (["5"], ["0"]))
+        for bad in (("--mem", "12Q"), ("--nice", "30"), ("--cpu-time", "-1"),
+                    ("--nofile", "x")):
+            with self.subTest(bad=bad):
+                self.assertIn(bad[0], self.fails(2, "enqueue", *bad, "true").err)
+
+class TestSchedules(QueueTest):
+    def test_cron_expressions_and_their_next_times(self):
+        # From crontab(5) (cronie), in Europe/Berlin: DST began 2027-03-28
+        # 02:00 (to 03:00) and ends 2027-10-31 03:00 (to 02:00).
+        table = [
+            ("0 3 * * *", "2026-12-06T10:00", ["2026-12-07T02:00Z", "2026-12-08T02:00Z"]),
+            ("*/15 * * * *", "2026-12-06T10:07", ["2026-12-06T09:15Z", "2026-12-06T09:30Z"]),
+            # 04:30 on the 1st and 15th, and every Friday (both fields restricted)
+            ("30 4 1,15 * 5", "2026-12-06T00:00", ["2026-12-11T03:30Z", "2026-12-15T03:30Z",
+                                                   "2026-12-18T03:30Z"]),
+            ("0 22 * * 1-5", "2026-12-05T23:00", ["2026-12-07T21:00Z"]),
+            ("23 0-23/2 * * *", "2026-12-06T10:30", ["2026-12-06T11:23Z", "2026-12-06T13:23Z"]),
+            ("5 4 * * sun", "2026-12-06T04:06", ["2026-12-13T03:05Z"]),
+            ("0 0 29 feb *", "2026-01-01T00:00", ["2028-02-28T23:00Z"]),
+            ("@monthly", "2026-12-06T10:00", ["2026-12-31T23:00Z"]),
+            ("0 12 * * 7", "2026-12-06T12:00", ["2026-12-13T11:00Z"]),
+            # a time the clock skips runs when it jumps; one it repeats, once
+            ("30 2 * * *", "2027-03-27T12:00", ["2027-03-28T01:00Z", "2027-03-29T00:30Z"]),
+            ("30 2 * * *", "2027-10-30T12:00", ["2027-10-31T00:30Z", "2027-11-01T01:30Z"]),
+            ("*/30 2 * * *", "2027-10-31T02:00", ["2027-10-31T00:30Z", "2027-11-01T01:00Z"]),
+        ]
+        code = ("import sys, json, datetime as dt; sys.path.insert(0, sys.argv[1]); "
+                "import queuectl as q\n"
+                "out = []\n"
+                "for expr, start, n in json.loads(sys.argv[2]):\n"
+                "    it = q.Cron(expr).slots_after(dt.datetime.fromisoformat(start))\n"
+                "    out.append([dt.datetime.fromtimestamp(q.slot_time(next(it)), "
+                "dt.timezone.utc).strftime('%Y-%m-%dT%H:%MZ') for _ in range(n)])\n"
+                "print(json.dumps(out))\n")
+        r = subprocess.run([PY, "-c", code, os.path.dirname(PROG), json.dumps(
+            [(e, s, len(want)) for e, s, want in table])], capture_output=True, text=True,
+            env=dict(self.env, TZ="Europe/Berlin"), timeout=30)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        for (expr, start, want), got in zip(table, json.loads(r.stdout)):
+            self.assertEqual(got, want, f"{expr} after {start}")
+        for bad in ("* * *", "60 * * * *", "@reboot", "1-0 * * * *", "*/0 * * * *",
+                    "0 0 31 2 *"):
+            with self.subTest(bad=bad):
+                self.assertIn("schedule", self.fails(2, "schedule", "add", "x", bad,
+                                                     "true").err)
+
+    def move_back(self, name, minutes, **cols):
+        """As if the schedule's last handled slot was minutes ago (downtime)."""
+        import datetime as dt
+        label = (dt.datetime.now() - dt.timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M")
+        con = self.db()
+        con.execute("UPDATE schedules SET last_slot = ?, next_at = 0" + "".join(
+            f", {k} = ?" for k in cols) + " WHERE name = ?",
+            (label, *cols.values(), name))
+        con.commit()
+
+    def schedule(self, name):
+        return next(s for s in json.loads(self.ok("schedule", "list", "--json"))
+                    if s["name"] == name)
+
+    def test_two_workers_fire_each_slot_once(self):
+        self.ok("schedule", "add", "tick", "* * * * *", "--catch-up", "10", "--",
+                f"echo $QUEUECTL_JOB_ID >> {self.path('ticks')}")
+        self.move_back("tick", 10)
+        self.drain_in_processes(2, 2)
+        ticks = self.lines("ticks")
+        self.assertIn(len(ticks), (10, 11))        # 11 if a minute began meanwhile
+        self.assertEqual(len(set(ticks)), len(ticks))
+        self.assertTrue(all(t.startswith("tick@") for t in ticks), ticks)
+        self.assertEqual(self.schedule("tick")["skips"], 0)
+
+    def test_catch_up_enqueues_only_the_latest_missed_slots(self):
+        self.ok("schedule", "add", "sync", "* * * * *", "--catch-up", "3", "echo", "hi")
+        self.move_back("sync", 30)
+        self.assertEqual(self.drain_within(30).code, 0)
+        jobs = json.loads(self.ok("list", "--json"))
+        self.assertEqual(len(jobs), 3)
+        sch = self.schedule("sync")
+        self.assertIn(sch["skips"], (27, 28))
+        self.assertIn("slots missed while no worker ran", sch["last_skip"])
+        self.assertEqual((sch["last_job"], sch["last_state"]), (jobs[-1]["id"], "completed"))
+        self.assertIsNotNone(sch["last_success"])
+
+    def test_overlap_skip_while_the_last_run_is_going(self):
+        self.ok("schedule", "add", "slow", "* * * * *", "--", self.gate_cmd())
+        self.move_back("slow", 1)
+        self.bg()
+        self.wait_for(lambda: self.lines("runs") == ["start"], 20, "the first run")
+        self.move_back("slow", 1)
+        self.enqueue("true")                 # wakes the worker, which fires
+        self.wait_for(lambda: self.schedule("slow")["skips"] == 1, 20, "a skip")
+        sch = self.schedule("slow")
+        self.assertRegex(sch["last_skip"], r"\(slow@\S+ still pending or running\)")
+        self.assertEqual(len(json.loads(self.ok("list", "--queue", "default", "--json"))), 2)
+        self.go()
+        self.wait_for(lambda: self.schedule("slow")["last_state"] == "completed", 20,
+                      "the run to complete")
+
+    def test_list_pause_resume_run_rm_and_the_dead_mans_switch(self):
+        out = self.ok("schedule", "add", "nightly", "0 3 * * *", "--mem", "2G", "--nice",
+                      "10", "--key", "db-main", "--on-dead", "echo dead", "--",
+                      "./backup.sh", "--full")
+        self.assertRegex(out, r"^schedule nightly: next run .*03:00 \(in .*\)\n$")
+        self.fails(1, "schedule", "add", "nightly", "@daily", "true")
+        job_id = self.ok("schedule", "run", "nightly").strip()
+        self.assertTrue(job_id.startswith("nightly@run-"), job_id)
+        job = self.job(job_id)
+        self.assertEqual((job["command"], job["keys"], job["mem"], job["nice"],
+                          job["hooks"], job["schedule"]),
+                         ("./backup.sh --full", ["db-main"], 2 * 2**30, 10,
+                          {"on_dead": "echo dead"}, "nightly"))
+        self.ok("schedule", "pause", "nightly")
+        self.move_back("nightly", 2 * 24 * 60)
+        self.assertIn("paused", self.ok("schedule", "list"))
+        self.drain_within(30, "--queue", "nothing")
+        self.assertEqual(len(json.loads(self.ok("list", "--json"))), 1)   # run's only
+        self.assertRegex(self.ok("schedule", "resume", "nightly"),
+                         r"^schedule nightly resumed; next run ")
+        # The dead man's switch: no success within two periods.
+        con = self.db()
+        con.execute("UPDATE schedules SET created_at = '2026-01-01T00:00:00Z'")
+        con.commit()
+        r = self.q("doctor")
+        self.assertEqual(r.code, 1, r)
+        self.assertIn("schedule nightly (0 3 * * *) has not succeeded since it was added",
+                      r.out)
+        fams = parse_exposition(self.ok("metrics"))
+        self.assertEqual(fams["queuectl_schedule_last_success_timestamp_seconds"][1],
+                         [("queuectl_schedule_last_success_timestamp_seconds",
+                           {"schedule": "nightly"}, 0)])
+        self.assertEqual(self.ok("schedule", "rm", "nightly"),
+                         "schedule nightly removed (its jobs stay)\n")
+        self.assertEqual(self.ok("schedule", "list"), "no schedules\n")
+        self.job(job_id)
+        self.fails(1, "schedule", "run", "nightly")
+
+
 class TestServiceAndPipes(QueueTest):
     def test_read_commands_end_quietly_on_a_closed_pipe_under_load(self):
         # As `queuectl list --limit 0 | head -1` does: read one line, close
