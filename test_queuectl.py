@@ -67,6 +67,13 @@ PROG = os.path.join(HERE, "queuectl.py")
 
 PY = sys.executable
 
+# How the tests run queuectl: from its cached bytecode, as ./queuectl.py and
+# the installed command do. `python3 queuectl.py` compiles the whole file at
+# every start (50 ms of CPU), which the suite would pay thousands of times;
+# test_the_script_form_runs_too keeps that form covered.
+QUEUECTL = [PY, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); import queuectl; "
+            "sys.exit(queuectl.main())", HERE]
+
 class Result:
     def __init__(self, proc):
         self.code = proc.returncode
@@ -229,7 +236,7 @@ class QueueTest(unittest.TestCase):
 
     def q(self, *args, input=None, timeout=30, env=None, cwd=None):
         """Run queuectl with args; a Result."""
-        proc = subprocess.run([PY, PROG, *args], input=input, capture_output=True,
+        proc = subprocess.run([*QUEUECTL, *args], input=input, capture_output=True,
                               text=True, timeout=timeout, env=env or self.env,
                               cwd=cwd or self.work)
         return Result(proc)
@@ -257,7 +264,7 @@ class QueueTest(unittest.TestCase):
 
     def start_worker(self, *args):
         """A background worker process, killed in cleanup."""
-        p = subprocess.Popen([PY, PROG, "worker", "start", *args], env=self.env,
+        p = subprocess.Popen([*QUEUECTL, "worker", "start", *args], env=self.env,
                              cwd=self.work, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
         self.procs.append(p)
@@ -353,7 +360,7 @@ class QueueTest(unittest.TestCase):
 
     def drain_in_processes(self, n, threads):
         """n worker processes of threads each, --drain; each must exit 0."""
-        procs = [subprocess.Popen([PY, PROG, "worker", "start", "--count", str(threads),
+        procs = [subprocess.Popen([*QUEUECTL, "worker", "start", "--count", str(threads),
                                    "--drain"], env=self.env, cwd=self.work,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                   text=True) for _ in range(n)]
@@ -402,7 +409,7 @@ class QueueTest(unittest.TestCase):
     def spawn_worker(self, *args, env=None):
         """A background `worker start ARGS` whose output is collected by a
         thread (self.output(p)); killed by pid in cleanup."""
-        p = subprocess.Popen([PY, PROG, "worker", "start", *args], env=env or self.env,
+        p = subprocess.Popen([*QUEUECTL, "worker", "start", *args], env=env or self.env,
                              cwd=self.work, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
         self.procs.append(p)
@@ -440,7 +447,7 @@ class QueueTest(unittest.TestCase):
         stdout and stderr are pipes. A Result."""
         master, slave = os.openpty()
         try:
-            p = subprocess.Popen([PY, PROG, *args], stdin=slave, stdout=subprocess.PIPE,
+            p = subprocess.Popen([*QUEUECTL, *args], stdin=slave, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, env=env or self.env,
                                  cwd=self.work, text=True)
             self.procs.append(p)
@@ -537,7 +544,7 @@ class QueueTest(unittest.TestCase):
         outpath = os.path.join(self.tmp, f"worker{n}.out")
         errpath = os.path.join(self.tmp, f"worker{n}.err")
         with open(outpath, "w") as out, open(errpath, "w") as err:
-            p = subprocess.Popen([PY, PROG, "worker", "start", *args], env=env,
+            p = subprocess.Popen([*QUEUECTL, "worker", "start", *args], env=env,
                                  cwd=self.work, stdout=out, stderr=err)
         p.outpath, p.errpath = outpath, errpath
         self.procs.append(p)
@@ -672,7 +679,7 @@ class QueueTest(unittest.TestCase):
 
     def qb(self, *args, input=None, **kw):
         """Run queuectl with bytes input/output; the CompletedProcess."""
-        return subprocess.run([PY, PROG, *args], input=input, capture_output=True,
+        return subprocess.run([*QUEUECTL, *args], input=input, capture_output=True,
                               env=self.env, cwd=self.work, timeout=30, **kw)
 
 def pid_alive(pid):
@@ -967,12 +974,12 @@ class TestFilesAndPermissions(QueueTest):
         self.assertEqual(self.drain().code, 0)
         path = os.path.join(self.home, "logs", "big.log")
         self.assertGreater(os.path.getsize(path), 20_000_000)
-        tail = subprocess.run([PY, PROG, "logs", "big", "--tail", "1"], env=self.env,
+        tail = subprocess.run([*QUEUECTL, "logs", "big", "--tail", "1"], env=self.env,
                               capture_output=True, timeout=30)
         self.assertEqual(tail.returncode, 0)
         self.assertTrue(tail.stdout.startswith(b"[queuectl] attempt 1 ended: exit 0"),
                         tail.stdout[:200])
-        two = subprocess.run([PY, PROG, "logs", "big", "--tail", "2"], env=self.env,
+        two = subprocess.run([*QUEUECTL, "logs", "big", "--tail", "2"], env=self.env,
                              capture_output=True, timeout=30).stdout
         self.assertIn(b"no newline\n[queuectl] attempt 1 ended", two)
 
@@ -1048,7 +1055,7 @@ class TestHomesAndFirstUse(QueueTest):
     def stderr_on_tty(self, *args):
         master, slave = os.openpty()
         try:
-            r = subprocess.run([PY, PROG, *args], stdout=subprocess.PIPE, stderr=slave,
+            r = subprocess.run([*QUEUECTL, *args], stdout=subprocess.PIPE, stderr=slave,
                                env=self.env, cwd=self.work, timeout=30)
             self.assertEqual(r.returncode, 0)
             os.close(slave)
@@ -1081,7 +1088,7 @@ class TestHomesAndFirstUse(QueueTest):
 class TestUmask(QueueTest):
     def test_home_works_under_umask_0277(self):
         def run(*args):
-            return subprocess.run([PY, PROG, *args], capture_output=True, text=True,
+            return subprocess.run([*QUEUECTL, *args], capture_output=True, text=True,
                                   env=self.env, cwd=self.work, timeout=60,
                                   preexec_fn=lambda: os.umask(0o277))
         r = run("enqueue", "--id", "u", "echo hi")
@@ -1667,7 +1674,7 @@ class TestJobEnvironment(QueueTest):
     def test_what_python_adds_at_start_up_and_odd_names_are_not_captured(self):
         env = {k: v for k, v in self.env.items() if not k.startswith("LC_")}
         env.update({"LANG": "C", "a-b": "x", "OK_NAME": "y"})
-        r = subprocess.run([PY, PROG, "enqueue", "--id", "j", "true"], env=env,
+        r = subprocess.run([*QUEUECTL, "enqueue", "--id", "j", "true"], env=env,
                            cwd=self.work, capture_output=True, text=True, timeout=30)
         self.assertEqual(r.returncode, 0, r.stderr)
         got = self.show_env("j")
@@ -2048,13 +2055,13 @@ class TestMoreBadInput(QueueTest):
                      ["--home=", "list"]):
             with self.subTest(args=args):
                 self.fails(2, *args)
-        r = subprocess.run([PY, PROG, "enqueue", b"echo \xff\xfe"], env=self.env,
+        r = subprocess.run([*QUEUECTL, "enqueue", b"echo \xff\xfe"], env=self.env,
                            capture_output=True, timeout=30)
         self.assertEqual(r.returncode, 2)
         self.assertEqual(r.stderr, b"queuectl: error: the command is not valid UTF-8\n")
         gone = self.path("gone")
         os.mkdir(gone)
-        r = subprocess.run([PY, PROG, "enqueue", "true"], env=self.env, cwd=gone,
+        r = subprocess.run([*QUEUECTL, "enqueue", "true"], env=self.env, cwd=gone,
                            capture_output=True, text=True, timeout=30,
                            preexec_fn=lambda: os.rmdir(gone))
         self.assertEqual(r.returncode, 2, r.stderr)
@@ -2207,7 +2214,7 @@ class TestDescriptorExhaustion(QueueTest):
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         for limit in range(8, 41):
             r = Result(subprocess.run(
-                [PY, PROG, "worker", "status", "--json"], capture_output=True,
+                [*QUEUECTL, "worker", "status", "--json"], capture_output=True,
                 text=True, timeout=30, env=self.env, cwd=self.work,
                 preexec_fn=lambda n=limit: resource.setrlimit(
                     resource.RLIMIT_NOFILE, (n, hard))))
@@ -2232,7 +2239,7 @@ class TestDescriptorExhaustion(QueueTest):
 
         def run(*args):
             return Result(subprocess.run(
-                [PY, PROG, "worker", "start", *args], capture_output=True, text=True,
+                [*QUEUECTL, "worker", "start", *args], capture_output=True, text=True,
                 timeout=30, env=self.env, cwd=self.work,
                 preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
                                                       (min(256, hard), hard))))
@@ -2621,7 +2628,7 @@ class TestCancelThenRetry(QueueTest):
         self.spawn_worker("--count", "2")
         self.wait_running("c")
         self.wait_for(lambda: self.lines("trace"), what="the job to start")
-        cancel = subprocess.Popen([PY, PROG, "cancel", "c", "--grace", "1"], env=self.env,
+        cancel = subprocess.Popen([*QUEUECTL, "cancel", "c", "--grace", "1"], env=self.env,
                                   cwd=self.work,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True)
@@ -3602,7 +3609,7 @@ class TestScriptsCanRelyOnWait(QueueTest):
         # A job that fails while wait waits: wait stops itself once it has
         # taken stock (a fault point), so the job surely ends after that.
         self.enqueue("--id", "late", "--max-retries", "0", "exit 1")
-        w = subprocess.Popen([PY, PROG, "wait", "--timeout", "30"], stderr=subprocess.PIPE,
+        w = subprocess.Popen([*QUEUECTL, "wait", "--timeout", "30"], stderr=subprocess.PIPE,
                              env=self.fault_env("wait-began:stop"), text=True)
         self.procs.append(w)
         self.wait_stopped(w)
@@ -3793,12 +3800,12 @@ class TestActingOnManyJobs(QueueTest):
         self.start_worker()
         self.read_pid("pid.txt")
         self.wait_running("r")
-        c = subprocess.Popen([PY, PROG, "cancel", "r", "--grace", "60"], env=self.env,
+        c = subprocess.Popen([*QUEUECTL, "cancel", "r", "--grace", "60"], env=self.env,
                              cwd=self.work, stdout=subprocess.DEVNULL)
         self.procs.append(c)
         self.wait_state("r", "cancelled")
         self.assertEqual(self.ok("prune", "--older-than", "0"), "pruned 0 jobs\n")
-        rm = subprocess.Popen([PY, PROG, "remove", "r"], env=self.env, cwd=self.work,
+        rm = subprocess.Popen([*QUEUECTL, "remove", "r"], env=self.env, cwd=self.work,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.procs.append(rm)
         self.assertIsNone(rm.poll())
@@ -3978,7 +3985,7 @@ class TestHumanOutput(QueueTest):
             env = dict(self.env, **extra_env)
             pid, fd = pty.fork()
             if pid == 0:
-                os.execve(PY, [PY, PROG, "status"], env)
+                os.execve(PY, [*QUEUECTL, "status"], env)
             out = b""
             while True:
                 try:
@@ -4097,6 +4104,16 @@ class TestMachineOutput(QueueTest):
         out = self.ok("enqueue", "true")
         self.assertRegex(out, r"^[0-9a-z]{6}\n$")
 
+    def test_the_script_form_runs_too(self):
+        def script(*args):
+            return subprocess.run([PY, PROG, *args], capture_output=True, text=True,
+                                  env=self.env, cwd=self.work, timeout=60)
+        job_id = script("enqueue", "echo", "hi").stdout.strip()
+        r = script("worker", "start", "--drain")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertIn(f"{job_id} completed (attempt 1", r.stdout)
+        self.assertEqual(script("logs", job_id).stdout.splitlines()[1], "hi")
+
 class TestMetrics(QueueTest):
     def test_the_whole_output_follows_the_exposition_format(self):
         self.set_fast_retries()
@@ -4166,7 +4183,7 @@ class TestLiveView(QueueTest):
         self.wait_running("long-job")
         pid, fd = pty.fork()
         if pid == 0:
-            os.execve(PY, [PY, PROG, "top", "--interval", "0.2"], self.env)
+            os.execve(PY, [*QUEUECTL, "top", "--interval", "0.2"], self.env)
         self.addCleanup(lambda: pid_alive(pid) and os.kill(pid, signal.SIGKILL))
         out = b""
         deadline = time.monotonic() + 15
@@ -4779,7 +4796,7 @@ class TestServiceAndPipes(QueueTest):
         results = []
 
         def one(args):
-            p = subprocess.Popen([PY, PROG, *args], env=self.env, cwd=self.work,
+            p = subprocess.Popen([*QUEUECTL, *args], env=self.env, cwd=self.work,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             p.stdout.readline()
             p.stdout.close()
