@@ -5028,7 +5028,8 @@ def cmd_wait(args):
             raise UsageError("give job ids or --queue, not both")
     seq = store.q(SQL_MAX_SEQ)[0][0]
     fault("wait-began")
-    where, params = "", []
+    # Hooks report on jobs, they are not the work: a bare wait leaves them out.
+    where, params = f" AND queue != '{HOOK_QUEUE}'", []
     if args.queue:
         where, params = f" AND queue IN ({_marks(args.queue)})", list(args.queue)
     left, stuck = {}, {}

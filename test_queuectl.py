@@ -4446,6 +4446,8 @@ class TestHooks(QueueTest):
         self.ok("config", "set", "max_retries", "0")
         self.enqueue("--id", "j", "--timeout", "0", "--on-success", "sleep 1; exit 9", "true")
         self.assertEqual(self.drain_within(30).code, 0)     # a dead hook: still 0
+        self.assertEqual(self.q("wait", "--timeout", "5").code, 0)   # and for wait
+        self.assertEqual(self.q("wait", "--queue", "_hooks", "--timeout", "5").code, 1)
         (hook,) = json.loads(self.ok("list", "--queue", "_hooks", "--json"))
         self.assertEqual((hook["state"], hook["exit_code"]), ("dead", 9))
         self.ok("edit", hook["id"], "--", "echo fixed > fixed.txt")
