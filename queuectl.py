@@ -935,10 +935,20 @@ def check_value(name, value, source=None, text=False):
         raise UsageError(f"invalid {source or name} {value!r}: {allowed}")
     return int(v) if kind in ("int", "size") or v == int(v) else float(v)
 
+def check_nofile(n, source="--nofile"):
+    """0 (none), or enough descriptors for the job's own shell to write its
+    status file: 16 or more."""
+    if 0 < n < 16:
+        raise UsageError(f"invalid {source} {n}: give 0 (no limit) or 16 or more "
+                         "(the job's shell needs a few descriptors of its own)")
+    return n
+
 def check_config_value(key, value, source="value"):
     """One value of config.json (a JSON number, or text for TEXT_KEYS) ->
     the value as stored; key may be a queue's (queue.NAME.KEY)."""
     base = key.rpartition(".")[2]
+    if base == "nofile":
+        return check_nofile(check_value(base, value, source), key)
     if base not in TEXT_KEYS:
         return check_value(base, value, source)
     if not isinstance(value, str):
@@ -949,6 +959,8 @@ def check_config_value(key, value, source="value"):
 
 def parse_config_text(key, text):
     """A value typed on the command line for a config key -> a checked value."""
+    if key.rpartition(".")[2] == "nofile":
+        return check_nofile(check_value("nofile", text, "value", text=True), key)
     if key.rpartition(".")[2] in TEXT_KEYS:
         return check_config_value(key, text)
     return check_value(key.rpartition(".")[2], text, "value", text=True)
@@ -1173,6 +1185,8 @@ def check_spec(spec):
         if spec.get(name) is not None:
             spec[name] = check_value(name, spec[name],
                                      text=name in LIMIT_KEYS and isinstance(spec[name], str))
+    if spec.get("nofile"):
+        check_nofile(spec["nofile"])
     if spec.get("run_at") is not None and not isinstance(spec["run_at"], str):
         raise UsageError(f"invalid run_at {spec['run_at']!r}: use an ISO-8601 "
                          "string such as 2026-11-23T09:30:00Z")
@@ -1645,7 +1659,8 @@ SQL_JOB_ENV_IDS = """SELECT DISTINCT env_id FROM jobs WHERE id IN ({marks})
     AND env_id IS NOT NULL"""
 
 SQL_DROP_UNUSED_ENVS = """DELETE FROM envs WHERE id IN ({marks})
-    AND NOT EXISTS (SELECT 1 FROM jobs WHERE env_id = envs.id)"""
+    AND NOT EXISTS (SELECT 1 FROM jobs WHERE env_id = envs.id)
+    AND NOT EXISTS (SELECT 1 FROM schedules WHERE env_id = envs.id)"""
 
 SQL_INSERT_DEP = "INSERT OR IGNORE INTO deps (job, dep) VALUES (?, ?)"
 
@@ -1688,7 +1703,7 @@ SQL_WAITING_ON = """SELECT d.job, d.dep FROM deps d JOIN jobs j ON j.id = d.job
 SQL_RESET = """UPDATE jobs SET state = 'pending', attempts = 0, run_at = ?,
     updated_at = ?, blocked = ?, worker = NULL, claim = NULL, pid = NULL,
     pid_start = NULL, started_at = NULL, finished_at = NULL, exit_code = NULL,
-    last_error = NULL WHERE id = ?"""
+    last_error = NULL, usage = NULL WHERE id = ?"""
 
 SQL_UNBLOCK = """UPDATE jobs SET blocked = 0 WHERE blocked = 1
     AND id IN (SELECT job FROM deps WHERE dep = ?)
@@ -2351,13 +2366,20 @@ class Store:
             self.fire_hook(job, "on_cancel", queue_config(cfg, job["queue"]), CANCELLED,
                            None, job["attempts"], "cancelled", now)
 
-    def cancel_ended(self, job, token, cfg, rc=None, now=None):
+    def cancel_ended(self, job, token, cfg, rc=None, now=None, usage=None, duration=None):
         """cancel ended: the processes of a cancelled job's attempt are gone;
-        it lets go of its keys, counts the attempt and fires on_cancel.
-        False if that was done already."""
+        it lets go of its keys, counts and records the attempt, and fires
+        on_cancel. False if that was done already."""
         now = time.time() if now is None else now
         if not self.x(SQL_CANCEL_ENDED, (iso(now), job["id"], token)).rowcount:
             return False
+        use = usage or dict.fromkeys(("cpu_user", "cpu_sys", "max_rss"))
+        self.x(SQL_ATTEMPT_ADD, (job["id"], job["attempts"] + 1, job["queue"], CANCELLED,
+                                 job["started_at"], now, duration, use["cpu_user"],
+                                 use["cpu_sys"], use["max_rss"],
+                                 int(bool(use.get("max_rss_bound"))),
+                                 rc if rc is not None and rc >= 0 else None,
+                                 -rc if rc is not None and rc < 0 else None, "cancelled"))
         self.fire_hook(job, "on_cancel", queue_config(cfg, job["queue"]), CANCELLED,
                        describe_exit(rc)[0], job["attempts"] + 1, "cancelled", now)
         return True
@@ -2486,8 +2508,28 @@ class Store:
         fired = []
         with self.tx():
             for row in self.x(SQL_SCHEDULES_DUE, (now,)).fetchall():
-                fired += self._fire(dict(zip(SCHEDULE_FIELDS, row)), now, say)
+                sch = dict(zip(SCHEDULE_FIELDS, row))
+                self.x("SAVEPOINT fire")
+                try:
+                    fired += self._fire(sch, now, say)
+                except (QueuectlError, ValueError) as e:
+                    # One schedule that cannot fire never holds up the others:
+                    # its slot is skipped, with why, and it moves on.
+                    self.x("ROLLBACK TO fire")
+                    self._skip(sch, now, f"cannot fire: {e}", say)
+                self.x("RELEASE fire")
         return fired
+
+    def _skip(self, sch, now, why, say):
+        import datetime as dt
+        try:
+            _, at = next_slot(Cron(sch["cron"]))
+        except QueuectlError:
+            at = now + 86400
+        self.x(SQL_SCHEDULE_FIRED, (slot_label(dt.datetime.now()), at, None, 1, why,
+                                    sch["name"]))
+        if say:
+            say(f"schedule {sch['name']}: {why}")
 
     def _fire(self, sch, now, say):
         """One schedule's due slots: the latest catch_up of them become jobs
@@ -2503,8 +2545,12 @@ class Store:
             label = dt.datetime.fromtimestamp(now - 366 * 86400)
             passed = 1                   # slots before that count as one missed
         for t in cron.slots_after(label):
-            if slot_time(t) > now:
+            at = slot_time(t)
+            if at > now:
                 break
+            if due and slot_time(due[-1]) == at:
+                due.pop()                # a slot the clock skipped: one run with
+                passed -= 1              # the slot at the gap's end
             due.append(t)
             label = t
             passed += 1
@@ -2519,7 +2565,7 @@ class Store:
             skipped += len(due)
             last_skip = f"{slot_label(due[-1])} ({running[0]} still pending or running)"
             due = []
-        spec = _loads(sch["spec"], {})
+        spec = schedule_spec(sch)
         for t in due:
             job_id = f"{sch['name']}@{slot_label(t)}"
             run_at = max(slot_time(t), now - 1) + random.uniform(0, sch["jitter"])
@@ -2527,6 +2573,9 @@ class Store:
                                      now, sch["env_id"], sch["umask"], schedule=sch["name"])
             if added:
                 ids.append(new)
+            else:
+                skipped += 1
+                last_skip = f"{slot_label(t)} (a job with id {job_id} exists already)"
         if say and skipped:
             say(f"schedule {sch['name']}: skipped {plural(skipped, 'slot')}, last "
                 f"{last_skip}")
@@ -2764,11 +2813,15 @@ def limits_script(lim):
     if lim["mem"]:
         parts.append(f"ulimit -v {max(lim['mem'] // 1024, 1)}")
     if lim["cpu_time"]:
-        n = max(int(-(-lim["cpu_time"] // 1)), 1)
+        n = cpu_seconds(lim["cpu_time"])
         parts += [f"ulimit -S -t {n}", f"ulimit -H -t {n + 1}"]
     if lim["nofile"]:
         parts.append(f"ulimit -n {lim['nofile']}")
     return " && ".join(parts)
+
+def cpu_seconds(limit):
+    """A CPU time limit as ulimit -t takes it: whole seconds, rounded up."""
+    return max(int(-(-limit // 1)), 1)
 
 def limit_error(lim, rc, usage, error):
     """An attempt's error, naming the limit that ended it: a CPU time
@@ -2777,9 +2830,11 @@ def limit_error(lim, rc, usage, error):
     import signal
     xcpu = int(signal.SIGXCPU)
     cpu = usage and (usage["cpu_user"] or 0) + (usage["cpu_sys"] or 0)
-    if lim["cpu_time"] and (rc in (-xcpu, 128 + xcpu) or (
-            rc in (-9, 137) and cpu is not None and cpu >= lim["cpu_time"])):
-        return f"killed: CPU time limit {lim['cpu_time']:g}s"
+    if lim["cpu_time"]:
+        n = cpu_seconds(lim["cpu_time"])
+        used = cpu is not None and cpu >= n - 0.1       # its own exit 152 is not one
+        if rc == -xcpu or (rc in (128 + xcpu, -9, 137) and used):
+            return f"killed: CPU time limit {n}s"
     if error is None or error.startswith("timed out"):
         return error
     hints = []
@@ -3069,9 +3124,10 @@ class Attempts:
                 time.sleep(delay)
                 delay = min(delay * 4, 5)
 
-    def _cancel_ended(self, store, job, rc=None):
+    def _cancel_ended(self, store, job, rc=None, usage=None, duration=None):
         with store.tx():
-            ended = store.cancel_ended(job, job["claim"], self.config, rc)
+            ended = store.cancel_ended(job, job["claim"], self.config, rc, usage=usage,
+                                       duration=duration)
         if ended:
             self.notify()            # its keys are free
             wake_workers(self.home)
@@ -3132,7 +3188,8 @@ class Attempts:
             remove_file(status)
         if state is None and current and current["state"] == CANCELLED \
                 and current["claim"] == job["claim"]:
-            self._until_written(lambda: self._cancel_ended(store, current, rc),
+            self._until_written(lambda: self._cancel_ended(store, current, rc, usage,
+                                                           duration),
                                 f"{job['id']}: cannot record the end of its cancelled "
                                 "attempt yet")
         attempt = job["attempts"] + 1
@@ -3225,15 +3282,17 @@ class Cron:
             v = v.lower()
             if v in names:
                 return names.index(v) + first
-            if not v.isdigit() or not lo <= int(v) <= hi:
+            if not (v.isascii() and v.isdigit()) or not lo <= int(v) <= hi:
                 raise ValueError
             return int(v)
         out = set()
         try:
             for part in text.split(","):
                 rng, slash, step = part.partition("/")
+                if slash and not (step.isascii() and step.isdigit()):
+                    raise ValueError
                 step = int(step) if slash else 1
-                if step < 1 or slash and not str(step).isdigit():
+                if step < 1:
                     raise ValueError
                 if rng == "*":
                     a, b = lo, hi
@@ -3256,8 +3315,8 @@ class Cron:
             return False
         dom = day.day in self.doms
         dow = (day.weekday() + 1) % 7 in self.dows
-        if self.dom_star or self.dow_star:
-            return (self.dom_star or dom) and (self.dow_star or dow)
+        if self.dom_star or self.dow_star:          # */2 still picks days
+            return dom and dow
         return dom or dow
 
     def slots_after(self, label):
@@ -4609,9 +4668,10 @@ def cmd_show(args):
         for a in attempts:
             end = (f"exit {a['exit_code']}" if a["exit_code"] is not None else
                    f"signal {a['signal']}" if a["signal"] is not None else "no exit status")
-            use = usage_text(a) if a["cpu_user"] is not None else (
-                f"ran {a['wall']:.3f}s, " if a["wall"] is not None else "") + \
-                "CPU and memory not measured (adopted or recovered: its worker died)"
+            use = usage_text(a) if a["cpu_user"] is not None else \
+                "did not run" if a["wall"] is None else (
+                    f"ran {a['wall']:.3f}s, CPU and memory not measured (adopted "
+                    "or recovered: its worker died)")
             print(f"  {a['attempt']}  {a['state']:<9}  {end:<14}  {use}")
     if args.env:
         print("environment:" + ("" if job["env_id"] is not None else
@@ -4624,7 +4684,8 @@ def usage_text(u):
     """An attempt's cost in one line: ran, user, sys, max RSS."""
     parts = [] if u.get("wall") is None else [f"ran {u['wall']:.3f}s"]
     if u.get("cpu_user") is None:
-        return ", ".join(parts + ["CPU and memory not measured"])
+        return ", ".join(parts + ["CPU and memory not measured"]) if parts \
+            else "did not run"
     bound = "≤ " if u.get("max_rss_bound") else ""
     return ", ".join(parts + [f"user {u['cpu_user']:.3f}s", f"sys {u['cpu_sys']:.3f}s",
                               f"max RSS {bound}{human_size(u['max_rss'])}"])
@@ -4747,8 +4808,8 @@ def cmd_schedule(args):
         print(f"schedule {sch['name']} " + ("paused" if args.action == "pause" else
                                              f"resumed; next run {local_time(at, now)}"))
         wake_workers(args.home)
-    else:                        # run: once, now, whatever overlap says
-        spec = _loads(sch["spec"], {})
+    else:                        # run: once, now (after the last, with overlap skip)
+        spec = schedule_spec(sch)
         with store.tx():
             job_id, _ = store.insert({**spec, "id": f"{sch['name']}@run-{new_id()}"}, now,
                                      sch["env_id"], sch["umask"], schedule=sch["name"])
@@ -4760,26 +4821,23 @@ def schedule_add(args):
     import datetime as dt
     if not valid_name(args.name):
         check_name(args.name, "schedule name")
+    if len(args.name) > 100:                 # NAME@2026-12-01T03:00 must be an id
+        raise UsageError(f"schedule name {args.name[:20]!r}… is too long: at most 100 "
+                         "characters")
     cron = Cron(args.cron)
-    words = list(args.job or [])
-    if words and words[0].startswith("-") and words[0] != "--":
-        # Options after NAME CRON, which argparse leaves in COMMAND: they run
-        # up to --, or to the first word that is not one; argparse reads them.
-        flags = {f: kw.get("action") != "store_true" for flags_, kw in args.specs
-                 for f in flags_ if f.startswith("-")}
-        i = 0
-        while i < len(words) and words[i].startswith("-") and words[i] != "--":
-            name = words[i].partition("=")[0]
-            i += 2 if flags.get(name) and "=" not in words[i] else 1
-        opts, words = words[:i], words[i:]
-        args.job = []
-        args.parser.parse_args(opts + [args.name, args.cron], namespace=args)
-        check_arguments(args)
-        args.job = words
+    opts, command = schedule_words(args)
+    args.job = []
+    args.parser.parse_args(opts, namespace=args)
+    check_arguments(args)
+    args.job = ["--"] + command if command else []
     for name in SCHEDULE_NOT_ENQUEUE:
         setattr(args, name, False if name in ("unique", "stdin", "json") else None)
     (_, spec), = parse_specs(args)
     spec.pop("run_at", None)
+    fixed = sorted(set(spec) & {"id", "unique", "depends_on", "if_busy", "delay"})
+    if fixed:
+        raise UsageError(f"a schedule's job cannot have {', '.join(fixed)}: each slot "
+                         "makes its own id, and --overlap says what a busy one does")
     blob = umask = None
     if not args.worker_env:
         blob, umask = captured_env(), current_umask()
@@ -4806,22 +4864,75 @@ def schedule_add(args):
     print(f"schedule {args.name}: next run {local_time(at, now)} ({relative(iso(at), now)})")
     return EXIT_OK
 
+def schedule_spec(sch):
+    """The job spec a schedule's slots become. With overlap skip its jobs
+    hold the key schedule:NAME, so that even caught-up slots and schedule
+    run never run two at once."""
+    spec = _loads(sch["spec"], {})
+    if sch["overlap"] == "skip":
+        spec["keys"] = list(spec.get("keys") or []) + [f"schedule:{sch['name']}"]
+    return spec
+
+def schedule_words(args):
+    """schedule add's argv read as enqueue reads its own (argparse gives
+    every word after NAME CRON to COMMAND): (the options with NAME and
+    CRON, the command's words). Options come first; the command is what
+    follows --, verbatim, or starts at the first other word; 1.0's form, a
+    quoted command line followed by options, is read too."""
+    raw = list(args.argv)
+    at = raw.index("schedule")
+    raw = raw[raw.index("add", at) + 1:]
+    takes_value = {f: kw.get("action") != "store_true" for flags, kw in args.specs
+                   for f in flags if f.startswith("-")}
+    opts, positional, i = [], [], 0
+
+    def option(j):
+        n = 2 if takes_value.get(raw[j].partition("=")[0]) and "=" not in raw[j] else 1
+        opts.extend(raw[j:j + n])
+        return j + n
+    while i < len(raw):
+        word = raw[i]
+        if word == "--":
+            return opts + positional, raw[i + 1:]
+        if word.startswith("-") and word != "-":
+            i = option(i)
+        elif len(positional) < 2:
+            positional.append(word)
+            i += 1
+        else:
+            break
+    command = raw[i:]
+    if len(command) > 1 and any(c.isspace() for c in command[0]):
+        j = 1                            # 'cmd arg' --queue q
+        while j < len(command) and command[j].startswith("-"):
+            n = 2 if takes_value.get(command[j].partition("=")[0]) \
+                and "=" not in command[j] else 1
+            opts.extend(command[j:j + n])
+            j += n
+        if j == len(command):
+            command = command[:1]
+    return opts + positional, command
+
 def schedule_overdue(sch, now):
-    """The dead man's switch: a line when a schedule that is not paused has
-    had no success within two of its periods (and is older than that)."""
+    """The dead man's switch: a line when two slots of a schedule that is
+    not paused have come since its last success (or since it was added)."""
+    import datetime as dt
     if sch["paused"]:
         return None
-    cron = Cron(sch["cron"])
-    first, a = next_slot(cron)
-    _, b = next_slot(cron, first)
-    period = b - a
     since = sch["last_success"] or epoch(sch["created_at"])
-    if now - since <= 2 * period:
+    # Two slots have come since the last success (or since it was added).
+    passed = 0
+    for t in Cron(sch["cron"]).slots_after(dt.datetime.fromtimestamp(since)):
+        if slot_time(t) > now or passed == 2:
+            break
+        passed += 1
+    if passed < 2:
         return None
     what = (f"since {show_time(iso(sch['last_success']))}" if sch["last_success"]
             else "since it was added " + relative(sch["created_at"], now))
-    return (f"schedule {sch['name']} ({sch['cron']}) has not succeeded {what}, two "
-            f"periods of {human_duration(period)}; last run: {sch['last_job'] or 'none'}")
+    return (f"schedule {sch['name']} ({sch['cron']}) has not succeeded {what}: its "
+            f"last two slots passed without a success; last run: "
+            f"{sch['last_job'] or 'none'}")
 
 def schedule_list(store, args, now):
     rows = []
@@ -6411,6 +6522,7 @@ def main(argv=None):
             parser = build_parser(only)
             parser.argv = argv
             args = parser.parse_args(argv)
+            args.argv = argv
         args.home = resolve_home(getattr(args, "home", None))
         check_arguments(args)
         if args.cmd is None:

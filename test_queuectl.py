@@ -4639,6 +4639,10 @@ class TestLimits(QueueTest):
         self.assertEqual((job["state"], job["last_error"]),
                          ("dead", "killed: CPU time limit 1s"))
         self.assertLess(job["usage"]["wall"], 10)
+        # Its own exit 152 (128 + SIGXCPU) under a CPU limit is just an exit.
+        self.enqueue("--id", "own", "--cpu-time", "5", "--max-retries", "0", "exit 152")
+        self.drain_within(60)
+        self.assertEqual(self.job("own")["last_error"], "exit code 152")
 
     def test_nice_and_limits_apply_to_the_job_and_its_children(self):
         self.ok("config", "set", "queue.slow.nice", "5")
@@ -4670,6 +4674,10 @@ class TestSchedules(QueueTest):
             ("0 0 29 feb *", "2026-01-01T00:00", ["2028-02-28T23:00Z"]),
             ("@monthly", "2026-12-06T10:00", ["2026-12-31T23:00Z"]),
             ("0 12 * * 7", "2026-12-06T12:00", ["2026-12-13T11:00Z"]),
+            # a step in a day field still picks days (it only makes the rule AND)
+            ("0 12 */2 * *", "2026-12-06T13:00", ["2026-12-07T11:00Z", "2026-12-09T11:00Z"]),
+            ("0 0 * * */2", "2026-12-06T10:00", ["2026-12-07T23:00Z", "2026-12-09T23:00Z"]),
+            ("0 0 */10 * 1", "2026-12-06T10:00", ["2026-12-20T23:00Z"]),   # the 21st, a Monday
             # a time the clock skips runs when it jumps; one it repeats, once
             ("30 2 * * *", "2027-03-27T12:00", ["2027-03-28T01:00Z", "2027-03-29T00:30Z"]),
             ("30 2 * * *", "2027-10-30T12:00", ["2027-10-31T00:30Z", "2027-11-01T01:30Z"]),
@@ -4690,7 +4698,7 @@ class TestSchedules(QueueTest):
         for (expr, start, want), got in zip(table, json.loads(r.stdout)):
             self.assertEqual(got, want, f"{expr} after {start}")
         for bad in ("* * *", "60 * * * *", "@reboot", "1-0 * * * *", "*/0 * * * *",
-                    "0 0 31 2 *"):
+                    "0 0 31 2 *", "*/1_5 * * * *", "0 0 * * \u0663"):
             with self.subTest(bad=bad):
                 self.assertIn("schedule", self.fails(2, "schedule", "add", "x", bad,
                                                      "true").err)
@@ -4708,6 +4716,67 @@ class TestSchedules(QueueTest):
     def schedule(self, name):
         return next(s for s in json.loads(self.ok("schedule", "list", "--json"))
                     if s["name"] == name)
+
+    def test_how_schedule_add_reads_its_words_and_what_it_refuses(self):
+        self.ok("schedule", "add", "a", "@daily", "--", "--queue", "q5", "echo", "a")
+        self.ok("schedule", "add", "b", "@daily", "echo hi", "--queue", "q1")
+        self.ok("schedule", "add", "--nice", "3", "c", "@daily", "echo", "c")
+        got = {s["name"]: s["command"] for s in json.loads(self.ok("schedule", "list",
+                                                                    "--json"))}
+        self.assertEqual(got, {"a": "--queue q5 echo a", "b": "echo hi", "c": "echo c"})
+        self.assertEqual(self.job(self.ok("schedule", "run", "b").strip())["queue"], "q1")
+        self.assertEqual(self.job(self.ok("schedule", "run", "c").strip())["nice"], 3)
+        self.assertIn("cannot have depends_on", self.fails(
+            2, "schedule", "add", "d", "@daily", '{"command": "x", "depends_on": ["a"]}').err)
+        self.assertIn("too long", self.fails(2, "schedule", "add", "x" * 101, "@daily",
+                                             "true").err)
+        self.assertIn("16 or more", self.fails(2, "enqueue", "--nofile", "3", "true").err)
+
+    def test_a_schedule_that_cannot_fire_holds_up_no_other(self):
+        self.ok("schedule", "add", "good", "* * * * *", "echo", "good")
+        self.ok("schedule", "add", "bad", "* * * * *", "echo", "bad")
+        con = self.db()                      # as if a broken spec had got in
+        con.execute("""UPDATE schedules SET spec = json_set(spec, '$.depends_on',
+                       json('["gone"]')) WHERE name = 'bad'""")
+        con.commit()
+        self.move_back("good", 1)
+        self.move_back("bad", 1)
+        self.drain_within(30)
+        self.assertEqual([j["schedule"] for j in json.loads(self.ok("list", "--json"))],
+                         ["good"])
+        self.assertIn("cannot fire: unknown job 'gone'", self.schedule("bad")["last_skip"])
+
+    def test_a_slot_whose_id_is_taken_is_skipped_saying_so(self):
+        import datetime as dt
+        self.ok("schedule", "add", "c", "* * * * *", "echo", "c")
+        label = dt.datetime.now().strftime("%Y-%m-%dT%H:%M")
+        self.enqueue("--id", f"c@{label}", "--delay", "1h", "echo", "manual")
+        self.move_back("c", 1)
+        self.drain_within(30)
+        sch = self.schedule("c")
+        if sch["skips"]:                     # else the minute turned meanwhile
+            self.assertIn(f"a job with id c@{label} exists already", sch["last_skip"])
+        self.assertEqual(self.job(f"c@{label}")["command"], "echo manual")
+
+    def test_a_schedule_keeps_its_environment_when_jobs_are_removed(self):
+        env = dict(self.env, FOO="bar")
+        self.ok("schedule", "add", "envs", "0 3 * * *", "--", "echo $FOO > foo.txt", env=env)
+        self.enqueue("--id", "other", "true", env=env)
+        self.ok("remove", "other")
+        self.ok("schedule", "run", "envs")
+        self.drain_within(30)
+        self.assertEqual(self.lines("foo.txt"), ["bar"])
+
+    def test_the_dead_mans_switch_counts_slots_not_a_period(self):
+        import datetime as dt
+        now = dt.datetime(2026, 12, 6, 12, 0).timestamp()          # a Sunday
+        friday = dt.datetime(2026, 12, 4, 9, 0, 3).timestamp()
+        sch = {"name": "w", "cron": "0 9 * * 1-5", "paused": 0, "last_success": friday,
+               "created_at": "2026-01-01T00:00:00Z", "last_job": "w@2026-12-04T09:00"}
+        self.assertIsNone(queuectl.schedule_overdue(sch, now))
+        tuesday = dt.datetime(2026, 12, 8, 9, 30).timestamp()        # Mon and Tue passed
+        self.assertIn("its last two slots passed without a success",
+                      queuectl.schedule_overdue(sch, tuesday))
 
     def test_two_workers_fire_each_slot_once(self):
         self.ok("schedule", "add", "tick", "* * * * *", "--catch-up", "10", "--",
@@ -4758,7 +4827,7 @@ class TestSchedules(QueueTest):
         job = self.job(job_id)
         self.assertEqual((job["command"], job["keys"], job["mem"], job["nice"],
                           job["hooks"], job["schedule"]),
-                         ("./backup.sh --full", ["db-main"], 2 * 2**30, 10,
+                         ("./backup.sh --full", ["db-main", "schedule:nightly"], 2 * 2**30, 10,
                           {"on_dead": "echo dead"}, "nightly"))
         self.ok("schedule", "pause", "nightly")
         self.move_back("nightly", 2 * 24 * 60)
