@@ -1330,6 +1330,13 @@ def current_umask():
     os.umask(mask)
     return mask
 
+def usage_json(use):
+    """An attempt's usage (numbers, None, a bool) as JSON, without the json
+    module's cost: it is written with every attempt."""
+    return "{" + ",".join(
+        f'"{k}":' + ("null" if v is None else "true" if v is True else repr(v))
+        for k, v in sorted(use.items())) + "}"
+
 def _json_or_none(value):
     if not value:
         return None
@@ -1406,18 +1413,12 @@ ATTEMPTS_TABLE = """CREATE TABLE attempts (
     max_rss_bound INTEGER,
     exit_code INTEGER,
     signal INTEGER,
-    error TEXT)"""
+    error TEXT,
+    PRIMARY KEY (job, attempt, ended_at)) WITHOUT ROWID"""
 
-ATTEMPTS_JOB_INDEX = "CREATE INDEX attempts_job ON attempts (job)"
-
-ATTEMPTS_ENDED_INDEX = "CREATE INDEX attempts_ended ON attempts (ended_at)"
-
-# Peak RSS of measured attempts per queue, by bucket (as durations).
-RSS_TABLE = """CREATE TABLE rss_hist (
-    queue TEXT NOT NULL,
-    le REAL NOT NULL,
-    n INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (queue, le)) WITHOUT ROWID"""
+# Peak RSS of measured attempts per queue, by RSS_BUCKETS (not cumulative,
+# as durations), in the queue's stats row: one write per attempt, not two.
+RSS_COLUMNS = tuple(f"rss_b{i}" for i in range(len(RSS_BUCKETS)))
 
 # Recurring schedules: a cron expression and the job each slot becomes.
 # last_slot is the last slot handled (fired or skipped), next_at the next
@@ -1521,11 +1522,10 @@ SCHEMA = [
         cpu_user REAL NOT NULL DEFAULT 0,
         cpu_sys REAL NOT NULL DEFAULT 0,
         rss_sum REAL NOT NULL DEFAULT 0,
-        rss_count INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID""",
+        rss_count INTEGER NOT NULL DEFAULT 0,
+        """ + ",\n        ".join(f"{c} INTEGER NOT NULL DEFAULT 0" for c in RSS_COLUMNS)
+    + ") WITHOUT ROWID",
     ATTEMPTS_TABLE,
-    ATTEMPTS_JOB_INDEX,
-    ATTEMPTS_ENDED_INDEX,
-    RSS_TABLE,
     SCHEDULES_TABLE,
     SCHEDULE_INDEX,
     CLAIMED_INDEX,
@@ -1549,7 +1549,9 @@ MIGRATIONS = {
         "schedule TEXT", "usage TEXT")),
         *(f"ALTER TABLE stats ADD COLUMN {c} NOT NULL DEFAULT 0" for c in (
             "cpu_user REAL", "cpu_sys REAL", "rss_sum REAL", "rss_count INTEGER")),
-        ATTEMPTS_TABLE, ATTEMPTS_JOB_INDEX, ATTEMPTS_ENDED_INDEX, RSS_TABLE,
+        *(f"ALTER TABLE stats ADD COLUMN {c} INTEGER NOT NULL DEFAULT 0"
+          for c in RSS_COLUMNS),
+        ATTEMPTS_TABLE,
         SCHEDULES_TABLE, SCHEDULE_INDEX, CLAIMED_INDEX,
         # A cancelled job's claim now lasts only while its attempt runs; older
         # versions kept it for good.
@@ -1643,6 +1645,15 @@ SQL_SET_LIMIT = "INSERT OR REPLACE INTO limits (key, n) VALUES (?, ?)"
 
 SQL_DELETE_LIMIT = "DELETE FROM limits WHERE key = ?"
 
+# What a claim reads first, in one statement: paused queues (0), limits (1),
+# and the keys running jobs hold, with how many hold each (2).
+SQL_CLAIM_STATE = """SELECT 0, queue, NULL FROM paused
+    UNION ALL SELECT 1, key, n FROM limits
+    UNION ALL SELECT * FROM (SELECT 2, k.key, count(*) FROM jobs j INDEXED BY jobs_claimed
+        JOIN job_keys k ON k.job = j.id
+        WHERE j.claim IS NOT NULL AND j.state IN ('processing', 'cancelled')
+        GROUP BY k.key)"""
+
 # The claim's tail for full keys: a job holding one of them is passed over.
 CLAIM_KEYS_FREE = """ AND (keys IS NULL OR NOT EXISTS (SELECT 1 FROM job_keys k
     WHERE k.job = jobs.id AND k.key IN ({marks})))"""
@@ -1713,21 +1724,21 @@ SQL_UNBLOCK = """UPDATE jobs SET blocked = 0 WHERE blocked = 1
 SQL_REBLOCK = """UPDATE jobs SET blocked = 1 WHERE state IN ('pending', 'failed')
     AND id IN (SELECT job FROM deps WHERE dep = ?)"""
 
-SQL_STAT_ADD = """INSERT INTO stats (queue, attempts, failures, duration_sum,
-    duration_count, cpu_user, cpu_sys, rss_sum, rss_count)
-    VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (queue) DO UPDATE SET
+_STAT_ADD = """INSERT INTO stats (queue, attempts, failures, duration_sum,
+    duration_count, cpu_user, cpu_sys, rss_sum, rss_count{col})
+    VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?{one}) ON CONFLICT (queue) DO UPDATE SET
     attempts = attempts + 1, failures = failures + excluded.failures,
     duration_sum = duration_sum + excluded.duration_sum,
     duration_count = duration_count + excluded.duration_count,
     cpu_user = cpu_user + excluded.cpu_user, cpu_sys = cpu_sys + excluded.cpu_sys,
-    rss_sum = rss_sum + excluded.rss_sum, rss_count = rss_count + excluded.rss_count"""
+    rss_sum = rss_sum + excluded.rss_sum, rss_count = rss_count + excluded.rss_count{add}"""
 
-SQL_RSS_ADD = """INSERT INTO rss_hist (queue, le, n) VALUES (?, ?, 1)
-    ON CONFLICT (queue, le) DO UPDATE SET n = n + 1"""
+# An attempt's stats: SQL_STAT_ADD[i] also counts it in RSS bucket i; [-1]
+# in none (not measured, or over the last bucket).
+SQL_STAT_ADD = [_STAT_ADD.format(col=f", {c}", one=", 1", add=f",\n    {c} = {c} + 1")
+                for c in RSS_COLUMNS] + [_STAT_ADD.format(col="", one="", add="")]
 
-SQL_RSS = "SELECT queue, le, n FROM rss_hist"
-
-SQL_ATTEMPT_ADD = """INSERT INTO attempts (job, attempt, queue, state, started_at,
+SQL_ATTEMPT_ADD = """INSERT OR IGNORE INTO attempts (job, attempt, queue, state, started_at,
     ended_at, wall, cpu_user, cpu_sys, max_rss, max_rss_bound, exit_code, signal, error)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 
@@ -1735,7 +1746,7 @@ SQL_ATTEMPT_FIELDS = ("attempt", "state", "started_at", "ended_at", "wall", "cpu
                       "cpu_sys", "max_rss", "max_rss_bound", "exit_code", "signal", "error")
 
 SQL_ATTEMPTS_OF = (f"SELECT {', '.join(SQL_ATTEMPT_FIELDS)} FROM attempts WHERE job = ? "
-                   "ORDER BY rowid")
+                   "ORDER BY ended_at")
 
 SQL_ATTEMPTS_SINCE = """SELECT queue, state, wall, max_rss FROM attempts
     WHERE ended_at >= ?{where}"""
@@ -2250,10 +2261,16 @@ class Store:
     def claim(self, worker, queues, now):
         """claim: the next runnable job of queues (None: all) that is not
         paused, for worker; the job, or None."""
-        paused = {r[0] for r in self.x(SQL_PAUSED)}
+        paused, limits, held = set(), {}, []
+        for kind, name, n in self.x(SQL_CLAIM_STATE):     # one statement, not three
+            if kind == 0:
+                paused.add(name)
+            elif kind == 1:
+                limits[name] = n
+            else:
+                held.append((name, n))
         if "*" in paused:
             return None
-        limits = dict(self.x(SQL_LIMITS))
         self.limited = limits
         full_queues = set()
         if any(k.startswith(QUEUE_KEY) for k in limits):
@@ -2261,7 +2278,7 @@ class Store:
                 if n >= limits.get(QUEUE_KEY + queue, n + 1):
                     full_queues.add(queue)
         where, params = claim_filter(queues, paused | full_queues)
-        full = [k for k, n in self.x(SQL_HELD) if n >= limits.get(k, 1)]
+        full = [k for k, n in held if n >= limits.get(k, 1)]
         if full:
             where += CLAIM_KEYS_FREE.format(marks=_marks(full))
             params += full
@@ -2310,7 +2327,7 @@ class Store:
         unblocked = 0
         use = {"wall": None if duration is None else round(duration, 6),
                **(usage or dict.fromkeys(("cpu_user", "cpu_sys", "max_rss")))}
-        use_json = _json_or_none(use)
+        use_json = usage_json(use)
         if error is None:
             state = COMPLETED
             cur = self.x(SQL_COMPLETE, (attempts, exit_code, stamp, stamp, use_json) + fence)
@@ -2337,15 +2354,15 @@ class Store:
                              DEAD: "on_dead"}[state], cfg, state, exit_code, attempts,
                        error, now)
         rss = use["max_rss"]
-        self.x(SQL_STAT_ADD, (job["queue"], int(error is not None), duration or 0.0,
-                              int(duration is not None), use["cpu_user"] or 0.0,
-                              use["cpu_sys"] or 0.0, rss or 0, int(rss is not None)))
+        bucket = -1 if rss is None or rss > RSS_BUCKETS[-1] else \
+            next(i for i, b in enumerate(RSS_BUCKETS) if rss <= b)
+        self.x(SQL_STAT_ADD[bucket], (job["queue"], int(error is not None), duration or 0.0,
+                                      int(duration is not None), use["cpu_user"] or 0.0,
+                                      use["cpu_sys"] or 0.0, rss or 0, int(rss is not None)))
         self.x(SQL_ATTEMPT_ADD, (job["id"], attempts, job["queue"], state, job["started_at"],
                                  now, use["wall"], use["cpu_user"], use["cpu_sys"], rss,
                                  int(bool(use.get("max_rss_bound"))), rc if rc is not None and rc >= 0 else None,
                                  -rc if rc is not None and rc < 0 else None, error))
-        if rss is not None and rss <= RSS_BUCKETS[-1]:
-            self.x(SQL_RSS_ADD, (job["queue"], next(b for b in RSS_BUCKETS if rss <= b)))
         if duration is not None and duration <= DURATION_BUCKETS[-1]:
             le = next(b for b in DURATION_BUCKETS if duration <= b)
             self.x(SQL_DURATION_ADD, (job["queue"], le))
@@ -2391,7 +2408,7 @@ class Store:
         """Enqueue job's hook for event (its own, else its queue's or the
         home's default in cfg) as a job of HOOK_QUEUE, in the transaction
         of the job's change; a hook's own end fires none."""
-        if job["hook_of"] is not None:
+        if job["hook_of"] is not None or (job["hooks"] is None and not cfg.get(event)):
             return None
         own = _loads(job["hooks"], {}).get(event)       # "": none, not the default
         command = own if own is not None else cfg.get(event)
@@ -2927,8 +2944,20 @@ class Attempts:
             usage["max_rss_bound"] = True
         return usage
 
+    def _queue_config(self, queue):
+        """queue_config of the current config, computed once per queue and
+        config (a reload replaces self.config whole)."""
+        cfg, cache = self._qcfg
+        if cfg is not self.config:
+            cfg, cache = self.config, {}
+            self._qcfg = (cfg, cache)
+        found = cache.get(queue)
+        if found is None:
+            found = cache[queue] = queue_config(cfg, queue)
+        return found
+
     def _limits(self, job):
-        return job_limits(job, queue_config(self.config, job["queue"]))
+        return job_limits(job, self._queue_config(job["queue"]))
 
     def execute(self, store, job):
         """Run one claimed job to its end and record the outcome; returns the
@@ -2937,7 +2966,7 @@ class Attempts:
         attempt = job["attempts"] + 1
         token = job["claim"]
         timeout = job["timeout"] if job["timeout"] is not None else \
-            queue_config(self.config, job["queue"])["job_timeout"]
+            self._queue_config(job["queue"])["job_timeout"]
         path = log_path(self.home, job["id"])
         fd = None
         try:
@@ -3155,7 +3184,7 @@ class Attempts:
             with store.tx():
                 state, unblocked, err = store.finish(
                     job, self.id, job["claim"], rc, error,
-                    queue_config(self.config, job["queue"]), duration, usage=usage)
+                    self._queue_config(job["queue"]), duration, usage=usage)
                 nxt = None
                 if claim_next and not self.stopping:
                     nxt = store.claim(self.id, self.queues, time.time())
@@ -3560,7 +3589,7 @@ class Recovery:
         with self.lock:
             self.running[run.token] = run
         timeout = job["timeout"] if job["timeout"] is not None \
-            else queue_config(self.config, job["queue"])["job_timeout"]
+            else self._queue_config(job["queue"])["job_timeout"]
         self.threading.Thread(target=self._watch, args=(run, timeout),
                               daemon=True).start()
 
@@ -3633,6 +3662,7 @@ class Worker(Attempts, Recovery):
         self.completed = self.dead = 0
         self.config_file = Config(home)
         self.config = self.config_file.load()
+        self._qcfg = (None, {})          # see _queue_config
         self.config_mtime = self._config_mtime()
         self.signals = []
         self.threads_left = 0            # job threads not yet returned
@@ -5998,21 +6028,19 @@ def cmd_metrics(args):
     family("queuectl_job_duration_seconds", "histogram",
            "Run time of ended attempts, by queue.", samples)
     cpu = {row[0]: row[1:] for row in store.stats(("cpu_user", "cpu_sys", "rss_sum",
-                                                   "rss_count"))}
+                                                   "rss_count") + RSS_COLUMNS)}
     family("queuectl_cpu_seconds_total", "counter",
            "CPU seconds of measured attempts (the job's shell and its children), by mode.",
-           [("", {"queue": q, "mode": mode}, cpu.get(q, (0, 0, 0, 0))[i])
+           [("", {"queue": q, "mode": mode}, cpu.get(q, (0, 0))[i])
             for q in squeues for i, mode in ((0, "user"), (1, "system"))])
-    rss = {}
-    for queue, le, n in store.q(SQL_RSS):
-        rss.setdefault(queue, {})[le] = n
     samples = []
     for q in squeues:
+        row = cpu.get(q, (0,) * (4 + len(RSS_BUCKETS)))
         total = 0
-        for le in RSS_BUCKETS:
-            total += rss.get(q, {}).get(le, 0)
+        for le, n in zip(RSS_BUCKETS, row[4:]):
+            total += n
             samples.append(("_bucket", {"queue": q, "le": prom_value(le)}, total))
-        s_, n_ = cpu.get(q, (0, 0, 0, 0))[2:]
+        s_, n_ = row[2:4]
         samples += [("_bucket", {"queue": q, "le": "+Inf"}, n_),
                     ("_sum", {"queue": q}, s_), ("_count", {"queue": q}, n_)]
     family("queuectl_job_max_rss_bytes", "histogram",
