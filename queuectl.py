@@ -4914,6 +4914,7 @@ def schedule_words(args):
     raw = raw[raw.index("add", at) + 1:]
     takes_value = {f: kw.get("action") != "store_true" for flags, kw in args.specs
                    for f in flags if f.startswith("-")}
+    takes_value["--home"] = True         # every command's own option
     opts, positional, i = [], [], 0
 
     def option(j):

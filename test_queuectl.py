@@ -4722,9 +4722,11 @@ class TestSchedules(QueueTest):
         self.ok("schedule", "add", "a", "@daily", "--", "--queue", "q5", "echo", "a")
         self.ok("schedule", "add", "b", "@daily", "echo hi", "--queue", "q1")
         self.ok("schedule", "add", "--nice", "3", "c", "@daily", "echo", "c")
+        self.ok("schedule", "add", "e", "--home", self.home, "@daily", "echo", "e")
         got = {s["name"]: s["command"] for s in json.loads(self.ok("schedule", "list",
                                                                     "--json"))}
-        self.assertEqual(got, {"a": "--queue q5 echo a", "b": "echo hi", "c": "echo c"})
+        self.assertEqual(got, {"a": "--queue q5 echo a", "b": "echo hi", "c": "echo c",
+                               "e": "echo e"})
         self.assertEqual(self.job(self.ok("schedule", "run", "b").strip())["queue"], "q1")
         self.assertEqual(self.job(self.ok("schedule", "run", "c").strip())["nice"], 3)
         self.assertIn("cannot have depends_on", self.fails(
