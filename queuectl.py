@@ -3927,35 +3927,40 @@ class Worker(Attempts, Recovery):
 
     def _idle_wait(self, store, claimed_at):
         """Seconds an idle job thread may sleep, or None when draining is done.
-        A job due before claimed_at that the claim passed over waits for a
-        key: a holder's end wakes the threads, so they sleep meanwhile."""
+        A job that was due at claimed_at and was passed over waits for a key
+        (a holder's end wakes the threads): only jobs due after claimed_at
+        set how long to sleep."""
         paused = store.paused()
-        everything_paused = "*" in paused
+        if "*" in paused:
+            return None if self.drain and self._drained() else HEARTBEAT
         where, params = claim_filter(self.queues, paused)
         now = time.time()
-        if self.drain:
-            nxt = None if everything_paused else store.next_run(
-                where + " AND state = 'failed'", params)
-            if nxt is not None:
-                return min(max(epoch(nxt) - now, 0.001), HEARTBEAT)
-            due = None if everything_paused else store.next_run(where, params)
-            if due is not None and epoch(due) <= now:
-                # due since the claim: claim it; before: it waits for a key
-                return 0.001 if epoch(due) > claimed_at else HEARTBEAT
-            with self.lock:
-                if self.active == 0 and not self.running and not self.settling:
-                    self.stopping = True
-                    self.cond.notify_all()
-                    return None
+        after = " AND run_at > ?"
+        nxt = store.next_run(where + after, params + [iso(claimed_at)])
+        if nxt is not None and epoch(nxt) <= now:
+            return 0.001                 # due since the claim: claim it
+        if not self.drain:
+            return HEARTBEAT if nxt is None else min(epoch(nxt) - now, HEARTBEAT)
+        # Draining: wait for a retry's backoff, and for a key a due job needs;
+        # a job scheduled for later is left for a later worker.
+        retry = store.next_run(where + " AND state = 'failed'" + after,
+                               params + [iso(claimed_at)])
+        if retry is not None:
+            return min(epoch(retry) - now, HEARTBEAT)
+        due = store.next_run(where, params)
+        if due is not None and epoch(due) <= now:
             return HEARTBEAT
-        if everything_paused:
-            return HEARTBEAT
-        nxt = store.next_run(where, params)
-        if nxt is not None and epoch(nxt) <= claimed_at:
-            return HEARTBEAT     # passed over for a full key: a holder's end wakes us
-        if nxt is not None:
-            return min(max(epoch(nxt) - now, 0.001), HEARTBEAT)
-        return HEARTBEAT
+        return None if self._drained() else HEARTBEAT
+
+    def _drained(self):
+        """Whether a draining worker is done: no job of its own claimed,
+        running or being recorded. Tells the other threads to stop too."""
+        with self.lock:
+            if self.active == 0 and not self.running and not self.settling:
+                self.stopping = True
+                self.cond.notify_all()
+                return True
+        return False
 
     def _job_thread(self):
         """One job thread: run jobs until stopped; survive its own bugs."""
@@ -4933,15 +4938,20 @@ def schedule_words(args):
         else:
             break
     command = raw[i:]
-    if len(command) > 1 and any(c.isspace() for c in command[0]):
-        j = 1                            # 'cmd arg' --queue q
-        while j < len(command) and command[j].startswith("-"):
+    if len(command) > 1 and any(c.isspace() for c in command[0]) \
+            and command[1].startswith("-"):
+        j, more = 1, []                  # 'cmd arg' --queue q
+        while j < len(command) and command[j].startswith("-") and command[j] != "--":
             n = 2 if takes_value.get(command[j].partition("=")[0]) \
                 and "=" not in command[j] else 1
-            opts.extend(command[j:j + n])
+            more.extend(command[j:j + n])
             j += n
-        if j == len(command):
-            command = command[:1]
+        if j < len(command):
+            raise UsageError("give the command as one quoted argument or as separate "
+                             "words, not both: queuectl schedule add NAME CRON 'cmd arg' "
+                             "or queuectl schedule add NAME CRON -- cmd arg")
+        opts.extend(more)
+        command = command[:1]
     return opts + positional, command
 
 def schedule_overdue(sch, now):
@@ -4969,8 +4979,11 @@ def schedule_list(store, args, now):
     rows = []
     for sch in store.schedules():
         last = store.get(sch["last_job"]) if sch["last_job"] else None
-        rows.append({"name": sch["name"], "cron": sch["cron"],
-                     "command": _loads(sch["spec"], {}).get("command"),
+        try:
+            command = _loads(sch["spec"], {}).get("command")
+        except ValueError:
+            command = None               # doctor says what is wrong with it
+        rows.append({"name": sch["name"], "cron": sch["cron"], "command": command,
                      "paused": bool(sch["paused"]),
                      "next_run": None if sch["paused"] else show_time(iso(sch["next_at"])),
                      "last_job": sch["last_job"], "last_state": last and last["state"],
@@ -5896,7 +5909,11 @@ def cmd_doctor(args):
         problems.append(f"job {job_id} waits on {dep}, which is {state}; "
                         f"retry {dep} or cancel {job_id}")
     for sch in store.schedules():
-        late = schedule_overdue(sch, now)
+        try:
+            _loads(sch["spec"], {})
+            late = schedule_overdue(sch, now)
+        except (QueuectlError, ValueError) as e:
+            late = f"schedule {sch['name']} cannot fire: {e}"
         if late:
             problems.append(late)
     ctx, waits = WhyContext(store, now), {}

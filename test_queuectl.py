@@ -4361,6 +4361,16 @@ class TestConcurrencyKeys(QueueTest):
         self.assertEqual(sorted(self.order()[2:]), ["b", "hook-1"])
         self.assertEqual(self.job("a")["attempts"], 1)
 
+    def test_a_job_waiting_for_a_key_does_not_hold_back_a_delayed_one(self):
+        self.enqueue("--key", "k", self.gate_cmd())
+        self.enqueue("--key", "k", "true")
+        self.bg("--count", "2")
+        self.wait_for(lambda: self.lines("runs") == ["start"], 20, "the holder")
+        self.enqueue("--id", "later", "--delay", "1", "true")
+        # Idle threads once slept HEARTBEAT (5 s) past it behind the key's waiter.
+        self.wait_state("later", "completed", timeout=3.5)
+        self.go()
+
     def test_limit_list_counts_the_jobs_waiting_for_a_queue(self):
         self.ok("limit", "set", "queue:qq", "1")
         for _ in range(3):
@@ -4714,6 +4724,15 @@ class TestSchedules(QueueTest):
             (label, *cols.values(), name))
         con.commit()
 
+    def doctor_finds(self, sql, problem):
+        """After sql on the database, doctor exits 1 naming problem."""
+        con = self.db()
+        con.execute(sql)
+        con.commit()
+        r = self.q("doctor")
+        self.assertEqual(r.code, 1, r)
+        self.assertIn(problem, r.out)
+
     def schedule(self, name):
         return next(s for s in json.loads(self.ok("schedule", "list", "--json"))
                     if s["name"] == name)
@@ -4734,6 +4753,8 @@ class TestSchedules(QueueTest):
         self.assertIn("too long", self.fails(2, "schedule", "add", "x" * 101, "@daily",
                                              "true").err)
         self.assertIn("16 or more", self.fails(2, "enqueue", "--nofile", "3", "true").err)
+        self.assertIn("not both", self.fails(2, "schedule", "add", "m", "@daily", "echo hi",
+                                             "--queue", "q", "second").err)
 
     def test_a_schedule_that_cannot_fire_holds_up_no_other(self):
         self.ok("schedule", "add", "good", "* * * * *", "echo", "good")
@@ -4748,14 +4769,17 @@ class TestSchedules(QueueTest):
         self.assertEqual([j["schedule"] for j in json.loads(self.ok("list", "--json"))],
                          ["good"])
         self.assertIn("cannot fire: unknown job 'gone'", self.schedule("bad")["last_skip"])
+        self.doctor_finds("UPDATE schedules SET cron = 'bogus cron' WHERE name = 'bad'",
+                          "problem: schedule bad cannot fire: invalid schedule 'bogus cron'")
+        self.assertIn("bogus cron", self.ok("schedule", "list"))
 
     def test_a_slot_whose_id_is_taken_is_skipped_saying_so(self):
         import datetime as dt
         # --catch-up 5: the taken slot is due even if the minute turns meanwhile
         self.ok("schedule", "add", "c", "* * * * *", "--catch-up", "5", "echo", "c")
+        self.move_back("c", 1)                  # then this minute's slot is due
         label = dt.datetime.now().strftime("%Y-%m-%dT%H:%M")
         self.enqueue("--id", f"c@{label}", "--delay", "1h", "echo", "manual")
-        self.move_back("c", 1)
         self.drain_within(30)
         sch = self.schedule("c")
         self.assertIn(f"a job with id c@{label} exists already", sch["last_skip"])
@@ -4782,7 +4806,7 @@ class TestSchedules(QueueTest):
                       queuectl.schedule_overdue(sch, tuesday))
 
     def test_two_workers_fire_each_slot_once(self):
-        self.ok("schedule", "add", "tick", "* * * * *", "--catch-up", "10", "--",
+        self.ok("schedule", "add", "tick", "* * * * *", "--catch-up", "12", "--",
                 f"echo $QUEUECTL_JOB_ID >> {self.path('ticks')}")
         self.move_back("tick", 10)
         self.drain_in_processes(2, 2)
@@ -4840,13 +4864,8 @@ class TestSchedules(QueueTest):
         self.assertRegex(self.ok("schedule", "resume", "nightly"),
                          r"^schedule nightly resumed; next run ")
         # The dead man's switch: no success within two periods.
-        con = self.db()
-        con.execute("UPDATE schedules SET created_at = '2026-01-01T00:00:00Z'")
-        con.commit()
-        r = self.q("doctor")
-        self.assertEqual(r.code, 1, r)
-        self.assertIn("schedule nightly (0 3 * * *) has not succeeded since it was added",
-                      r.out)
+        self.doctor_finds("UPDATE schedules SET created_at = '2026-01-01T00:00:00Z'",
+                          "schedule nightly (0 3 * * *) has not succeeded since it was added")
         fams = parse_exposition(self.ok("metrics"))
         self.assertEqual(fams["queuectl_schedule_last_success_timestamp_seconds"][1],
                          [("queuectl_schedule_last_success_timestamp_seconds",
