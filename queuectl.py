@@ -3417,7 +3417,7 @@ class Recovery:
             alive = {w["id"] for w in workers} | {self.id}
             self._sweep_status_files({(j["id"], j["claim"]) for j in rows}, alive)
             fresh = {w["id"] for w in workers if not worker_stale(w)} | {self.id}
-            self._sweep_cancelled(store, alive)
+            self._sweep_cancelled(store, fresh)
             for job in rows:
                 if job["worker"] in fresh:
                     continue
@@ -3433,10 +3433,12 @@ class Recovery:
         except (QueuectlError, OSError) as e:
             self.say(f"recovery scan failed, will retry: {e}")
 
-    def _sweep_cancelled(self, store, alive):
-        """Cancelled jobs of workers that are gone: once no process carries
-        their claim, their attempt has ended (keys let go, on_cancel)."""
-        rows = [j for j in store.cancelled_running() if j["worker"] not in alive]
+    def _sweep_cancelled(self, store, fresh):
+        """Cancelled jobs of workers that are gone or past their lease (a
+        frozen one may never record them): once no process carries their
+        claim, their attempt has ended, or was revoked before it started and
+        can never start (keys let go, on_cancel)."""
+        rows = [j for j in store.cancelled_running() if j["worker"] not in fresh]
         if not rows:
             return
         running = live_claims()

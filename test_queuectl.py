@@ -4371,6 +4371,19 @@ class TestConcurrencyKeys(QueueTest):
         self.wait_state("later", "completed", timeout=3.5)
         self.go()
 
+    def test_a_frozen_workers_cancelled_job_lets_go_of_its_key(self):
+        self.enqueue("--id", "a", "--key", "k", self.gate_cmd())
+        a = self.bg()
+        self.resume_in_cleanup(a)
+        self.wait_for(lambda: self.lines("runs") == ["start"], 20, "a to start")
+        self.freeze(a)
+        self.ok("cancel", "a", "--grace", "1")     # its processes end; A never sees it
+        self.enqueue("--id", "b", "--key", "k", "true")
+        self.age(a)
+        self.bg()                                  # B's recovery lets go of a's key
+        self.wait_state("b", "completed")
+        self.assertEqual((self.state("a"), self.job("a")["attempts"]), ("cancelled", 1))
+
     def test_limit_list_counts_the_jobs_waiting_for_a_queue(self):
         self.ok("limit", "set", "queue:qq", "1")
         for _ in range(3):
