@@ -1647,12 +1647,9 @@ SQL_DELETE_LIMIT = "DELETE FROM limits WHERE key = ?"
 
 # What a claim reads first, in one statement: paused queues (0), limits (1),
 # and the keys running jobs hold, with how many hold each (2).
-SQL_CLAIM_STATE = """SELECT 0, queue, NULL FROM paused
+SQL_CLAIM_STATE = f"""SELECT 0, queue, NULL FROM paused
     UNION ALL SELECT 1, key, n FROM limits
-    UNION ALL SELECT * FROM (SELECT 2, k.key, count(*) FROM jobs j INDEXED BY jobs_claimed
-        JOIN job_keys k ON k.job = j.id
-        WHERE j.claim IS NOT NULL AND j.state IN ('processing', 'cancelled')
-        GROUP BY k.key)"""
+    UNION ALL SELECT 2, * FROM ({SQL_HELD})"""
 
 # The claim's tail for full keys: a job holding one of them is passed over.
 CLAIM_KEYS_FREE = """ AND (keys IS NULL OR NOT EXISTS (SELECT 1 FROM job_keys k
