@@ -2356,14 +2356,20 @@ class Store:
         self.x(SQL_STAT_ADD[bucket], (job["queue"], int(error is not None), duration or 0.0,
                                       int(duration is not None), use["cpu_user"] or 0.0,
                                       use["cpu_sys"] or 0.0, rss or 0, int(rss is not None)))
-        self.x(SQL_ATTEMPT_ADD, (job["id"], attempts, job["queue"], state, job["started_at"],
-                                 now, use["wall"], use["cpu_user"], use["cpu_sys"], rss,
-                                 int(bool(use.get("max_rss_bound"))), rc if rc is not None and rc >= 0 else None,
-                                 -rc if rc is not None and rc < 0 else None, error))
+        self.add_attempt(job, attempts, state, now, use, rc, error)
         if duration is not None and duration <= DURATION_BUCKETS[-1]:
             le = next(b for b in DURATION_BUCKETS if duration <= b)
             self.x(SQL_DURATION_ADD, (job["queue"], le))
         return state, unblocked, error
+
+    def add_attempt(self, job, number, state, now, use, rc, error):
+        """The row of an ended attempt: what it cost (use: wall, cpu_user,
+        cpu_sys, max_rss, max_rss_bound) and how it ended (rc: waitpid-style)."""
+        self.x(SQL_ATTEMPT_ADD, (
+            job["id"], number, job["queue"], state, job["started_at"], now, use["wall"],
+            use["cpu_user"], use["cpu_sys"], use["max_rss"],
+            int(bool(use.get("max_rss_bound"))), rc if rc is not None and rc >= 0 else None,
+            -rc if rc is not None and rc < 0 else None, error))
 
     def requeue(self, job_id, worker, token):
         """requeue, in a transaction of its own: back to pending, the attempt
@@ -2387,13 +2393,9 @@ class Store:
         now = time.time() if now is None else now
         if not self.x(SQL_CANCEL_ENDED, (iso(now), job["id"], token)).rowcount:
             return False
-        use = usage or dict.fromkeys(("cpu_user", "cpu_sys", "max_rss"))
-        self.x(SQL_ATTEMPT_ADD, (job["id"], job["attempts"] + 1, job["queue"], CANCELLED,
-                                 job["started_at"], now, duration, use["cpu_user"],
-                                 use["cpu_sys"], use["max_rss"],
-                                 int(bool(use.get("max_rss_bound"))),
-                                 rc if rc is not None and rc >= 0 else None,
-                                 -rc if rc is not None and rc < 0 else None, "cancelled"))
+        self.add_attempt(job, job["attempts"] + 1, CANCELLED, now,
+                         {"wall": duration, **(usage or dict.fromkeys(
+                             ("cpu_user", "cpu_sys", "max_rss")))}, rc, "cancelled")
         self.fire_hook(job, "on_cancel", queue_config(cfg, job["queue"]), CANCELLED,
                        describe_exit(rc)[0], job["attempts"] + 1, "cancelled", now)
         return True
