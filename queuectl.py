@@ -1203,15 +1203,9 @@ def check_spec(spec):
         if not 0 <= spec["run_at"] < 253402300800:     # 1970 to 9999
             raise UsageError(f"run_at {text!r} is out of range: use a time "
                              "from 1970 to 9999")
-    deps = spec.get("depends_on")
-    if deps is not None:
-        if isinstance(deps, str):
-            deps = [deps]
-        if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
-            raise UsageError("depends_on must be a list of job ids")
-        for d in deps:
-            check_name(d)
-        spec["depends_on"] = list(dict.fromkeys(deps))
+    if spec.get("depends_on") is not None:
+        spec["depends_on"] = _names(spec["depends_on"], "depends_on must be a list of "
+                                    "job ids", check_name)
     env = spec.get("env")
     if env is not None:
         if not isinstance(env, dict) or not all(
@@ -1238,13 +1232,8 @@ def check_spec(spec):
             raise UsageError(f"cwd {cwd!r} is not a directory")
     if not isinstance(spec.get("unique", False), bool):
         raise UsageError("unique must be true or false")
-    keys = spec.get("keys")
-    if keys is not None:
-        if isinstance(keys, str):
-            keys = [keys]
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise UsageError("keys must be a list of key names")
-        spec["keys"] = [check_key(k) for k in dict.fromkeys(keys)]
+    if spec.get("keys") is not None:
+        spec["keys"] = _names(spec["keys"], "keys must be a list of key names", check_key)
     if spec.get("if_busy") is not None:
         check_if_busy(spec["if_busy"])
         if spec["if_busy"] == "skip" and not spec.get("keys"):
@@ -1260,6 +1249,15 @@ def check_spec(spec):
     if spec.get("unique") and spec.get("id") is None:
         raise UsageError("--unique needs an id (--id or \"id\")")
     return spec
+
+def _names(value, wrong, check):
+    """A JSON job's list of names (or one name) -> each checked, once, in
+    order; wrong: the error for anything else."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(wrong)
+    return [check(v) for v in dict.fromkeys(value)]
 
 def spec_from_text(text):
     """One enqueue argument or --stdin line -> a spec dict (not yet checked).
@@ -2522,6 +2520,7 @@ class Store:
         transaction, so that of all the workers that call this, one fires a
         slot and the others find it handled. The jobs' ids."""
         fired = []
+        fault("fire")
         with self.tx():
             for row in self.x(SQL_SCHEDULES_DUE, (now,)).fetchall():
                 sch = dict(zip(SCHEDULE_FIELDS, row))

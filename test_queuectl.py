@@ -21,6 +21,10 @@ process (default once). Points, in the order a job meets them:
     before-record  the job ended and was reaped; before its outcome is written
     record         each try of the outcome's transaction (use fail*N)
 
+and one of a worker's main thread:
+
+    fire           it is about to fire due schedule slots (before its transaction)
+
 and one of `wait` (not a worker's):
 
     wait-began     wait has taken stock of the jobs it waits for
@@ -4817,6 +4821,33 @@ class TestSchedules(QueueTest):
         tuesday = dt.datetime(2026, 12, 8, 9, 30).timestamp()        # Mon and Tue passed
         self.assertIn("its last two slots passed without a success",
                       queuectl.schedule_overdue(sch, tuesday))
+
+    def test_a_worker_frozen_while_firing_lets_another_fire_each_slot_once(self):
+        self.ok("schedule", "add", "tick", "* * * * *", "--catch-up", "5", "--",
+                f"echo $QUEUECTL_JOB_ID >> {self.path('ticks')}")
+        self.move_back("tick", 2)
+        a = self.bg(fault="fire:stop")        # decided to fire, then frozen
+        self.resume_in_cleanup(a)
+        self.wait_stopped(a)
+        self.age(a)
+        self.assertEqual(self.drain_within(30).code, 0)    # B fires and runs them
+        fired = self.lines("ticks")
+        self.assertIn(len(fired), (2, 3))
+        os.kill(a.pid, signal.SIGCONT)       # A wakes and fires again: nothing is due
+        self.enqueue("--id", "after", "true")
+        self.wait_state("after", "completed")
+        self.assertEqual(self.lines("ticks"), fired)
+        self.assertEqual(self.schedule("tick")["skips"], 0)
+
+    def test_a_database_error_while_firing_is_retried(self):
+        self.ok("schedule", "add", "tick", "* * * * *", "--",
+                f"echo $QUEUECTL_JOB_ID >> {self.path('ticks')}")
+        self.move_back("tick", 1)
+        a = self.bg(fault="fire:fail")
+        self.wait_for(lambda: len(self.lines("ticks")) == 1, 20, "the slot after a retry")
+        self.wait_out(a, "cannot fire schedules yet, will retry: database error",
+                      "the failed try")
+        self.assertEqual(self.schedule("tick")["skips"], 0)
 
     def test_two_workers_fire_each_slot_once(self):
         self.ok("schedule", "add", "tick", "* * * * *", "--catch-up", "12", "--",
