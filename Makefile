@@ -52,6 +52,7 @@ install:
 	install -m 0644 queuectl.py $(DESTDIR)$(LIBDIR)/queuectl.py
 	interp=$$($(PYTHON) -c "$$PICK_PYTHON") && \
 	$$interp -m compileall -q $(DESTDIR)$(LIBDIR)/queuectl.py && \
+	chmod -R a+rX $(DESTDIR)$(LIBDIR) && \
 	printf '#!%s -I\nimport sys\nsys.path.insert(0, "%s")\nimport queuectl\nsys.exit(queuectl.main())\n' \
 		"$$interp" "$(LIBDIR)" > $(DESTDIR)$(BINDIR)/queuectl
 	chmod 0755 $(DESTDIR)$(BINDIR)/queuectl
