@@ -390,13 +390,13 @@ def parse_time(text, now=None):
     day, _, clock = low.rpartition(" ") if " " in low else ("", "", low)
     if day in ("", "today", "tomorrow") and _is_clock(clock):
         hour, minute, second = (int(x) for x in (clock + ":0").split(":")[:3])
-        base = time.localtime(now)
-        when = time.mktime((base.tm_year, base.tm_mon, base.tm_mday + (day == "tomorrow"),
-                            hour, minute, second, 0, 0, -1))
+        today = datetime.datetime.fromtimestamp(now).replace(
+            hour=hour, minute=minute, second=second, microsecond=0, fold=0)
+        one_day = datetime.timedelta(days=1)
+        when = local_instant(today + one_day if day == "tomorrow" else today)
         if not day and when <= now:      # '03:00' is the next one
-            when = time.mktime((base.tm_year, base.tm_mon, base.tm_mday + 1,
-                                hour, minute, second, 0, 0, -1))
-        return float(when)
+            when = local_instant(today + one_day)
+        return when
     if s[-1:] in "zZ" and s:
         s = s[:-1] + "+00:00"
     try:
@@ -406,11 +406,40 @@ def parse_time(text, now=None):
             f"invalid time {text!r}: use 03:00, tomorrow 03:00, 2026-12-01 03:00 "
             "(local time), +90m, or ISO-8601 such as 2026-12-01T03:00:00Z or "
             "2026-12-01T03:00+02:00") from None
-    try:
-        return dt.timestamp()   # naive datetimes are taken as local time
+    try:                        # a naive one is local time, by one rule
+        return dt.timestamp() if dt.tzinfo else local_instant(dt)
     except (OverflowError, OSError, ValueError):
         raise UsageError(f"time {text!r} is out of range: use a time from "
                          "1970 to 9999") from None
+
+def local_instant(t):
+    """The epoch seconds of a naive local time, by the one rule for every
+    form a time is typed in and for every schedule slot: a time the clock
+    shows twice (turned back) is its first instant; one it skips (turned
+    forward) is the first minute after the gap."""
+    import datetime as dt
+    frac = t.microsecond / 1e6
+    first = t = t.replace(microsecond=0, fold=0)
+    for _ in range(24 * 60):
+        ts = t.timestamp()
+        if dt.datetime.fromtimestamp(ts) == t:
+            return ts + frac
+        t += dt.timedelta(minutes=1)
+    return first.timestamp() + frac
+
+def now_label(now=None):
+    """The minute (a naive local time) that is now for schedules: the latest
+    whose instant (local_instant) has come. While the clock repeats an hour
+    it shows minutes whose first instant has passed: those are behind us."""
+    import datetime as dt
+    now = time.time() if now is None else now
+    t = dt.datetime.fromtimestamp(now).replace(second=0, microsecond=0, fold=0)
+    for _ in range(24 * 60):
+        nxt = t + dt.timedelta(minutes=1)
+        if local_instant(nxt) > now:
+            break
+        t = nxt
+    return t
 
 def _is_clock(text):
     """'3:00', '03:00' or '03:00:30': a time of day."""
@@ -774,6 +803,29 @@ def group_alive(pgid):
             return True
     return False
 
+def attempt_alive(token, pgid=None):
+    """True while a process of an attempt may be left: one of its process
+    group (pgid, when known) or one that carries its claim token. Its
+    shell's end is not the attempt's end (a child may run on), and a look
+    that failed (EMFILE...) is no evidence of an end."""
+    try:
+        return bool(pgid and group_alive(pgid) or claim_processes(token))
+    except OSError:
+        return True
+
+def kill_claim(token, sig):
+    """Signal every process that carries the claim token (unique to one
+    attempt of one home, so never another's)."""
+    try:
+        found = claim_processes(token)
+    except OSError:
+        return
+    for pid, _ in found:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
 def signal_group(pgid, sig):
     try:
         os.killpg(pgid, sig)
@@ -795,11 +847,26 @@ def kill_group(pgid, grace, leader_gone=lambda: True, send=None):
     send(signal.SIGKILL)
     poll_until(ended, 5, first=0.005)
 
+def readable(fds, timeout=None):
+    """The descriptors of fds that are readable (or at EOF, or hung up)
+    within timeout seconds (None: no limit). poll(), not select(): select()
+    fails for a descriptor above 1023, which a worker with many threads
+    reaches."""
+    import select
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:          # in slices of a day at most: poll() takes an int of ms
+        left = 86400.0 if deadline is None else min(deadline - time.monotonic(), 86400.0)
+        ready = poller.poll(max(int(left * 1000 + 0.999), 0))
+        if ready or (deadline is not None and time.monotonic() >= deadline):
+            return [fd for fd, _ in ready]
+
 def wait_exit(pid, timeout, proc=None, start=None):
     """Wait up to timeout seconds (None: forever) for a process to end; True
     if it did. proc: our own child (reaped here); else any process, by pid
     and, against pid reuse, its start time."""
-    import select
     fd = None
     if hasattr(os, "pidfd_open"):
         try:
@@ -811,7 +878,7 @@ def wait_exit(pid, timeout, proc=None, start=None):
     try:
         if fd is not None:
             # A pidfd is readable once the process has ended, reaped or not.
-            ready = select.select([fd], [], [], timeout)[0]
+            ready = readable([fd], timeout)
             if ready and proc is not None and proc.poll() is None:
                 proc.wait()              # ended, so not reaped a moment later
             return bool(ready) or (proc is not None and proc.poll() is not None)
@@ -850,14 +917,13 @@ class Child:
             return self.returncode
 
     def wait(self):
-        import select
         try:
             fd = os.pidfd_open(self.pid)
         except (AttributeError, OSError):   # no pidfd here, or already reaped
             poll_until(lambda: self.poll() is not None, cap=0.05)
             return self.returncode
         try:
-            select.select([fd], [], [])     # readable once it has ended
+            readable([fd])                  # readable once it has ended
         finally:
             os.close(fd)
         poll_until(lambda: self.poll() is not None)
@@ -1583,11 +1649,14 @@ JOB_COLUMNS = ", ".join(ROW_FIELDS)
 #   fail        processing (fenced)          failed/dead attempts exit_code last_error run_at
 #                                                        finished_at / claim pid pid_start
 #   requeue     processing (fenced)          pending     / claim worker pid pid_start started_at
-#   cancel      pending, failed, processing  cancelled   finished_at last_error; keeps claim
-#                                                        and pid: they name the cancelled
-#                                                        attempt's processes until they end
-#   cancel      cancelled (claim set)        cancelled   attempts / claim pid pid_start: its
-#     ended                                              processes are gone (keys let go)
+#   cancel      pending, failed, processing  cancelled   finished_at last_error, run_at
+#                                                        (processing: when its processes
+#                                                        are killed); keeps claim and pid:
+#                                                        they name the cancelled attempt's
+#                                                        processes until they end
+#   cancel      cancelled (claim set)        cancelled   attempts / claim pid pid_start: no
+#     ended                                              process of its group or claim is
+#                                                        left (keys let go)
 #   reset       completed, dead, cancelled   pending     attempts=0 run_at blocked / worker
 #                                                        claim pid pid_start started_at
 #                                                        finished_at exit_code last_error
@@ -1693,8 +1762,12 @@ SQL_FAIL = """UPDATE jobs SET state = ?, attempts = ?, exit_code = ?,
 SQL_REQUEUE = """UPDATE jobs SET state = 'pending', updated_at = ?, claim = NULL,
     worker = NULL, pid = NULL, pid_start = NULL, started_at = NULL""" + FENCE
 
+# A cancelled attempt's run_at is when its processes are killed (the cancel's
+# grace): the worker that waits for them to end kills them then, should the
+# cancel command itself not live that long.
 SQL_CANCEL = """UPDATE jobs SET state = 'cancelled', finished_at = ?,
-    updated_at = ?, last_error = 'cancelled' WHERE id = ?"""
+    updated_at = ?, last_error = 'cancelled',
+    run_at = CASE WHEN state = 'processing' THEN ? ELSE run_at END WHERE id = ?"""
 
 SQL_RUN_NOW = """UPDATE jobs SET run_at = ?, updated_at = ? WHERE id = ?
     AND state = 'failed'"""
@@ -1827,7 +1900,10 @@ SQL_FINISHED_BEFORE = """SELECT id FROM jobs WHERE state IN ({marks})
 SQL_CANCELLED_CLAIMS = """SELECT id, claim FROM jobs WHERE id IN ({marks})
     AND state = 'cancelled' AND claim IS NOT NULL"""
 
-SQL_IDS_STILL_IN = "SELECT id FROM jobs WHERE id IN ({marks}) AND state IN ({smarks})"
+# (A cancelled job whose attempt still runs keeps its claim, and its keys: it
+# is not deleted until that attempt has ended.)
+SQL_IDS_STILL_IN = """SELECT id FROM jobs WHERE id IN ({marks}) AND state IN ({smarks})
+    AND claim IS NULL"""
 
 SQL_OPEN_DEPS = "SELECT count(*) FROM jobs WHERE id IN ({marks}) AND state != 'completed'"
 
@@ -2253,9 +2329,10 @@ class Store:
             return 0
         return int(self.x(SQL_OPEN_DEPS.format(marks=_marks(deps)), deps).fetchone()[0] > 0)
 
-    def claim(self, worker, queues, now):
+    def claim(self, worker, queues, now, token=None):
         """claim: the next runnable job of queues (None: all) that is not
-        paused, for worker; the job, or None."""
+        paused, for worker, with claim token (default: a new one); the job,
+        or None."""
         paused, limits, held = set(), {}, []
         for kind, name, n in self.x(SQL_CLAIM_STATE):     # one statement, not three
             if kind == 0:
@@ -2281,7 +2358,7 @@ class Store:
         if row is None:
             return None
         job = job_from_row(row)
-        job["claim"] = new_id() + new_id()
+        job["claim"] = token or new_id() + new_id()
         job["worker"] = worker
         job["started_at"] = iso(now)
         self.x(SQL_CLAIM, (job["claim"], worker, job["started_at"], job["started_at"],
@@ -2376,10 +2453,11 @@ class Store:
             return bool(self.x(SQL_REQUEUE, (iso(time.time()), job_id, worker,
                                              token)).rowcount)
 
-    def cancel(self, job, now, cfg):
+    def cancel(self, job, now, cfg, grace=0):
         """cancel; the on_cancel hook of a job that was not running (a running
-        one's fires when its attempt has ended: cancel_ended)."""
-        self.x(SQL_CANCEL, (iso(now), iso(now), job["id"]))
+        one's fires when its attempt has ended: cancel_ended, once its
+        processes are gone; they are killed grace seconds from now)."""
+        self.x(SQL_CANCEL, (iso(now), iso(now), iso(now + grace), job["id"]))
         if job["state"] != PROCESSING:
             self.fire_hook(job, "on_cancel", queue_config(cfg, job["queue"]), CANCELLED,
                            None, job["attempts"], "cancelled", now)
@@ -2536,12 +2614,11 @@ class Store:
         return fired
 
     def _skip(self, sch, now, why, say):
-        import datetime as dt
         try:
-            _, at = next_slot(Cron(sch["cron"]))
+            _, at = next_slot(Cron(sch["cron"]), now=now)
         except QueuectlError:
             at = now + 86400
-        self.x(SQL_SCHEDULE_FIRED, (slot_label(dt.datetime.now()), at, None, 1, why,
+        self.x(SQL_SCHEDULE_FIRED, (slot_label(now_label(now)), at, None, 1, why,
                                     sch["name"]))
         if say:
             say(f"schedule {sch['name']}: {why}")
@@ -2551,19 +2628,18 @@ class Store:
         (unless overlap skip finds its last run still pending or running),
         the older ones are missed; then its next slot."""
         import collections
-        import datetime as dt
         import random
         cron = Cron(sch["cron"])
         label = parse_slot_label(sch["last_slot"])
         due, passed = collections.deque(maxlen=sch["catch_up"]), 0
-        if now - slot_time(label) > 366 * 86400:      # down for over a year
-            label = dt.datetime.fromtimestamp(now - 366 * 86400)
+        if now - local_instant(label) > 366 * 86400:      # down for over a year
+            label = now_label(now - 366 * 86400)
             passed = 1                   # slots before that count as one missed
         for t in cron.slots_after(label):
-            at = slot_time(t)
+            at = local_instant(t)
             if at > now:
                 break
-            if due and slot_time(due[-1]) == at:
+            if due and local_instant(due[-1]) == at:
                 due.pop()                # a slot the clock skipped: one run with
                 passed -= 1              # the slot at the gap's end
             due.append(t)
@@ -2583,7 +2659,7 @@ class Store:
         spec = schedule_spec(sch)
         for t in due:
             job_id = f"{sch['name']}@{slot_label(t)}"
-            run_at = max(slot_time(t), now - 1) + random.uniform(0, sch["jitter"])
+            run_at = max(local_instant(t), now - 1) + random.uniform(0, sch["jitter"])
             new, added = self.insert({**spec, "id": job_id, "unique": True, "run_at": run_at},
                                      now, sch["env_id"], sch["umask"], schedule=sch["name"])
             if added:
@@ -2715,7 +2791,7 @@ def job_from_row(row):
 # Each worker process holds an exclusive flock on home/run/<worker>.lock for
 # its whole life: the kernel releases it the instant the process dies, so
 # "is it alive?" never depends on clocks or pid reuse. Idle workers sleep in
-# select() on their FIFO home/run/<worker>.wake; commands that make a job
+# poll() on their FIFO home/run/<worker>.wake; commands that make a job
 # runnable write a byte to every FIFO.
 
 
@@ -2753,6 +2829,13 @@ def worker_stale(row):
     """Its heartbeat is older than the lease: its jobs are recovered even if
     it lives (stopped, suspended, stuck); fencing keeps its late writes out."""
     return time.time() - epoch(row["heartbeat"]) > LEASE
+
+def claim_tag(worker_id):
+    """What begins the claim tokens a worker makes (the random XXXX of its
+    id HOST-PID-XXXX): a job that holds one of them and is that worker's
+    occupies one of its job threads; one it adopted (its token another's)
+    is only watched."""
+    return worker_id[-4:]
 
 def remove_worker_files(home, wid):
     for suffix in (".lock", ".wake"):
@@ -2909,12 +2992,12 @@ class Attempts:
             env = dict(base)
         if job["env"]:
             env.update(_loads(job["env"], {}))
-        env["QUEUECTL_HOME"] = self.home
-        env["QUEUECTL_JOB_ID"] = job["id"]
-        env["QUEUECTL_ATTEMPT"] = str(attempt)
-        if job["hook_of"] is not None:   # a hook: the variables of its job
+        if job["hook_of"] is None:
+            env["QUEUECTL_JOB_ID"] = job["id"]
+            env["QUEUECTL_ATTEMPT"] = str(attempt)
+        else:                # a hook: its env holds its job's (QUEUECTL_JOB_ID...)
             env["QUEUECTL_HOOK_ID"] = job["id"]
-            env.update(_loads(job["env"], {}))
+        env["QUEUECTL_HOME"] = self.home    # never a job's own --env value
         env["QUEUECTL_CLAIM"] = token       # how its processes are found again
         env["__QUEUECTL_STATUS"] = status_path(self.home, job["id"], token)
         env["__QUEUECTL_COMMAND"] = job["command"]
@@ -2996,18 +3079,18 @@ class Attempts:
             return self._record(store, job, None, f"could not start: {reason}", None, fd)
         run = Running(job, token, proc.pid, None, proc)
         run.began, run.log_fd = began, fd
-        run.rss_floor = self._rss_floor()
         with self.lock:
             self.running[token] = run
             stop_now = self.kill_jobs
-        fault("after-spawn", job["id"])
-        # Most jobs are short: their pid need not reach the database. One
-        # still running after PID_DELAY gets its pid recorded, for adoption
-        # and cancel; they find a younger one by its claim token.
-        if not wait_exit(proc.pid, PID_DELAY, proc):
-            _, run.start = proc_start(proc.pid)
-            self._record_pid(store, run)
         try:
+            run.rss_floor = self._rss_floor()
+            fault("after-spawn", job["id"])
+            # Most jobs are short: their pid need not reach the database. One
+            # still running after PID_DELAY gets its pid recorded, for adoption
+            # and cancel; they find a younger one by its claim token.
+            if not wait_exit(proc.pid, PID_DELAY, proc):
+                _, run.start = proc_start(proc.pid)
+                self._record_pid(store, run)
             if stop_now:
                 run.stopped = True
                 self._kill(store, run, self.config["kill_grace"])
@@ -3056,13 +3139,27 @@ class Attempts:
                                    "that it is still ours before signalling it")
 
     def _kill(self, store, run, grace):
-        """kill_group for a job this worker owns; False if it is not ours."""
+        """kill_group for a job this worker owns; False if it is not ours.
+        Returns once no process of its group is left: one that outlives
+        SIGKILL (uninterruptible sleep) is waited for, never taken as gone."""
+        import signal
         owned = [True]
 
         def send(sig):
             if owned[0]:
                 owned[0] = self._signal_owned(store, run, sig)
+
+        def ended():
+            return run.gone() and not run.group_alive()
         kill_group(run.pid, grace, run.gone, send)
+        said = False
+        while owned[0] and not ended():
+            if not said:
+                said = True
+                self.say(f"{run.job['id']}: its processes outlive SIGKILL; waiting for "
+                         "them to end")
+            send(signal.SIGKILL)
+            poll_until(ended, 5, first=0.05)
         return owned[0]
 
     def _wait(self, store, run, timeout):
@@ -3071,10 +3168,18 @@ class Attempts:
         job = run.job
         timed_out = False
         status = status_path(self.home, job["id"], run.token)
-        if timeout:
-            remaining = epoch(job["started_at"]) + timeout - time.time()
-            if not wait_exit(run.pid, max(remaining, 0), run.proc, run.start):
+        deadline = epoch(job["started_at"]) + timeout if timeout else None
+        # In slices of a second: a cancel whose command died before killing
+        # it is seen to here, past its grace.
+        while not (run.proc is not None and run.proc.returncode is not None) and not \
+                wait_exit(run.pid, 1.0 if deadline is None else
+                          min(max(deadline - time.time(), 0), 1.0), run.proc, run.start):
+            if run.lost_to:
+                return self._let_go(run)
+            if deadline is not None and time.time() >= deadline:
                 timed_out = self._kill(store, run, self.config["kill_grace"])
+                break
+            self._kill_cancelled(store, run.job["id"], run.token, run.pid)
         if run.proc is not None:
             while run.proc.returncode is None and not wait_exit(run.pid, 1.0, run.proc):
                 if run.lost_to:
@@ -3084,10 +3189,17 @@ class Attempts:
             usage = self._usage(run)
         else:
             wait_exit(run.pid, None, start=run.start)
-            kind, rc = read_status(status)
+            kind, rc = self._read_status(job, status)
             rc = rc if kind == "exit" else None
             duration = time.time() - epoch(job["started_at"])
             usage = None         # adopted: its own worker was its parent
+        # The attempt ends with the last process of its group, not its shell.
+        left = self._await_group(store, run, None if timed_out or not timeout
+                                 else epoch(job["started_at"]) + timeout)
+        if left == "lost":
+            return self._let_go(run)
+        if left == "timeout":
+            timed_out = self._kill(store, run, self.config["kill_grace"])
         fault("before-record", job["id"])
         if (run.stopped or timed_out) and run.group_alive():
             self._kill(store, run, self.config["kill_grace"])
@@ -3099,6 +3211,7 @@ class Attempts:
             held = self._until_written(
                 lambda: store.requeue(job["id"], self.id, run.token),
                 f"{job['id']}: cannot put it back to pending yet")
+            self._drop_claim(run.token)
             if held:
                 remove_file(status)
                 wake_workers(self.home)
@@ -3110,7 +3223,7 @@ class Attempts:
         if timed_out:
             rc, error = None, f"timed out after {timeout:g}s"
         elif rc == WRAPPER_REFUSED and run.proc is not None:
-            kind, _ = read_status(status)
+            kind, _ = self._read_status(job, status)
             if kind == "revoked":
                 rc, error = None, "not started: its claim was revoked before it started"
             elif kind == "absent":
@@ -3125,11 +3238,61 @@ class Attempts:
                 import signal
                 rc = -int(signal.SIGXCPU)        # a signal, for the retry policy
         return self._record(store, job, rc, error, duration, run.log_fd,
-                            claim_next=run.proc is not None, usage=usage)
+                            claim_next=run.proc is not None, usage=usage, group=run.pid)
+
+    def _read_status(self, job, status):
+        """read_status, looked at again until it can be read: "I could not
+        read it" (EMFILE, EIO) is never an outcome."""
+        delay, said = 0.05, False
+        while True:
+            try:
+                fault("read-status", job["id"])
+                kind, value = read_status(status)
+            except QueuectlError as e:
+                kind, value = "unknown", str(e)
+            if kind != "unknown":
+                return kind, value
+            if not said:
+                said = True
+                self.say(f"{job['id']}: cannot read its status file yet, will retry: "
+                         f"{value}")
+            time.sleep(delay)
+            delay = min(delay * 2, 5)
+
+    def _await_group(self, store, run, deadline):
+        """Wait for the processes an ended shell left in its group (cmd &):
+        None once none is left; "timeout" at deadline (epoch); "stopped" or
+        "cancelled" when worker stop --now or cancel will see to them; "lost"
+        when another worker took the job over."""
+        if not run.group_alive():
+            return None                  # nearly always: one kill(0)
+        self.say(f"{run.job['id']}: its shell has ended; waiting for the processes it "
+                 "left in its group")
+        delay, look = 0.01, 0.0
+        while run.group_alive():
+            if run.lost_to:
+                return "lost"
+            if run.stopped:
+                return "stopped"
+            now = time.time()
+            if deadline is not None and now >= deadline:
+                return "timeout"
+            if now >= look:
+                look = now + 1.0
+                try:
+                    row = store.get(run.job["id"])
+                except QueuectlError:
+                    row = None           # cannot tell: look again
+                if row and row["state"] == CANCELLED and row["claim"] == run.token:
+                    return "cancelled"
+            time.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        return None
 
     def _let_go(self, run):
         with self.lock:
             self.running.pop(run.token, None)
+            self.held.discard(run.token)
         self.say(f"{run.job['id']} belongs to worker {run.lost_to} now; leaving it "
                  "running")
         if run.log_fd is not None:
@@ -3150,6 +3313,46 @@ class Attempts:
                     self.say(f"{what}, will retry: {e}")
                 time.sleep(delay)
                 delay = min(delay * 4, 5)
+
+    def _await_cancelled(self, store, job, group):
+        """Wait until no process of a cancelled attempt is left (its shell's
+        end is not its end: a child that ignores SIGTERM runs on, and holds
+        the job's keys). cancel signals them and kills them after its grace;
+        should any outlive the kill time it set (the job's run_at), this
+        kills them, in a transaction that checks the job is still cancelled
+        with this claim (so a frozen worker never kills another attempt)."""
+        token, delay = job["claim"], 0.005
+        kill_at = epoch(job["run_at"]) if job["run_at"] else time.time()
+        while attempt_alive(token, group):
+            if time.time() >= kill_at:
+                self._kill_cancelled(store, job["id"], token, group)
+                kill_at = time.time() + 1
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    def _kill_cancelled(self, store, job_id, token, group):
+        """SIGKILL what is left of a cancelled attempt once its cancel's grace
+        (its run_at) is over, in a transaction that checks the job is still
+        cancelled with this claim: a worker that slept meanwhile never kills
+        another attempt. Nothing when it cannot tell (busy, full disk)."""
+        import signal
+
+        def due():
+            row = store.get(job_id)
+            return (row and row["state"] == CANCELLED and row["claim"] == token
+                    and row["run_at"] and time.time() >= epoch(row["run_at"]))
+        try:
+            if not due():                    # a read: no write lock each second
+                return
+            with store.tx():
+                if not due():
+                    return
+                self.say(f"{job_id}: its cancelled attempt outlived the grace; killing it")
+                if group:
+                    signal_group(group, signal.SIGKILL)
+                kill_claim(token, signal.SIGKILL)
+        except QueuectlError:
+            pass                             # look again in a moment
 
     def _cancel_ended(self, store, job, rc=None, usage=None, duration=None):
         with store.tx():
@@ -3172,11 +3375,14 @@ class Attempts:
             os.close(fd)
 
     def _record(self, store, job, rc, error, duration, log_fd=None, claim_next=False,
-                recovered=False, usage=None):
+                recovered=False, usage=None, group=None):
         """Write an attempt's outcome (and claim the next job in the same
         transaction when claim_next); report it; the next job or None. An
         outcome is retried until it is written: busy, a full disk, an I/O
-        error only delay it, and its status file stays until then."""
+        error only delay it, and its status file stays until then. group:
+        the attempt's process group, which a cancelled attempt waits for."""
+        token = self._new_token() if claim_next else None
+
         def write():
             fault("record", job["id"])
             with store.tx():
@@ -3185,10 +3391,16 @@ class Attempts:
                     self._queue_config(job["queue"]), duration, usage=usage)
                 nxt = None
                 if claim_next and not self.stopping:
-                    nxt = store.claim(self.id, self.queues, time.time())
+                    nxt = store.claim(self.id, self.queues, time.time(), token)
             return state, unblocked, err, nxt
-        state, unblocked, error, nxt = self._until_written(
-            write, f"{job['id']}: cannot record its outcome yet")
+        nxt = None
+        try:
+            state, unblocked, error, nxt = self._until_written(
+                write, f"{job['id']}: cannot record its outcome yet")
+        finally:
+            self._drop_claim(job["claim"])
+            if token is not None and nxt is None:
+                self._drop_claim(token)
         status = status_path(self.home, job["id"], job["claim"])
         try:
             current = None if state is not None else store.get(job["id"])
@@ -3215,6 +3427,7 @@ class Attempts:
             remove_file(status)
         if state is None and current and current["state"] == CANCELLED \
                 and current["claim"] == job["claim"]:
+            self._await_cancelled(store, current, group)
             self._until_written(lambda: self._cancel_ended(store, current, rc, usage,
                                                            duration),
                                 f"{job['id']}: cannot record the end of its cancelled "
@@ -3349,9 +3562,9 @@ class Cron:
     def slots_after(self, label):
         """The slots after label (a naive local datetime, or None for
         now), in order, as naive local datetimes: each minute that matches,
-        whether or not it exists on the clock (see slot_time)."""
+        whether or not it exists on the clock (see local_instant)."""
         import datetime as dt
-        start = (label or dt.datetime.now()).replace(second=0, microsecond=0) \
+        start = (label or now_label()).replace(second=0, microsecond=0) \
             + dt.timedelta(minutes=1)
         day, first = start.date(), True
         for _ in range(366 * 8 + 1):                   # Feb 29 on a given weekday
@@ -3366,19 +3579,6 @@ class Cron:
         if label is None:
             raise UsageError(f"schedule {self.text!r} never fires (no such date)")
 
-def slot_time(label):
-    """The epoch seconds a slot (a naive local time) fires at. A time that
-    comes twice (the clock turned back) fires the first time; one the clock
-    skips (turned forward) fires at the first minute after the gap."""
-    import datetime as dt
-    t = label.replace(fold=0)
-    for _ in range(24 * 60):
-        ts = t.timestamp()
-        if dt.datetime.fromtimestamp(ts) == t:
-            return ts
-        t += dt.timedelta(minutes=1)
-    return label.timestamp()
-
 def slot_label(label):
     return label.strftime("%Y-%m-%dT%H:%M")
 
@@ -3386,12 +3586,12 @@ def parse_slot_label(text):
     import datetime as dt
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M")
 
-def next_slot(cron, label=None):
-    """(label, epoch) of the first slot after label (None: now)."""
-    t = next(iter(cron.slots_after(label)), None)
+def next_slot(cron, label=None, now=None):
+    """(label, epoch) of the first slot after label (None: now_label(now))."""
+    t = next(iter(cron.slots_after(now_label(now) if label is None else label)), None)
     if t is None:
         raise UsageError(f"schedule {cron.text!r} never fires (no such date)")
-    return t, slot_time(t)
+    return t, local_instant(t)
 
 
 # Recovery: recover, adopt, watch, sweep ######################################
@@ -3410,13 +3610,27 @@ class Recovery:
 
     def _recover(self, store):
         try:
+            # Claims held before and after the read: a job is tracked by none
+            # of our threads only if it is in neither (one being recorded
+            # leaves the first, one being claimed joins the second).
+            with self.lock:
+                held = set(self.held)
             rows = store.processing()
+            with self.lock:
+                held |= self.held
             workers = store.live_workers()
             alive = {w["id"] for w in workers} | {self.id}
             self._sweep_status_files({(j["id"], j["claim"]) for j in rows}, alive)
             fresh = {w["id"] for w in workers if not worker_stale(w)} | {self.id}
-            self._sweep_cancelled(store, fresh)
+            self._sweep_cancelled(store, fresh, held)
             for job in rows:
+                if job["worker"] == self.id and job["claim"] not in held:
+                    # Ours, but no thread of ours tracks it (one that could
+                    # not hand it on: no database, no descriptor): settle it.
+                    self.say(f"{job['id']}: no thread of this worker tracks it; "
+                             "recovering it")
+                    self._recover_job(store, job, True)
+                    continue
                 if job["worker"] in fresh:
                     continue
                 with self.lock:
@@ -3431,18 +3645,24 @@ class Recovery:
         except (QueuectlError, OSError) as e:
             self.say(f"recovery scan failed, will retry: {e}")
 
-    def _sweep_cancelled(self, store, fresh):
+    def _sweep_cancelled(self, store, fresh, held):
         """Cancelled jobs of workers that are gone or past their lease (a
-        frozen one may never record them): once no process carries their
-        claim, their attempt has ended, or was revoked before it started and
-        can never start (keys let go, on_cancel)."""
-        rows = [j for j in store.cancelled_running() if j["worker"] not in fresh]
+        frozen one may never record them), or ours that no thread of ours
+        tracks: once no process of their group or claim is left, their
+        attempt has ended, or was revoked before it started and can never
+        start (keys let go, on_cancel)."""
+        import signal
+        rows = [j for j in store.cancelled_running() if j["worker"] not in fresh
+                or j["worker"] == self.id and j["claim"] not in held]
         if not rows:
             return
         running = live_claims()
         for job in rows:
-            if job["claim"] not in running:
-                self._cancel_ended(store, job)
+            if job["claim"] in running or job["pid"] and group_alive(job["pid"]):
+                if job["run_at"] and time.time() >= epoch(job["run_at"]):
+                    kill_claim(job["claim"], signal.SIGKILL)   # past the cancel's grace
+                continue
+            self._cancel_ended(store, job)
 
     def _sweep_status_files(self, wanted, alive):
         """Remove status files nobody will read: not a processing job's, older
@@ -3488,6 +3708,8 @@ class Recovery:
             if pid:
                 self._adopt(store, job, pid, start)
                 return
+            if attempt_alive(token, job["pid"]):
+                return          # its shell is gone, not its group: next scan
             kind, value = read_status(status)       # it may have just ended
             if kind == "unknown":
                 return
@@ -3514,13 +3736,22 @@ class Recovery:
         keeps happening cannot spin); never leave it processing for good."""
         with self.lock:
             self.settling += 1       # a draining thread must not end meanwhile
-            self.running.pop(token, None)
+            run = self.running.pop(token, None)
+        if run is not None and run.proc is not None:
+            # Our own child: reap it when it ends (its adopter reads its status
+            # file), and close its log (the adopter appends the footer).
+            self.threading.Thread(target=run.proc.wait, daemon=True).start()
+            if run.log_fd is not None:
+                os.close(run.log_fd)
+                run.log_fd = None
         try:
             self.say(f"{job['id']}: internal error ({error!r}); handing it to recovery")
             if os.environ.get("QUEUECTL_DEBUG"):
                 import traceback
                 traceback.print_exc()
-            store = store or Store(self.home, durable=False, local_lock=self.db_lock)
+            if store is None:
+                fault("adopt-store", job["id"])
+                store = Store(self.home, durable=False, local_lock=self.db_lock)
             with store.tx():
                 store.take(job["id"], self.id, token, self.id + "!abandoned")
             row = store.get(job["id"])
@@ -3529,15 +3760,28 @@ class Recovery:
         except Exception as e:       # the next recovery scan (ours or another's)
             self.say(f"{job['id']}: cannot hand it to recovery yet: {e!r}")
         finally:
+            # Tracked by no thread of ours now: if it is still ours (the take
+            # above failed), our next recovery scan takes it up.
+            self._drop_claim(token)
             with self.lock:
                 self.settling -= 1
             self.notify()
 
     def _take(self, store, job):
         """Make a recovered job this worker's (fenced on its old worker and
-        claim); False when someone else settled or took it first."""
-        with store.tx():
-            taken = store.take(job["id"], job["worker"], job["claim"], self.id)
+        claim); False when someone else settled or took it first. Its claim
+        is held (self.held) before the take is committed."""
+        token = job["claim"]
+        with self.lock:
+            new = token not in self.held
+            self.held.add(token)
+        taken = False
+        try:
+            with store.tx():
+                taken = store.take(job["id"], job["worker"], token, self.id)
+        finally:
+            if not taken and new:
+                self._drop_claim(token)
         if taken:
             job["worker"] = self.id
         return taken
@@ -3559,6 +3803,7 @@ class Recovery:
         def record():
             st = None
             try:
+                fault("adopt-store", job["id"])
                 st = Store(self.home, durable=False, local_lock=self.db_lock)
                 self._record(st, job, rc, error, duration, recovered=True)
             except Exception as e:             # a bug: keep the worker alive
@@ -3596,10 +3841,11 @@ class Recovery:
     def _watch(self, run, timeout):
         store = None
         try:
+            fault("adopt-store", run.job["id"])
             store = Store(self.home, durable=False, local_lock=self.db_lock)
             self._wait(store, run, timeout)
-        except Exception as e:                     # a bug: keep the worker alive
-            self._abandon(store, run.job, run.token, e)
+        except Exception as e:      # no database now, or a bug: the next scan
+            self._abandon(store, run.job, run.token, e, recover=False)
         finally:
             if store is not None:
                 store.close()
@@ -3654,6 +3900,12 @@ class Worker(Attempts, Recovery):
         self.print_lock = threading.Lock()
         self.db_lock = threading.Lock()  # write transactions of this process
         self.running = {}        # token -> Running
+        # The claims a thread of this process answers for, from before its
+        # claim (or take) is committed until its outcome is written: a
+        # processing job of this worker whose claim is not here is tracked by
+        # nobody (a thread that could not hand it on), and recovery takes it.
+        self.held = set()
+        self.tag = claim_tag(self.id)
         self.active = 0          # job threads claiming or running a job
         self.settling = 0        # threads recording a recovered job's outcome
         self.generation = 0      # bumped on every wake-up
@@ -3758,7 +4010,6 @@ class Worker(Attempts, Recovery):
         """Run until stopped (or, with drain, until nothing is left); the
         exit code: 1 when drain and a job ended dead, else 0."""
         import fcntl
-        import select
         import signal
         rd = run_dir(self.home)
         ensure_private_dir(os.path.join(self.home, "logs"))
@@ -3769,7 +4020,7 @@ class Worker(Attempts, Recovery):
         fifo = os.path.join(rd, self.id + ".wake")
         os.mkfifo(fifo, 0o600)
         os.chmod(fifo, 0o600)                    # whatever the umask
-        # O_RDWR keeps a writer open, so select() does not see EOF forever.
+        # O_RDWR keeps a writer open, so poll() does not see EOF forever.
         fifo_fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK | O_CLOEXEC)
         sig_r, sig_w = os.pipe()
         os.set_blocking(sig_r, False)
@@ -3796,7 +4047,7 @@ class Worker(Attempts, Recovery):
                 with self.lock:
                     if self.threads_left == 0 and not self.running and not self.settling:
                         break
-                ready = select.select([fifo_fd, sig_r], [], [], 1.0)[0]
+                ready = readable([fifo_fd, sig_r], 1.0)
                 if fifo_fd in ready:
                     _drain_fd(fifo_fd)
                     self.notify()
@@ -3922,8 +4173,26 @@ class Worker(Attempts, Recovery):
 
     def claim(self, store):
         """Claim the next runnable job (one BEGIN IMMEDIATE); None if none."""
-        with store.tx():
-            return store.claim(self.id, self.queues, time.time())
+        token, job = self._new_token(), None
+        try:
+            with store.tx():
+                job = store.claim(self.id, self.queues, time.time(), token)
+        finally:
+            if job is None:
+                self._drop_claim(token)
+        return job
+
+    def _new_token(self):
+        """A claim token of this worker (claim_tag tells whose), held (see
+        self.held) before the claim that uses it is committed."""
+        token = self.tag + new_id() + new_id()[:2]       # 12 characters, as ever
+        with self.lock:
+            self.held.add(token)
+        return token
+
+    def _drop_claim(self, token):
+        with self.lock:
+            self.held.discard(token)
 
     def _idle_wait(self, store, claimed_at):
         """Seconds an idle job thread may sleep, or None when draining is done.
@@ -4025,10 +4294,9 @@ class Worker(Attempts, Recovery):
             if job is not None:
                 # Stopping with a claimed job not yet started: give it back
                 # uncounted (a worker stop is not the job's failure).
-                try:
-                    store.requeue(job["id"], self.id, job["claim"])
-                except QueuectlError:
-                    pass             # recovery will settle it
+                self._until_written(lambda: store.requeue(job["id"], self.id, job["claim"]),
+                                    f"{job['id']}: cannot give it back yet")
+                self._drop_claim(job["claim"])
                 with self.lock:
                     self.active -= 1
             store.close()
@@ -4173,11 +4441,14 @@ class WhyContext:
         return self._held
 
     def workers(self):
-        """[(worker, its running jobs)] of the live workers."""
+        """[(worker, its job threads that run a job)] of the live workers
+        (a job it adopted from a dead worker takes up no job thread)."""
         if self._workers is None:
             busy = {}
             for job in self.store.processing():
-                busy[job["worker"]] = busy.get(job["worker"], 0) + 1
+                if job["worker"] and (job["claim"] or "").startswith(
+                        claim_tag(job["worker"])):
+                    busy[job["worker"]] = busy.get(job["worker"], 0) + 1
             self._workers = [(w, busy.get(w["id"], 0))
                              for w in self.store.live_workers()]
         return self._workers
@@ -4578,7 +4849,8 @@ def detach_worker(args):
         os._exit(code)
 
 def cmd_worker_stop(args):
-    """Ask every live worker of this home to stop; --wait until they have."""
+    """Ask every live worker of this home to stop; --wait until they have
+    (--timeout waits too, for at most that long)."""
     import signal
     store = open_store(args)
     workers = [w for w in store.live_workers() if w["host"] == hostname()]
@@ -4592,7 +4864,7 @@ def cmd_worker_stop(args):
         return EXIT_OK
     print(f"stopping {len(workers)} worker{'s' if len(workers) != 1 else ''}"
           + (" now" if args.now else ""))
-    if args.wait and not poll_until(
+    if (args.wait or args.timeout is not None) and not poll_until(
             lambda: not any(lock_held(args.home, w["id"]) for w in workers),
             args.timeout, first=0.01, cap=0.05):
         raise QueuectlError(f"workers still running after {args.timeout:g}s")
@@ -4831,15 +5103,16 @@ def cmd_schedule(args):
         return schedule_list(store, args, now)
     sch = store.schedule(args.name)
     if args.action == "rm":
-        with store.tx():
+        with store.tx():         # and its environment, unless a job uses it
             store.x(SQL_DELETE_SCHEDULE, (sch["name"],))
+            if sch["env_id"] is not None:
+                store.drop_unused_envs([sch["env_id"]])
         print(f"schedule {sch['name']} removed (its jobs stay)")
     elif args.action in ("pause", "resume"):
-        label, at = next_slot(Cron(sch["cron"]))
-        import datetime as dt
+        label, at = next_slot(Cron(sch["cron"]), now=now)
         with store.tx():         # resumed: from now on, no catch-up of the pause
             store.x(SQL_SCHEDULE_PAUSE, (int(args.action == "pause"), at, slot_label(
-                dt.datetime.now()), sch["name"]))
+                now_label(now)), sch["name"]))
         print(f"schedule {sch['name']} " + ("paused" if args.action == "pause" else
                                              f"resumed; next run {local_time(at, now)}"))
         wake_workers(args.home)
@@ -4853,7 +5126,6 @@ def cmd_schedule(args):
     return EXIT_OK
 
 def schedule_add(args):
-    import datetime as dt
     if not valid_name(args.name):
         check_name(args.name, "schedule name")
     if len(args.name) > 100:                 # NAME@2026-12-01T03:00 must be an id
@@ -4885,7 +5157,7 @@ def schedule_add(args):
     jitter = 0 if args.jitter is None else check_value("jitter", args.jitter, "--jitter",
                                                        text=True)
     now = time.time()
-    label, at = next_slot(cron)
+    label, at = next_slot(cron, now=now)
     store = open_store(args, create=True)
     with store.tx():
         if store.x(SQL_SCHEDULE, (args.name,)).fetchone():
@@ -4894,7 +5166,7 @@ def schedule_add(args):
         env_id = store.add_env(blob) if blob is not None else None
         store.x(SQL_ADD_SCHEDULE, (args.name, cron.text, _json_or_none(spec), env_id, umask,
                                    overlap, catch_up, jitter, 0, iso(now),
-                                   slot_label(dt.datetime.now()), at))
+                                   slot_label(now_label(now)), at))
     wake_workers(args.home)
     print(f"schedule {args.name}: next run {local_time(at, now)} ({relative(iso(at), now)})")
     return EXIT_OK
@@ -4957,14 +5229,13 @@ def schedule_words(args):
 def schedule_overdue(sch, now):
     """The dead man's switch: a line when two slots of a schedule that is
     not paused have come since its last success (or since it was added)."""
-    import datetime as dt
     if sch["paused"]:
         return None
     since = sch["last_success"] or epoch(sch["created_at"])
     # Two slots have come since the last success (or since it was added).
     passed = 0
-    for t in Cron(sch["cron"]).slots_after(dt.datetime.fromtimestamp(since)):
-        if slot_time(t) > now or passed == 2:
+    for t in Cron(sch["cron"]).slots_after(now_label(since)):
+        if local_instant(t) > now or passed == 2:
             break
         passed += 1
     if passed < 2:
@@ -5255,12 +5526,12 @@ def reset_jobs(store, ids, allowed, verb):
     back to pending with attempts reset; a failed one (waiting out its
     backoff) runnable now, its attempts kept."""
     for job in [store.must_get(i) for i in ids]:
-        wait_attempt_gone(job)
+        wait_attempt_gone(store, job)
     now = time.time()
     with store.tx():             # read and change under one write lock
         jobs = [store.must_get(i) for i in ids]
         for job in jobs:
-            wait_attempt_gone(job, timeout=0)
+            wait_attempt_gone(store, job, timeout=0)
             if job["state"] not in allowed:
                 raise QueuectlError(f"cannot {verb} job {job['id']}: it is "
                                     f"{job['state']}; only {', '.join(allowed)} jobs can be")
@@ -5350,7 +5621,7 @@ def cmd_cancel(args):
                         revoked.append(path)
                 # The claim stays: it names the cancelled attempt's
                 # processes, and retry waits until none of them is left.
-                store.cancel(job, now, cfg)
+                store.cancel(job, now, cfg, grace)
     except BaseException:
         for path in revoked:     # nothing was cancelled: undo, all or nothing
             remove_file(path)
@@ -5396,18 +5667,29 @@ def stop_attempts(jobs, grace, sig):
             signal_group(pid, signal.SIGKILL)
         poll_until(ended, 5, first=0.005)
 
-def wait_attempt_gone(job, timeout=10.0, verb="retry"):
-    """Wait until no process of a cancelled job's last attempt lives; else
-    refuse: a job never runs while its previous attempt does."""
+def wait_attempt_gone(store, job, timeout=10.0, verb="retry"):
+    """Wait until a cancelled job's last attempt has ended, else refuse: a
+    job never runs while its previous attempt does. It has ended once its
+    worker let go of its claim (no process of its group or claim left), or,
+    when that worker is gone or past its lease, once none is seen."""
     if job["state"] != CANCELLED or not job["claim"]:
         return
     left = []
 
     def gone():
+        row = store.get(job["id"]) if timeout else job
+        if not row or row["state"] != CANCELLED or row["claim"] != job["claim"]:
+            return True
+        owner = [w for w in store.workers() if w["id"] == row["worker"]]
+        if owner and worker_alive(store.home, owner[0]) and not worker_stale(owner[0]):
+            left[:] = [(row["pid"], None)]       # it lets go once they are gone
+            return False
         try:
             left[:] = claim_processes(job["claim"])
         except OSError:
-            left[:] = [(None, None)]     # cannot tell: not gone
+            left[:] = [(None, None)]             # cannot tell: not gone
+        if not left and row["pid"] and group_alive(row["pid"]):
+            left[:] = [(row["pid"], None)]
         return not left
     if not poll_until(gone, timeout, first=0.01, cap=0.05):
         pid = f" (pid {left[0][0]})" if left[0][0] else ""
@@ -5467,13 +5749,13 @@ def cmd_remove(args):
     ids = [check_name(i) for i in dict.fromkeys(args.ids)]
     store = open_store(args)
     for job in [store.must_get(i) for i in ids]:
-        wait_attempt_gone(job, verb="remove")
+        wait_attempt_gone(store, job, verb="remove")
     with store.tx():
         for job in [store.must_get(i) for i in ids]:
             if job["state"] == PROCESSING:
                 raise QueuectlError(f"cannot remove job {job['id']}: it is running; "
                                     "cancel it first")
-            wait_attempt_gone(job, timeout=0, verb="remove")
+            wait_attempt_gone(store, job, timeout=0, verb="remove")
         waiting = [(j, d) for j, d in store.waiting_on(ids) if j not in ids]
         if waiting:
             j, d = waiting[0]
@@ -5637,8 +5919,8 @@ def cmd_config(args):
             ensure_private_dir(args.home)
             check_private(args.home, "home directory")
             cfg.set(key, value)
-        except OSError as e:
-            raise UsageError(f"cannot write {cfg.path}: {e.strerror}") from None
+        except OSError as e:        # a full disk is no usage error: exit 1
+            raise QueuectlError(f"cannot write {cfg.path}: {e.strerror}") from None
         print(f"{key} = {value}")
         return EXIT_OK
     if args.action == "get":
@@ -5659,7 +5941,6 @@ def cmd_config(args):
 
 def cmd_top(args):
     """A live view refreshed in place; q or Ctrl-C to quit."""
-    import select
     if args.interval <= 0:
         raise UsageError("invalid --interval: use a number of seconds above 0")
     store = open_store(args)
@@ -5681,7 +5962,7 @@ def cmd_top(args):
             frame = render_top(store, args.home, size.columns, size.lines - 1)
             out.write("\x1b[H\x1b[2J" + frame.replace("\n", "\r\n"))
             out.flush()
-            if select.select([fd], [], [], args.interval)[0]:
+            if readable([fd], args.interval):
                 if os.read(fd, 64).lower().startswith(b"q"):
                     break
     except KeyboardInterrupt:
@@ -6213,7 +6494,7 @@ COMMAND_TABLE = [
             help="also stop running jobs (back to pending, attempt not counted)"),
         arg("--wait", action="store_true", help="return once they have exited"),
         arg("--timeout", type=_value("wait", "--timeout"),
-            help="with --wait: give up after this many seconds")]),
+            help="wait, and give up (exit 1) after this many seconds")]),
     Command("worker status", "list live workers", cmd_worker_status,
             ["queuectl worker status"], [JSON_ARG]),
     Command("status", "counts per state, workers, oldest pending, next run", cmd_status,

@@ -21,6 +21,15 @@ process (default once). Points, in the order a job meets them:
     before-record  the job ended and was reaped; before its outcome is written
     record         each try of the outcome's transaction (use fail*N)
 
+and two of recovery (a job adopted from a dead worker, or handed to it):
+
+    read-status    it reads a job's status file to learn how an adopted or
+                   ended attempt ended (fail: the read says "cannot read it
+                   now", as EMFILE would)
+    adopt-store    just before a thread that watches an adopted job, records
+                   a recovered outcome or hands a job to recovery opens its
+                   own database connection (fail: that open fails)
+
 and one of a worker's main thread:
 
     fire           it is about to fire due schedule slots (before its transaction)
@@ -3153,6 +3162,388 @@ class TestTwoHomes(QueueTest):
         self.check_b_untouched_then_finish(b_pid)
 
 
+# Partial evidence (issue 22) #################################################
+
+# No decision about a job on partial evidence: a reaped shell is not an ended
+# group, an unreadable status file is not a failure, a database that cannot
+# be opened now is not a reason to give up, and select() is not poll().
+
+# A worker run with ~1,100 more descriptors open (os.dup: not inherited by
+# its jobs), so that everything it opens itself is numbered above 1023.
+HIGH_DESCRIPTORS = """
+import os, resource, sys
+sys.path.insert(0, sys.argv.pop(1))
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+soft = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+held = [os.dup(2) for _ in range(1100)]
+assert min(held) < 1024 < max(held)
+import queuectl
+sys.exit(queuectl.main())
+"""
+
+# What a child under a TZ rule sees: [(wall clock, isdst)] now, 58 minutes
+# ago, in 2 minutes, 5 minutes ago and 15 minutes ago.
+TZ_PROBE = """
+import json, time
+now = time.time()
+def wall(t):
+    lt = time.localtime(t)
+    return time.strftime("%Y-%m-%d %H:%M", lt), lt.tm_isdst
+print(json.dumps([wall(now), wall(now - 3600 + 120), wall(now + 120), wall(now - 300),
+                  wall(now - 900)]))
+"""
+
+def kill_group_quietly(pgid):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+def clock_turned_back_tz(test, minutes_ago=10, margin=75):
+    """A POSIX TZ under which the wall clock was turned back one hour
+    minutes_ago minutes ago: standard time XST is UTC, daylight time XDT
+    UTC+1, from 1 January until now - minutes_ago. So wall-clock times from
+    now - minutes_ago to now + 60 - minutes_ago came once in XDT and come
+    again now in XST (whose wall clock is the UTC one). Skips the test when
+    that hour, or the next margin minutes, would cross midnight, or on 1
+    January or 29 February (Jn counts 1..365 and never 29 February)."""
+    import calendar
+    import datetime as dt
+    now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    end = now - dt.timedelta(minutes=minutes_ago)   # the instant, in XST wall time
+    end_dst = end + dt.timedelta(hours=1)           # the rule gives it in XDT wall time
+    if end.date() != (now + dt.timedelta(minutes=margin)).date() or \
+            (end.month, end.day) in ((1, 1), (2, 29)):
+        test.skipTest("the repeated hour would cross midnight, 1 January or 29 February")
+    day = end.timetuple().tm_yday - (calendar.isleap(end.year) and end.month > 2)
+    return f"XST0XDT-1,J1/0,J{day}/{end_dst:%H:%M:%S}"
+
+class TestACancelledAttemptEndsWithItsGroup(QueueTest):
+    """A cancelled attempt has ended only when no process of its group is
+    left (or the group was killed after the grace): a reaped shell whose
+    child still runs holds off retry and keeps the attempt's keys."""
+
+    def test_a_child_that_outlives_its_shell_holds_off_retry_and_the_key(self):
+        go = self.path("go")
+        self.enqueue("--id", "c", "--key", "k",
+                     f"echo $$ > {self.path('shell.pid')}; "
+                     f"sh -c 'trap \"\" TERM; echo $$ > {self.path('child.pid')}; "
+                     f"while [ ! -f {go} ]; do [ -d {self.work} ] || exit 3; "
+                     "sleep 0.05; done' & wait")
+        self.spawn_worker("--count", "2")         # a free thread for other jobs
+        self.wait_running("c")
+        shell = self.read_pid("shell.pid")
+        child = self.read_pid("child.pid")
+
+        def end_child():                          # before QueueTest's cleanup
+            self.touch("go")
+            if pid_alive(child):
+                os.kill(child, signal.SIGKILL)
+        self.addCleanup(end_child)
+        # The grace outlasts retry's own wait (10 s): the child (TERM-proof)
+        # lives until the test creates the file go.
+        cancel = subprocess.Popen([*QUEUECTL, "cancel", "c", "--grace", "30"],
+                                  env=self.env, cwd=self.work, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        self.procs.append(cancel)
+        self.wait_for(lambda: self.state("c") == "cancelled" and not pid_alive(shell),
+                      10, "c to be cancelled and its shell to end")
+        self.assertTrue(pid_alive(child))
+        r = self.run_q("retry", "c", timeout=40)
+        self.assertEqual(r.code, 1, f"retry accepted while the cancelled attempt's "
+                         f"child (pid {child}) runs: {r}")
+        self.assertIn("its cancelled attempt still has running processes",
+                      self.error_line(r))
+        self.assertTrue(pid_alive(child))
+        self.assertEqual(self.state("c"), "cancelled")
+        # The key is still held: a job with it is passed over, and one
+        # enqueued after it (claimed after it was) runs.
+        second = self.enqueue("--key", "k", f"touch {self.path('second.txt')}")
+        third = self.enqueue("true")
+        self.wait_state(third, "completed")
+        self.assertTrue(pid_alive(child))
+        self.assertFalse(os.path.exists(self.path("second.txt")),
+                         "a second job with key k ran while the cancelled one's child ran")
+        self.assertEqual(self.state(second), "pending")
+        reasons = json.loads(self.ok("why", second, "--json"))["reasons"]
+        self.assertIn("key_full", [x["code"] for x in reasons])
+        # Once the child has ended, the attempt has: cancel returns, the key
+        # is let go, and retry is accepted.
+        self.touch("go")
+        self.assertEqual(cancel.wait(timeout=20), 0, cancel.stderr.read())
+        self.wait_for(lambda: not pid_alive(child), 10, "the child to end")
+        self.wait_state(second, "completed")
+        self.assertEqual(self.ok("retry", "c"), "c\n")
+        self.wait_state("c", "completed")
+        self.assertEqual(self.job("c")["attempts"], 1)
+
+class TestAnUnreadableStatusIsNoOutcome(QueueTest):
+    """An adopter that cannot read a job's status file yet (EMFILE) reads it
+    again later: "cannot tell" is never "failed"."""
+
+    def test_an_adopted_job_that_exited_0_is_completed_not_rerun(self):
+        self.set_fast_retries()
+        self.enqueue("--id", "j", f"sleep 1.5; echo ran >> {self.path('runs.txt')}")
+        a = self.start_worker()
+        self.wait_running("j")
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait(timeout=10)
+        b = self.spawn_worker(env=self.fault_env("read-status:fail@j*3"))
+        self.wait_state("j", "completed", timeout=30)
+        job = self.job("j")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0), self.output(b))
+        self.assertEqual(self.lines("runs.txt"), ["ran"])     # never re-run
+        self.assertIn("injected fault at read-status", self.output(b),
+                      "the fault point was never reached")
+        self.assertIsNone(b.poll(), self.output(b))
+
+class TestAnAdoptionThatCannotOpenTheDatabase(QueueTest):
+    """A thread that cannot open the database for an adopted job does not
+    forget it: the worker's next recovery scan re-examines its own
+    processing jobs that no thread tracks."""
+
+    def test_the_adopters_next_scan_records_the_job(self):
+        self.enqueue("--id", "j", f"sleep 2; echo ran >> {self.path('runs.txt')}")
+        a = self.start_worker()
+        self.wait_running("j")
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait(timeout=10)
+        b = self.spawn_worker(env=self.fault_env("adopt-store:fail*2"))
+        self.wait_state("j", "completed", timeout=25)     # scans run every 5 s
+        job = self.job("j")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0), self.output(b))
+        self.assertEqual(self.lines("runs.txt"), ["ran"])
+        self.assertIn("injected fault at adopt-store", self.output(b),
+                      "the fault point was never reached")
+        self.assertIsNone(b.poll(), self.output(b))
+
+class TestDescriptorsAbove1023(QueueTest):
+    """A worker whose descriptors are numbered above 1023 (select()'s
+    limit) waits for its jobs and its wake-ups all the same."""
+
+    def test_256_threads_with_descriptors_above_1023_drain(self):
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and hard < 4096:
+            self.skipTest(f"the hard limit of open files is {hard}, below 4096")
+        self.ok("enqueue", "--stdin", input="sleep 1\n" * 256)
+        p = subprocess.Popen([PY, "-c", HIGH_DESCRIPTORS, HERE, "worker", "start",
+                              "--count", "256", "--drain"], env=self.env, cwd=self.work,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.procs.append(p)
+        try:
+            out, _ = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.fail("worker start --count 256 --drain with descriptors above 1023 "
+                      "still running after 60s; states: "
+                      + json.dumps(json.loads(self.ok("status", "--json"))["counts"]))
+        self.assertEqual(p.returncode, 0, out[-3000:])
+        self.assertNotIn("Traceback", out)
+        self.assertNotIn("handing it to recovery", out)
+        counts = json.loads(self.ok("status", "--json"))["counts"]
+        self.assertEqual(counts["completed"], 256, counts)
+
+class TestABugRightAfterTheSpawn(QueueTest):
+    """An exception between the spawn and the wait (after-spawn) hands the
+    job to recovery: never processing for good, holding its keys, nor a
+    worker that cannot stop."""
+
+    def test_the_job_is_recorded_once_and_the_drain_ends(self):
+        runs = self.path("runs.txt")
+        self.enqueue("--id", "j", "--key", "k", f"sleep 0.3; echo ran >> {runs}")
+        self.enqueue("--id", "n", "--key", "k", f"echo next >> {runs}")
+        r = self.drain_env(self.fault_env("after-spawn:raise@j"), timeout=30)
+        self.assertEqual(r.code, 0, r)
+        self.assertNotIn("Traceback", r.out + r.err)
+        job = self.job("j")
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                         ("completed", 1, 0), r)
+        self.assertEqual(self.state("n"), "completed")
+        self.assertEqual(self.lines("runs.txt"), ["ran", "next"])   # j ran once
+
+    def test_stop_now_stops_the_worker_and_its_job(self):
+        self.enqueue("--id", "j", "--key", "k", f"echo $$ > {self.path('pid')}; sleep 30")
+        w = self.spawn_worker(env=self.fault_env("after-spawn:raise@j"))
+        self.wait_listed(w)
+        pid = self.read_pid("pid")
+        self.addCleanup(kill_group_quietly, pid)      # its pid may never be recorded
+        self.wait_for(lambda: "injected fault at after-spawn" in self.output(w), 10,
+                      "the worker to hit the fault")
+        self.assertEqual(self.state("j"), "processing")
+        r = self.run_q("worker", "stop", "--now", "--wait", "--timeout", "8", timeout=20)
+        self.assertEqual(r.code, 0, f"{r}; worker output: {self.output(w)}")
+        try:
+            w.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.fail(f"the worker still runs after stop --now: {self.output(w)}")
+        self.assertNotEqual(self.state("j"), "processing", self.output(w))
+        self.wait_for(lambda: not pid_alive(pid), 10, "the job's shell to be stopped")
+
+class TestTheRepeatedHour(QueueTest):
+    """Within the hour after the clock was turned back (a DST end), a wall
+    clock time that comes again later is in the future: a schedule fires
+    no slot early, and --run-at reads one time one way."""
+
+    def turned_back_env(self):
+        tz = clock_turned_back_tz(self)
+        env = dict(self.env, TZ=tz)
+        r = subprocess.run([PY, "-c", TZ_PROBE], capture_output=True, text=True,
+                           env=env, timeout=30)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        now, hour_ago, soon, before, earlier = json.loads(r.stdout)
+        self.assertEqual(now[1], 0, f"TZ={tz}: not standard time now")
+        self.assertEqual((hour_ago, soon[1]), ([soon[0], 1], 0),
+                         f"TZ={tz}: the wall clock of 2 minutes from now did not also "
+                         "come 58 minutes ago")
+        self.assertEqual((before[1], earlier[1]), (0, 1), f"TZ={tz}: the clock did not "
+                         "turn back 10 minutes ago")
+        return env
+
+    def test_a_schedule_added_after_the_clock_turned_back_fires_no_future_slot(self):
+        import datetime as dt
+        env = self.turned_back_env()
+        # In 10 minutes by the wall clock (XST's is UTC's): a time that also
+        # came 50 minutes ago, in daylight time.
+        soon = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=10)
+        out = self.ok("schedule", "add", "s", f"{soon.minute} {soon.hour} * * *", "--",
+                      "true", env=env)
+        self.assertNotIn("ago", out)
+        out = self.ok("schedule", "add", "t", "*/10 * * * *", "--", "true", env=env)
+        self.assertNotIn("ago", out)
+        r = self.q("doctor", env=env)
+        self.assertNotIn("has not succeeded", r.out, r)
+        r = self.drain_env(env, timeout=30)
+        self.assertEqual(r.code, 0, r)
+        self.assertEqual(json.loads(self.ok("list", "--json", env=env)), [], r.out)
+        now = dt.datetime.now(dt.timezone.utc)
+        for sch in json.loads(self.ok("schedule", "list", "--json", env=env)):
+            self.assertEqual((sch["skips"], sch["last_skip"], sch["last_job"]),
+                             (0, None, None), sch)
+            self.assertGreater(dt.datetime.strptime(sch["next_run"], "%Y-%m-%dT%H:%M:%SZ")
+                               .replace(tzinfo=dt.timezone.utc), now, sch)
+        r = self.q("doctor", env=env)
+        self.assertNotIn("has not succeeded", r.out, r)
+        self.assertNotIn("overdue", r.out, r)
+
+    def test_run_at_today_and_a_date_give_one_time_in_the_repeated_hour(self):
+        import datetime as dt
+        env = self.turned_back_env()
+        # In 20 minutes by the wall clock; it also came 40 minutes ago.
+        t = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=20)
+        a = self.enqueue("--run-at", f"today {t:%H:%M}", "true", env=env)
+        b = self.enqueue("--run-at", f"{t:%Y-%m-%d %H:%M}", "true", env=env)
+        self.assertEqual(self.job(a)["run_at"], self.job(b)["run_at"])
+
+class TestWhyCountsJobThreads(QueueTest):
+    """why counts only the jobs that occupy job threads: an adopted job is
+    watched by a thread of its own."""
+
+    def test_an_adopted_job_leaves_the_thread_free(self):
+        self.enqueue("--id", "x", self.gate_cmd())
+        a = self.bg("--count", "1")
+        self.wait_running("x")
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait(timeout=10)
+        b = self.bg("--count", "1")
+        bid = self.worker_id(b)
+        self.wait_for(lambda: self.job("x")["worker"] == bid, 20, "B to adopt x")
+        self.enqueue("--id", "z", "true")
+        self.wait_state("z", "completed")          # B's one thread is free
+        self.enqueue("--id", "y", "--run-at", "+1h", "true")
+        codes = [x["code"] for x in json.loads(self.ok("why", "y", "--json"))["reasons"]]
+        self.assertNotIn("workers_busy", codes)
+        self.assertIn("scheduled", codes)
+        self.go()
+        self.wait_state("x", "completed")
+
+class TestStopTimeoutWithoutWait(QueueTest):
+    """worker stop --timeout without --wait is never accepted doing nothing:
+    --timeout implies waiting."""
+
+    def test_timeout_without_wait_waits_and_fails_while_the_worker_runs(self):
+        self.enqueue("--id", "long", self.gate_cmd())
+        w = self.bg()
+        self.wait_running("long")
+        began = time.monotonic()
+        r = self.fails(1, "worker", "stop", "--timeout", "1")
+        took = time.monotonic() - began
+        self.assertIn("still running", self.error_line(r))
+        self.assertGreaterEqual(took, 0.9, r)
+        self.assertIsNone(w.poll())
+        self.go()
+        self.assertEqual(w.wait(timeout=15), 0, self.err(w))   # it was asked to stop
+        self.assertEqual(self.state("long"), "completed")
+
+class TestHookHome(QueueTest):
+    def test_a_hooks_queuectl_home_is_not_the_reported_jobs_env(self):
+        self.enqueue("--id", "j", "--env", "QUEUECTL_HOME=/nonexistent",
+                     "--on-success", 'echo "$QUEUECTL_HOME" > hookhome.txt',
+                     'echo "$QUEUECTL_HOME" > jobhome.txt')
+        self.assertEqual(self.drain_within(30).code, 0)
+        if not self.lines("hookhome.txt"):
+            self.assertEqual(self.drain_within(30).code, 0)    # the _hooks job
+        self.assertEqual(self.lines("jobhome.txt"), [self.home])
+        self.assertEqual(self.lines("hookhome.txt"), [self.home])
+
+class TestScheduleRmDropsItsEnvironment(QueueTest):
+    def secrets(self, value):
+        rows = self.db().execute("SELECT vars FROM envs").fetchall()
+        return [r for (r,) in rows if value in bytes(r)]
+
+    def test_schedule_rm_drops_an_environment_no_job_uses(self):
+        self.ok("schedule", "add", "s", "0 3 * * *", "--", "true",
+                env=dict(self.env, SECRET_X="hunter2"))
+        self.assertEqual(len(self.secrets(b"SECRET_X=hunter2")), 1)
+        self.ok("schedule", "rm", "s")
+        self.assertEqual(len(self.secrets(b"SECRET_X=hunter2")), 0,
+                         "schedule rm left its environment row")
+        # One that a job of the schedule still uses stays, for that job.
+        self.ok("schedule", "add", "u", "0 3 * * *", "--", "true",
+                env=dict(self.env, SECRET_Y="kept"))
+        job_id = self.ok("schedule", "run", "u").strip()
+        self.ok("schedule", "rm", "u")
+        self.assertEqual(len(self.secrets(b"SECRET_Y=kept")), 1)
+        self.assertEqual(self.show_env(job_id).get("SECRET_Y"), "kept")
+
+class TestConfigOnAFullDisk(QueueTest):
+    def test_config_set_on_a_full_disk_fails_with_exit_1(self):
+        self.mount_tmpfs(self.home, "256k")
+        self.ok("config", "set", "max_retries", "3")         # the home exists
+        self.fill(os.path.join(self.home, "filler"))
+        r = self.fails(1, "config", "set", "max_retries", "7")
+        self.assertEqual(len(r.err.strip().splitlines()), 1, r)
+        self.assertIn("No space left on device", r.err)
+        self.assertEqual(self.ok("config", "get", "max_retries"), "3\n")
+
+class TestInstallUnderUmask077(QueueTest):
+    def test_make_install_under_umask_077_installs_files_every_user_can_read(self):
+        import shutil
+        import stat
+        if not shutil.which("make"):
+            self.skipTest("no make")
+        prefix = os.path.join(self.tmp, "p")
+        r = subprocess.run(["sh", "-c", 'umask 077; exec make -s install PREFIX="$1" '
+                            'PYTHON="$2"', "sh", prefix, PY], cwd=HERE,
+                           capture_output=True, text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        lib = os.path.join(prefix, "lib", "queuectl")
+        seen, wrong = [], []
+        for root, _, files in os.walk(lib):
+            for name in [root] + [os.path.join(root, f) for f in files]:
+                mode = os.stat(name).st_mode
+                need = 0o005 if stat.S_ISDIR(mode) else 0o004
+                seen.append(os.path.relpath(name, lib))
+                if mode & need != need:
+                    wrong.append(f"{os.path.relpath(name, lib)} {oct(mode & 0o777)}")
+        self.assertTrue(any(n.startswith("__pycache__/queuectl.") and n.endswith(".pyc")
+                            for n in seen), seen)
+        self.assertEqual(wrong, [], "not readable by every user")
+        exe = os.stat(os.path.join(prefix, "bin", "queuectl")).st_mode
+        self.assertEqual(exe & 0o005, 0o005)
+
+
 # Workers: scheduling, stopping, live changes #################################
 
 class TestScheduling(QueueTest):
@@ -4716,7 +5107,7 @@ class TestSchedules(QueueTest):
                 "out = []\n"
                 "for expr, start, n in json.loads(sys.argv[2]):\n"
                 "    it = q.Cron(expr).slots_after(dt.datetime.fromisoformat(start))\n"
-                "    out.append([dt.datetime.fromtimestamp(q.slot_time(next(it)), "
+                "    out.append([dt.datetime.fromtimestamp(q.local_instant(next(it)), "
                 "dt.timezone.utc).strftime('%Y-%m-%dT%H:%MZ') for _ in range(n)])\n"
                 "print(json.dumps(out))\n")
         r = subprocess.run([PY, "-c", code, os.path.dirname(PROG), json.dumps(
