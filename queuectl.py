@@ -803,26 +803,39 @@ def group_alive(pgid):
             return True
     return False
 
-def attempt_alive(token, pgid=None):
+def attempt_alive(token, pgid=None, start=None):
     """True while a process of an attempt may be left: one of its process
-    group (pgid, when known) or one that carries its claim token. Its
-    shell's end is not the attempt's end (a child may run on), and a look
-    that failed (EMFILE...) is no evidence of an end."""
+    group (pgid, when known; its leader started at start) or one that
+    carries its claim token. Its shell's end is not the attempt's end (a
+    child may run on), and a look that failed (EMFILE...) is no evidence of
+    an end."""
     try:
-        return bool(pgid and group_alive(pgid) or claim_processes(token))
+        return bool(pgid and our_group(pgid, start) or claim_processes(token))
     except OSError:
         return True
 
-def kill_claim(token, sig):
+def our_group(pgid, start=None):
+    """True while the process group pgid, whose leader started at start (if
+    known), has a member. The kernel never reuses a pid while a group has
+    it as its pgid: a live process of that pid that started at another
+    time means the group we knew is gone."""
+    alive, now_start = proc_start(pgid)
+    if alive and start is not None and now_start is not None and now_start != start:
+        return False
+    return group_alive(pgid)
+
+def kill_claim(token, sig, but_group=None):
     """Signal every process that carries the claim token (unique to one
-    attempt of one home, so never another's)."""
+    attempt of one home, so never another's), but those of the process
+    group but_group (signalled as a group: once is enough)."""
     try:
         found = claim_processes(token)
     except OSError:
         return
     for pid, _ in found:
         try:
-            os.kill(pid, sig)
+            if but_group is None or os.getpgid(pid) != but_group:
+                os.kill(pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -1897,9 +1910,6 @@ SQL_DUE = f"""SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_ready
 SQL_FINISHED_BEFORE = """SELECT id FROM jobs WHERE state IN ({marks})
     AND finished_at < ?"""
 
-SQL_CANCELLED_CLAIMS = """SELECT id, claim FROM jobs WHERE id IN ({marks})
-    AND state = 'cancelled' AND claim IS NOT NULL"""
-
 # (A cancelled job whose attempt still runs keeps its claim, and its keys: it
 # is not deleted until that attempt has ended.)
 SQL_IDS_STILL_IN = """SELECT id FROM jobs WHERE id IN ({marks}) AND state IN ({smarks})
@@ -2476,6 +2486,12 @@ class Store:
                        describe_exit(rc)[0], job["attempts"] + 1, "cancelled", now)
         return True
 
+    def let_go_cancelled(self, job_id, token):
+        """A cancelled job's attempt was seen to have ended, by a command
+        that is about to delete the job: its claim goes (cancel ended's
+        statement, without the record and the hook)."""
+        self.x(SQL_CANCEL_ENDED, (iso(time.time()), job_id, token))
+
     def cancelled_running(self):
         return [job_from_row(r) for r in self.q(SQL_CANCELLED_RUNNING)]
 
@@ -2527,10 +2543,6 @@ class Store:
     def waiting_on(self, ids):
         """[(job, dependency)] of unfinished jobs that depend on one of ids."""
         return self.x(SQL_WAITING_ON.format(marks=_marks(ids)), ids).fetchall()
-
-    def cancelled_claims(self, ids):
-        """{id: claim} of the cancelled jobs of ids whose attempt had started."""
-        return dict(self.x(SQL_CANCELLED_CLAIMS.format(marks=_marks(ids)), ids).fetchall())
 
     def delete(self, ids, states):
         """The jobs of ids still in states, deleted with their dependency
@@ -3238,7 +3250,8 @@ class Attempts:
                 import signal
                 rc = -int(signal.SIGXCPU)        # a signal, for the retry policy
         return self._record(store, job, rc, error, duration, run.log_fd,
-                            claim_next=run.proc is not None, usage=usage, group=run.pid)
+                            claim_next=run.proc is not None, usage=usage,
+                            group=(run.pid, run.start))
 
     def _read_status(self, job, status):
         """read_status, looked at again until it can be read: "I could not
@@ -3268,6 +3281,12 @@ class Attempts:
             return None                  # nearly always: one kill(0)
         self.say(f"{run.job['id']}: its shell has ended; waiting for the processes it "
                  "left in its group")
+        if run.proc is not None and run.start is None:
+            try:             # its pgid, for cancel, retry and recovery to see
+                with store.tx():
+                    store.record_pid(run.job["id"], self.id, run.token, run.pid, None)
+            except QueuectlError:
+                pass         # they still find the processes by their claim
         delay, look = 0.01, 0.0
         while run.group_alive():
             if run.lost_to:
@@ -3286,7 +3305,7 @@ class Attempts:
                 if row and row["state"] == CANCELLED and row["claim"] == run.token:
                     return "cancelled"
             time.sleep(delay)
-            delay = min(delay * 2, 0.25)
+            delay = min(delay * 2, 1.0)      # each look scans /proc
         return None
 
     def _let_go(self, run):
@@ -3322,13 +3341,14 @@ class Attempts:
         kills them, in a transaction that checks the job is still cancelled
         with this claim (so a frozen worker never kills another attempt)."""
         token, delay = job["claim"], 0.005
+        pgid, start = group or (None, None)
         kill_at = epoch(job["run_at"]) if job["run_at"] else time.time()
-        while attempt_alive(token, group):
+        while attempt_alive(token, pgid, start):
             if time.time() >= kill_at:
-                self._kill_cancelled(store, job["id"], token, group)
+                self._kill_cancelled(store, job["id"], token, pgid)
                 kill_at = time.time() + 1
             time.sleep(delay)
-            delay = min(delay * 2, 0.2)
+            delay = min(delay * 2, 1.0)      # each look scans /proc
 
     def _kill_cancelled(self, store, job_id, token, group):
         """SIGKILL what is left of a cancelled attempt once its cancel's grace
@@ -3380,7 +3400,8 @@ class Attempts:
         transaction when claim_next); report it; the next job or None. An
         outcome is retried until it is written: busy, a full disk, an I/O
         error only delay it, and its status file stays until then. group:
-        the attempt's process group, which a cancelled attempt waits for."""
+        (pgid, its leader's start) of the attempt's process group, which a
+        cancelled attempt waits for."""
         token = self._new_token() if claim_next else None
 
         def write():
@@ -3390,7 +3411,9 @@ class Attempts:
                     job, self.id, job["claim"], rc, error,
                     self._queue_config(job["queue"]), duration, usage=usage)
                 nxt = None
-                if claim_next and not self.stopping:
+                # Not after a fenced-out end (cancelled, taken over): this
+                # thread may wait for the attempt's processes first.
+                if claim_next and state is not None and not self.stopping:
                     nxt = store.claim(self.id, self.queues, time.time(), token)
             return state, unblocked, err, nxt
         nxt = None
@@ -3398,7 +3421,6 @@ class Attempts:
             state, unblocked, error, nxt = self._until_written(
                 write, f"{job['id']}: cannot record its outcome yet")
         finally:
-            self._drop_claim(job["claim"])
             if token is not None and nxt is None:
                 self._drop_claim(token)
         status = status_path(self.home, job["id"], job["claim"])
@@ -3471,6 +3493,7 @@ class Attempts:
             self.notify()
         if unblocked or keyed:
             wake_workers(self.home)
+        self._drop_claim(job["claim"])      # last: a cancelled one's end is written
         return nxt
 
 
@@ -3658,9 +3681,13 @@ class Recovery:
             return
         running = live_claims()
         for job in rows:
-            if job["claim"] in running or job["pid"] and group_alive(job["pid"]):
+            pgid = job["pid"] if job["pid"] and our_group(job["pid"], job["pid_start"]) \
+                else None
+            if job["claim"] in running or pgid:
                 if job["run_at"] and time.time() >= epoch(job["run_at"]):
                     kill_claim(job["claim"], signal.SIGKILL)   # past the cancel's grace
+                    if pgid:
+                        signal_group(pgid, signal.SIGKILL)
                 continue
             self._cancel_ended(store, job)
 
@@ -3708,11 +3735,11 @@ class Recovery:
             if pid:
                 self._adopt(store, job, pid, start)
                 return
-            if attempt_alive(token, job["pid"]):
-                return          # its shell is gone, not its group: next scan
             kind, value = read_status(status)       # it may have just ended
             if kind == "unknown":
                 return
+        if kind in ("running", "exit") and attempt_alive(token, job["pid"], job["pid_start"]):
+            return              # its shell has ended, not its group: next scan
         if kind == "revoked":
             self._settle(store, job, None, "not started: its claim was revoked "
                          "before it started", None)
@@ -3737,6 +3764,7 @@ class Recovery:
         with self.lock:
             self.settling += 1       # a draining thread must not end meanwhile
             run = self.running.pop(token, None)
+        dropped = False
         if run is not None and run.proc is not None:
             # Our own child: reap it when it ends (its adopter reads its status
             # file), and close its log (the adopter appends the footer).
@@ -3754,6 +3782,8 @@ class Recovery:
                 store = Store(self.home, durable=False, local_lock=self.db_lock)
             with store.tx():
                 store.take(job["id"], self.id, token, self.id + "!abandoned")
+            self._drop_claim(token)          # not ours now; a recovery takes it anew
+            dropped = True
             row = store.get(job["id"])
             if recover and row and row["state"] == PROCESSING and row["claim"] == token:
                 self._recover_job(store, row, True)
@@ -3762,7 +3792,8 @@ class Recovery:
         finally:
             # Tracked by no thread of ours now: if it is still ours (the take
             # above failed), our next recovery scan takes it up.
-            self._drop_claim(token)
+            if not dropped:
+                self._drop_claim(token)
             with self.lock:
                 self.settling -= 1
             self.notify()
@@ -4294,8 +4325,10 @@ class Worker(Attempts, Recovery):
             if job is not None:
                 # Stopping with a claimed job not yet started: give it back
                 # uncounted (a worker stop is not the job's failure).
-                self._until_written(lambda: store.requeue(job["id"], self.id, job["claim"]),
-                                    f"{job['id']}: cannot give it back yet")
+                try:
+                    store.requeue(job["id"], self.id, job["claim"])
+                except QueuectlError:
+                    pass             # recovery will settle it
                 self._drop_claim(job["claim"])
                 with self.lock:
                     self.active -= 1
@@ -5643,28 +5676,34 @@ def parse_signal(text):
                          "INT, HUP or KILL, or a number") from None
 
 def stop_attempts(jobs, grace, sig):
-    """Stop the process groups of cancelled attempts that had started, found
-    by their recorded pids or their claim tokens: sig to all, then SIGKILL
-    to what is left after grace seconds."""
+    """Stop what is left of cancelled attempts that had started: their
+    process groups (by the recorded pid, even once the shell itself has
+    ended, or found by the claim token) and every process that carries
+    their claim: sig to all, then SIGKILL to what is left after grace
+    seconds. (Their workers wait for them to end, and kill them past the
+    grace should this command not live that long.)"""
     import signal
-    groups = []
+    attempts = []
     for job in jobs:
         pid, start = job["pid"], job["pid_start"]
-        if not same_process(pid, start):    # younger than PID_DELAY: find it in /proc
-            try:
+        if not (same_process(pid, start) or pid and our_group(pid, start)):
+            try:                            # younger than PID_DELAY: find it in /proc
                 pid, start = find_job_process(job["claim"])
             except OSError:
                 pid = None
-        if pid:
-            groups.append((pid, start))
+        attempts.append((job["claim"], pid, start))
+
+    def send(s):
+        for token, pid, _ in attempts:
+            if pid:
+                signal_group(pid, s)
+            kill_claim(token, s, but_group=pid)
 
     def ended():
-        return not any(same_process(p, s) or group_alive(p) for p, s in groups)
-    for pid, _ in groups:
-        signal_group(pid, sig)
-    if groups and not poll_until(ended, grace, first=0.005):
-        for pid, _ in groups:
-            signal_group(pid, signal.SIGKILL)
+        return not any(attempt_alive(t, p, s) for t, p, s in attempts)
+    send(sig)
+    if attempts and not poll_until(ended, grace, first=0.005):
+        send(signal.SIGKILL)
         poll_until(ended, 5, first=0.005)
 
 def wait_attempt_gone(store, job, timeout=10.0, verb="retry"):
@@ -5688,7 +5727,7 @@ def wait_attempt_gone(store, job, timeout=10.0, verb="retry"):
             left[:] = claim_processes(job["claim"])
         except OSError:
             left[:] = [(None, None)]             # cannot tell: not gone
-        if not left and row["pid"] and group_alive(row["pid"]):
+        if not left and row["pid"] and our_group(row["pid"], row["pid_start"]):
             left[:] = [(row["pid"], None)]
         return not left
     if not poll_until(gone, timeout, first=0.01, cap=0.05):
@@ -5720,21 +5759,13 @@ def cmd_dlq(args):
 
 def delete_jobs(store, ids, states):
     """Delete the jobs of ids still in states, and their logs, in batches;
-    how many were deleted. A cancelled job whose attempt still has live
-    processes stays (its id must not be reused while they run)."""
+    how many were deleted. A cancelled job whose attempt has not ended
+    (claim set) stays: its id must not be reused while they run, and its
+    keys are held until a worker sees its end."""
     deleted = 0
-    live = None
     for i in range(0, len(ids), 500):
         batch = ids[i:i + 500]
         with store.tx():         # only jobs still finished: one retried meanwhile stays
-            claims = store.cancelled_claims(batch)
-            if claims:
-                if live is None:
-                    try:
-                        live = live_claims()
-                    except OSError:
-                        live = set(claims.values())      # cannot tell: keep them
-                batch = [j for j in batch if claims.get(j) not in live]
             gone = store.delete(batch, states)
             # Under the write lock: no job of the same id can be enqueued
             # and start a new log before these are gone.
@@ -5756,6 +5787,8 @@ def cmd_remove(args):
                 raise QueuectlError(f"cannot remove job {job['id']}: it is running; "
                                     "cancel it first")
             wait_attempt_gone(store, job, timeout=0, verb="remove")
+            if job["state"] == CANCELLED and job["claim"]:
+                store.let_go_cancelled(job["id"], job["claim"])
         waiting = [(j, d) for j, d in store.waiting_on(ids) if j not in ids]
         if waiting:
             j, d = waiting[0]

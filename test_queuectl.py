@@ -3436,6 +3436,67 @@ class TestTheRepeatedHour(QueueTest):
         b = self.enqueue("--run-at", f"{t:%Y-%m-%d %H:%M}", "true", env=env)
         self.assertEqual(self.job(a)["run_at"], self.job(b)["run_at"])
 
+class TestTheGroupIsTheEvidence(QueueTest):
+    """Only the attempt's whole process group (and what carries its claim)
+    is evidence of its end: not its shell, not its claim alone."""
+
+    def test_a_cancelled_child_without_the_claim_keeps_the_job_until_killed(self):
+        # env -i: the child carries no QUEUECTL_CLAIM, only the group; the
+        # worker's own recovery scans (every 5 s) must not end the attempt.
+        self.enqueue("--id", "c", "--key", "k",
+                     "env -i sh -c 'trap \"\" TERM; echo $$ > child.pid; exec sleep 30' "
+                     "& echo started")
+        self.spawn_worker()
+        child = self.read_pid("child.pid")
+        self.addCleanup(kill_group_quietly, child)
+        cancel = subprocess.Popen([*QUEUECTL, "cancel", "c", "--grace", "7"], env=self.env,
+                                  cwd=self.work, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        self.procs.append(cancel)
+        self.wait_state("c", "cancelled")
+        r = self.run_q("retry", "c", timeout=40)
+        self.assertEqual(r.code, 0, r)
+        self.assertFalse(pid_alive(child), "retry was accepted while the cancelled "
+                         "attempt's child still ran")
+
+    def test_recovery_never_settles_while_the_group_runs(self):
+        self.enqueue("--id", "c", "--key", "k",
+                     "(sleep 3; touch child-end) & echo started")
+        self.enqueue("--id", "d", "--key", "k",
+                     "[ -f child-end ] || echo DOUBLE > double.txt")
+        a = self.spawn_worker()
+        self.wait_for(lambda: "left in its group" in self.output(a), 10,
+                      "the worker to wait for the group")
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait(timeout=10)
+        r = self.drain_within(40)
+        self.assertEqual(r.code, 0, r)
+        self.assertFalse(os.path.exists(self.path("double.txt")),
+                         "d ran while c's group still ran")
+        self.assertEqual((self.state("c"), self.state("d")), ("completed", "completed"))
+
+    def test_cancel_signals_the_group_its_shell_left(self):
+        self.enqueue("--id", "c", "sleep 0.3; sh -c 'trap \"echo got-term > term.txt; "
+                     "exit 0\" TERM; echo $$ > child.pid; sleep 30 & wait' & echo started")
+        a = self.spawn_worker()
+        child = self.read_pid("child.pid")
+        self.addCleanup(kill_group_quietly, child)
+        self.wait_for(lambda: "left in its group" in self.output(a), 10,
+                      "the worker to wait for the group")
+        self.ok("cancel", "c", "--grace", "20", timeout=40)
+        self.assertEqual(self.lines("term.txt"), ["got-term"])
+        self.assertFalse(pid_alive(child))
+
+    def test_remove_of_a_cancelled_job_whose_worker_died(self):
+        self.enqueue("--id", "c", "sleep 30")
+        a = self.start_worker()
+        self.wait_running("c")
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait(timeout=10)
+        self.ok("cancel", "c", "--grace", "1", timeout=30)
+        self.assertEqual(self.ok("remove", "c", timeout=30), "c\n")
+        self.assertEqual(self.q("show", "c").code, 1)
+
 class TestWhyCountsJobThreads(QueueTest):
     """why counts only the jobs that occupy job threads: an adopted job is
     watched by a thread of its own."""
