@@ -5302,7 +5302,9 @@ class TestSchedules(QueueTest):
         self.wait_for(lambda: len(self.lines("ticks")) == 1, 20, "the slot after a retry")
         self.wait_out(a, "cannot fire schedules yet, will retry: database error",
                       "the failed try")
-        self.assertEqual(self.schedule("tick")["skips"], 0)
+        # 1 if a minute began while the failed try waited (5 s) to retry:
+        # two slots were then due, and --catch-up 1 fires the later one.
+        self.assertLessEqual(self.schedule("tick")["skips"], 1)
 
     def test_two_workers_fire_each_slot_once(self):
         self.ok("schedule", "add", "tick", "* * * * *", "--catch-up", "12", "--",
