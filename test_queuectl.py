@@ -391,6 +391,14 @@ class QueueTest(unittest.TestCase):
 
     # Running jobs: their pids and the files they write -----------------------
 
+    def kill_worker_running(self, job_id):
+        """Start a worker, wait until it runs job_id, SIGKILL the worker (its
+        job, in a session of its own, runs on)."""
+        a = self.start_worker()
+        self.wait_running(job_id)
+        os.kill(a.pid, signal.SIGKILL)
+        a.wait(timeout=10)
+
     def job_pid(self, job_id):
         row = self.db().execute("SELECT pid FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return row[0] if row else None
@@ -3285,10 +3293,7 @@ class TestAnUnreadableStatusIsNoOutcome(QueueTest):
     def test_an_adopted_job_that_exited_0_is_completed_not_rerun(self):
         self.set_fast_retries()
         self.enqueue("--id", "j", f"sleep 1.5; echo ran >> {self.path('runs.txt')}")
-        a = self.start_worker()
-        self.wait_running("j")
-        os.kill(a.pid, signal.SIGKILL)
-        a.wait(timeout=10)
+        self.kill_worker_running("j")
         b = self.spawn_worker(env=self.fault_env("read-status:fail@j*3"))
         self.wait_state("j", "completed", timeout=30)
         job = self.job("j")
@@ -3306,10 +3311,7 @@ class TestAnAdoptionThatCannotOpenTheDatabase(QueueTest):
 
     def test_the_adopters_next_scan_records_the_job(self):
         self.enqueue("--id", "j", f"sleep 2; echo ran >> {self.path('runs.txt')}")
-        a = self.start_worker()
-        self.wait_running("j")
-        os.kill(a.pid, signal.SIGKILL)
-        a.wait(timeout=10)
+        self.kill_worker_running("j")
         b = self.spawn_worker(env=self.fault_env("adopt-store:fail*2"))
         self.wait_state("j", "completed", timeout=25)     # scans run every 5 s
         job = self.job("j")
@@ -3492,10 +3494,7 @@ class TestTheGroupIsTheEvidence(QueueTest):
 
     def test_remove_of_a_cancelled_job_whose_worker_died(self):
         self.enqueue("--id", "c", "sleep 30")
-        a = self.start_worker()
-        self.wait_running("c")
-        os.kill(a.pid, signal.SIGKILL)
-        a.wait(timeout=10)
+        self.kill_worker_running("c")
         self.ok("cancel", "c", "--grace", "1", timeout=30)
         self.assertEqual(self.ok("remove", "c", timeout=30), "c\n")
         self.assertEqual(self.q("show", "c").code, 1)
