@@ -3197,13 +3197,11 @@ class Attempts:
                 if run.lost_to:
                     return self._let_go(run)
             rc = run.proc.returncode
-            duration = time.monotonic() - run.began
             usage = self._usage(run)
         else:
             wait_exit(run.pid, None, start=run.start)
             kind, rc = self._read_status(job, status)
             rc = rc if kind == "exit" else None
-            duration = time.time() - epoch(job["started_at"])
             usage = None         # adopted: its own worker was its parent
         # The attempt ends with the last process of its group, not its shell.
         left = self._await_group(store, run, None if timed_out or not timeout
@@ -3212,6 +3210,8 @@ class Attempts:
             return self._let_go(run)
         if left == "timeout":
             timed_out = self._kill(store, run, self.config["kill_grace"])
+        duration = time.monotonic() - run.began if run.proc is not None else \
+            time.time() - epoch(job["started_at"])
         fault("before-record", job["id"])
         if (run.stopped or timed_out) and run.group_alive():
             self._kill(store, run, self.config["kill_grace"])

@@ -3492,6 +3492,12 @@ class TestTheGroupIsTheEvidence(QueueTest):
         self.assertEqual(self.lines("term.txt"), ["got-term"])
         self.assertFalse(pid_alive(child))
 
+    def test_the_run_time_counts_until_the_group_ends(self):
+        self.enqueue("--id", "c", "sleep 0.6 & echo bg")
+        r = self.drain_within(30)
+        self.assertRegex(r.out, r"c completed \(attempt 1, ran 0\.[6-9]\d*s\)")
+        self.assertGreaterEqual(self.job("c")["usage"]["wall"], 0.6)
+
     def test_remove_of_a_cancelled_job_whose_worker_died(self):
         self.enqueue("--id", "c", "sleep 30")
         self.kill_worker_running("c")
