@@ -4848,6 +4848,42 @@ class TestConcurrencyKeys(QueueTest):
         self.wait_state("b", "completed")
         self.assertEqual((self.state("a"), self.job("a")["attempts"]), ("cancelled", 1))
 
+    def test_a_worker_frozen_while_it_waits_for_a_cancelled_group(self):
+        # A's job leaves a TERM-proof child in its group. A, waiting for it
+        # after the cancel, is frozen past its lease: B's sweep keeps the key
+        # while the child lives and lets go once it ends; A, woken, records
+        # the attempt's end no second time.
+        self.enqueue("--id", "a", "--key", "k",
+                     "sh -c 'trap \"\" TERM; echo $$ > child.pid; "
+                     f"while [ ! -f {self.path('go')} ]; do sleep 0.05; done' & echo bg")
+        a = self.bg()
+        self.resume_in_cleanup(a)
+        child = self.read_pid("child.pid")
+        self.addCleanup(kill_group_quietly, child)
+        self.wait_out(a, "left in its group", "A to wait for the group")
+        cancel = subprocess.Popen([*QUEUECTL, "cancel", "a", "--grace", "60"], env=self.env,
+                                  cwd=self.work, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        self.procs.append(cancel)
+        self.wait_state("a", "cancelled")
+        self.freeze(a)
+        self.enqueue("--id", "b", "--key", "k", "true")
+        self.age(a)
+        b = self.bg()
+        self.wait_for(lambda: self.live_workers() == 2, 20, "B to start")
+        reasons = json.loads(self.ok("why", "b", "--json"))["reasons"]
+        self.assertIn("key_full", [x["code"] for x in reasons])
+        self.assertTrue(pid_alive(child))
+        self.go()                                  # the child ends: so does the attempt
+        self.wait_state("b", "completed")
+        self.assertEqual(cancel.wait(timeout=20), 0)
+        os.kill(a.pid, signal.SIGCONT)
+        self.wait_out(b, "b completed", "B to run b")
+        self.stop_workers()
+        job = self.job("a")
+        self.assertEqual((job["state"], job["attempts"], len(job["attempts_recorded"])),
+                         ("cancelled", 1, 1), self.out(a))
+
     def test_limit_list_counts_the_jobs_waiting_for_a_queue(self):
         self.ok("limit", "set", "queue:qq", "1")
         for _ in range(3):
