@@ -586,10 +586,11 @@ for ddl in queuectl.SCHEMA:
 lines = [l for l in sys.stdin.read().splitlines() if l.strip()]
 stamp = queuectl.iso(time.time())
 con.execute("BEGIN IMMEDIATE")
+blank = dict.fromkeys(queuectl.job_columns("e"))
 con.executemany(queuectl.SQL_INSERT, (
-    (queuectl.new_id() + str(i), l, "default", 0, None, None, stamp, None, 0,
-     "/", None, None, None, stamp, stamp, None, None, None, None, None, None, None, None,
-     None, None)
+    {**blank, "id": queuectl.new_id() + str(i), "command": l, "state": "pending",
+     "queue": "default", "priority": 0, "run_at": stamp, "blocked": 0, "cwd": "/",
+     "created_at": stamp, "updated_at": stamp}
     for i, l in enumerate(lines)))
 con.execute("COMMIT")
 """

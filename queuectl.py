@@ -56,6 +56,13 @@ STATES = (PENDING, PROCESSING, FAILED, COMPLETED, DEAD, CANCELLED)
 
 FINISHED = (COMPLETED, DEAD, CANCELLED)
 
+WAITING = (PENDING, FAILED)          # may run once due, unblocked and not paused
+
+UNFINISHED = (PENDING, PROCESSING, FAILED)
+
+# With a claim set: an attempt that may still run (it holds the job's keys).
+HOLDING = (PROCESSING, CANCELLED)
+
 # The states each command's --state takes (completion offers only these).
 STATE_CHOICES = {
     "list": STATES,
@@ -1200,11 +1207,85 @@ def backoff_delay(attempts, cfg):
         return cfg["max_backoff"]
 
 
+# The job record ##############################################################
+
+# Every column of the jobs table, declared once: (name, SQL type, the schema
+# version that added it, how its value is kept, what it is for). The table's
+# CREATE, the migrations' ALTERs, JOB_FIELDS and ROW_FIELDS, the INSERT,
+# the spec fields enqueue takes, reset's clearing, job_public's decoding and
+# the times show formats are all read off this table; a new column is one
+# row here (and, with a schema bump, SCHEMA_VERSION).
+#   kept: "" as is; "time" an ISO-8601 UTC text; "json" JSON text, shown
+#         decoded (JSON_SHOWN: what NULL shows as); "names" JSON of an
+#         object, shown as its sorted keys (never the values)
+#   flags: p public (show --json, list --json); s a job spec sets it;
+#          e written by enqueue's INSERT; r cleared by reset
+JOB_TABLE = (
+    ("seq", "INTEGER PRIMARY KEY", 1, "", ""),
+    ("id", "TEXT NOT NULL UNIQUE", 1, "", "pse"),
+    ("command", "TEXT NOT NULL", 1, "", "pse"),
+    ("state", "TEXT NOT NULL", 1, "", "pe"),
+    ("queue", "TEXT NOT NULL DEFAULT 'default'", 1, "", "pse"),
+    ("priority", "INTEGER NOT NULL DEFAULT 0", 1, "", "pse"),
+    ("attempts", "INTEGER NOT NULL DEFAULT 0", 1, "", "p"),
+    ("max_retries", "INTEGER", 1, "", "pse"),
+    ("timeout", "REAL", 1, "", "pse"),
+    ("run_at", "TEXT NOT NULL", 1, "time", "pse"),
+    ("depends_on", "TEXT", 1, "json", "pse"),
+    ("blocked", "INTEGER NOT NULL DEFAULT 0", 1, "", "e"),
+    ("cwd", "TEXT NOT NULL", 1, "", "pse"),
+    ("env", "TEXT", 1, "names", "pse"),
+    ("created_at", "TEXT NOT NULL", 1, "time", "pe"),
+    ("updated_at", "TEXT NOT NULL", 1, "time", "pe"),
+    ("started_at", "TEXT", 1, "time", "pr"),
+    ("finished_at", "TEXT", 1, "time", "pr"),
+    ("exit_code", "INTEGER", 1, "", "pr"),
+    ("last_error", "TEXT", 1, "", "pr"),
+    ("worker", "TEXT", 1, "", "pr"),
+    ("claim", "TEXT", 1, "", "r"),
+    ("pid", "INTEGER", 1, "", "r"),
+    ("pid_start", "TEXT", 1, "", "r"),
+    ("env_id", "INTEGER", 2, "", "e"),
+    ("umask", "INTEGER", 2, "", "e"),
+    ("keys", "TEXT", 3, "json", "pse"),
+    ("hooks", "TEXT", 3, "json", "pe"),
+    ("retry_on", "TEXT", 3, "", "pse"),
+    ("no_retry_on", "TEXT", 3, "", "pse"),
+    ("hook_of", "TEXT", 3, "", "pe"),
+    ("mem", "INTEGER", 4, "", "pse"),
+    ("cpu_time", "REAL", 4, "", "pse"),
+    ("nofile", "INTEGER", 4, "", "pse"),
+    ("nice", "INTEGER", 4, "", "pse"),
+    ("schedule", "TEXT", 4, "", "pe"),
+    ("usage", "TEXT", 4, "json", "pr"),
+)
+
+# What a NULL JSON column shows as.
+JSON_SHOWN = {"depends_on": [], "keys": [], "hooks": {}, "usage": None}
+
+def job_columns(flag=None, since=None):
+    """The names of JOB_TABLE's columns that have flag (all: None) and, with
+    since, were added in that schema version."""
+    return tuple(c[0] for c in JOB_TABLE if (flag is None or flag in c[4])
+                 and (since is None or c[2] == since))
+
+def job_alters(version):
+    """The ALTERs that add the columns of schema version to an older jobs table."""
+    return [f"ALTER TABLE jobs ADD COLUMN {c[0]} {c[1]}" for c in JOB_TABLE
+            if c[2] == version]
+
+JOB_FIELDS = job_columns("p")
+
+ROW_FIELDS = JOB_FIELDS + tuple(c for c in job_columns() if c not in JOB_FIELDS)
+
+JOB_TIMES = tuple(c[0] for c in JOB_TABLE if c[3] == "time")
+
+
 # Job specs (validation of what enqueue takes) ################################
 
-SPEC_FIELDS = {"id", "command", "queue", "priority", "max_retries", "timeout",
-               "run_at", "delay", "depends_on", "cwd", "env", "unique", "keys",
-               "if_busy", "retry_on", "no_retry_on", *HOOK_EVENTS, *LIMIT_KEYS}
+# A spec's fields: the columns it sets, and what it says of the job otherwise
+# (delay: run_at from now; unique, if_busy: whether to add it; its hooks).
+SPEC_FIELDS = {*job_columns("s"), "delay", "unique", "if_busy", *HOOK_EVENTS}
 
 def check_key(key):
     """A concurrency key a job holds (--key): a name, not a queue's own."""
@@ -1429,6 +1510,17 @@ def _loads(text, default):
 
 # Schema and SQL ##############################################################
 
+def sql_states(states):
+    """A state set as SQL: ('pending', 'failed')."""
+    return "(" + ", ".join(f"'{s}'" for s in states) + ")"
+
+IN_WAITING, IN_UNFINISHED, IN_HOLDING = map(sql_states, (WAITING, UNFINISHED, HOLDING))
+
+# The one predicate of a job that may run now (but for its run_at, paused
+# queues and keys): the partial index jobs_ready's, and so every query that
+# says INDEXED BY jobs_ready must say it too.
+READY = f"state IN {IN_WAITING} AND blocked = 0"
+
 # One connection per thread; each Store owns one. Every write goes through
 # Store.tx(), which owns BEGIN IMMEDIATE, commit, rollback and the mapping of
 # sqlite3 errors to QueuectlError.
@@ -1526,47 +1618,11 @@ SCHEDULE_INDEX = "CREATE INDEX jobs_schedule ON jobs (schedule) WHERE schedule I
 CLAIMED_INDEX = "CREATE INDEX jobs_claimed ON jobs (state, queue) WHERE claim IS NOT NULL"
 
 SCHEMA = [
-    """CREATE TABLE jobs (
-        seq INTEGER PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
-        command TEXT NOT NULL,
-        state TEXT NOT NULL,
-        queue TEXT NOT NULL DEFAULT 'default',
-        priority INTEGER NOT NULL DEFAULT 0,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        max_retries INTEGER,
-        timeout REAL,
-        run_at TEXT NOT NULL,
-        depends_on TEXT,
-        blocked INTEGER NOT NULL DEFAULT 0,
-        cwd TEXT NOT NULL,
-        env TEXT,
-        created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL,
-        started_at TEXT,
-        finished_at TEXT,
-        exit_code INTEGER,
-        last_error TEXT,
-        worker TEXT,
-        claim TEXT,
-        pid INTEGER,
-        pid_start TEXT,
-        env_id INTEGER,
-        umask INTEGER,
-        keys TEXT,
-        hooks TEXT,
-        retry_on TEXT,
-        no_retry_on TEXT,
-        hook_of TEXT,
-        mem INTEGER,
-        cpu_time REAL,
-        nofile INTEGER,
-        nice INTEGER,
-        schedule TEXT,
-        usage TEXT)""",
+    "CREATE TABLE jobs (\n        " + ",\n        ".join(
+        f"{c[0]} {c[1]}" for c in JOB_TABLE) + ")",
     # The claim is one walk of this partial index, in selection order.
-    """CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq)
-        WHERE state IN ('pending', 'failed') AND blocked = 0""",
+    f"""CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq)
+        WHERE {READY}""",
     "CREATE INDEX jobs_state ON jobs (state, queue, finished_at)",
     ENVS_TABLE,
     ENVS_HASH_INDEX,
@@ -1608,22 +1664,18 @@ SCHEMA = [
     CLAIMED_INDEX,
 ]
 
-# Migrations: MIGRATIONS[n] takes a db from version n to n + 1.
+# Migrations: MIGRATIONS[n] takes a db from version n to n + 1, adding
+# MIGRATION_WHAT[n] (a worker of an older version runs jobs without it).
+MIGRATION_WHAT = {1: "the enqueuer's environment", 2: "keys, limits, hooks, retry policy",
+                  3: "resource accounting and limits, schedules"}
+
 MIGRATIONS = {
     # 1.1: jobs run in their enqueuer's environment and umask
-    1: ["ALTER TABLE jobs ADD COLUMN env_id INTEGER",
-        "ALTER TABLE jobs ADD COLUMN umask INTEGER", ENVS_TABLE, ENVS_HASH_INDEX,
-        ENVS_INDEX, DURATIONS_TABLE],
+    1: [*job_alters(2), ENVS_TABLE, ENVS_HASH_INDEX, ENVS_INDEX, DURATIONS_TABLE],
     # 1.2: concurrency keys and limits, hooks, retry policy by exit code
-    2: ["ALTER TABLE jobs ADD COLUMN keys TEXT", "ALTER TABLE jobs ADD COLUMN hooks TEXT",
-        "ALTER TABLE jobs ADD COLUMN retry_on TEXT",
-        "ALTER TABLE jobs ADD COLUMN no_retry_on TEXT",
-        "ALTER TABLE jobs ADD COLUMN hook_of TEXT",
-        JOB_KEYS_TABLE, JOB_KEYS_INDEX, LIMITS_TABLE, HOOKS_INDEX],
+    2: [*job_alters(3), JOB_KEYS_TABLE, JOB_KEYS_INDEX, LIMITS_TABLE, HOOKS_INDEX],
     # 1.2: resource accounting, per-job limits, recurring schedules
-    3: [*(f"ALTER TABLE jobs ADD COLUMN {c}" for c in (
-        "mem INTEGER", "cpu_time REAL", "nofile INTEGER", "nice INTEGER",
-        "schedule TEXT", "usage TEXT")),
+    3: [*job_alters(4),
         *(f"ALTER TABLE stats ADD COLUMN {c} NOT NULL DEFAULT 0" for c in (
             "cpu_user REAL", "cpu_sys REAL", "rss_sum REAL", "rss_count INTEGER")),
         *(f"ALTER TABLE stats ADD COLUMN {c} INTEGER NOT NULL DEFAULT 0"
@@ -1635,16 +1687,6 @@ MIGRATIONS = {
         "UPDATE jobs SET claim = NULL, pid = NULL, pid_start = NULL "
         "WHERE state = 'cancelled'"],
 }
-
-JOB_FIELDS = ("id", "command", "state", "queue", "priority", "attempts",
-              "max_retries", "timeout", "run_at", "depends_on", "cwd", "env",
-              "created_at", "updated_at", "started_at", "finished_at",
-              "exit_code", "last_error", "worker", "keys", "hooks", "retry_on",
-              "no_retry_on", "hook_of", "mem", "cpu_time", "nofile", "nice", "schedule",
-              "usage")
-
-ROW_FIELDS = JOB_FIELDS + ("seq", "blocked", "claim", "pid", "pid_start", "env_id",
-                          "umask")
 
 JOB_COLUMNS = ", ".join(ROW_FIELDS)
 
@@ -1677,12 +1719,8 @@ JOB_COLUMNS = ", ".join(ROW_FIELDS)
 
 FENCE = " WHERE id = ? AND worker = ? AND claim = ? AND state = 'processing'"
 
-SQL_INSERT = """INSERT INTO jobs (id, command, state, queue, priority,
-    max_retries, timeout, run_at, depends_on, blocked, cwd, env, env_id, umask,
-    created_at, updated_at, keys, hooks, retry_on, no_retry_on, hook_of, mem,
-    cpu_time, nofile, nice, schedule)
-    VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-            ?, ?)"""
+SQL_INSERT = (f"INSERT INTO jobs ({', '.join(job_columns('e'))}) VALUES "
+              f"({', '.join(':' + c for c in job_columns('e'))})")
 
 SQL_INSERT_KEY = "INSERT OR IGNORE INTO job_keys (key, job) VALUES (?, ?)"
 
@@ -1690,19 +1728,19 @@ SQL_DELETE_KEYS = "DELETE FROM job_keys WHERE job IN ({marks})"
 
 # The keys running jobs hold, and how many hold each.
 # (A cancelled job whose attempt still runs holds its keys too.)
-SQL_HELD = """SELECT k.key, count(*) FROM jobs j INDEXED BY jobs_claimed
+SQL_HELD = f"""SELECT k.key, count(*) FROM jobs j INDEXED BY jobs_claimed
     JOIN job_keys k ON k.job = j.id
-    WHERE j.claim IS NOT NULL AND j.state IN ('processing', 'cancelled') GROUP BY k.key"""
+    WHERE j.claim IS NOT NULL AND j.state IN {IN_HOLDING} GROUP BY k.key"""
 
-SQL_RUNNING_PER_QUEUE = """SELECT queue, count(*) FROM jobs INDEXED BY jobs_claimed
-    WHERE claim IS NOT NULL AND state IN ('processing', 'cancelled') GROUP BY queue"""
+SQL_RUNNING_PER_QUEUE = f"""SELECT queue, count(*) FROM jobs INDEXED BY jobs_claimed
+    WHERE claim IS NOT NULL AND state IN {IN_HOLDING} GROUP BY queue"""
 
-SQL_HOLDERS = """SELECT j.id FROM job_keys k JOIN jobs j ON j.id = k.job
-    WHERE k.key = ? AND j.claim IS NOT NULL AND j.state IN ('processing', 'cancelled')
+SQL_HOLDERS = f"""SELECT j.id FROM job_keys k JOIN jobs j ON j.id = k.job
+    WHERE k.key = ? AND j.claim IS NOT NULL AND j.state IN {IN_HOLDING}
     ORDER BY j.started_at"""
 
-SQL_QUEUE_HOLDERS = """SELECT id FROM jobs INDEXED BY jobs_claimed WHERE claim IS NOT NULL
-    AND state IN ('processing', 'cancelled') AND queue = ? ORDER BY started_at"""
+SQL_QUEUE_HOLDERS = f"""SELECT id FROM jobs INDEXED BY jobs_claimed WHERE claim IS NOT NULL
+    AND state IN {IN_HOLDING} AND queue = ? ORDER BY started_at"""
 
 SQL_CANCEL_ENDED = """UPDATE jobs SET claim = NULL, pid = NULL, pid_start = NULL,
     attempts = attempts + 1, updated_at = ? WHERE id = ? AND state = 'cancelled'
@@ -1712,12 +1750,12 @@ SQL_CANCELLED_RUNNING = f"""SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_claim
     WHERE claim IS NOT NULL AND state = 'cancelled'"""
 
 # --if-busy skip: a job with one of the keys that waits or runs.
-SQL_KEY_BUSY = """SELECT j.id FROM job_keys k JOIN jobs j ON j.id = k.job
-    WHERE k.key IN ({marks}) AND j.state IN ('pending', 'failed', 'processing')
+SQL_KEY_BUSY = f"""SELECT j.id FROM job_keys k JOIN jobs j ON j.id = k.job
+    WHERE k.key IN ({{marks}}) AND j.state IN {IN_UNFINISHED}
     ORDER BY j.state = 'processing' DESC, j.seq LIMIT 1"""
 
-SQL_KEYS_WAITING = """SELECT k.key, count(*) FROM jobs j JOIN job_keys k ON k.job = j.id
-    WHERE j.state IN ('pending', 'failed') GROUP BY k.key"""
+SQL_KEYS_WAITING = f"""SELECT k.key, count(*) FROM jobs j JOIN job_keys k ON k.job = j.id
+    WHERE j.state IN {IN_WAITING} GROUP BY k.key"""
 
 SQL_LIMITS = "SELECT key, n FROM limits ORDER BY key"
 
@@ -1753,7 +1791,7 @@ SQL_DROP_UNUSED_ENVS = """DELETE FROM envs WHERE id IN ({marks})
 SQL_INSERT_DEP = "INSERT OR IGNORE INTO deps (job, dep) VALUES (?, ?)"
 
 SQL_CLAIMABLE = f"""SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_ready
-    WHERE state IN ('pending', 'failed') AND blocked = 0 AND run_at <= ?{{where}}
+    WHERE {READY} AND run_at <= ?{{where}}
     ORDER BY priority DESC, run_at, seq LIMIT 1"""
 
 SQL_CLAIM = """UPDATE jobs SET state = 'processing', claim = ?, worker = ?,
@@ -1789,20 +1827,19 @@ SQL_EDIT = """UPDATE jobs SET command = ?, queue = ?, priority = ?, max_retries 
     timeout = ?, run_at = ?, cwd = ?, env = ?, updated_at = ?
     WHERE id = ? AND updated_at = ? AND state IN ('pending', 'failed', 'dead')"""
 
-SQL_WAITING_ON = """SELECT d.job, d.dep FROM deps d JOIN jobs j ON j.id = d.job
-    WHERE d.dep IN ({marks}) AND j.state IN ('pending', 'processing', 'failed')"""
+SQL_WAITING_ON = f"""SELECT d.job, d.dep FROM deps d JOIN jobs j ON j.id = d.job
+    WHERE d.dep IN ({{marks}}) AND j.state IN {IN_UNFINISHED}"""
 
-SQL_RESET = """UPDATE jobs SET state = 'pending', attempts = 0, run_at = ?,
-    updated_at = ?, blocked = ?, worker = NULL, claim = NULL, pid = NULL,
-    pid_start = NULL, started_at = NULL, finished_at = NULL, exit_code = NULL,
-    last_error = NULL, usage = NULL WHERE id = ?"""
+SQL_RESET = ("UPDATE jobs SET state = 'pending', attempts = 0, run_at = ?, updated_at = ?, "
+             "blocked = ?, " + ", ".join(f"{c} = NULL" for c in job_columns("r"))
+             + " WHERE id = ?")
 
 SQL_UNBLOCK = """UPDATE jobs SET blocked = 0 WHERE blocked = 1
     AND id IN (SELECT job FROM deps WHERE dep = ?)
     AND NOT EXISTS (SELECT 1 FROM deps d JOIN jobs j ON j.id = d.dep
                     WHERE d.job = jobs.id AND j.state != 'completed')"""
 
-SQL_REBLOCK = """UPDATE jobs SET blocked = 1 WHERE state IN ('pending', 'failed')
+SQL_REBLOCK = f"""UPDATE jobs SET blocked = 1 WHERE state IN {IN_WAITING}
     AND id IN (SELECT job FROM deps WHERE dep = ?)"""
 
 _STAT_ADD = """INSERT INTO stats (queue, attempts, failures, duration_sum,
@@ -1860,21 +1897,21 @@ SQL_DELETE_SCHEDULE = "DELETE FROM schedules WHERE name = ?"
 
 SQL_SCHEDULE_SUCCESS = "UPDATE schedules SET last_success = ? WHERE name = ?"
 
-SQL_SCHEDULE_ACTIVE = """SELECT id FROM jobs WHERE schedule = ?
-    AND state IN ('pending', 'failed', 'processing') ORDER BY seq LIMIT 1"""
+SQL_SCHEDULE_ACTIVE = f"""SELECT id FROM jobs WHERE schedule = ?
+    AND state IN {IN_UNFINISHED} ORDER BY seq LIMIT 1"""
 
 SQL_DURATION_ADD = """INSERT INTO durations (queue, le, n) VALUES (?, ?, 1)
     ON CONFLICT (queue, le) DO UPDATE SET n = n + 1"""
 
 SQL_DURATIONS = "SELECT queue, le, n FROM durations"
 
-SQL_RUNNABLE_SINCE = """SELECT min(run_at) FROM jobs INDEXED BY jobs_ready
-    WHERE state IN ('pending', 'failed') AND blocked = 0 AND run_at <= ?{where}"""
+SQL_RUNNABLE_SINCE = f"""SELECT min(run_at) FROM jobs INDEXED BY jobs_ready
+    WHERE {READY} AND run_at <= ?{{where}}"""
 
-SQL_DELAYED = """SELECT queue, count(*) FROM jobs INDEXED BY jobs_ready
-    WHERE state IN ('pending', 'failed') AND blocked = 0 AND run_at > ? GROUP BY queue"""
+SQL_DELAYED = f"""SELECT queue, count(*) FROM jobs INDEXED BY jobs_ready
+    WHERE {READY} AND run_at > ? GROUP BY queue"""
 
-SQL_BLOCKED = """SELECT queue, count(*) FROM jobs WHERE state IN ('pending', 'failed')
+SQL_BLOCKED = f"""SELECT queue, count(*) FROM jobs WHERE state IN {IN_WAITING}
     AND blocked = 1 GROUP BY queue"""
 
 SQL_DELETE_JOBS = "DELETE FROM jobs WHERE id IN ({marks})"
@@ -1904,7 +1941,7 @@ SQL_LIST = f"SELECT {JOB_COLUMNS} FROM jobs{{where}} ORDER BY seq{{order}}{{limi
 SQL_LIST_COUNT = "SELECT count(*) FROM jobs{where}"
 
 SQL_DUE = f"""SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_ready
-    WHERE state IN ('pending', 'failed') AND blocked = 0 AND run_at <= ?
+    WHERE {READY} AND run_at <= ?
     ORDER BY priority DESC, run_at, seq LIMIT ?"""
 
 SQL_FINISHED_BEFORE = """SELECT id FROM jobs WHERE state IN ({marks})
@@ -1922,47 +1959,47 @@ SQL_COUNTS = "SELECT state, queue, count(*) FROM jobs GROUP BY state, queue"
 SQL_OLDEST_PENDING = """SELECT id, created_at FROM jobs WHERE state = 'pending'
     ORDER BY created_at LIMIT 1"""
 
-SQL_NEXT_SCHEDULED = """SELECT id, run_at FROM jobs INDEXED BY jobs_ready
-    WHERE state IN ('pending', 'failed') AND blocked = 0 AND run_at > ?
+SQL_NEXT_SCHEDULED = f"""SELECT id, run_at FROM jobs INDEXED BY jobs_ready
+    WHERE {READY} AND run_at > ?
     ORDER BY run_at LIMIT 1"""
 
-SQL_NEXT_RUN = """SELECT min(run_at) FROM jobs INDEXED BY jobs_ready
-    WHERE state IN ('pending', 'failed') AND blocked = 0{where}"""
+SQL_NEXT_RUN = f"""SELECT min(run_at) FROM jobs INDEXED BY jobs_ready
+    WHERE {READY}{{where}}"""
 
-SQL_WAITING = "SELECT count(*) FROM jobs WHERE state IN ('pending', 'failed')"
+SQL_WAITING = f"SELECT count(*) FROM jobs WHERE state IN {IN_WAITING}"
 
 SQL_JOB_COUNT = "SELECT count(*) FROM jobs"
 
-SQL_BLOCKED_ON_DEAD = """SELECT j.id, d.dep, coalesce(k.state, 'missing') FROM jobs j
+SQL_BLOCKED_ON_DEAD = f"""SELECT j.id, d.dep, coalesce(k.state, 'missing') FROM jobs j
     JOIN deps d ON d.job = j.id LEFT JOIN jobs k ON k.id = d.dep
-    WHERE j.state IN ('pending', 'failed') AND j.blocked = 1
+    WHERE j.state IN {IN_WAITING} AND j.blocked = 1
     AND coalesce(k.state, 'missing') IN ('dead', 'cancelled', 'missing')"""
 
 # Jobs that can never run until a person acts: each waiting job blocked,
 # directly or through other waiting jobs, on a dependency that is dead,
 # cancelled or deleted; with that dependency and its state.
-SQL_STUCK = """WITH RECURSIVE stuck(job, dep, state) AS (
+SQL_STUCK = f"""WITH RECURSIVE stuck(job, dep, state) AS (
         SELECT d.job, d.dep, coalesce(k.state, 'missing') FROM deps d
         JOIN jobs j ON j.id = d.job LEFT JOIN jobs k ON k.id = d.dep
-        WHERE j.state IN ('pending', 'failed') AND j.blocked = 1
+        WHERE j.state IN {IN_WAITING} AND j.blocked = 1
         AND coalesce(k.state, 'missing') IN ('dead', 'cancelled', 'missing')
     UNION
         SELECT d.job, s.dep, s.state FROM deps d JOIN stuck s ON d.dep = s.job
-        JOIN jobs j ON j.id = d.job WHERE j.state IN ('pending', 'failed')
+        JOIN jobs j ON j.id = d.job WHERE j.state IN {IN_WAITING}
         AND j.blocked = 1)
     SELECT job, dep, state FROM stuck"""
 
 # wait with no ids: the jobs enqueued so far (seq <= ?) that are unfinished,
 # and those that ended dead or cancelled (still in the home: in the DLQ, or
 # cancelled and not yet pruned).
-SQL_OPEN_UP_TO = """SELECT id, state, blocked FROM jobs
-    WHERE seq <= ? AND state IN ('pending', 'processing', 'failed'){where}"""
+SQL_OPEN_UP_TO = f"""SELECT id, state, blocked FROM jobs
+    WHERE seq <= ? AND state IN {IN_UNFINISHED}{{where}}"""
 
 SQL_NOT_COMPLETED = """SELECT id, state FROM jobs WHERE seq <= ?
     AND state IN ('dead', 'cancelled'){where} ORDER BY seq"""
 
-SQL_OPEN_OF = """SELECT id, state, blocked FROM jobs WHERE id IN ({marks})
-    AND state IN ('pending', 'processing', 'failed')"""
+SQL_OPEN_OF = f"""SELECT id, state, blocked FROM jobs WHERE id IN ({{marks}})
+    AND state IN {IN_UNFINISHED}"""
 
 SQL_LAST_STARTED = """SELECT id FROM jobs WHERE started_at IS NOT NULL
     ORDER BY started_at DESC, seq DESC LIMIT 1"""
@@ -2126,9 +2163,7 @@ class Store:
         """After a migration: workers of an older queuectl that still run
         keep serving jobs the old way, without what came after their schema."""
         old = [w for w in self.workers() if worker_alive(self.home, w)]
-        added = {1: "the enqueuer's environment", 2: "keys, limits, hooks, retry policy",
-                 3: "resource accounting and limits, schedules"}
-        missing = ", ".join(v for k, v in added.items() if k >= self.migrated_from)
+        missing = ", ".join(v for k, v in MIGRATION_WHAT.items() if k >= self.migrated_from)
         if old:
             sys.stderr.write(
                 f"queuectl: note: upgraded {self.path} to schema {SCHEMA_VERSION}; "
@@ -2308,19 +2343,18 @@ class Store:
         blocked = self._blocked(deps)
         stamp = iso(now)
         run_at = iso(spec["run_at"]) if spec.get("run_at") is not None else stamp
-        env = spec.get("env")
-        values = [spec["command"], spec.get("queue") or DEFAULT_QUEUE,
-                  spec.get("priority", 0), spec.get("max_retries"),
-                  spec.get("timeout"), run_at, _json_or_none(deps),
-                  int(blocked), spec["cwd"], _json_or_none(env), env_id, umask,
-                  stamp, stamp, _json_or_none(keys),
-                  _json_or_none({k: spec[k] for k in HOOK_EVENTS if spec.get(k) is not None}),
-                  spec.get("retry_on"), spec.get("no_retry_on"), hook_of,
-                  *(spec.get(k) for k in LIMIT_KEYS), schedule]
+        row = {c: spec.get(c) for c in job_columns("s")}
+        row.update(
+            state=PENDING, queue=spec.get("queue") or DEFAULT_QUEUE,
+            priority=spec.get("priority", 0), run_at=run_at, depends_on=_json_or_none(deps),
+            blocked=int(blocked), env=_json_or_none(spec.get("env")), env_id=env_id,
+            umask=umask, created_at=stamp, updated_at=stamp, keys=_json_or_none(keys),
+            hooks=_json_or_none({k: spec[k] for k in HOOK_EVENTS if spec.get(k) is not None}),
+            hook_of=hook_of, schedule=schedule)
         while True:
-            try_id = job_id or new_id()
+            row["id"] = try_id = job_id or new_id()
             try:
-                self.x(SQL_INSERT, [try_id] + values)
+                self.x(SQL_INSERT, row)
                 break
             except self.sqlite3.IntegrityError:
                 if job_id is not None:
@@ -4412,18 +4446,16 @@ def job_public(job, home):
     """A job as users see it (show --json, list --json). Of its environment
     only the names set with --env show: values only with show --env."""
     out = {}
-    for k in JOB_FIELDS:
+    for k, _, _, kept, flags in JOB_TABLE:
+        if "p" not in flags:
+            continue
         v = job[k]
-        if k in ("created_at", "updated_at", "started_at", "finished_at", "run_at"):
+        if kept == "time":
             v = show_time(v)
-        elif k == "depends_on":
-            v = _loads(v, [])
-        elif k == "env":
+        elif kept == "json":
+            v = _loads(v, JSON_SHOWN[k])
+        elif kept == "names":
             v = sorted(_loads(v, {}))
-        elif k == "keys":
-            v = _loads(v, [])
-        elif k in ("hooks", "usage"):
-            v = _loads(v, {} if k == "hooks" else None)
         out[k] = v
         if k == "env":
             out["env_from"] = "worker" if job["env_id"] is None else "enqueuer"
@@ -4999,8 +5031,7 @@ def cmd_show(args):
             v = human_size(v)
         elif k == "attempts_recorded":
             continue
-        elif k in ("run_at", "created_at", "updated_at", "started_at", "finished_at") \
-                and v is not None:
+        elif k in JOB_TIMES and v is not None:
             v = f"{v} ({local_time(epoch(v))} local, {relative(v)})"
         print(f"{k.ljust(width)}  {'-' if v is None else v}")
     if attempts:

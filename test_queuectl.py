@@ -790,6 +790,53 @@ sys.exit(queuectl.main(["worker", "status", "--json"]))
 """
 
 
+# The schemas older versions of queuectl created, as they created them
+# (sqlite_master of a fresh home of each): migration tests start from these.
+OLD_SCHEMAS = {
+    1: [
+        "CREATE TABLE jobs (\n        seq INTEGER PRIMARY KEY,\n        id TEXT NOT NULL UNIQUE,\n        command TEXT NOT NULL,\n        state TEXT NOT NULL,\n        queue TEXT NOT NULL DEFAULT 'default',\n        priority INTEGER NOT NULL DEFAULT 0,\n        attempts INTEGER NOT NULL DEFAULT 0,\n        max_retries INTEGER,\n        timeout REAL,\n        run_at TEXT NOT NULL,\n        depends_on TEXT,\n        blocked INTEGER NOT NULL DEFAULT 0,\n        cwd TEXT NOT NULL,\n        env TEXT,\n        created_at TEXT NOT NULL,\n        updated_at TEXT NOT NULL,\n        started_at TEXT,\n        finished_at TEXT,\n        exit_code INTEGER,\n        last_error TEXT,\n        worker TEXT,\n        claim TEXT,\n        pid INTEGER,\n        pid_start TEXT)",
+        "CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq)\n        WHERE state IN ('pending', 'failed') AND blocked = 0",
+        'CREATE INDEX jobs_state ON jobs (state, queue, finished_at)',
+        'CREATE TABLE deps (\n        job TEXT NOT NULL,\n        dep TEXT NOT NULL,\n        PRIMARY KEY (job, dep)) WITHOUT ROWID',
+        'CREATE INDEX deps_dep ON deps (dep)',
+        'CREATE TABLE workers (\n        id TEXT PRIMARY KEY,\n        pid INTEGER NOT NULL,\n        host TEXT NOT NULL,\n        threads INTEGER NOT NULL,\n        queues TEXT,\n        started_at TEXT NOT NULL,\n        heartbeat TEXT NOT NULL)',
+        'CREATE TABLE paused (queue TEXT PRIMARY KEY)',
+        'CREATE TABLE stats (\n        queue TEXT PRIMARY KEY,\n        attempts INTEGER NOT NULL DEFAULT 0,\n        failures INTEGER NOT NULL DEFAULT 0,\n        duration_sum REAL NOT NULL DEFAULT 0,\n        duration_count INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID',
+    ],
+    2: [
+        "CREATE TABLE jobs (\n        seq INTEGER PRIMARY KEY,\n        id TEXT NOT NULL UNIQUE,\n        command TEXT NOT NULL,\n        state TEXT NOT NULL,\n        queue TEXT NOT NULL DEFAULT 'default',\n        priority INTEGER NOT NULL DEFAULT 0,\n        attempts INTEGER NOT NULL DEFAULT 0,\n        max_retries INTEGER,\n        timeout REAL,\n        run_at TEXT NOT NULL,\n        depends_on TEXT,\n        blocked INTEGER NOT NULL DEFAULT 0,\n        cwd TEXT NOT NULL,\n        env TEXT,\n        created_at TEXT NOT NULL,\n        updated_at TEXT NOT NULL,\n        started_at TEXT,\n        finished_at TEXT,\n        exit_code INTEGER,\n        last_error TEXT,\n        worker TEXT,\n        claim TEXT,\n        pid INTEGER,\n        pid_start TEXT,\n        env_id INTEGER,\n        umask INTEGER)",
+        "CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq)\n        WHERE state IN ('pending', 'failed') AND blocked = 0",
+        'CREATE INDEX jobs_state ON jobs (state, queue, finished_at)',
+        'CREATE TABLE envs (id INTEGER PRIMARY KEY AUTOINCREMENT,\n    hash INTEGER NOT NULL, vars BLOB NOT NULL)',
+        'CREATE INDEX envs_hash ON envs (hash)',
+        'CREATE INDEX jobs_env ON jobs (env_id) WHERE env_id IS NOT NULL',
+        'CREATE TABLE durations (\n    queue TEXT NOT NULL,\n    le REAL NOT NULL,\n    n INTEGER NOT NULL DEFAULT 0,\n    PRIMARY KEY (queue, le)) WITHOUT ROWID',
+        'CREATE TABLE deps (\n        job TEXT NOT NULL,\n        dep TEXT NOT NULL,\n        PRIMARY KEY (job, dep)) WITHOUT ROWID',
+        'CREATE INDEX deps_dep ON deps (dep)',
+        'CREATE TABLE workers (\n        id TEXT PRIMARY KEY,\n        pid INTEGER NOT NULL,\n        host TEXT NOT NULL,\n        threads INTEGER NOT NULL,\n        queues TEXT,\n        started_at TEXT NOT NULL,\n        heartbeat TEXT NOT NULL)',
+        'CREATE TABLE paused (queue TEXT PRIMARY KEY)',
+        'CREATE TABLE stats (\n        queue TEXT PRIMARY KEY,\n        attempts INTEGER NOT NULL DEFAULT 0,\n        failures INTEGER NOT NULL DEFAULT 0,\n        duration_sum REAL NOT NULL DEFAULT 0,\n        duration_count INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID',
+    ],
+    3: [
+        "CREATE TABLE jobs (\n        seq INTEGER PRIMARY KEY,\n        id TEXT NOT NULL UNIQUE,\n        command TEXT NOT NULL,\n        state TEXT NOT NULL,\n        queue TEXT NOT NULL DEFAULT 'default',\n        priority INTEGER NOT NULL DEFAULT 0,\n        attempts INTEGER NOT NULL DEFAULT 0,\n        max_retries INTEGER,\n        timeout REAL,\n        run_at TEXT NOT NULL,\n        depends_on TEXT,\n        blocked INTEGER NOT NULL DEFAULT 0,\n        cwd TEXT NOT NULL,\n        env TEXT,\n        created_at TEXT NOT NULL,\n        updated_at TEXT NOT NULL,\n        started_at TEXT,\n        finished_at TEXT,\n        exit_code INTEGER,\n        last_error TEXT,\n        worker TEXT,\n        claim TEXT,\n        pid INTEGER,\n        pid_start TEXT,\n        env_id INTEGER,\n        umask INTEGER,\n        keys TEXT,\n        hooks TEXT,\n        retry_on TEXT,\n        no_retry_on TEXT,\n        hook_of TEXT)",
+        "CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq)\n        WHERE state IN ('pending', 'failed') AND blocked = 0",
+        'CREATE INDEX jobs_state ON jobs (state, queue, finished_at)',
+        'CREATE TABLE envs (id INTEGER PRIMARY KEY AUTOINCREMENT,\n    hash INTEGER NOT NULL, vars BLOB NOT NULL)',
+        'CREATE INDEX envs_hash ON envs (hash)',
+        'CREATE INDEX jobs_env ON jobs (env_id) WHERE env_id IS NOT NULL',
+        'CREATE TABLE durations (\n    queue TEXT NOT NULL,\n    le REAL NOT NULL,\n    n INTEGER NOT NULL DEFAULT 0,\n    PRIMARY KEY (queue, le)) WITHOUT ROWID',
+        'CREATE TABLE deps (\n        job TEXT NOT NULL,\n        dep TEXT NOT NULL,\n        PRIMARY KEY (job, dep)) WITHOUT ROWID',
+        'CREATE INDEX deps_dep ON deps (dep)',
+        'CREATE TABLE workers (\n        id TEXT PRIMARY KEY,\n        pid INTEGER NOT NULL,\n        host TEXT NOT NULL,\n        threads INTEGER NOT NULL,\n        queues TEXT,\n        started_at TEXT NOT NULL,\n        heartbeat TEXT NOT NULL)',
+        'CREATE TABLE paused (queue TEXT PRIMARY KEY)',
+        'CREATE TABLE job_keys (\n    key TEXT NOT NULL,\n    job TEXT NOT NULL,\n    PRIMARY KEY (key, job)) WITHOUT ROWID',
+        'CREATE INDEX job_keys_job ON job_keys (job)',
+        'CREATE TABLE limits (\n    key TEXT PRIMARY KEY,\n    n INTEGER NOT NULL) WITHOUT ROWID',
+        'CREATE INDEX jobs_hook_of ON jobs (hook_of) WHERE hook_of IS NOT NULL',
+        'CREATE TABLE stats (\n        queue TEXT PRIMARY KEY,\n        attempts INTEGER NOT NULL DEFAULT 0,\n        failures INTEGER NOT NULL DEFAULT 0,\n        duration_sum REAL NOT NULL DEFAULT 0,\n        duration_count INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID',
+    ],
+}
+
 # Text, time and values #######################################################
 
 class TestPureHelpers(unittest.TestCase):
@@ -966,6 +1013,43 @@ class TestFilesAndPermissions(QueueTest):
         con.commit()
         r = self.fails(2, "list")
         self.assertIn("newer", r.err)
+
+    def schema(self, db):
+        """What a database is made of: each table's columns (PRAGMA
+        table_info), each index's and trigger's table and SQL (white space
+        folded)."""
+        con = sqlite3.connect(db)
+        try:
+            out = {}
+            for kind, name, table, sql in con.execute(
+                    "SELECT type, name, tbl_name, sql FROM sqlite_master "
+                    "WHERE name NOT LIKE 'sqlite_%'"):
+                if kind == "table":
+                    out[name] = [r[1:] for r in con.execute(f"PRAGMA table_info({name})")]
+                else:
+                    out[name] = (kind, table, " ".join((sql or "").split()))
+            return out
+        finally:
+            con.close()
+
+    def test_a_migrated_database_is_a_fresh_one(self):
+        self.enqueue("true")
+        fresh = self.schema(os.path.join(self.home, "queue.db"))
+        for version, statements in OLD_SCHEMAS.items():
+            with self.subTest(schema=version):
+                home = os.path.join(self.tmp, f"v{version}")
+                os.mkdir(home, 0o700)
+                db = os.path.join(home, "queue.db")
+                con = sqlite3.connect(db)
+                for sql in statements:
+                    con.execute(sql)
+                con.execute(f"PRAGMA user_version = {version}")
+                con.execute(f"PRAGMA application_id = {queuectl.APPLICATION_ID}")
+                con.commit()
+                con.close()
+                os.chmod(db, 0o600)
+                queuectl.Store(home).close()
+                self.assertEqual(self.schema(db), fresh)
 
     def test_older_schema_is_migrated_in_one_transaction(self):
         self.enqueue("--id", "a", "true")
@@ -2150,6 +2234,38 @@ class TestClaimPlan(QueueTest):
                 ["2030-01-01T00:00:00.000000Z"] + params))
             self.assertIn("jobs_ready", plan)
             self.assertNotIn("TEMP B-TREE", plan)
+
+    def sql_texts(self):
+        """Every SQL text of the program: its SQL_* constants, FENCE and
+        SCHEMA (lists of statements flattened)."""
+        out = {}
+        for name in dir(queuectl):
+            v = getattr(queuectl, name)
+            if name.startswith("SQL_") or name in ("FENCE", "SCHEMA", "READY"):
+                for i, text in enumerate(v if isinstance(v, (list, tuple)) else [v]):
+                    if isinstance(text, str):
+                        out[f"{name}[{i}]"] = text
+        return out
+
+    def test_every_state_the_sql_names_is_a_state(self):
+        import re
+        found = set()
+        for name, text in self.sql_texts().items():
+            for group in re.findall(r"state\s*(?:=|!=|IN)\s*\(?((?:'\w+'(?:,\s*)?)+)", text):
+                for state in re.findall(r"'(\w+)'", group):
+                    found.add(state)
+                    self.assertIn(state, queuectl.STATES, name)
+        self.assertTrue({"pending", "processing", "cancelled"} <= found, found)
+
+    def test_every_query_of_the_ready_index_says_its_predicate(self):
+        texts = self.sql_texts()
+        users = [n for n, t in texts.items() if "INDEXED BY jobs_ready" in t]
+        self.assertGreaterEqual(len(users), 5)
+        for name in users:
+            self.assertIn(queuectl.READY, texts[name], name)
+        ddl = [t for t in texts.values() if "CREATE INDEX jobs_ready" in t]
+        self.assertEqual(len(ddl), 1)
+        self.assertTrue(" ".join(ddl[0].split()).endswith("WHERE " + queuectl.READY))
 
     def test_prune_reclaims_space(self):
         lines = "".join(f"echo {'x' * 2000}\n" for _ in range(2000))
