@@ -1096,19 +1096,12 @@ def codes_match(codes, outcome):
             return True
     return False
 
-def retry_verdict(job, cfg, rc, error):
-    """None when an attempt that failed this way may be retried, else the
-    reason it may not: the job's retry_on/no_retry_on, or config's."""
-    if error is None:
-        return None
-    if error.startswith("timed out"):
-        outcome = "timeout"
-    elif rc is not None and rc < 0:
-        outcome = "signal"
-    elif rc is not None and rc > 0:
-        outcome = rc
-    else:
-        return None          # could not start, or the outcome is unknown
+def retry_verdict(job, cfg, ended):
+    """None when an attempt that ended so (an Outcome) may be retried, else
+    the reason it may not: the job's retry_on/no_retry_on, or config's."""
+    outcome = ended.retry_class()
+    if outcome is None:
+        return None          # it succeeded, never ran, or its end is unknown
     if job["retry_on"] is not None or job["no_retry_on"] is not None:
         retry_on, no_retry = job["retry_on"] or "", job["no_retry_on"] or ""
     else:                # a job that sets either list sets the policy whole
@@ -2428,8 +2421,8 @@ class Store:
         return bool(self.x(SQL_TAKE, (new, iso(time.time()), job_id, old,
                                       token)).rowcount)
 
-    def finish(self, job, worker, token, rc, error, cfg, duration, now=None, usage=None):
-        """complete or fail: the end of an attempt. Returns (the job's new
+    def finish(self, job, worker, token, ended, cfg, duration, now=None, usage=None):
+        """complete or fail: the end of an attempt (ended, an Outcome). Returns (the job's new
         state, or None when the claim no longer holds: cancelled, or
         recovered by another worker; how many dependents it unblocked; the
         error as recorded, with why it is not retried when the retry policy
@@ -2438,7 +2431,7 @@ class Store:
         now = time.time() if now is None else now
         stamp = iso(now)
         attempts = job["attempts"] + 1
-        exit_code = describe_exit(rc)[0]
+        rc, error, exit_code = ended.rc, ended.error, ended.exit_code
         fence = (job["id"], worker, token)
         unblocked = 0
         use = {"wall": None if duration is None else round(duration, 6),
@@ -2454,7 +2447,7 @@ class Store:
         else:
             limit = job["max_retries"]
             limit = cfg["max_retries"] if limit is None else limit
-            verdict = retry_verdict(job, cfg, rc, error)
+            verdict = retry_verdict(job, cfg, ended)
             if verdict:
                 error = f"{error}; {verdict}"
             if attempts > limit or verdict:
@@ -2929,6 +2922,42 @@ def hostname():
 # update of a claimed job is fenced on (worker, claim) so a stale worker can
 # never overwrite what another recorded.
 
+class Outcome:
+    """How an attempt ended, decided once, where it ended; finish, the retry
+    policy, the log footer and the attempt's row read it, never its text.
+    kind: exit (rc >= 0), signal (rc < 0), timeout, cpu_limit (killed past
+    its CPU time limit: rc is the signal), not_started (its claim was
+    revoked before it started), could_not_start, unknown (its worker died
+    and it left no exit status). rc: waitpid-style, or None; error: what
+    the user reads (None: it succeeded)."""
+
+    __slots__ = ("kind", "rc", "error")
+
+    def __init__(self, kind, rc=None, error=None):
+        self.kind, self.rc, self.error = kind, rc, error
+
+    @classmethod
+    def of_exit(cls, rc):
+        """The outcome of a waitpid-style status (None: unknown)."""
+        return cls("unknown" if rc is None else "signal" if rc < 0 else "exit", rc,
+                   describe_exit(rc)[1])
+
+    @property
+    def exit_code(self):
+        return describe_exit(self.rc)[0] if self.rc is not None else None
+
+    def retry_class(self):
+        """What the retry policy matches: "timeout", "signal", an exit code,
+        or None (it never ran or its end is unknown: always retried)."""
+        if self.kind == "timeout":
+            return "timeout"
+        if self.kind in ("signal", "cpu_limit"):
+            return "signal"
+        return self.rc if self.kind == "exit" and self.rc else None
+
+    def __repr__(self):
+        return f"Outcome({self.kind!r}, {self.rc!r}, {self.error!r})"
+
 def describe_exit(rc):
     """waitpid-style code (negative = signal) -> (exit_code, last_error)."""
     if rc is None:
@@ -2967,26 +2996,29 @@ def cpu_seconds(limit):
     """A CPU time limit as ulimit -t takes it: whole seconds, rounded up."""
     return max(int(-(-limit // 1)), 1)
 
-def limit_error(lim, rc, usage, error):
-    """An attempt's error, naming the limit that ended it: a CPU time
-    limit is known (SIGXCPU, or SIGKILL past it); an exhausted memory or
-    descriptor limit only makes a call fail, so it is named as likely."""
+def limit_outcome(lim, ended, usage):
+    """An attempt's Outcome, naming the limit that ended it: a CPU time
+    limit is known (SIGXCPU, or SIGKILL past it: a signal for the retry
+    policy); an exhausted memory or descriptor limit only makes a call
+    fail, so it is named as likely."""
     import signal
-    xcpu = int(signal.SIGXCPU)
+    xcpu, rc = int(signal.SIGXCPU), ended.rc
     cpu = usage and (usage["cpu_user"] or 0) + (usage["cpu_sys"] or 0)
     if lim["cpu_time"]:
         n = cpu_seconds(lim["cpu_time"])
         used = cpu is not None and cpu >= n - 0.1       # its own exit 152 is not one
         if rc == -xcpu or (rc in (128 + xcpu, -9, 137) and used):
-            return f"killed: CPU time limit {n}s"
-    if error is None or error.startswith("timed out"):
-        return error
+            return Outcome("cpu_limit", -xcpu, f"killed: CPU time limit {n}s")
+    if ended.error is None or ended.kind == "timeout":
+        return ended
     hints = []
     if lim["mem"]:
         hints.append(f"memory limit {human_size(lim['mem'])}")
     if lim["nofile"]:
         hints.append(f"open files limit {lim['nofile']}")
-    return error + (f" (it may have hit its {' or '.join(hints)})" if hints else "")
+    if hints:
+        ended.error += f" (it may have hit its {' or '.join(hints)})"
+    return ended
 
 class Running:
     """A job this worker process runs (proc set) or adopted (proc None)."""
@@ -3122,7 +3154,8 @@ class Attempts:
         except Exception as e:           # OSError, an unencodable env, a bug
             reason = (e.strerror if isinstance(e, OSError) and e.strerror else
                       str(e) if isinstance(e, QueuectlError) else repr(e))
-            return self._record(store, job, None, f"could not start: {reason}", None, fd)
+            return self._record(store, job, Outcome("could_not_start", None,
+                                                    f"could not start: {reason}"), None, fd)
         run = Running(job, token, proc.pid, None, proc)
         run.began, run.log_fd = began, fd
         with self.lock:
@@ -3266,24 +3299,20 @@ class Attempts:
             self._footer(job, run.log_fd, f"[queuectl] attempt {job['attempts'] + 1} "
                          "stopped by worker stop --now; back to pending, not counted\n")
             return None
+        ended = Outcome.of_exit(rc)
         if timed_out:
-            rc, error = None, f"timed out after {timeout:g}s"
+            ended = Outcome("timeout", None, f"timed out after {timeout:g}s")
         elif rc == WRAPPER_REFUSED and run.proc is not None:
             kind, _ = self._read_status(job, status)
             if kind == "revoked":
-                rc, error = None, "not started: its claim was revoked before it started"
+                ended = Outcome("not_started", None,
+                                "not started: its claim was revoked before it started")
             elif kind == "absent":
-                rc, error = None, f"could not start: cannot create {status}"
-            else:
-                error = describe_exit(rc)[1]
-        else:
-            error = describe_exit(rc)[1]
+                ended = Outcome("could_not_start", None, f"could not start: cannot create "
+                                f"{status}")
         if not timed_out:
-            error = limit_error(self._limits(job), rc, usage, error)
-            if error and error.startswith("killed: CPU"):
-                import signal
-                rc = -int(signal.SIGXCPU)        # a signal, for the retry policy
-        return self._record(store, job, rc, error, duration, run.log_fd,
+            ended = limit_outcome(self._limits(job), ended, usage)
+        return self._record(store, job, ended, duration, run.log_fd,
                             claim_next=run.proc is not None, usage=usage,
                             group=(run.pid, run.start))
 
@@ -3428,7 +3457,7 @@ class Attempts:
         finally:
             os.close(fd)
 
-    def _record(self, store, job, rc, error, duration, log_fd=None, claim_next=False,
+    def _record(self, store, job, ended, duration, log_fd=None, claim_next=False,
                 recovered=False, usage=None, group=None):
         """Write an attempt's outcome (and claim the next job in the same
         transaction when claim_next); report it; the next job or None. An
@@ -3442,7 +3471,7 @@ class Attempts:
             fault("record", job["id"])
             with store.tx():
                 state, unblocked, err = store.finish(
-                    job, self.id, job["claim"], rc, error,
+                    job, self.id, job["claim"], ended,
                     self._queue_config(job["queue"]), duration, usage=usage)
                 nxt = None
                 # Not after a fenced-out end (cancelled, taken over): this
@@ -3484,30 +3513,28 @@ class Attempts:
         if state is None and current and current["state"] == CANCELLED \
                 and current["claim"] == job["claim"]:
             self._await_cancelled(store, current, group)
-            self._until_written(lambda: self._cancel_ended(store, current, rc, usage,
+            self._until_written(lambda: self._cancel_ended(store, current, ended.rc, usage,
                                                            duration),
                                 f"{job['id']}: cannot record the end of its cancelled "
                                 "attempt yet")
         attempt = job["attempts"] + 1
         took = f", ran {duration:.3f}s" if duration is not None else ""
-        not_started = error is not None and error.startswith("not started")
         if state is None:
             outcome = "taken over by another worker; result not recorded"
             if current and current["state"] == CANCELLED:
                 outcome = f"cancelled; {'exit 0' if error is None else error}{took}"
-            if not_started:
+            if ended.kind == "not_started":
                 outcome = "not started: taken over by another worker"
         elif error is None:
             outcome = f"exit 0{took}"
-        elif error.startswith("timed out"):
+        elif ended.kind == "timeout":
             outcome = f"{error}; killed"
         else:
             outcome = f"{error}{took}"
-        exit_code = describe_exit(rc)[0]
-        if exit_code is not None and error is not None and "exit code" not in error:
-            outcome += f" (exit {exit_code})"
+        if ended.exit_code is not None and error is not None and ended.kind != "exit":
+            outcome += f" (exit {ended.exit_code})"
         self._footer(job, log_fd, f"[queuectl] attempt {attempt} "
-                     + ("" if outcome.startswith("not started") else "ended: ")
+                     + ("" if ended.kind == "not_started" else "ended: ")
                      + outcome + (f"; now {state}" if state and state != COMPLETED else "")
                      + "\n")
         if state == COMPLETED:
@@ -3756,8 +3783,9 @@ class Recovery:
         if kind == "absent":
             if revoke(status, old):
                 how = "stopped" if alive else "died"
-                self._settle(store, job, None, f"not started: worker {old} {how} "
-                             "before starting it", None)
+                self._settle(store, job, Outcome(
+                    "not_started", None, f"not started: worker {old} {how} before "
+                    "starting it"), None)
                 return
             kind, value = read_status(status)       # it has just started
         if kind == "unknown":
@@ -3775,8 +3803,9 @@ class Recovery:
         if kind in ("running", "exit") and attempt_alive(token, job["pid"], job["pid_start"]):
             return              # its shell has ended, not its group: next scan
         if kind == "revoked":
-            self._settle(store, job, None, "not started: its claim was revoked "
-                         "before it started", None)
+            self._settle(store, job, Outcome(
+                "not_started", None, "not started: its claim was revoked before it "
+                "started"), None)
             return
         rc = value if kind == "exit" else None
         started = epoch(job["started_at"]) if job["started_at"] else None
@@ -3788,7 +3817,7 @@ class Recovery:
         if rc is not None:
             self.say(f"{job['id']} ended while worker {old} was gone; "
                      "recording its exit status")
-        self._settle(store, job, rc, describe_exit(rc)[1], duration)
+        self._settle(store, job, Outcome.of_exit(rc), duration)
 
     def _abandon(self, store, job, token, error, recover=True):
         """After a bug in this worker while it held a job: stop waiting for
@@ -3851,7 +3880,7 @@ class Recovery:
             job["worker"] = self.id
         return taken
 
-    def _settle(self, store, job, rc, error, duration):
+    def _settle(self, store, job, ended, duration):
         """Record a recovered job's outcome, in a thread of its own."""
         with self.lock:
             self.settling += 1       # first: a draining thread must not end now
@@ -3870,7 +3899,7 @@ class Recovery:
             try:
                 fault("adopt-store", job["id"])
                 st = Store(self.home, durable=False, local_lock=self.db_lock)
-                self._record(st, job, rc, error, duration, recovered=True)
+                self._record(st, job, ended, duration, recovered=True)
             except Exception as e:             # a bug: keep the worker alive
                 self._abandon(st, job, job["claim"], e, recover=False)
             finally:

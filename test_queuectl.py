@@ -3048,12 +3048,14 @@ class TestCrashRecovery(QueueTest):
         # Another worker takes the claim over; the stale one tries to record.
         self.db().execute("UPDATE jobs SET worker = 'other' WHERE id = 'a'").connection.commit()
         with store.tx():
-            self.assertEqual(store.finish(job, worker.id, job["claim"], 0, None, cfg, 0.1),
+            self.assertEqual(store.finish(job, worker.id, job["claim"], queuectl.Outcome.of_exit(0),
+                                          cfg, 0.1),
                              (None, 0, None))
         self.assertEqual(self.state("a"), "processing")
         # The right worker and claim can.
         with store.tx():
-            self.assertEqual(store.finish(job, "other", job["claim"], 0, None, cfg, 0.1),
+            self.assertEqual(store.finish(job, "other", job["claim"], queuectl.Outcome.of_exit(0),
+                                          cfg, 0.1),
                              ("completed", 0, None))
 
     def test_worker_status_shows_live_workers_and_forgets_dead_ones(self):
