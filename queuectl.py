@@ -1102,15 +1102,55 @@ def retry_verdict(job, cfg, ended):
     outcome = ended.retry_class()
     if outcome is None:
         return None          # it succeeded, never ran, or its end is unknown
-    if job["retry_on"] is not None or job["no_retry_on"] is not None:
-        retry_on, no_retry = job["retry_on"] or "", job["no_retry_on"] or ""
-    else:                # a job that sets either list sets the policy whole
-        retry_on, no_retry = cfg["retry_on"], cfg["no_retry_on"]
+    policy = effective_values(job, cfg, ("retry_on", "no_retry_on"))
+    retry_on, no_retry = policy["retry_on"], policy["no_retry_on"]
     if no_retry and codes_match(no_retry, outcome):
         return f"not retried (no_retry_on {no_retry})"
     if retry_on and isinstance(outcome, int) and not codes_match(retry_on, outcome):
         return f"not retried (retry_on {retry_on})"
     return None
+
+# The values that apply to a job, each its own (a column of the job), else
+# its queue's config (queue.NAME.KEY), else the home's: (name, config key,
+# the job's column or None when only config sets it).
+EFFECTIVE = (("max_retries", "max_retries", "max_retries"),
+             ("timeout", "job_timeout", "timeout"),
+             ("backoff_base", "backoff_base", None), ("max_backoff", "max_backoff", None),
+             ("kill_grace", "kill_grace", None), ("hook_timeout", "hook_timeout", None),
+             *((k, k, k) for k in LIMIT_KEYS), ("retry_on", "retry_on", "retry_on"),
+             ("no_retry_on", "no_retry_on", "no_retry_on"), *((k, k, None) for k in HOOK_EVENTS))
+
+def effective(job, cfg, names=None):
+    """{name: (value, source)} of the values that apply to job (all of
+    EFFECTIVE, or names): source is "job", "queue" or "home". cfg: the
+    home's config, or its queue_config (the same answers). The one place a
+    default is resolved: a job that sets retry_on or no_retry_on sets the
+    pair; a hook the job sets to "" is none (not the default)."""
+    prefix = f"queue.{job['queue']}."
+    own_policy = job["retry_on"] is not None or job["no_retry_on"] is not None
+    hooks = None
+    out = {}
+    for name, key, column in EFFECTIVE:
+        if names is not None and name not in names:
+            continue
+        if name in HOOK_EVENTS:
+            if hooks is None:
+                hooks = _loads(job["hooks"], {}) if job["hooks"] else {}
+            if name in hooks:
+                out[name] = (hooks[name], "job")
+                continue
+        elif column is not None and (own_policy if name in ("retry_on", "no_retry_on")
+                                     else job[column] is not None):
+            out[name] = (job[column] or "" if name.endswith("retry_on") else job[column],
+                         "job")
+            continue
+        out[name] = (cfg[prefix + key], "queue") if prefix + key in cfg else \
+            (cfg[key], "home")
+    return out
+
+def effective_values(job, cfg, names):
+    """effective()'s values alone: {name: value}."""
+    return {k: v for k, (v, _) in effective(job, cfg, names).items()}
 
 def queue_config(cfg, queue):
     """cfg as it applies to a job of queue: its queue.NAME.KEY values win."""
@@ -2445,8 +2485,7 @@ class Store:
                 if job["schedule"] is not None:
                     self.x(SQL_SCHEDULE_SUCCESS, (now, job["schedule"]))
         else:
-            limit = job["max_retries"]
-            limit = cfg["max_retries"] if limit is None else limit
+            limit = effective(job, cfg, ("max_retries",))["max_retries"][0]
             verdict = retry_verdict(job, cfg, ended)
             if verdict:
                 error = f"{error}; {verdict}"
@@ -2528,8 +2567,8 @@ class Store:
         of the job's change; a hook's own end fires none."""
         if job["hook_of"] is not None or (job["hooks"] is None and not cfg.get(event)):
             return None
-        own = _loads(job["hooks"], {}).get(event)       # "": none, not the default
-        command = own if own is not None else cfg.get(event)
+        use = effective_values(job, cfg, (event, "hook_timeout"))
+        command = use[event]
         if not command or not command.strip():
             return None
         env = {**_loads(job["env"], {}),
@@ -2541,7 +2580,7 @@ class Store:
                "QUEUECTL_HOOK": event}
         cwd = job["cwd"] if os.path.isdir(job["cwd"]) else "/"
         spec = {"command": command, "queue": HOOK_QUEUE, "cwd": cwd, "env": env,
-                "timeout": cfg.get("hook_timeout", CONFIG_DEFAULTS["hook_timeout"])}
+                "timeout": use["hook_timeout"]}
         return self.insert(spec, now, job["env_id"], job["umask"], hook_of=job["id"])[0]
 
     def reset(self, job, now):
@@ -2974,9 +3013,8 @@ def describe_exit(rc):
     return rc, f"exit code {rc}"
 
 def job_limits(job, cfg):
-    """{mem, cpu_time, nofile, nice} of a job: its own, else cfg's (its
-    queue's or the home's); 0 = none."""
-    return {k: job[k] if job[k] is not None else cfg[k] for k in LIMIT_KEYS}
+    """{mem, cpu_time, nofile, nice} of a job (effective); 0 = none."""
+    return effective_values(job, cfg, LIMIT_KEYS)
 
 def limits_script(lim):
     """The ulimit commands that set lim in the job's shell ("" if none). The
@@ -3124,8 +3162,7 @@ class Attempts:
         to start it is a counted, failed attempt with its reason."""
         attempt = job["attempts"] + 1
         token = job["claim"]
-        timeout = job["timeout"] if job["timeout"] is not None else \
-            self._queue_config(job["queue"])["job_timeout"]
+        timeout = effective(job, self.config, ("timeout",))["timeout"][0]
         path = log_path(self.home, job["id"])
         fd = None
         try:
@@ -3927,8 +3964,7 @@ class Recovery:
         run = Running(job, job["claim"], pid, start, None)
         with self.lock:
             self.running[run.token] = run
-        timeout = job["timeout"] if job["timeout"] is not None \
-            else self._queue_config(job["queue"])["job_timeout"]
+        timeout = effective(job, self.config, ("timeout",))["timeout"][0]
         self.threading.Thread(target=self._watch, args=(run, timeout),
                               daemon=True).start()
 
@@ -5421,8 +5457,8 @@ def cmd_limit(args):
     return EXIT_OK
 
 def allowed_attempts(job, cfg):
-    """How many attempts a job may have: its retries (or config's) + 1."""
-    return (cfg["max_retries"] if job["max_retries"] is None else job["max_retries"]) + 1
+    """How many attempts a job may have: its retries (effective) + 1."""
+    return effective(job, cfg, ("max_retries",))["max_retries"][0] + 1
 
 def outcome_text(job):
     """What came of a job, for list: the pid of a running one, the exit of

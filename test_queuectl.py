@@ -840,6 +840,26 @@ OLD_SCHEMAS = {
 # Text, time and values #######################################################
 
 class TestPureHelpers(unittest.TestCase):
+    def test_a_jobs_values_come_from_the_job_its_queue_or_the_home(self):
+        cfg = dict(queuectl.CONFIG_DEFAULTS, **{
+            "queue.q.max_retries": 7, "queue.q.on_dead": "mail", "on_dead": "log",
+            "no_retry_on": "2", "queue.q.job_timeout": 60})
+        job = {c: None for c in queuectl.ROW_FIELDS}
+        job.update(queue="q", timeout=5, retry_on="1", hooks='{"on_success": ""}')
+        eff = queuectl.effective(job, cfg)
+        self.assertEqual(set(eff), {e[0] for e in queuectl.EFFECTIVE})
+        self.assertEqual(eff["max_retries"], (7, "queue"))
+        self.assertEqual(eff["timeout"], (5, "job"))
+        self.assertEqual(eff["backoff_base"], (2, "home"))
+        # A job that sets one retry list sets the pair; "" is no hook.
+        self.assertEqual((eff["retry_on"], eff["no_retry_on"]), (("1", "job"), ("", "job")))
+        self.assertEqual((eff["on_success"], eff["on_dead"], eff["on_failure"]),
+                         (("", "job"), ("mail", "queue"), ("", "home")))
+        job.update(queue="other", timeout=None, retry_on=None, hooks=None)
+        eff = queuectl.effective(job, queuectl.queue_config(cfg, "other"))
+        self.assertEqual((eff["max_retries"], eff["timeout"], eff["no_retry_on"]),
+                         ((3, "home"), (0, "home"), ("2", "home")))
+
     def test_parse_duration_accepts_the_documented_forms(self):
         for text, secs in (("90", 90), ("90s", 90), ("5m", 300), ("2h", 7200),
                            ("1d", 86400), ("1w", 604800), ("1h30m", 5400),
@@ -2534,6 +2554,13 @@ class TestWorkerBasics(QueueTest):
             self.assertEqual(f.read(), "")
 
 class TestRetriesAndDLQ(QueueTest):
+    def test_dlq_list_counts_tries_by_the_queues_own_retries(self):
+        self.ok("config", "set", "queue.q.max_retries", "0")
+        self.enqueue("--id", "f", "--queue", "q", "false")
+        self.drain()
+        row = self.ok("dlq", "list").splitlines()[1].split()
+        self.assertEqual(row[:3], ["f", "q", "1/1"])
+
     def test_runs_max_retries_plus_one_times_then_dead(self):
         self.set_fast_retries()
         self.enqueue("--id", "j", "--max-retries", "2", "echo run >> runs.txt; exit 3")
