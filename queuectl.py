@@ -230,6 +230,13 @@ class BusyError(QueuectlError):
 # "record:fail*3" (points and actions are listed in test_queuectl.py). Unset,
 # a point costs one list lookup.
 
+# Every fault point, in the order a job meets them (the test module's
+# docstring says what each is; a test checks both lists and every call).
+FAULT_POINTS = ("after-claim", "before-spawn", "after-spawn", "read-status", "before-record",
+                "record", "adopt-store", "fire", "wait-began")
+
+FAULT_ACTIONS = ("stop", "kill", "raise", "fail")
+
 _FAULTS = []         # [parsed QUEUECTL_FAULT]: {point: [action, job id, times]}
 
 def fault(point, job_id=None):
@@ -258,6 +265,9 @@ def _parse_faults(text):
         point, _, action = item.partition(":")
         action, _, times = action.partition("*")
         action, _, job_id = action.partition("@")
+        if point not in FAULT_POINTS or action not in FAULT_ACTIONS:
+            raise ValueError(f"QUEUECTL_FAULT: no fault point {point!r} or action "
+                             f"{action!r}")          # a test's typo, loud
         faults[point] = [action, job_id or None, int(times or 1)]
     return faults
 
@@ -2660,6 +2670,24 @@ class Store:
 
     def schedules(self):
         return [dict(zip(SCHEDULE_FIELDS, r)) for r in self.q(SQL_SCHEDULES)]
+
+    def remove_schedule(self, name):
+        """schedule rm, with its environment unless a job uses it; its name."""
+        with self.tx():
+            sch = self.schedule(name)
+            self.x(SQL_DELETE_SCHEDULE, (sch["name"],))
+            if sch["env_id"] is not None:
+                self.drop_unused_envs([sch["env_id"]])
+        return sch["name"]
+
+    def pause_schedule(self, name, pause, next_at, label):
+        """schedule pause/resume: from label on, next at next_at."""
+        with self.tx():
+            self.x(SQL_SCHEDULE_PAUSE, (int(pause), next_at, label, name))
+
+    def keys_waiting(self):
+        """{key: how many waiting jobs hold it}."""
+        return dict(self.q(SQL_KEYS_WAITING))
 
     def schedule(self, name):
         rows = self.q(SQL_SCHEDULE, (name,))
@@ -5222,39 +5250,45 @@ def cmd_stats(args):
 SCHEDULE_NOT_ENQUEUE = ("id", "unique", "stdin", "json", "run_at", "delay", "after",
                        "if_busy")
 
-def cmd_schedule(args):
-    """schedule add / list / rm / pause / resume / run."""
-    if args.action == "add":
-        return schedule_add(args)
+def cmd_schedule_list(args):
+    """Schedules, their next and last runs."""
+    return schedule_list(open_store(args), args, time.time())
+
+def cmd_schedule_rm(args):
+    """Remove a schedule, and its environment unless a job uses it."""
     store = open_store(args)
-    now = time.time()
-    if args.action == "list":
-        return schedule_list(store, args, now)
-    sch = store.schedule(args.name)
-    if args.action == "rm":
-        with store.tx():         # and its environment, unless a job uses it
-            store.x(SQL_DELETE_SCHEDULE, (sch["name"],))
-            if sch["env_id"] is not None:
-                store.drop_unused_envs([sch["env_id"]])
-        print(f"schedule {sch['name']} removed (its jobs stay)")
-    elif args.action in ("pause", "resume"):
-        label, at = next_slot(Cron(sch["cron"]), now=now)
-        with store.tx():         # resumed: from now on, no catch-up of the pause
-            store.x(SQL_SCHEDULE_PAUSE, (int(args.action == "pause"), at, slot_label(
-                now_label(now)), sch["name"]))
-        print(f"schedule {sch['name']} " + ("paused" if args.action == "pause" else
-                                             f"resumed; next run {local_time(at, now)}"))
-        wake_workers(args.home)
-    else:                        # run: once, now (after the last, with overlap skip)
-        spec = schedule_spec(sch)
-        with store.tx():
-            job_id, _ = store.insert({**spec, "id": f"{sch['name']}@run-{new_id()}"}, now,
-                                     sch["env_id"], sch["umask"], schedule=sch["name"])
-        wake_workers(args.home)
-        print(job_id)
+    name = store.remove_schedule(args.name)
+    print(f"schedule {name} removed (its jobs stay)")
     return EXIT_OK
 
-def schedule_add(args):
+def cmd_schedule_pause(args, pause=True):
+    """Fire no slot until resumed; resumed, from the next slot on (no
+    catch-up of the pause)."""
+    store, now = open_store(args), time.time()
+    sch = store.schedule(args.name)
+    _, at = next_slot(Cron(sch["cron"]), now=now)
+    store.pause_schedule(sch["name"], pause, at, slot_label(now_label(now)))
+    print(f"schedule {sch['name']} " + ("paused" if pause else
+                                         f"resumed; next run {local_time(at, now)}"))
+    wake_workers(args.home)
+    return EXIT_OK
+
+def cmd_schedule_resume(args):
+    return cmd_schedule_pause(args, pause=False)
+
+def cmd_schedule_run(args):
+    """A schedule's job, once, now (after the last, with overlap skip)."""
+    store, now = open_store(args), time.time()
+    sch = store.schedule(args.name)
+    with store.tx():
+        job_id, _ = store.insert({**schedule_spec(sch), "id": f"{sch['name']}@run-{new_id()}"},
+                                 now, sch["env_id"], sch["umask"], schedule=sch["name"])
+    wake_workers(args.home)
+    print(job_id)
+    return EXIT_OK
+
+def cmd_schedule_add(args):
+    """A schedule: a cron expression and the job each of its slots becomes."""
     if not valid_name(args.name):
         check_name(args.name, "schedule name")
     if len(args.name) > 100:                 # NAME@2026-12-01T03:00 must be an id
@@ -5418,26 +5452,30 @@ def cmd_why(args):
         sys.stdout.write("".join(f"{job['id']}: {t}\n" for _, t, _ in reasons))
     return EXIT_OK
 
-def cmd_limit(args):
-    """limit set KEY N / rm KEY / list."""
-    store = open_store(args, create=args.action == "set")
-    if args.action == "set":
-        key = check_limit_key(args.key)
-        n = check_value("key_limit", args.n, "N", text=True)
-        store.set_limit(key, n)
-        print(f"{key}: at most {n} running")
-        wake_workers(args.home)              # a raised limit lets more run now
-        return EXIT_OK
-    if args.action == "rm":
-        key = check_limit_key(args.key)
-        if not store.remove_limit(key):
-            raise QueuectlError(f"key {key} has no limit set")
-        print(f"{key}: " + ("no limit" if key.startswith(QUEUE_KEY) else
-                            "at most 1 running (the default)"))
-        wake_workers(args.home)
-        return EXIT_OK
+def cmd_limit_set(args):
+    """At most N running jobs hold KEY."""
+    key = check_limit_key(args.key)
+    n = check_value("key_limit", args.n, "N", text=True)
+    open_store(args, create=True).set_limit(key, n)
+    print(f"{key}: at most {n} running")
+    wake_workers(args.home)              # a raised limit lets more run now
+    return EXIT_OK
+
+def cmd_limit_rm(args):
+    """Remove a limit (a key: 1 again; a queue: none)."""
+    key = check_limit_key(args.key)
+    if not open_store(args).remove_limit(key):
+        raise QueuectlError(f"key {key} has no limit set")
+    print(f"{key}: " + ("no limit" if key.startswith(QUEUE_KEY) else
+                        "at most 1 running (the default)"))
+    wake_workers(args.home)
+    return EXIT_OK
+
+def cmd_limit_list(args):
+    """Limits set, and keys in use, with what holds them and what waits."""
+    store = open_store(args)
     limits, held = store.limits(), store.held()
-    waiting = dict(store.q(SQL_KEYS_WAITING))
+    waiting = store.keys_waiting()
     _, per_queue = store.counts()
     waiting.update((k, per_queue.get(k[len(QUEUE_KEY):], {}).get(PENDING, 0)
                     + per_queue.get(k[len(QUEUE_KEY):], {}).get(FAILED, 0))
@@ -5832,19 +5870,24 @@ def wait_attempt_gone(store, job, timeout=10.0, verb="retry"):
                             f"still has running processes{pid}; try again once "
                             "they have stopped")
 
-def cmd_dlq(args):
-    """The dead letter queue: list, retry, purge."""
-    if args.action == "list":
-        store = open_store(args)
-        return list_jobs(store, args, [DEAD])
+def cmd_dlq_list(args):
+    """Dead jobs: those that failed for good."""
+    return list_jobs(open_store(args), args, [DEAD])
+
+def cmd_dlq_retry(args):
+    """Dead jobs run again, attempts reset."""
     args.state = None
     store = open_store(args)
     ids = selected_ids(store, args, (DEAD,))
-    if args.action == "retry":
-        print_ids_or_count(args, [j["id"] for j in reset_jobs(
-            store, ids, (DEAD,), "dlq retry")], "retried")
-        return EXIT_OK
-    jobs = [store.must_get(i) for i in ids]
+    print_ids_or_count(args, [j["id"] for j in reset_jobs(
+        store, ids, (DEAD,), "dlq retry")], "retried")
+    return EXIT_OK
+
+def cmd_dlq_purge(args):
+    """Dead jobs deleted, with their logs."""
+    args.state = None
+    store = open_store(args)
+    jobs = [store.must_get(i) for i in selected_ids(store, args, (DEAD,))]
     for job in jobs:
         if job["state"] != DEAD:
             raise QueuectlError(f"cannot purge job {job['id']}: it is {job['state']}, "
@@ -6038,27 +6081,31 @@ def cmd_prune(args):
     print(f"pruned {n} job{'s' if n != 1 else ''}")
     return EXIT_OK
 
-def cmd_config(args):
-    """config get KEY / set KEY VALUE / list."""
+def cmd_config_set(args):
+    """Set one setting (KEY or queue.NAME.KEY)."""
     cfg = Config(args.home)
-    if args.action == "set":
-        key = normalize_key(args.key)
-        value = parse_config_text(key, args.value)
-        try:
-            ensure_private_dir(args.home)
-            check_private(args.home, "home directory")
-            cfg.set(key, value)
-        except OSError as e:        # a full disk is no usage error: exit 1
-            raise QueuectlError(f"cannot write {cfg.path}: {e.strerror}") from None
-        print(f"{key} = {value}")
-        return EXIT_OK
-    if args.action == "get":
-        key = normalize_key(args.key)
-        values = cfg.load()
-        # A queue's key that is not set: the home's value applies.
-        value = values.get(key, values[key.rpartition(".")[2]])
-        print_json(value) if args.json else print(value)
-        return EXIT_OK
+    key = normalize_key(args.key)
+    value = parse_config_text(key, args.value)
+    try:
+        ensure_private_dir(args.home)
+        check_private(args.home, "home directory")
+        cfg.set(key, value)
+    except OSError as e:        # a full disk is no usage error: exit 1
+        raise QueuectlError(f"cannot write {cfg.path}: {e.strerror}") from None
+    print(f"{key} = {value}")
+    return EXIT_OK
+
+def cmd_config_get(args):
+    """One setting; a queue's that is not set: the home's value applies."""
+    key = normalize_key(args.key)
+    values = Config(args.home).load()
+    value = values.get(key, values[key.rpartition(".")[2]])
+    print_json(value) if args.json else print(value)
+    return EXIT_OK
+
+def cmd_config_list(args):
+    """Every setting, defaults marked."""
+    cfg = Config(args.home)
     values, explicit = cfg.load(), cfg.read_set()
     if args.json:
         print_json(values)
@@ -6718,15 +6765,15 @@ COMMAND_TABLE = [
         arg("--env", action="append", metavar="K=V|NAME", help="set (repeatable)"),
         arg("--unset-env", action="append", metavar="NAME", help="unset (repeatable)")]),
     Command("dlq", "the dead letter queue: list, retry, purge"),
-    Command("dlq list", "list dead jobs", cmd_dlq, ["queuectl dlq list"],
+    Command("dlq list", "list dead jobs", cmd_dlq_list, ["queuectl dlq list"],
             [QUEUES_ARG, ALL_ARG, LIMIT_ARG, JSON_ARG],
             common=("dlq list", "jobs that failed for good")),
-    Command("dlq retry", "run dead jobs again (attempts reset)", cmd_dlq, [
+    Command("dlq retry", "run dead jobs again (attempts reset)", cmd_dlq_retry, [
         "queuectl dlq retry k3x9qa", "queuectl dlq retry --all",
         "queuectl dlq retry --queue reports"], [
         arg("ids", nargs="*", metavar="ID"),
         arg("--all", action="store_true", help="every dead job"), QUEUES_ARG]),
-    Command("dlq purge", "delete dead jobs and their logs", cmd_dlq,
+    Command("dlq purge", "delete dead jobs and their logs", cmd_dlq_purge,
             ["queuectl dlq purge --all"], [
         arg("ids", nargs="*", metavar="ID"),
         arg("--all", action="store_true", help="every dead job"), QUEUES_ARG]),
@@ -6742,7 +6789,7 @@ COMMAND_TABLE = [
         arg("--yes", action="store_true",
             help="no question for --older-than 0 on a busy home")]),
     Command("schedule", "recurring jobs: add, list, rm, pause, resume, run"),
-    Command("schedule add", "run a command on a cron schedule", cmd_schedule, [
+    Command("schedule add", "run a command on a cron schedule", cmd_schedule_add, [
         "queuectl schedule add nightly '0 3 * * *' --mem 2G --nice 10 -- ./backup.sh",
         "queuectl schedule add sync @hourly --overlap queue --jitter 5m -- ./sync.sh"], [
         arg("name", metavar="NAME"), arg("cron", metavar="CRON",
@@ -6753,31 +6800,31 @@ COMMAND_TABLE = [
         arg("--catch-up", metavar="N", help="after downtime, enqueue at most the latest N "
                                             "missed slots (default 1)"),
         arg("--jitter", metavar="DUR", help="spread each start over up to DUR")]),
-    Command("schedule list", "schedules, their next and last runs", cmd_schedule,
+    Command("schedule list", "schedules, their next and last runs", cmd_schedule_list,
             ["queuectl schedule list"], [JSON_ARG]),
-    Command("schedule rm", "remove a schedule (its jobs stay)", cmd_schedule,
+    Command("schedule rm", "remove a schedule (its jobs stay)", cmd_schedule_rm,
             ["queuectl schedule rm nightly"], [arg("name", metavar="NAME")]),
-    Command("schedule pause", "fire no slot until resumed", cmd_schedule,
+    Command("schedule pause", "fire no slot until resumed", cmd_schedule_pause,
             ["queuectl schedule pause nightly"], [arg("name", metavar="NAME")]),
-    Command("schedule resume", "fire again, from the next slot on", cmd_schedule,
+    Command("schedule resume", "fire again, from the next slot on", cmd_schedule_resume,
             ["queuectl schedule resume nightly"], [arg("name", metavar="NAME")]),
-    Command("schedule run", "enqueue a schedule's job once, now", cmd_schedule,
+    Command("schedule run", "enqueue a schedule's job once, now", cmd_schedule_run,
             ["queuectl schedule run nightly"], [arg("name", metavar="NAME")]),
     Command("limit", "concurrency limits of keys and queues: set, list, rm"),
     Command("limit set", "at most N running jobs hold KEY (queue:NAME: a queue's)",
-            cmd_limit, ["queuectl limit set db-main 1", "queuectl limit set queue:reports 2"],
+            cmd_limit_set, ["queuectl limit set db-main 1", "queuectl limit set queue:reports 2"],
             [arg("key", metavar="KEY"), arg("n", metavar="N")]),
-    Command("limit list", "limits set, and keys in use with what holds them", cmd_limit,
+    Command("limit list", "limits set, and keys in use with what holds them", cmd_limit_list,
             ["queuectl limit list"], [JSON_ARG]),
-    Command("limit rm", "remove a limit (a key: 1 again; a queue: none)", cmd_limit,
+    Command("limit rm", "remove a limit (a key: 1 again; a queue: none)", cmd_limit_rm,
             ["queuectl limit rm queue:reports"], [arg("key", metavar="KEY")]),
     Command("config", "get, set or list settings"),
-    Command("config get", "print one setting", cmd_config,
+    Command("config get", "print one setting", cmd_config_get,
             ["queuectl config get max-retries"], [arg("key", metavar="KEY"), JSON_ARG]),
-    Command("config set", "change one setting", cmd_config,
+    Command("config set", "change one setting", cmd_config_set,
             ["queuectl config set max-retries 5"],
             [arg("key", metavar="KEY"), arg("value", metavar="VALUE")]),
-    Command("config list", "every setting and its value", cmd_config,
+    Command("config list", "every setting and its value", cmd_config_list,
             ["queuectl config list"], [JSON_ARG]),
     Command("metrics", "Prometheus text format metrics", cmd_metrics,
             ["queuectl metrics > /var/lib/node_exporter/queuectl.prom"]),

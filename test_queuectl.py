@@ -275,6 +275,14 @@ class QueueTest(unittest.TestCase):
         """worker start --drain; the Result."""
         return self.q("worker", "start", "--drain", *args, timeout=timeout)
 
+    def drained(self, code, *args):
+        """worker start --drain ARGS, which must exit with code (a failure
+        shows what the worker printed); the Result."""
+        r = self.drain(*args)
+        self.assertEqual(r.code, code, f"worker start --drain exited {r.code}, not "
+                         f"{code}; it printed:\n{r.out}{r.err}")
+        return r
+
     def start_worker(self, *args):
         """A background worker process, killed in cleanup."""
         p = subprocess.Popen([*QUEUECTL, "worker", "start", *args], env=self.env,
@@ -840,6 +848,16 @@ OLD_SCHEMAS = {
 # Text, time and values #######################################################
 
 class TestPureHelpers(unittest.TestCase):
+    def test_every_fault_point_is_declared_called_and_documented(self):
+        import re
+        with open(PROG) as f:
+            called = set(re.findall(r'\bfault\("([a-z-]+)"', f.read()))
+        self.assertEqual(called, set(queuectl.FAULT_POINTS))
+        for point in queuectl.FAULT_POINTS:
+            self.assertRegex(__doc__, rf"\n    {point} +\S", point)
+        with self.assertRaises(ValueError):
+            queuectl._parse_faults("after-clam:stop")
+
     def test_a_jobs_values_come_from_the_job_its_queue_or_the_home(self):
         cfg = dict(queuectl.CONFIG_DEFAULTS, **{
             "queue.q.max_retries": 7, "queue.q.on_dead": "mail", "on_dead": "log",
@@ -1096,7 +1114,7 @@ class TestFilesAndPermissions(QueueTest):
 
     def test_large_binary_output_is_stored_whole(self):
         self.enqueue("--id", "big", "head -c 20000000 /dev/urandom; printf 'no newline'")
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         path = os.path.join(self.home, "logs", "big.log")
         self.assertGreater(os.path.getsize(path), 20_000_000)
         tail = subprocess.run([*QUEUECTL, "logs", "big", "--tail", "1"], env=self.env,
@@ -1253,7 +1271,7 @@ class TestPlantedSymlinks(QueueTest):
         with open(secret, "w") as f:
             f.write("top secret content\n")
         self.enqueue("--id", "j", "echo hi")
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         log = os.path.join(self.home, "logs", "j.log")
         os.unlink(log)
         os.symlink(secret, log)
@@ -1342,7 +1360,7 @@ class TestFindJobProcess(QueueTest):
 
     def test_jobs_get_default_sigpipe(self):
         self.enqueue("--id", "p", "yes | head -c 3")
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         self.assertNotIn("Broken pipe", self.log("p"))
 
 @unittest.skipUnless(os.path.isdir("/proc/self"), "needs /proc")
@@ -1640,7 +1658,7 @@ class TestEnqueue(QueueTest):
         os.mkdir(sub)
         job_id = self.enqueue("pwd > out.txt", cwd=sub)
         self.assertEqual(os.path.realpath(self.job(job_id)["cwd"]), os.path.realpath(sub))
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         with open(os.path.join(sub, "out.txt")) as f:
             self.assertEqual(os.path.realpath(f.read().strip()), os.path.realpath(sub))
 
@@ -1648,7 +1666,7 @@ class TestEnqueue(QueueTest):
         other = self.path("other")
         os.mkdir(other)
         self.enqueue("--id", "j", "--cwd", other, "pwd > out.txt")
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         self.assertTrue(os.path.exists(os.path.join(other, "out.txt")))
         self.assertFalse(os.path.exists(self.path("out.txt")))
 
@@ -1659,7 +1677,7 @@ class TestEnqueue(QueueTest):
         self.assertEqual(self.job("envjob")["env"], ["FOO", "X"])
         env = self.show_env("envjob")
         self.assertEqual((env["FOO"], env["X"]), ("bar baz", "1=2"))
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         with open(self.path("env.txt")) as f:
             self.assertEqual(f.read(), "bar baz|1=2|envjob|1\n")
 
@@ -1667,7 +1685,7 @@ class TestEnqueue(QueueTest):
         self.set_fast_retries()
         self.enqueue("--id", "j", "--max-retries", "2",
                      'echo "$QUEUECTL_ATTEMPT" >> attempts.txt; exit 1')
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         self.assertEqual(self.lines("attempts.txt"), ["1", "2", "3"])
 
 class TestJobEnvironment(QueueTest):
@@ -1768,7 +1786,7 @@ class TestJobEnvironment(QueueTest):
         con.execute("PRAGMA foreign_keys = OFF")
         con.execute("DELETE FROM envs")                  # as a damaged database would
         con.commit()
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         job = self.job("j")
         self.assertEqual((job["state"], job["attempts"]), ("dead", 1))
         self.assertIn("could not start", job["last_error"])
@@ -2439,7 +2457,7 @@ class TestWorkerBasics(QueueTest):
     def test_log_of_a_retried_job_has_every_attempt(self):
         self.set_fast_retries()
         self.enqueue("--id", "j", "--max-retries", "1", "echo try $QUEUECTL_ATTEMPT; exit 4")
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         log = self.log("j")
         for n in (1, 2):
             self.assertIn(f"[queuectl] attempt {n} started", log)
@@ -2464,7 +2482,7 @@ class TestWorkerBasics(QueueTest):
         self.assertEqual(self.state("good"), "completed")
         self.assertEqual(self.state("bad"), "dead")
         # Nothing left to run: a second drain finishes nothing dead.
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
 
     def test_drain_with_nothing_to_do(self):
         r = self.drain()
@@ -2472,8 +2490,8 @@ class TestWorkerBasics(QueueTest):
 
     def test_state_survives_a_worker_restart(self):
         self.enqueue("--id", "j", "echo run >> runs.txt")
-        self.assertEqual(self.drain().code, 0)
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
+        self.drained(0)
         self.assertEqual(self.lines("runs.txt"), ["run"])
         job = self.job("j")
         self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
@@ -2484,7 +2502,7 @@ class TestWorkerBasics(QueueTest):
         try:
             self.enqueue("--id", "j", "echo hi")
             self.set_fast_retries()
-            self.assertEqual(self.drain().code, 0)
+            self.drained(0)
         finally:
             os.umask(old)
 
@@ -2579,19 +2597,19 @@ class TestRetriesAndDLQ(QueueTest):
         self.set_fast_retries()
         self.ok("config", "set", "max-retries", "1")
         self.enqueue("--id", "j", "echo run >> runs.txt; exit 1")
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         self.assertEqual(len(self.lines("runs.txt")), 2)
         self.assertEqual(self.state("j"), "dead")
 
     def test_default_max_retries_is_three(self):
         self.set_fast_retries()
         self.enqueue("--id", "j", "echo run >> runs.txt; exit 1")
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         self.assertEqual(len(self.lines("runs.txt")), 4)
 
     def test_max_retries_zero_is_dead_after_the_first_failure(self):
         self.enqueue("--id", "j", "--max-retries", "0", "echo run >> runs.txt; exit 1")
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         self.assertEqual(self.lines("runs.txt"), ["run"])
         job = self.job("j")
         self.assertEqual((job["state"], job["attempts"]), ("dead", 1))
@@ -2599,7 +2617,7 @@ class TestRetriesAndDLQ(QueueTest):
     def test_success_on_a_retry_completes(self):
         self.set_fast_retries()
         self.enqueue("--id", "j", "--max-retries", "2", MARKER_JOB)
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         job = self.job("j")
         self.assertEqual((job["state"], job["attempts"], job["exit_code"], job["last_error"]),
                          ("completed", 2, 0, None))
@@ -2618,7 +2636,7 @@ class TestRetriesAndDLQ(QueueTest):
 
     def test_dlq_retry_brings_a_job_back(self):
         self.enqueue("--id", "j", "--max-retries", "0", MARKER_JOB)
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         self.assertEqual(self.state("j"), "dead")
         self.assertEqual(self.ok("dlq", "retry", "j"), "j\n")
         job = self.job("j")
@@ -2626,7 +2644,7 @@ class TestRetriesAndDLQ(QueueTest):
                           job["last_error"], job["finished_at"]),
                          ("pending", 0, None, None, None))
         self.assertEqual(json.loads(self.ok("dlq", "list", "--json")), [])
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         job = self.job("j")
         self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
 
@@ -2634,7 +2652,7 @@ class TestRetriesAndDLQ(QueueTest):
         for i in ("a", "b"):
             self.enqueue("--id", i, "--max-retries", "0", "exit 1")
         self.enqueue("--id", "ok", "true")
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         self.assertEqual(self.ok("dlq", "retry", "--all"), "retried 2 jobs\n")
         self.assertEqual(self.state("a"), "pending")
         self.assertEqual(self.state("b"), "pending")
@@ -2642,7 +2660,7 @@ class TestRetriesAndDLQ(QueueTest):
 
     def test_dlq_retry_of_a_job_that_is_not_dead(self):
         self.enqueue("--id", "j", "true")
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         before = self.db_dump()
         r = self.fails(1, "dlq", "retry", "j")
         self.assertIn("completed", self.error_line(r))
@@ -2652,7 +2670,7 @@ class TestRetriesAndDLQ(QueueTest):
     def test_dlq_purge_one_removes_job_and_log(self):
         self.enqueue("--id", "a", "--max-retries", "0", "echo bye; exit 1")
         self.enqueue("--id", "b", "--max-retries", "0", "exit 1")
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         logfile = os.path.join(self.home, "logs", "a.log")
         self.assertTrue(os.path.exists(logfile))
         self.ok("dlq", "purge", "a")
@@ -2665,7 +2683,7 @@ class TestRetriesAndDLQ(QueueTest):
         self.enqueue("--id", "b", "--max-retries", "0", "exit 1")
         self.enqueue("--id", "ok", "true")
         self.enqueue("--id", "later", "--delay", "1h", "true")
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         self.ok("dlq", "purge", "--all")
         ids = sorted(j["id"] for j in json.loads(self.ok("list", "--json")))
         self.assertEqual(ids, ["later", "ok"])
@@ -2687,18 +2705,18 @@ class TestRetriesAndDLQ(QueueTest):
 
     def test_retry_of_a_completed_job_runs_it_again(self):
         self.enqueue("--id", "j", "echo run >> runs.txt")
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         self.assertEqual(self.ok("retry", "j"), "j\n")
         job = self.job("j")
         self.assertEqual((job["state"], job["attempts"]), ("pending", 0))
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         self.assertEqual(self.lines("runs.txt"), ["run", "run"])
         job = self.job("j")
         self.assertEqual((job["state"], job["attempts"]), ("completed", 1))
 
     def test_retry_of_a_dead_job(self):
         self.enqueue("--id", "j", "--max-retries", "0", MARKER_JOB)
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         self.assertEqual(self.ok("retry", "j"), "j\n")
         job = self.job("j")
         self.assertEqual((job["state"], job["attempts"], job["last_error"]),
@@ -3764,7 +3782,7 @@ class TestScheduling(QueueTest):
     def test_priority_then_fifo(self):
         for job_id, pri in (("a", 0), ("b", 5), ("c", 0), ("d", 5), ("e", 1), ("f", -1)):
             self.enqueue("--id", job_id, "--priority", str(pri), RECORD)
-        self.assertEqual(self.drain("--count", "1").code, 0)
+        self.drained(0, "--count", "1")
         self.assertEqual(self.order(), ["b", "d", "e", "a", "c", "f"])
 
     def test_delayed_job_is_not_run_by_drain(self):
@@ -3784,7 +3802,7 @@ class TestScheduling(QueueTest):
     def test_delay_that_has_passed_is_run(self):
         self.enqueue("--id", "soon", "--delay", "1", RECORD)
         time.sleep(1.1)
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         self.assertEqual(self.order(), ["soon"])
 
     def test_run_at_past_runs_and_future_waits(self):
@@ -3792,7 +3810,7 @@ class TestScheduling(QueueTest):
         self.enqueue("--id", "past", "--run-at", "2000-01-01T00:00:00Z", RECORD)
         self.enqueue("--id", "future", "--run-at", "2099-01-01T00:00:00Z", RECORD)
         self.enqueue("--id", "local", "--run-at", "2099-06-01 12:00", RECORD)
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         self.assertEqual(self.order(), ["past"])
         self.assertEqual(self.job("future")["run_at"], "2099-01-01T00:00:00Z")
         self.assertEqual(self.state("future"), "pending")
@@ -3804,15 +3822,15 @@ class TestScheduling(QueueTest):
         b = self.enqueue("--id", "b", "--after", a, RECORD)
         self.enqueue("--id", "c", "--after", b, "--priority", "10", RECORD)
         self.enqueue("--id", "d", "--after", "a", "--after", "c", "--priority", "20", RECORD)
-        self.assertEqual(self.drain("--count", "3").code, 0)
+        self.drained(0, "--count", "3")
         self.assertEqual(self.order(), ["a", "b", "c", "d"])
 
     def test_dependency_on_a_completed_job_is_met(self):
         self.enqueue("--id", "a", RECORD)
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         self.enqueue("--id", "b", "--after", "a", RECORD)
         self.assertEqual(self.job("b")["depends_on"], ["a"])
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         self.assertEqual(self.order(), ["a", "b"])
 
     def test_job_blocked_on_a_dead_dependency_runs_after_dlq_retry(self):
@@ -3829,7 +3847,7 @@ class TestScheduling(QueueTest):
         self.assertEqual(self.job("child")["blocked_on"], ["dep"])
         self.assertIn("dep", self.ok("show", "child"))
         self.ok("dlq", "retry", "dep")
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         self.assertEqual(self.order(), ["dep", "child"])
         self.assertEqual(self.state("child"), "completed")
         self.assertEqual(self.job("child")["blocked_on"], [])
@@ -3838,10 +3856,10 @@ class TestScheduling(QueueTest):
         self.enqueue("--id", "ja", "--queue", "a", RECORD)
         self.enqueue("--id", "jb", "--queue", "b", RECORD)
         self.enqueue("--id", "jd", RECORD)
-        self.assertEqual(self.drain("--queue", "a").code, 0)
+        self.drained(0, "--queue", "a")
         self.assertEqual(self.order(), ["ja"])
         self.assertEqual(self.state("jb"), "pending")
-        self.assertEqual(self.drain("--queue", "b", "--queue", "default").code, 0)
+        self.drained(0, "--queue", "b", "--queue", "default")
         self.assertEqual(sorted(self.order()), ["ja", "jb", "jd"])
 
     def test_pause_and_resume_a_queue(self):
@@ -3850,12 +3868,12 @@ class TestScheduling(QueueTest):
         self.assertIn("a", self.ok("pause", "a"))
         self.assertIn("paused: a", self.ok("status"))
         self.assertEqual(json.loads(self.ok("status", "--json"))["paused"], ["a"])
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         self.assertEqual(self.order(), ["jb"])
         self.assertEqual(self.state("ja"), "pending")
         self.ok("resume", "a")
         self.assertNotIn("paused", self.ok("status"))
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         self.assertEqual(self.order(), ["jb", "ja"])
 
     def test_pause_all_queues(self):
@@ -4008,7 +4026,7 @@ class TestLiveWorkerBehaviour(QueueTest):
 class TestReadCommands(QueueTest):
     def test_show_json_has_every_field(self):
         self.enqueue("--id", "dep", "true")
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         self.enqueue("--id", "j", "--priority", "3", "--max-retries", "1", "--timeout", "5",
                      "--queue", "q1", "--env", "A=b", "--after", "dep", "echo hi")
         pending = self.job("j")
@@ -4017,7 +4035,7 @@ class TestReadCommands(QueueTest):
         self.assertEqual((pending["state"], pending["started_at"], pending["finished_at"],
                           pending["exit_code"], pending["worker"], pending["attempts"]),
                          ("pending", None, None, None, None, 0))
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         job = self.job("j")
         for k in SPEC_JOB_FIELDS:
             self.assertIn(k, job)
@@ -4064,7 +4082,7 @@ class TestReadCommands(QueueTest):
         self.enqueue("--id", "c1", "true")
         self.enqueue("--id", "c2", "true")
         self.enqueue("--id", "d", "--max-retries", "0", "exit 1")
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         self.enqueue("--id", "p", "--delay", "1h", "true")
         out = self.ok("status")
         self.assertIn("1 pending", out)
@@ -4085,7 +4103,7 @@ class TestReadCommands(QueueTest):
         for i in range(4):
             self.enqueue("--id", f"j{i}", "true")
         self.enqueue("--id", "x", "--queue", "other", "--max-retries", "0", "exit 1")
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         self.enqueue("--id", "late", "true")
         out = self.ok("list")
         self.assertEqual(out.splitlines()[0].split()[:2], ["ID", "STATE"])
@@ -4108,7 +4126,7 @@ class TestReadCommands(QueueTest):
 
     def test_logs_tail(self):
         self.enqueue("--id", "j", "for i in 1 2 3 4 5; do echo line$i; done")
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         full = self.log("j").splitlines(keepends=True)
         self.assertEqual(len(full), 7)
         tail = self.ok("logs", "j", "--tail", "2")
@@ -4127,7 +4145,7 @@ class TestReadCommands(QueueTest):
 
     def test_json_outputs_are_only_json(self):
         self.enqueue("--id", "j", "--max-retries", "0", "exit 1")
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         for args in (("status", "--json"), ("list", "--json"), ("show", "j", "--json"),
                      ("dlq", "list", "--json"), ("config", "list", "--json"),
                      ("worker", "status", "--json"), ("config", "get", "max_retries",
@@ -4150,7 +4168,7 @@ class TestWait(QueueTest):
     def test_wait_returns_zero_when_all_completed(self):
         self.enqueue("--id", "a", "true")
         self.enqueue("--id", "b", "true")
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         r = self.q("wait", "a", "b", "--timeout", "5")
         self.assertEqual((r.code, r.err), (0, ""), r)
 
@@ -4165,7 +4183,7 @@ class TestWait(QueueTest):
     def test_wait_returns_one_when_a_job_is_dead(self):
         self.enqueue("--id", "good", "true")
         self.enqueue("--id", "bad", "--max-retries", "0", "exit 1")
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         r = self.fails(1, "wait", "good", "bad", "--timeout", "5")
         self.assertIn("bad", self.error_line(r))
         self.assertNotIn("good", self.error_line(r))
@@ -4192,7 +4210,7 @@ class TestScriptsCanRelyOnWait(QueueTest):
         self.enqueue("--id", "a", "--max-retries", "0", "exit 1")
         self.enqueue("--id", "b", "--after", "a", "true")
         self.enqueue("--id", "c", "--after", "b", "true")      # stuck through b
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         for args in (("c",), ("b", "c"), ()):
             with self.subTest(args=args):
                 started = time.monotonic()
@@ -4208,13 +4226,13 @@ class TestScriptsCanRelyOnWait(QueueTest):
     def test_wait_with_no_id_or_a_queue_waits_for_what_was_enqueued(self):
         self.enqueue("--id", "a", "--queue", "q1", "true")
         self.enqueue("--id", "b", "--queue", "q2", "true")
-        self.assertEqual(self.drain("--queue", "q1").code, 0)
+        self.drained(0, "--queue", "q1")
         self.ok("wait", "--queue", "q1", "--timeout", "10")
         r = self.fails(124, "wait", "--timeout", "0.3")
         self.assertIn("b (pending)", r.err)
         r = self.fails(124, "wait", "--queue", "q1,q2", "--timeout", "0.3")
         self.fails(2, "wait", "a", "--queue", "q1")
-        self.assertEqual(self.drain().code, 0)
+        self.drained(0)
         self.ok("wait", "--timeout", "10")
         # A job that fails while wait waits: wait stops itself once it has
         # taken stock (a fault point), so the job surely ends after that.
@@ -4223,7 +4241,7 @@ class TestScriptsCanRelyOnWait(QueueTest):
                              env=self.fault_env("wait-began:stop"), text=True)
         self.procs.append(w)
         self.wait_stopped(w)
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         os.kill(w.pid, signal.SIGCONT)
         self.assertEqual(w.wait(timeout=30), 1)
         self.assertIn("late dead", w.stderr.read())
@@ -4501,7 +4519,7 @@ class TestPrune(QueueTest):
         self.enqueue("--id", "bad", "--max-retries", "0", "exit 1")
         self.enqueue("--id", "keep", "--delay", "1h", "true")
         self.enqueue("--id", "blocked", "--after", "bad", "true")
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         logs = os.path.join(self.home, "logs")
         self.assertTrue(os.path.exists(os.path.join(logs, "done.log")))
         self.assertEqual(self.ok("prune", "--older-than", "1h"), "pruned 0 jobs\n")
@@ -4522,7 +4540,7 @@ class TestPrune(QueueTest):
     def test_prune_by_state(self):
         self.enqueue("--id", "done", "true")
         self.enqueue("--id", "bad", "--max-retries", "0", "exit 1")
-        self.assertEqual(self.drain().code, 1)
+        self.drained(1)
         time.sleep(0.05)
         self.assertEqual(self.ok("prune", "--older-than", "0s", "--state", "dead"),
                          "pruned 1 job\n")
@@ -4829,6 +4847,275 @@ class TestLiveView(QueueTest):
 
 # Command line ################################################################
 
+class TestServiceAndPipes(QueueTest):
+    def test_read_commands_end_quietly_on_a_closed_pipe_under_load(self):
+        # As `queuectl list --limit 0 | head -1` does: read one line, close
+        # the pipe. 20 runs of each command, 4 at a time, on 1,000 jobs.
+        self.enqueue("--id", "big", "seq 1 200000")
+        self.drain()
+        self.ok("enqueue", "--stdin", input="".join(f"echo {i}\n" for i in range(1000)))
+        commands = [("list", "--limit", "0"), ("list", "--json"), ("metrics",),
+                    ("status", "--json"), ("show", "big"), ("logs", "big")]
+        results = []
+
+        def one(args):
+            p = subprocess.Popen([*QUEUECTL, *args], env=self.env, cwd=self.work,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            p.stdout.readline()
+            p.stdout.close()
+            err = p.stderr.read()
+            p.stderr.close()
+            results.append((args, p.wait(timeout=60), err))
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(one, [c for c in commands for _ in range(20)]))
+        self.assertEqual(len(results), 20 * len(commands))
+        for args, code, err in results:
+            self.assertIn(code, (0, -signal.SIGPIPE), (args, code, err))
+            self.assertEqual(err, b"", (args, code))
+
+    def test_a_detached_workers_log_is_rotated(self):
+        env = dict(self.env, QUEUECTL_WORKER_LOG_MAX="2000")
+        self.ok("enqueue", "--stdin", input="true\n" * 200)
+        r = self.q("worker", "start", "--detach", env=env)
+        self.assertEqual(r.code, 0, r)
+        pid = int(r.out)
+        self.addCleanup(lambda: proc_state(pid) and os.kill(pid, signal.SIGKILL))
+        self.wait_for(lambda: not json.loads(self.ok("list", "--json", "--state",
+                                                     "pending")), what="the jobs to run")
+        self.ok("worker", "stop", "--wait", "--timeout", "20")
+        log = os.path.join(self.home, "worker.log")
+        names = sorted(n for n in os.listdir(self.home) if n.startswith("worker.log"))
+        self.assertEqual(names, ["worker.log", "worker.log.1"])
+        for name in names:
+            size = os.path.getsize(os.path.join(self.home, name))
+            self.assertLess(size, 2000 + 200, name)          # bounded: max + one line
+        with open(log) as f:
+            self.assertIn("stopped: ", f.read())             # the newest lines are kept
+
+class TestInstallAndHelp(QueueTest):
+    def test_make_install_into_a_temp_prefix(self):
+        prefix = os.path.join(self.tmp, "prefix")
+        r = subprocess.run(["make", "-s", "-C", os.path.dirname(PROG), "install",
+                            f"PREFIX={prefix}", f"PYTHON={PY}"], capture_output=True,
+                           text=True, timeout=60)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        exe = os.path.join(prefix, "bin", "queuectl")
+        out = subprocess.run([exe, "enqueue", "echo installed"], env=self.env,
+                             capture_output=True, text=True, timeout=30)
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.drained(0)
+        self.assertIn("installed", self.log(out.stdout.strip()))
+        pyc = os.listdir(os.path.join(prefix, "lib", "queuectl", "__pycache__"))
+        self.assertTrue(any(p.startswith("queuectl.") for p in pyc), pyc)
+
+    @unittest.skipUnless(os.geteuid() == 0, "needs root to run as another user")
+    def test_an_installed_queuectl_works_for_an_unprivileged_user(self):
+        import shutil
+        nobody = self.nobody()
+        if not shutil.which("setpriv"):
+            self.skipTest("no setpriv")
+        # A prefix every user can reach; make run with this interpreter
+        # (root's own, maybe in a directory only root can enter).
+        base = tempfile.mkdtemp(prefix="queuectl-install-")
+        self.addCleanup(shutil.rmtree, base, True)
+        os.chmod(base, 0o755)
+        prefix, home = os.path.join(base, "prefix"), os.path.join(base, "home")
+        r = subprocess.run(["make", "-s", "-C", os.path.dirname(PROG), "install",
+                            f"PREFIX={prefix}", f"PYTHON={PY}"], capture_output=True,
+                           text=True, timeout=60)
+        if "no Python 3.10+ that every user can run" in r.stderr:
+            self.skipTest(r.stderr.strip())
+        self.assertEqual(r.returncode, 0, r.stderr)
+        os.mkdir(home, 0o700)
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        exe = os.path.join(prefix, "bin", "queuectl")
+
+        def as_nobody(*args):
+            return subprocess.run(
+                ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                 "--clear-groups", exe, *args], cwd="/", capture_output=True, text=True,
+                timeout=60, env={"PATH": "/usr/bin:/bin", "QUEUECTL_HOME": home})
+        r = as_nobody("enqueue", "--id", "j", "id -un")
+        self.assertEqual((r.returncode, r.stdout), (0, "j\n"), r.stderr)
+        r = as_nobody("worker", "start", "--drain")
+        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
+        self.assertIn("nobody", as_nobody("logs", "j").stdout)
+
+    def test_the_readmes_systemd_unit_passes_systemd_analyze_verify(self):
+        import re
+        import shutil
+        if not shutil.which("systemd-analyze"):
+            self.skipTest("no systemd-analyze")
+        with open(os.path.join(os.path.dirname(PROG), "README.md")) as f:
+            readme = f.read()
+        unit = re.search(r"`/etc/systemd/system/queuectl.service`:\n\n```ini\n(.*?)```",
+                         readme, re.S).group(1)
+        for line in ("Wants=network-online.target", "After=network-online.target",
+                     "StateDirectory=queuectl", "OOMPolicy=continue", "KillMode=mixed"):
+            self.assertIn(line + "\n", unit)
+        users = set(re.findall(r"User=(\w+)", readme)) | set(
+            re.findall(r"sudo -u (\w+) queuectl", readme))
+        self.assertEqual(users - {"OWNER"}, {"queuectl"})     # one name throughout
+        # verify needs ExecStart's program to exist: point it at an installed one.
+        prefix = os.path.join(self.tmp, "prefix")
+        subprocess.run(["make", "-s", "-C", os.path.dirname(PROG), "install",
+                        f"PREFIX={prefix}", f"PYTHON={PY}"], check=True,
+                       capture_output=True, timeout=60)
+        path = os.path.join(self.tmp, "queuectl.service")
+        with open(path, "w") as f:
+            f.write(unit.replace("/usr/local/bin/queuectl",
+                                 os.path.join(prefix, "bin", "queuectl")))
+        r = subprocess.run(["systemd-analyze", "verify", path], capture_output=True,
+                           text=True, timeout=60)
+        self.assertEqual((r.returncode, r.stdout, r.stderr), (0, "", ""))
+
+    def test_direct_execution_of_the_file(self):
+        env = dict(self.env, QUEUECTL_PYTHON=PY)
+        r = subprocess.run([PROG, "--version"], env=env, capture_output=True, text=True,
+                           timeout=30)
+        self.assertEqual((r.returncode, r.stdout.strip()),
+                         (0, f"queuectl {queuectl.__version__}"))
+
+    def test_every_command_has_help_with_examples(self):
+        for cmd in (["enqueue"], ["worker", "start"], ["worker", "stop"], ["status"],
+                    ["list"], ["logs"], ["wait"], ["cancel"], ["dlq", "retry"], ["prune"],
+                    ["config", "set"], ["metrics"], ["doctor"], ["top"]):
+            examples = self.ok(*cmd, "--help").partition("\nexamples:\n")[2]
+            self.assertIn(f"queuectl {' '.join(cmd)}", examples, cmd)
+
+    def test_no_arguments_prints_short_usage(self):
+        out = self.ok()
+        self.assertIn("Common commands:", out)
+
+    def completing(self, shell, script, words):
+        """What the shell's completion offers after words (the last one
+        being typed), with this home; a list of words."""
+        # A loaded machine may start Python slower than the 0.1 s a person
+        # waits: here the point is the words, not the bound (tested below).
+        env = dict(self.env, QUEUECTL_PYTHON=PY, QUEUECTL_COMPLETE_TIMEOUT="10",
+                   PATH=os.path.dirname(PROG) + ":" + self.env.get("PATH", ""))
+        if shell == "fish":
+            code = f"source {script}; complete -C {json.dumps(' '.join(words))}"
+        else:
+            code = (f"source {script}; COMP_WORDS=({' '.join(json.dumps(w) for w in words)});"
+                    f" COMP_CWORD={len(words) - 1}; _queuectl; echo \"${{COMPREPLY[*]}}\"")
+        r = subprocess.run([shell, "-c", code], capture_output=True, text=True, env=env,
+                           timeout=30)
+        self.assertEqual(r.stderr, "", r)
+        return sorted(r.stdout.split())
+
+    def test_completion_offers_live_ids_queues_and_keys(self):
+        import shutil
+        os.symlink(PROG, os.path.join(self.tmp, "queuectl"))   # as installed, on PATH
+        self.enqueue("--id", "abc1", "true")
+        self.enqueue("--id", "abd2", "--queue", "reports", "true")
+        for shell in ("bash", "zsh", "fish"):
+            if not shutil.which(shell):
+                continue                     # CI may lack zsh and fish
+            with self.subTest(shell=shell):
+                script = os.path.join(self.tmp, f"completion.{shell}")
+                with open(script, "w") as f:
+                    f.write(self.ok("completion", shell))
+                env_path = dict(self.env, PATH=self.tmp + ":" + self.env.get("PATH", ""))
+                self.env = env_path
+                self.assertEqual(self.completing(shell, script, ["queuectl", "show", "ab"]),
+                                 ["abc1", "abd2"])
+                self.assertEqual(self.completing(shell, script,
+                                                 ["queuectl", "list", "--queue", ""]),
+                                 ["default", "reports"])
+                # prune --state offers only what prune takes.
+                self.assertEqual(self.completing(shell, script,
+                                                 ["queuectl", "prune", "--state", ""]),
+                                 ["cancelled", "completed", "dead"])
+                self.assertIn("max_retries", self.completing(
+                    shell, script, ["queuectl", "config", "get", ""]))
+                if shell != "zsh":           # zsh itself filters by what is typed
+                    self.assertEqual(self.completing(shell, script,
+                                                     ["queuectl", "worker", "st"]),
+                                     ["start", "status", "stop"])
+
+    def test_live_completion_is_bounded_in_time(self):
+        import contextlib
+        import io
+        self.enqueue("true")
+        home_words = io.StringIO()
+        with contextlib.redirect_stdout(home_words):
+            queuectl.complete_values(["ids", self.home])
+        self.assertEqual(len(home_words.getvalue().split()), 1)
+        # Out of time (a budget of 0): the query is interrupted, no words.
+        self.addCleanup(setattr, queuectl, "COMPLETE_BUDGET", queuectl.COMPLETE_BUDGET)
+        queuectl.COMPLETE_BUDGET = 0
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            self.assertEqual(queuectl.complete_values(["queues", self.home]), 0)
+        self.assertEqual(out.getvalue(), "")
+        r = self.q("__complete", "ids", os.path.join(self.tmp, "nowhere"))
+        self.assertEqual((r.code, r.out, r.err), (0, "", ""))
+
+class TestFuzz(QueueTest):
+    """Seeded random CLI invocations, in-process: never a traceback, never an
+    exit code outside 0/1/2, and the database stays intact."""
+
+    SEED = 20261123
+
+    def test_random_invocations(self):
+        import contextlib
+        import io
+        import random
+        rnd = random.Random(self.SEED)
+        os.environ["QUEUECTL_HOME"] = self.home
+        self.addCleanup(os.environ.pop, "QUEUECTL_HOME", None)
+        cmds = [["enqueue"], ["status"], ["show"], ["list"], ["logs"], ["wait"],
+                ["retry"], ["pause"], ["resume"], ["cancel"], ["dlq", "list"],
+                ["dlq", "retry"], ["dlq", "purge"], ["prune"], ["config", "get"],
+                ["config", "set"], ["config", "list"], ["metrics"], ["doctor"],
+                ["worker", "status"], ["worker", "stop"], ["worker"], ["dlq"], ["bogus"]]
+        flags = ["--id", "--priority", "-p", "--max-retries", "--timeout", "--run-at",
+                 "--delay", "--queue", "--after", "--cwd", "--env", "--unique", "--json",
+                 "--state", "--limit", "--tail", "--all", "--older-than", "--now",
+                 "-c", "--command", "--bogus", "-x", "--"]
+        values = ["0", "-1", "1", "99999999999999999999", "1.5", "nan", "inf", "-inf",
+                  "", " ", "a", "../x", "a/b", "-x", "é", "日本", "\x01", "x" * 5000,
+                  "{", "{}", '{"command": 1}', '{"command": "true", "priority": "high"}',
+                  '{"command": "true", "env": {"A": 1}}', "[1, 2]", "null", "true",
+                  "2026-11-23T09:30:00Z", "tomorrowish", "5x", "1h30m", "pending", "dead",
+                  "max_retries", "backoff-base", "kill_grace", "NaN", "1e308", "k=v", "=v",
+                  "default", "q1", "processing", "completed"]
+        ids = []
+        for n in range(300):
+            argv = list(rnd.choice(cmds))
+            for _ in range(rnd.randint(0, 4)):
+                r = rnd.random()
+                if r < 0.4:
+                    argv.append(rnd.choice(flags))
+                if r < 0.9:
+                    argv.append(rnd.choice(values + ids))
+            if argv[0] == "wait":
+                argv += ["--timeout", "0"]
+            stdin = io.StringIO(rnd.choice(["true\n", "{\n", "", "echo a\n\n{}\n"]))
+            out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+            err = io.StringIO()
+            saved_stdin = sys.stdin
+            sys.stdin = stdin
+            try:
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    try:
+                        code = queuectl.main(argv)
+                    except SystemExit as e:          # --help / --version
+                        code = e.code or 0
+            finally:
+                sys.stdin = saved_stdin
+            with self.subTest(n=n, argv=argv):
+                self.assertIn(code, (0, 1, 2, 3, 124), err.getvalue())
+                self.assertNotIn("Traceback", err.getvalue())
+                self.assertNotIn("unexpected", err.getvalue())
+            if argv[0] == "enqueue" and code == 0:
+                out.flush()
+                ids += out.buffer.getvalue().decode().split()[:1]
+        self.integrity_ok()
+
+
 # Concurrency keys, hooks, retry policy, why ##################################
 
 def intervals(lines):
@@ -5052,7 +5339,7 @@ class TestHooks(QueueTest):
                      "--on-failure", "echo $QUEUECTL_ATTEMPT >> failure.txt",
                      "--on-dead", "echo $QUEUECTL_JOB_ID $QUEUECTL_JOB_STATE "
                      "$QUEUECTL_EXIT_CODE >> dead.txt", "exit 3")
-        self.assertEqual(self.drain().code, 1)          # f died
+        self.drained(1)          # f died
         env = self.env_file("success.env")
         self.assertEqual({k: env[k] for k in ("QUEUECTL_JOB_ID", "QUEUECTL_JOB_STATE",
                                               "QUEUECTL_EXIT_CODE", "QUEUECTL_ATTEMPT",
@@ -5564,275 +5851,6 @@ class TestSchedules(QueueTest):
         self.assertEqual(self.ok("schedule", "list"), "no schedules\n")
         self.job(job_id)
         self.fails(1, "schedule", "run", "nightly")
-
-
-class TestServiceAndPipes(QueueTest):
-    def test_read_commands_end_quietly_on_a_closed_pipe_under_load(self):
-        # As `queuectl list --limit 0 | head -1` does: read one line, close
-        # the pipe. 20 runs of each command, 4 at a time, on 1,000 jobs.
-        self.enqueue("--id", "big", "seq 1 200000")
-        self.drain()
-        self.ok("enqueue", "--stdin", input="".join(f"echo {i}\n" for i in range(1000)))
-        commands = [("list", "--limit", "0"), ("list", "--json"), ("metrics",),
-                    ("status", "--json"), ("show", "big"), ("logs", "big")]
-        results = []
-
-        def one(args):
-            p = subprocess.Popen([*QUEUECTL, *args], env=self.env, cwd=self.work,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            p.stdout.readline()
-            p.stdout.close()
-            err = p.stderr.read()
-            p.stderr.close()
-            results.append((args, p.wait(timeout=60), err))
-        import concurrent.futures
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            list(pool.map(one, [c for c in commands for _ in range(20)]))
-        self.assertEqual(len(results), 20 * len(commands))
-        for args, code, err in results:
-            self.assertIn(code, (0, -signal.SIGPIPE), (args, code, err))
-            self.assertEqual(err, b"", (args, code))
-
-    def test_a_detached_workers_log_is_rotated(self):
-        env = dict(self.env, QUEUECTL_WORKER_LOG_MAX="2000")
-        self.ok("enqueue", "--stdin", input="true\n" * 200)
-        r = self.q("worker", "start", "--detach", env=env)
-        self.assertEqual(r.code, 0, r)
-        pid = int(r.out)
-        self.addCleanup(lambda: proc_state(pid) and os.kill(pid, signal.SIGKILL))
-        self.wait_for(lambda: not json.loads(self.ok("list", "--json", "--state",
-                                                     "pending")), what="the jobs to run")
-        self.ok("worker", "stop", "--wait", "--timeout", "20")
-        log = os.path.join(self.home, "worker.log")
-        names = sorted(n for n in os.listdir(self.home) if n.startswith("worker.log"))
-        self.assertEqual(names, ["worker.log", "worker.log.1"])
-        for name in names:
-            size = os.path.getsize(os.path.join(self.home, name))
-            self.assertLess(size, 2000 + 200, name)          # bounded: max + one line
-        with open(log) as f:
-            self.assertIn("stopped: ", f.read())             # the newest lines are kept
-
-class TestInstallAndHelp(QueueTest):
-    def test_make_install_into_a_temp_prefix(self):
-        prefix = os.path.join(self.tmp, "prefix")
-        r = subprocess.run(["make", "-s", "-C", os.path.dirname(PROG), "install",
-                            f"PREFIX={prefix}", f"PYTHON={PY}"], capture_output=True,
-                           text=True, timeout=60)
-        self.assertEqual(r.returncode, 0, r.stderr)
-        exe = os.path.join(prefix, "bin", "queuectl")
-        out = subprocess.run([exe, "enqueue", "echo installed"], env=self.env,
-                             capture_output=True, text=True, timeout=30)
-        self.assertEqual(out.returncode, 0, out.stderr)
-        self.assertEqual(self.drain().code, 0)
-        self.assertIn("installed", self.log(out.stdout.strip()))
-        pyc = os.listdir(os.path.join(prefix, "lib", "queuectl", "__pycache__"))
-        self.assertTrue(any(p.startswith("queuectl.") for p in pyc), pyc)
-
-    @unittest.skipUnless(os.geteuid() == 0, "needs root to run as another user")
-    def test_an_installed_queuectl_works_for_an_unprivileged_user(self):
-        import shutil
-        nobody = self.nobody()
-        if not shutil.which("setpriv"):
-            self.skipTest("no setpriv")
-        # A prefix every user can reach; make run with this interpreter
-        # (root's own, maybe in a directory only root can enter).
-        base = tempfile.mkdtemp(prefix="queuectl-install-")
-        self.addCleanup(shutil.rmtree, base, True)
-        os.chmod(base, 0o755)
-        prefix, home = os.path.join(base, "prefix"), os.path.join(base, "home")
-        r = subprocess.run(["make", "-s", "-C", os.path.dirname(PROG), "install",
-                            f"PREFIX={prefix}", f"PYTHON={PY}"], capture_output=True,
-                           text=True, timeout=60)
-        if "no Python 3.10+ that every user can run" in r.stderr:
-            self.skipTest(r.stderr.strip())
-        self.assertEqual(r.returncode, 0, r.stderr)
-        os.mkdir(home, 0o700)
-        os.chown(home, nobody.pw_uid, nobody.pw_gid)
-        exe = os.path.join(prefix, "bin", "queuectl")
-
-        def as_nobody(*args):
-            return subprocess.run(
-                ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
-                 "--clear-groups", exe, *args], cwd="/", capture_output=True, text=True,
-                timeout=60, env={"PATH": "/usr/bin:/bin", "QUEUECTL_HOME": home})
-        r = as_nobody("enqueue", "--id", "j", "id -un")
-        self.assertEqual((r.returncode, r.stdout), (0, "j\n"), r.stderr)
-        r = as_nobody("worker", "start", "--drain")
-        self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-        self.assertIn("nobody", as_nobody("logs", "j").stdout)
-
-    def test_the_readmes_systemd_unit_passes_systemd_analyze_verify(self):
-        import re
-        import shutil
-        if not shutil.which("systemd-analyze"):
-            self.skipTest("no systemd-analyze")
-        with open(os.path.join(os.path.dirname(PROG), "README.md")) as f:
-            readme = f.read()
-        unit = re.search(r"`/etc/systemd/system/queuectl.service`:\n\n```ini\n(.*?)```",
-                         readme, re.S).group(1)
-        for line in ("Wants=network-online.target", "After=network-online.target",
-                     "StateDirectory=queuectl", "OOMPolicy=continue", "KillMode=mixed"):
-            self.assertIn(line + "\n", unit)
-        users = set(re.findall(r"User=(\w+)", readme)) | set(
-            re.findall(r"sudo -u (\w+) queuectl", readme))
-        self.assertEqual(users - {"OWNER"}, {"queuectl"})     # one name throughout
-        # verify needs ExecStart's program to exist: point it at an installed one.
-        prefix = os.path.join(self.tmp, "prefix")
-        subprocess.run(["make", "-s", "-C", os.path.dirname(PROG), "install",
-                        f"PREFIX={prefix}", f"PYTHON={PY}"], check=True,
-                       capture_output=True, timeout=60)
-        path = os.path.join(self.tmp, "queuectl.service")
-        with open(path, "w") as f:
-            f.write(unit.replace("/usr/local/bin/queuectl",
-                                 os.path.join(prefix, "bin", "queuectl")))
-        r = subprocess.run(["systemd-analyze", "verify", path], capture_output=True,
-                           text=True, timeout=60)
-        self.assertEqual((r.returncode, r.stdout, r.stderr), (0, "", ""))
-
-    def test_direct_execution_of_the_file(self):
-        env = dict(self.env, QUEUECTL_PYTHON=PY)
-        r = subprocess.run([PROG, "--version"], env=env, capture_output=True, text=True,
-                           timeout=30)
-        self.assertEqual((r.returncode, r.stdout.strip()),
-                         (0, f"queuectl {queuectl.__version__}"))
-
-    def test_every_command_has_help_with_examples(self):
-        for cmd in (["enqueue"], ["worker", "start"], ["worker", "stop"], ["status"],
-                    ["list"], ["logs"], ["wait"], ["cancel"], ["dlq", "retry"], ["prune"],
-                    ["config", "set"], ["metrics"], ["doctor"], ["top"]):
-            examples = self.ok(*cmd, "--help").partition("\nexamples:\n")[2]
-            self.assertIn(f"queuectl {' '.join(cmd)}", examples, cmd)
-
-    def test_no_arguments_prints_short_usage(self):
-        out = self.ok()
-        self.assertIn("Common commands:", out)
-
-    def completing(self, shell, script, words):
-        """What the shell's completion offers after words (the last one
-        being typed), with this home; a list of words."""
-        # A loaded machine may start Python slower than the 0.1 s a person
-        # waits: here the point is the words, not the bound (tested below).
-        env = dict(self.env, QUEUECTL_PYTHON=PY, QUEUECTL_COMPLETE_TIMEOUT="10",
-                   PATH=os.path.dirname(PROG) + ":" + self.env.get("PATH", ""))
-        if shell == "fish":
-            code = f"source {script}; complete -C {json.dumps(' '.join(words))}"
-        else:
-            code = (f"source {script}; COMP_WORDS=({' '.join(json.dumps(w) for w in words)});"
-                    f" COMP_CWORD={len(words) - 1}; _queuectl; echo \"${{COMPREPLY[*]}}\"")
-        r = subprocess.run([shell, "-c", code], capture_output=True, text=True, env=env,
-                           timeout=30)
-        self.assertEqual(r.stderr, "", r)
-        return sorted(r.stdout.split())
-
-    def test_completion_offers_live_ids_queues_and_keys(self):
-        import shutil
-        os.symlink(PROG, os.path.join(self.tmp, "queuectl"))   # as installed, on PATH
-        self.enqueue("--id", "abc1", "true")
-        self.enqueue("--id", "abd2", "--queue", "reports", "true")
-        for shell in ("bash", "zsh", "fish"):
-            if not shutil.which(shell):
-                continue                     # CI may lack zsh and fish
-            with self.subTest(shell=shell):
-                script = os.path.join(self.tmp, f"completion.{shell}")
-                with open(script, "w") as f:
-                    f.write(self.ok("completion", shell))
-                env_path = dict(self.env, PATH=self.tmp + ":" + self.env.get("PATH", ""))
-                self.env = env_path
-                self.assertEqual(self.completing(shell, script, ["queuectl", "show", "ab"]),
-                                 ["abc1", "abd2"])
-                self.assertEqual(self.completing(shell, script,
-                                                 ["queuectl", "list", "--queue", ""]),
-                                 ["default", "reports"])
-                # prune --state offers only what prune takes.
-                self.assertEqual(self.completing(shell, script,
-                                                 ["queuectl", "prune", "--state", ""]),
-                                 ["cancelled", "completed", "dead"])
-                self.assertIn("max_retries", self.completing(
-                    shell, script, ["queuectl", "config", "get", ""]))
-                if shell != "zsh":           # zsh itself filters by what is typed
-                    self.assertEqual(self.completing(shell, script,
-                                                     ["queuectl", "worker", "st"]),
-                                     ["start", "status", "stop"])
-
-    def test_live_completion_is_bounded_in_time(self):
-        import contextlib
-        import io
-        self.enqueue("true")
-        home_words = io.StringIO()
-        with contextlib.redirect_stdout(home_words):
-            queuectl.complete_values(["ids", self.home])
-        self.assertEqual(len(home_words.getvalue().split()), 1)
-        # Out of time (a budget of 0): the query is interrupted, no words.
-        self.addCleanup(setattr, queuectl, "COMPLETE_BUDGET", queuectl.COMPLETE_BUDGET)
-        queuectl.COMPLETE_BUDGET = 0
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            self.assertEqual(queuectl.complete_values(["queues", self.home]), 0)
-        self.assertEqual(out.getvalue(), "")
-        r = self.q("__complete", "ids", os.path.join(self.tmp, "nowhere"))
-        self.assertEqual((r.code, r.out, r.err), (0, "", ""))
-
-class TestFuzz(QueueTest):
-    """Seeded random CLI invocations, in-process: never a traceback, never an
-    exit code outside 0/1/2, and the database stays intact."""
-
-    SEED = 20261123
-
-    def test_random_invocations(self):
-        import contextlib
-        import io
-        import random
-        rnd = random.Random(self.SEED)
-        os.environ["QUEUECTL_HOME"] = self.home
-        self.addCleanup(os.environ.pop, "QUEUECTL_HOME", None)
-        cmds = [["enqueue"], ["status"], ["show"], ["list"], ["logs"], ["wait"],
-                ["retry"], ["pause"], ["resume"], ["cancel"], ["dlq", "list"],
-                ["dlq", "retry"], ["dlq", "purge"], ["prune"], ["config", "get"],
-                ["config", "set"], ["config", "list"], ["metrics"], ["doctor"],
-                ["worker", "status"], ["worker", "stop"], ["worker"], ["dlq"], ["bogus"]]
-        flags = ["--id", "--priority", "-p", "--max-retries", "--timeout", "--run-at",
-                 "--delay", "--queue", "--after", "--cwd", "--env", "--unique", "--json",
-                 "--state", "--limit", "--tail", "--all", "--older-than", "--now",
-                 "-c", "--command", "--bogus", "-x", "--"]
-        values = ["0", "-1", "1", "99999999999999999999", "1.5", "nan", "inf", "-inf",
-                  "", " ", "a", "../x", "a/b", "-x", "é", "日本", "\x01", "x" * 5000,
-                  "{", "{}", '{"command": 1}', '{"command": "true", "priority": "high"}',
-                  '{"command": "true", "env": {"A": 1}}', "[1, 2]", "null", "true",
-                  "2026-11-23T09:30:00Z", "tomorrowish", "5x", "1h30m", "pending", "dead",
-                  "max_retries", "backoff-base", "kill_grace", "NaN", "1e308", "k=v", "=v",
-                  "default", "q1", "processing", "completed"]
-        ids = []
-        for n in range(300):
-            argv = list(rnd.choice(cmds))
-            for _ in range(rnd.randint(0, 4)):
-                r = rnd.random()
-                if r < 0.4:
-                    argv.append(rnd.choice(flags))
-                if r < 0.9:
-                    argv.append(rnd.choice(values + ids))
-            if argv[0] == "wait":
-                argv += ["--timeout", "0"]
-            stdin = io.StringIO(rnd.choice(["true\n", "{\n", "", "echo a\n\n{}\n"]))
-            out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
-            err = io.StringIO()
-            saved_stdin = sys.stdin
-            sys.stdin = stdin
-            try:
-                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                    try:
-                        code = queuectl.main(argv)
-                    except SystemExit as e:          # --help / --version
-                        code = e.code or 0
-            finally:
-                sys.stdin = saved_stdin
-            with self.subTest(n=n, argv=argv):
-                self.assertIn(code, (0, 1, 2, 3, 124), err.getvalue())
-                self.assertNotIn("Traceback", err.getvalue())
-                self.assertNotIn("unexpected", err.getvalue())
-            if argv[0] == "enqueue" and code == 0:
-                out.flush()
-                ids += out.buffer.getvalue().decode().split()[:1]
-        self.integrity_ok()
 
 
 # Benchmark ###################################################################
