@@ -1909,6 +1909,12 @@ SQL_ATTEMPT_FIELDS = ("attempt", "state", "started_at", "ended_at", "wall", "cpu
 SQL_ATTEMPTS_OF = (f"SELECT {', '.join(SQL_ATTEMPT_FIELDS)} FROM attempts WHERE job = ? "
                    "ORDER BY ended_at")
 
+# Words for shell completion, per kind: cheap queries first (a slow one may
+# run out of the time budget).
+SQL_COMPLETION = {"ids": ["SELECT id FROM jobs ORDER BY seq DESC LIMIT 500"],
+                  "queues": ["SELECT queue FROM stats UNION SELECT queue FROM paused",
+                             "SELECT DISTINCT queue FROM jobs"]}
+
 SQL_ATTEMPTS_SINCE = """SELECT queue, state, wall, max_rss FROM attempts
     WHERE ended_at >= ?{where}"""
 
@@ -2416,6 +2422,46 @@ class Store:
             return 0
         return int(self.x(SQL_OPEN_DEPS.format(marks=_marks(deps)), deps).fetchone()[0] > 0)
 
+    @staticmethod
+    def claim_filter(queues, paused):
+        """The WHERE tail and parameters that keep a claim to queues (None:
+        all; every worker serves HOOK_QUEUE too) and out of paused ones."""
+        where, params = "", []
+        if queues:
+            queues = list(queues) + [HOOK_QUEUE]
+            where += f" AND queue IN ({_marks(queues)})"
+            params += queues
+        if paused:
+            where += f" AND queue NOT IN ({_marks(paused)})"
+            params += sorted(paused)
+        return where, params
+
+    @classmethod
+    def read_only(cls, home, budget):
+        """A Store that only reads an existing database, changes nothing (no
+        home created, no migration) and gives up past budget seconds in
+        any one statement (sqlite3.OperationalError)."""
+        self = cls.__new__(cls)
+        self.sqlite3 = sqlite_module()
+        self.home, self.local_lock, self.limited = home, None, {}
+        self.path = os.path.join(home, "queue.db")
+        self.db = self.sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=0,
+                                       isolation_level=None)
+        started = time.monotonic()
+        self.db.set_progress_handler(lambda: time.monotonic() - started > budget, 100)
+        return self
+
+    def completion_words(self, kind):
+        """Words a completion script offers: recent job ids, or queue names
+        (the cheap query first: the scan of jobs may run out of time)."""
+        words = []
+        try:
+            for sql in SQL_COMPLETION.get(kind, ()):
+                words += [r[0] for r in self.db.execute(sql).fetchall()]
+        except self.sqlite3.Error:
+            pass                         # out of time, busy: what there is
+        return words
+
     def claim(self, worker, queues, now, token=None):
         """claim: the next runnable job of queues (None: all) that is not
         paused, for worker, with claim token (default: a new one); the job,
@@ -2436,7 +2482,7 @@ class Store:
             for queue, n in self.x(SQL_RUNNING_PER_QUEUE):
                 if n >= limits.get(QUEUE_KEY + queue, n + 1):
                     full_queues.add(queue)
-        where, params = claim_filter(queues, paused | full_queues)
+        where, params = self.claim_filter(queues, paused | full_queues)
         full = [k for k, n in held if n >= limits.get(k, 1)]
         if full:
             where += CLAIM_KEYS_FREE.format(marks=_marks(full))
@@ -2685,6 +2731,64 @@ class Store:
         with self.tx():
             self.x(SQL_SCHEDULE_PAUSE, (int(pause), next_at, label, name))
 
+    def add_schedule(self, name, cron, spec, blob, umask, overlap, catch_up, jitter, now,
+                     label, next_at):
+        """schedule add, with the environment blob (None: the worker's)."""
+        with self.tx():
+            if self.x(SQL_SCHEDULE, (name,)).fetchone():
+                raise QueuectlError(f"a schedule named {name!r} exists already; "
+                                    f"schedule rm {name} first")
+            env_id = self.add_env(blob) if blob is not None else None
+            self.x(SQL_ADD_SCHEDULE, (name, cron, _json_or_none(spec), env_id, umask,
+                                      overlap, catch_up, jitter, 0, iso(now), label, next_at))
+
+    def attempts_since(self, since, queues=None):
+        """[(queue, state, wall, max_rss)] of the attempts ended since (epoch)."""
+        where, params = "", [since]
+        if queues:
+            where, params = f" AND queue IN ({_marks(queues)})", params + list(queues)
+        return self.q(SQL_ATTEMPTS_SINCE.format(where=where), params)
+
+    def last_started(self):
+        """The id of the job that started last, or None."""
+        rows = self.q(SQL_LAST_STARTED)
+        return rows[0][0] if rows else None
+
+    def max_seq(self):
+        return self.q(SQL_MAX_SEQ)[0][0]
+
+    def open_jobs(self, ids=None, up_to=None, where="", params=()):
+        """[(id, state, blocked)] of the unfinished jobs of ids, or of those
+        enqueued up to seq up_to (and where)."""
+        if ids is not None:
+            return self.q(SQL_OPEN_OF.format(marks=_marks(ids)), ids)
+        return self.q(SQL_OPEN_UP_TO.format(where=where), [up_to] + list(params))
+
+    def not_completed(self, up_to, where="", params=()):
+        """[(id, state)] of the jobs up to seq up_to that ended dead or cancelled."""
+        return self.q(SQL_NOT_COMPLETED.format(where=where), [up_to] + list(params))
+
+    def due(self, now, limit):
+        """Waiting jobs due at now, in claim order, at most limit."""
+        return [job_from_row(r) for r in self.q(SQL_DUE, (iso(now), limit))]
+
+    def delayed_and_blocked(self, now):
+        """({queue: waiting jobs due later}, {queue: waiting jobs blocked})."""
+        return dict(self.q(SQL_DELAYED, (iso(now),))), dict(self.q(SQL_BLOCKED))
+
+    def runnable_since(self, now):
+        """Since when the oldest job that could run now has waited (None:
+        none; paused queues' do not count)."""
+        paused = self.paused()
+        if "*" in paused:
+            return None
+        where, params = self.claim_filter(None, paused)
+        return self.q(SQL_RUNNABLE_SINCE.format(where=where), [iso(now)] + params)[0][0]
+
+    def durations(self):
+        """[(queue, le, n)] of the run-time histogram."""
+        return self.q(SQL_DURATIONS)
+
     def keys_waiting(self):
         """{key: how many waiting jobs hold it}."""
         return dict(self.q(SQL_KEYS_WAITING))
@@ -2874,19 +2978,6 @@ class _Transaction:
 
 def _marks(items):
     return ",".join("?" * len(items))
-
-def claim_filter(queues, paused):
-    """The WHERE tail and parameters that keep a claim to queues (None: all;
-    every worker serves HOOK_QUEUE too) and out of paused ones."""
-    where, params = "", []
-    if queues:
-        queues = list(queues) + [HOOK_QUEUE]
-        where += f" AND queue IN ({_marks(queues)})"
-        params += queues
-    if paused:
-        where += f" AND queue NOT IN ({_marks(paused)})"
-        params += sorted(paused)
-    return where, params
 
 def job_from_row(row):
     return dict(zip(ROW_FIELDS, row))
@@ -4360,7 +4451,7 @@ class Worker(Attempts, Recovery):
         paused = store.paused()
         if "*" in paused:
             return None if self.drain and self._drained() else HEARTBEAT
-        where, params = claim_filter(self.queues, paused)
+        where, params = store.claim_filter(self.queues, paused)
         now = time.time()
         after = " AND run_at > ?"
         nxt = store.next_run(where + after, params + [iso(claimed_at)])
@@ -5215,11 +5306,8 @@ def cmd_stats(args):
     of run time and of peak RSS."""
     since = time.time() - parse_duration(args.since, "--since") if args.since else 0
     store = open_store(args)
-    where, params = "", [since]
-    if args.queue:
-        where, params = f" AND queue IN ({_marks(args.queue)})", params + args.queue
     per = {}
-    for queue, state, wall, rss in store.q(SQL_ATTEMPTS_SINCE.format(where=where), params):
+    for queue, state, wall, rss in store.attempts_since(since, args.queue):
         q = per.setdefault(queue, {"attempts": 0, "completed": 0, "wall": [], "rss": []})
         q["attempts"] += 1
         q["completed"] += state == COMPLETED
@@ -5322,14 +5410,8 @@ def cmd_schedule_add(args):
     now = time.time()
     label, at = next_slot(cron, now=now)
     store = open_store(args, create=True)
-    with store.tx():
-        if store.x(SQL_SCHEDULE, (args.name,)).fetchone():
-            raise QueuectlError(f"a schedule named {args.name!r} exists already; "
-                                f"schedule rm {args.name} first")
-        env_id = store.add_env(blob) if blob is not None else None
-        store.x(SQL_ADD_SCHEDULE, (args.name, cron.text, _json_or_none(spec), env_id, umask,
-                                   overlap, catch_up, jitter, 0, iso(now),
-                                   slot_label(now_label(now)), at))
+    store.add_schedule(args.name, cron.text, spec, blob, umask, overlap, catch_up, jitter,
+                       now, slot_label(now_label(now)), at)
     wake_workers(args.home)
     print(f"schedule {args.name}: next run {local_time(at, now)} ({relative(iso(at), now)})")
     return EXIT_OK
@@ -5520,10 +5602,9 @@ def cmd_logs(args):
     exit as wait does: 0 completed, 1 dead or cancelled, 3 stuck."""
     store = open_store(args)
     if args.id is None:                  # like tsp -c: the latest job's
-        rows = store.q(SQL_LAST_STARTED)
-        if not rows:
+        args.id = store.last_started()
+        if args.id is None:
             raise QueuectlError("no job has started yet; name one: queuectl logs ID")
-        args.id = rows[0][0]
     job = store.must_get(args.id)
     path = log_path(args.home, job["id"])
     out = sys.stdout.buffer
@@ -5619,7 +5700,7 @@ def cmd_wait(args):
             raise UsageError(f"no job with id {missing[0]!r}")
         if args.queue:
             raise UsageError("give job ids or --queue, not both")
-    seq = store.q(SQL_MAX_SEQ)[0][0]
+    seq = store.max_seq()
     fault("wait-began")
     # Hooks report on jobs, they are not the work: a bare wait leaves them out.
     where, params = f" AND queue != '{HOOK_QUEUE}'", []
@@ -5628,10 +5709,8 @@ def cmd_wait(args):
     left, stuck = {}, {}
 
     def settled():
-        if args.ids:                     # a deleted job has settled too
-            rows = store.q(SQL_OPEN_OF.format(marks=_marks(ids)), ids)
-        else:
-            rows = store.q(SQL_OPEN_UP_TO.format(where=where), [seq] + params)
+        rows = store.open_jobs(ids=ids if args.ids else None, up_to=seq, where=where,
+                               params=params)    # a deleted job has settled too
         left.clear()
         left.update((i, s) for i, s, _ in rows)
         stuck.clear()
@@ -5650,7 +5729,7 @@ def cmd_wait(args):
         bad = [(i, states.get(i, "deleted")) for i in ids
                if states.get(i, "deleted") in (DEAD, CANCELLED, "deleted")]
     else:
-        bad = store.q(SQL_NOT_COMPLETED.format(where=where), [seq] + params)
+        bad = store.not_completed(seq, where, params)
     parts = []
     if bad:
         parts.append(f"{plural(len(bad), 'job')} did not complete: "
@@ -6167,21 +6246,11 @@ def complete_values(argv):
     if kind == "keys":
         print("\n".join(CONFIG_DEFAULTS))
         return EXIT_OK
-    queries = {"ids": ["SELECT id FROM jobs ORDER BY seq DESC LIMIT 500"],
-               # cheap first: the scan of jobs may run out of time
-               "queues": ["SELECT queue FROM stats UNION SELECT queue FROM paused",
-                          "SELECT DISTINCT queue FROM jobs"]}.get(kind, [])
     words = []
     try:
         home = resolve_home(argv[1] if len(argv) > 1 else None)
-        db = sqlite_module().connect(f"file:{os.path.join(home, 'queue.db')}?mode=ro",
-                                     uri=True, timeout=0)
-        started = time.monotonic()
-        db.set_progress_handler(
-            lambda: time.monotonic() - started > COMPLETE_BUDGET, 100)
-        for sql in queries:
-            words += [r[0] for r in db.execute(sql).fetchall()]
-    except Exception:            # no home, busy, out of time, not a db: what there is
+        words = Store.read_only(home, COMPLETE_BUDGET).completion_words(kind)
+    except Exception:            # no home, not a db: nothing
         pass
     words = list(dict.fromkeys(w for w in words if w != "*"))
     sys.stdout.write("".join(w + "\n" for w in words))
@@ -6374,8 +6443,7 @@ def cmd_doctor(args):
         if late:
             problems.append(late)
     ctx, waits = WhyContext(store, now), {}
-    for row in store.q(SQL_DUE, (iso(now), 1000)):
-        job = job_from_row(row)
+    for job in store.due(now, 1000):
         for code, text, info in why_reasons(store, job, now, ctx):
             if code in ("paused", "key_full", "no_worker", "workers_busy"):
                 what = (code, info.get("key") or info.get("queue") or job["queue"])
@@ -6441,15 +6509,13 @@ def cmd_metrics(args):
     family("queuectl_jobs", "gauge", "Jobs by state and queue.",
            [("", {"queue": q, "state": st}, per_queue.get(q, {}).get(st, 0))
             for q in queues for st in STATES])
-    delayed, blocked = dict(store.q(SQL_DELAYED, (iso(now),))), dict(store.q(SQL_BLOCKED))
+    delayed, blocked = store.delayed_and_blocked(now)
     family("queuectl_delayed_jobs", "gauge",
            "Waiting jobs scheduled for later (--run-at, --delay, a retry's backoff).",
            [("", {"queue": q}, delayed.get(q, 0)) for q in queues])
     family("queuectl_blocked_jobs", "gauge", "Waiting jobs blocked on a dependency.",
            [("", {"queue": q}, blocked.get(q, 0)) for q in queues])
-    where, params = claim_filter(None, store.paused())
-    oldest = None if "*" in store.paused() else store.q(
-        SQL_RUNNABLE_SINCE.format(where=where), [iso(now)] + params)[0][0]
+    oldest = store.runnable_since(now)
     family("queuectl_oldest_pending_seconds", "gauge",
            "How long the oldest job that could run now (due, not blocked, queue not "
            "paused) has waited; 0 when none.",
@@ -6488,7 +6554,7 @@ def cmd_metrics(args):
            "Attempts that failed (exit != 0, timeout, worker died).",
            [("", {"queue": q}, stats.get(q, zero)["failures"]) for q in squeues])
     buckets = {}
-    for queue, le, n in store.q(SQL_DURATIONS):
+    for queue, le, n in store.durations():
         buckets.setdefault(queue, {})[le] = n
     samples = []
     for q in squeues:

@@ -2295,6 +2295,16 @@ class TestClaimPlan(QueueTest):
                     self.assertIn(state, queuectl.STATES, name)
         self.assertTrue({"pending", "processing", "cancelled"} <= found, found)
 
+    def test_every_constant_is_declared_once(self):
+        import ast
+        import collections
+        with open(PROG) as f:
+            tree = ast.parse(f.read())
+        names = collections.Counter(t.id for node in tree.body if isinstance(node, ast.Assign)
+                                    for t in node.targets if isinstance(t, ast.Name)
+                                    and t.id.isupper())
+        self.assertEqual([n for n, k in names.items() if k > 1], [])
+
     def test_every_query_of_the_ready_index_says_its_predicate(self):
         texts = self.sql_texts()
         users = [n for n, t in texts.items() if "INDEXED BY jobs_ready" in t]
