@@ -483,6 +483,9 @@ def local_time(ts, now=None, short=False):
         return time.strftime("%m-%d ", t) + clock
     return time.strftime("%Y-%m-%d ", t) + clock
 
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
 def human_duration(secs):
     """Seconds -> '45s', '3m', '2h5m', '3d'."""
     secs = abs(secs)
@@ -3833,6 +3836,15 @@ def next_slot(cron, label=None, now=None):
         raise UsageError(f"schedule {cron.text!r} never fires (no such date)")
     return t, local_instant(t)
 
+def schedule_spec(sch):
+    """The job spec a schedule's slots become. With overlap skip its jobs
+    hold the key schedule:NAME, so that even caught-up slots and schedule
+    run never run two at once."""
+    spec = _loads(sch["spec"], {})
+    if sch["overlap"] == "skip":
+        spec["keys"] = list(spec.get("keys") or []) + [f"schedule:{sch['name']}"]
+    return spec
+
 
 # Recovery: recover, adopt, watch, sweep ######################################
 
@@ -4836,6 +4848,8 @@ def render_top(store, home, width, height):
 # One cmd_<name>(args) -> exit code per subcommand, in --help order.
 
 
+# Commands: enqueue -----------------------------------------------------------
+
 def open_store(args, durable=True, create=False):
     """The home's store. Only commands that create work (create=True) create
     a home: the others, on a home with no queue yet, say so on stderr and
@@ -4871,9 +4885,7 @@ def job_text(args):
     words = list(args.job or [])
     if words and words[0] == "--":
         words = words[1:]
-    elif len(words) > 1 and (words[0].lstrip().startswith("{") or (
-            any(c.isspace() for c in words[0]) and not os.path.exists(
-                os.path.join(args.cwd or ".", words[0])))):
+    elif quoted_then_options(words, args.cwd):
         rest, words = words[1:], words[:1]
         args.job = []
         args.parser.parse_args(rest, namespace=args)
@@ -4884,6 +4896,15 @@ def job_text(args):
     if not words:
         return None
     return words[0] if len(words) == 1 else shell_join(words)
+
+def quoted_then_options(words, cwd=None):
+    """1.0's form of a command: one quoted command line (or JSON job)
+    followed by options, `'cmd arg' --queue q`; not a program whose path
+    has a space ('/opt/my app/run' --full). enqueue, schedule add and the
+    fast parse of enqueue all ask this one question."""
+    return len(words) > 1 and (words[0].lstrip().startswith("{") or (
+        any(c.isspace() for c in words[0]) and not os.path.exists(
+            os.path.join(cwd or ".", words[0]))))
 
 def parse_specs(args):
     """The job specs of an enqueue, validated; flags override JSON fields.
@@ -5024,8 +5045,7 @@ def hint_no_worker(store, queues):
                          f"{', '.join(idle)}; start one with: queuectl worker start "
                          "--detach\n")
 
-def plural(n, word):
-    return f"{n} {word}{'' if n == 1 else 's'}"
+# Commands: workers -----------------------------------------------------------
 
 def cmd_worker_start(args):
     """Run workers in this process until stopped (or drained)."""
@@ -5141,6 +5161,8 @@ def cmd_worker_status(args):
                       relative(w["heartbeat"]),
                       ",".join(w["jobs"]) or "-"] for w in out], term_width()))
     return EXIT_OK
+
+# Commands: status, show, list, stats -----------------------------------------
 
 def cmd_status(args):
     """Counts per state and queue, workers, oldest pending, next scheduled."""
@@ -5338,6 +5360,8 @@ def cmd_stats(args):
 SCHEDULE_NOT_ENQUEUE = ("id", "unique", "stdin", "json", "run_at", "delay", "after",
                        "if_busy")
 
+# Commands: schedules ---------------------------------------------------------
+
 def cmd_schedule_list(args):
     """Schedules, their next and last runs."""
     return schedule_list(open_store(args), args, time.time())
@@ -5416,15 +5440,6 @@ def cmd_schedule_add(args):
     print(f"schedule {args.name}: next run {local_time(at, now)} ({relative(iso(at), now)})")
     return EXIT_OK
 
-def schedule_spec(sch):
-    """The job spec a schedule's slots become. With overlap skip its jobs
-    hold the key schedule:NAME, so that even caught-up slots and schedule
-    run never run two at once."""
-    spec = _loads(sch["spec"], {})
-    if sch["overlap"] == "skip":
-        spec["keys"] = list(spec.get("keys") or []) + [f"schedule:{sch['name']}"]
-    return spec
-
 def schedule_words(args):
     """schedule add's argv read as enqueue reads its own (argparse gives
     every word after NAME CRON to COMMAND): (the options with NAME and
@@ -5455,8 +5470,7 @@ def schedule_words(args):
         else:
             break
     command = raw[i:]
-    if len(command) > 1 and any(c.isspace() for c in command[0]) \
-            and command[1].startswith("-"):
+    if quoted_then_options(command):
         j, more = 1, []                  # 'cmd arg' --queue q
         while j < len(command) and command[j].startswith("-") and command[j] != "--":
             n = 2 if takes_value.get(command[j].partition("=")[0]) \
@@ -5521,6 +5535,8 @@ def schedule_list(store, args, now):
                   one_line(r["command"] or "")] for r in rows], term_width(),
                 shrink=((6, 12),)))
     return EXIT_OK
+
+# Commands: why and limits ----------------------------------------------------
 
 def cmd_why(args):
     """Why a job is not running now: one line per reason (or how it ended)."""
@@ -5596,6 +5612,8 @@ def outcome_text(job):
     if state == CANCELLED:
         return "cancelled"
     return one_line(job["last_error"]) + (ran if state == DEAD else "")
+
+# Commands: logs and wait -----------------------------------------------------
 
 def cmd_logs(args):
     """Print a job's log; --tail N lines; --follow until the job ends, then
@@ -5745,6 +5763,8 @@ def cmd_wait(args):
         sys.stderr.write("queuectl: error: " + "; ".join(parts) + "\n")
         return EXIT_FAIL if bad else EXIT_STUCK
     return EXIT_OK
+
+# Commands: acting on jobs: retry, pause, cancel, dlq, remove, edit, prune ----
 
 def selected_ids(store, args, allowed, default=None):
     """The ids a command acts on: those named, or those its selectors pick
@@ -6160,6 +6180,8 @@ def cmd_prune(args):
     print(f"pruned {n} job{'s' if n != 1 else ''}")
     return EXIT_OK
 
+# Commands: config ------------------------------------------------------------
+
 def cmd_config_set(args):
     """Set one setting (KEY or queue.NAME.KEY)."""
     cfg = Config(args.home)
@@ -6193,6 +6215,8 @@ def cmd_config_list(args):
         note = "" if k in explicit else "  (default)"
         print(f"{k} = {v}{note}")
     return EXIT_OK
+
+# Commands: top and completion ------------------------------------------------
 
 def cmd_top(args):
     """A live view refreshed in place; q or Ctrl-C to quit."""
@@ -6385,6 +6409,8 @@ def fish_completion(spec):
         if positional:
             lines.append(f"complete -c queuectl -n '{cond}' -a '{words(positional)}'")
     return "\n".join(lines)
+
+# Commands: doctor and metrics ------------------------------------------------
 
 def cmd_doctor(args):
     """Check the queue's health: integrity, permissions, orphaned, stuck and
@@ -6977,9 +7003,8 @@ def fast_parse(argv):
             return None                  # argparse says what is wrong
         values[dest] = (values[dest] or []) + [value] if action == "append" else value
     words = argv[i:]
-    if len(words) > 1 and (words[0].lstrip().startswith("{")
-                           or any(ch.isspace() for ch in words[0])):
-        return None                      # maybe 1.0's 'cmd arg' --queue q
+    if quoted_then_options(words, values.get("cwd")):
+        return None                      # 1.0's 'cmd arg' --queue q: argparse reads it
     values[positional] = words
     return Args(**values)
 
@@ -6989,16 +7014,17 @@ def build_parser(only=None):
     several ms)."""
     import argparse
 
+    parsers = {}                         # COMMAND_TABLE's words -> its parser
+
     class Parser(argparse.ArgumentParser):
         def error(self, message):
             # Unknown options reach the top parser: show the usage of the
-            # (sub)command they were given to.
-            parser = self
-            for word in getattr(self, "argv", []):
-                subs = parser._subparsers
-                choices = subs._group_actions[0].choices if subs else {}
-                if word in choices:
-                    parser = choices[word]
+            # (sub)command they were given to, the first command in argv.
+            parser, argv = self, getattr(self, "argv", [])
+            for i, word in enumerate(argv):
+                if (word,) in parsers:
+                    parser = parsers.get(tuple(argv[i:i + 2]), parsers[(word,)])
+                    break
             parser.print_usage(sys.stderr)
             raise UsageError(message)
 
@@ -7020,6 +7046,7 @@ def build_parser(only=None):
         p = parent.add_parser(c.words[-1], help=c.help, description=c.help, epilog=epilog,
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               parents=[common])
+        parsers[c.words] = p
         if c.handler is None:            # a group: its actions follow
             groups[c.words[0]] = p.add_subparsers(dest="action", metavar="ACTION",
                                                   parser_class=Parser)
