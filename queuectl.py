@@ -4735,7 +4735,7 @@ def why_reasons(store, job, now, ctx=None):
         return [(state, text, {"attempts": job["attempts"]})]
     reasons = []
     run_at = epoch(job["run_at"])
-    if run_at - now >= 1:
+    if job["run_at"] > iso(now):         # as the claim compares: run_at <= now
         at = f"{local_time(run_at, now)} ({relative(job['run_at'], now)})"
         if state == FAILED:
             reasons.append(("backoff", f"waiting out its backoff until {at}, after "

@@ -2315,6 +2315,60 @@ class TestClaimPlan(QueueTest):
         self.assertEqual(len(ddl), 1)
         self.assertTrue(" ".join(ddl[0].split()).endswith("WHERE " + queuectl.READY))
 
+    def test_why_says_ready_exactly_for_the_job_claim_picks(self):
+        # Random homes (jobs with priorities, run_at, dependencies, keys,
+        # running holders, limits, paused queues): why's "ready" (ignoring
+        # whether a worker is live) and the claim decide alike: claim takes
+        # the first ready job in claim order, and none when none is ready.
+        import random
+        rng = random.Random(20261206)
+        for trial in range(150):
+            home = os.path.join(self.tmp, f"h{trial}")
+            store = queuectl.Store(home)
+            self.addCleanup(store.close)
+            now = time.time()
+            ids = []
+            with store.tx():
+                for i in range(rng.randint(1, 7)):
+                    spec = {"id": f"j{i}", "command": "true", "cwd": "/",
+                            "queue": rng.choice(["a", "b"]), "priority": rng.randint(0, 2)}
+                    if rng.random() < 0.3:
+                        spec["run_at"] = queuectl.iso(now + rng.choice([-60, 0.5, 3600]))
+                    if rng.random() < 0.4:
+                        spec["keys"] = rng.sample(["k1", "k2"], rng.randint(1, 2))
+                    if ids and rng.random() < 0.3:
+                        spec["depends_on"] = [rng.choice(ids)]
+                    store.insert(queuectl.check_spec(spec), now)
+                    ids.append(f"j{i}")
+            con = sqlite3.connect(os.path.join(home, "queue.db"))
+            for job_id in rng.sample(ids, rng.randint(0, min(2, len(ids)))):
+                state = rng.choice(["processing", "completed", "dead"])
+                con.execute("UPDATE jobs SET state = ?, claim = ?, worker = 'w' WHERE id = ?",
+                            (state, "c" + job_id if state == "processing" else None, job_id))
+                if state == "completed":
+                    con.execute("UPDATE jobs SET blocked = 0 WHERE id IN (SELECT job FROM "
+                                "deps WHERE dep = ?) AND NOT EXISTS (SELECT 1 FROM deps d "
+                                "JOIN jobs x ON x.id = d.dep WHERE d.job = jobs.id AND "
+                                "x.state != 'completed')", (job_id,))
+            con.commit()
+            con.close()
+            if rng.random() < 0.4:
+                store.set_limit(rng.choice(["k1", "k2", "queue:a"]), rng.randint(1, 2))
+            if rng.random() < 0.2:
+                store.pause([rng.choice(["a", "b"])])
+            jobs = [store.must_get(i) for i in ids]
+            ctx = queuectl.WhyContext(store, now)
+            ready = [j for j in jobs if j["state"] in ("pending", "failed") and not [
+                c for c, _, _ in queuectl.why_reasons(store, j, now, ctx)
+                if c not in ("ready", "no_worker", "workers_busy")]]
+            expected = min(ready, key=lambda j: (-j["priority"], j["run_at"], j["seq"]),
+                           default=None)
+            store.db.execute("BEGIN IMMEDIATE")
+            claimed = store.claim("w2", None, now)
+            store.db.execute("ROLLBACK")
+            self.assertEqual(claimed and claimed["id"], expected and expected["id"],
+                             f"trial {trial}: ready {[j['id'] for j in ready]}")
+
     def test_prune_reclaims_space(self):
         lines = "".join(f"echo {'x' * 2000}\n" for _ in range(2000))
         self.ok("enqueue", "--stdin", input=lines.replace("echo", "true ||"))
