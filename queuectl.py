@@ -3077,6 +3077,34 @@ def hostname():
 
 # One attempt: spawn, wait, timeout, record, footer ###########################
 
+# Threading model (of Worker, below, and of its Attempts and Recovery, which
+# come first): one worker process runs `count` job threads, each with its
+# own Store (connection); the main thread owns the signals, the wake-up FIFO,
+# heartbeats, config reloads and the decisions of recovery, with its own
+# Store. An adopted job is watched, and a recovered outcome recorded, by a
+# thread of its own (with its own Store); stop --now kills from another.
+#
+# Shared state and its rules:
+# - self.lock guards running, held (the claims its threads answer for),
+#   active, settling, generation, threads_left and the completed/dead
+#   counters: read and written only while holding it.
+#   self.cond (on self.lock) wakes idle job threads.
+# - stopping and kill_jobs are written only under self.lock and only ever go
+#   from False to True; threads may read them without the lock and see the
+#   change a step late, which each reader tolerates (a job claimed just
+#   after a stop is given back uncounted).
+# - config is replaced whole by the main thread; readers take one reference.
+# - devnull, base_env, umask, id, home and queues are set before any thread
+#   starts and never change.
+# - env_cache maps env ids to environments; an id is never reused, so an
+#   entry never goes stale. Threads add and clear entries (single dict
+#   operations, atomic under the GIL); a miss only costs a read.
+# - A Running's stopped and lost_to are set by other threads and read by its
+#   own waiting thread, again only False/None -> set.
+# - db_lock serialises this process's write transactions (Store.tx), so its
+#   threads queue here instead of in SQLite's busy handler.
+# - print_lock keeps each line of say() whole.
+
 # A job runs as /bin/sh -c JOB_WRAPPER in a new session (its own process
 # group), stdin /dev/null, stdout and stderr appended straight to its log.
 # Store.finish() is the one place an attempt's outcome is written; every
@@ -4114,33 +4142,6 @@ class Recovery:
 
 
 # Workers #####################################################################
-
-# Threading model: one worker process runs `count` job threads, each with its
-# own Store (connection); the main thread owns the signals, the wake-up FIFO,
-# heartbeats, config reloads and the decisions of recovery, with its own
-# Store. An adopted job is watched, and a recovered outcome recorded, by a
-# thread of its own (with its own Store); stop --now kills from another.
-#
-# Shared state and its rules:
-# - self.lock guards running, active, settling, generation, threads_left and
-#   the completed/dead counters: read and written only while holding it.
-#   self.cond (on self.lock) wakes idle job threads.
-# - stopping and kill_jobs are written only under self.lock and only ever go
-#   from False to True; threads may read them without the lock and see the
-#   change a step late, which each reader tolerates (a job claimed just
-#   after a stop is given back uncounted).
-# - config is replaced whole by the main thread; readers take one reference.
-# - devnull, base_env, umask, id, home and queues are set before any thread
-#   starts and never change.
-# - env_cache maps env ids to environments; an id is never reused, so an
-#   entry never goes stale. Threads add and clear entries (single dict
-#   operations, atomic under the GIL); a miss only costs a read.
-# - A Running's stopped and lost_to are set by other threads and read by its
-#   own waiting thread, again only False/None -> set.
-# - db_lock serialises this process's write transactions (Store.tx), so its
-#   threads queue here instead of in SQLite's busy handler.
-# - print_lock keeps each line of say() whole.
-
 
 class Worker(Attempts, Recovery):
     """A worker process: its lifecycle, signals, heartbeats and job threads;

@@ -2187,6 +2187,52 @@ class TestBadInput(QueueTest):
                 self.fails(2, *args)
         self.assertEqual(self.db_dump(), before)
 
+class TestMainInProcess(unittest.TestCase):
+    """Parsing and validation through main(argv) in this process, with its
+    output captured: milliseconds, not a child process each."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="queuectl-test-")
+        self.addCleanup(subprocess.run, ["rm", "-rf", self.tmp], check=False)
+        self.home = os.path.join(self.tmp, "home")
+
+    def main(self, *argv):
+        import contextlib
+        import io
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = queuectl.main(["--home", self.home, *argv])
+            except SystemExit as e:              # argparse's --help and its errors
+                code = e.code
+        return code, out.getvalue(), err.getvalue()
+
+    def test_bad_input_is_one_error_line_and_exit_2(self):
+        for argv, words in ((["enqueue", "--priority", "high", "true"], "--priority"),
+                            (["enqueue", "--timeout", "-1", "true"], "--timeout"),
+                            (["list", "--state", "bogus"], "bogus"),
+                            (["config", "set", "no_such_key", "1"], "no_such_key"),
+                            (["config", "set", "max_retries", "many"], "max_retries"),
+                            (["enqueue", "--run-at", "tomorrowish", "true"], "tomorrowish"),
+                            (["schedule", "add", "s", "61 * * * *", "--", "true"], "minute"),
+                            (["limit", "set", "queue:", "2"], "queue")):
+            with self.subTest(argv=argv):
+                code, out, err = self.main(*argv)
+                self.assertEqual(code, 2, err)
+                self.assertEqual(out, "")
+                self.assertNotIn("Traceback", err)
+                last = err.strip().splitlines()[-1]
+                self.assertTrue(last.startswith("queuectl: error: "), err)
+                self.assertIn(words, last)
+
+    def test_a_good_enqueue_and_its_json(self):
+        code, out, err = self.main("enqueue", "--id", "a", "--priority", "5", "echo", "hi")
+        self.assertEqual((code, out, err), (0, "a\n", ""))
+        code, out, _ = self.main("show", "a", "--json")
+        job = json.loads(out)
+        self.assertEqual((job["command"], job["priority"], job["state"]),
+                         ("echo hi", 5, "pending"))
+
 class TestMoreBadInput(QueueTest):
     def test_each_is_refused_with_one_line_and_no_change(self):
         self.enqueue("--id", "keep", "true")
@@ -2378,6 +2424,114 @@ class TestClaimPlan(QueueTest):
         self.assertIn("pruned 2000 jobs", self.ok("prune", "--older-than", "0"))
         after = con.execute("PRAGMA page_count").fetchone()[0]
         self.assertLess(after, before / 4)
+
+class TestTransitions(unittest.TestCase):
+    """Every transition of the table in queuectl's schema section, in
+    process on a Store of a temporary home (milliseconds each): what it
+    moves, and that a stale worker or claim moves nothing."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="queuectl-test-")
+        self.addCleanup(subprocess.run, ["rm", "-rf", self.tmp], check=False)
+        self.store = queuectl.Store(os.path.join(self.tmp, "home"))
+        self.addCleanup(self.store.close)
+        self.cfg = dict(queuectl.CONFIG_DEFAULTS, max_backoff=0)
+
+    def enqueue(self, job_id, **spec):
+        with self.store.tx():
+            self.store.insert(queuectl.check_spec({"id": job_id, "command": "true",
+                                                   "cwd": "/", **spec}), time.time())
+        return self.store.must_get(job_id)
+
+    def claim(self, worker="w1"):
+        with self.store.tx():
+            return self.store.claim(worker, None, time.time())
+
+    def finish(self, job, ended, worker="w1", token=None):
+        with self.store.tx():
+            return self.store.finish(job, worker, token or job["claim"], ended, self.cfg, 0.1)
+
+    def state(self, job_id):
+        return self.store.must_get(job_id)["state"]
+
+    def test_enqueue_then_claim(self):
+        job = self.enqueue("a", priority=3)
+        self.assertEqual((job["state"], job["attempts"], job["claim"]), ("pending", 0, None))
+        claimed = self.claim()
+        row = self.store.must_get("a")
+        self.assertEqual((row["state"], row["worker"], row["claim"]),
+                         ("processing", "w1", claimed["claim"]))
+        self.assertIsNone(self.claim())              # nothing else to claim
+
+    def test_record_pid_and_take_are_fenced(self):
+        self.enqueue("a")
+        job = self.claim()
+        with self.store.tx():
+            self.assertEqual(self.store.record_pid("a", "w1", job["claim"], 42, "9")[0], True)
+            self.assertFalse(self.store.record_pid("a", "w1", "stale", 43, "9")[0])
+            self.assertFalse(self.store.take("a", "w9", job["claim"], "w2"))
+            self.assertTrue(self.store.take("a", "w1", job["claim"], "w2"))
+        row = self.store.must_get("a")
+        self.assertEqual((row["pid"], row["worker"]), (42, "w2"))
+
+    def test_complete_fail_and_dead(self):
+        self.enqueue("ok")
+        self.enqueue("bad", max_retries=1)
+        ok = self.claim()
+        self.assertEqual(self.finish(ok, queuectl.Outcome.of_exit(0))[0], "completed")
+        bad = self.claim()
+        self.assertEqual(self.finish(bad, queuectl.Outcome.of_exit(3))[0], "failed")
+        bad = self.claim()
+        state, _, error = self.finish(bad, queuectl.Outcome.of_exit(3))
+        row = self.store.must_get("bad")
+        self.assertEqual((state, row["attempts"], row["exit_code"], error, row["claim"]),
+                         ("dead", 2, 3, "exit code 3", None))
+
+    def test_a_stale_claim_finishes_nothing(self):
+        self.enqueue("a")
+        job = self.claim()
+        self.assertEqual(self.finish(job, queuectl.Outcome.of_exit(0), token="old")[0], None)
+        self.assertEqual(self.finish(job, queuectl.Outcome.of_exit(0), worker="w2")[0], None)
+        self.assertEqual(self.state("a"), "processing")
+
+    def test_requeue_gives_the_attempt_back_uncounted(self):
+        self.enqueue("a")
+        job = self.claim()
+        self.assertFalse(self.store.requeue("a", "w2", job["claim"]))
+        self.assertTrue(self.store.requeue("a", "w1", job["claim"]))
+        row = self.store.must_get("a")
+        self.assertEqual((row["state"], row["attempts"], row["claim"], row["worker"]),
+                         ("pending", 0, None, None))
+
+    def test_cancel_keeps_a_running_claim_until_cancel_ended(self):
+        self.enqueue("a", keys=["k"])
+        job = self.claim()
+        now = time.time()
+        with self.store.tx():
+            self.store.cancel(job, now, self.cfg, grace=7)
+        row = self.store.must_get("a")
+        self.assertEqual((row["state"], row["claim"]), ("cancelled", job["claim"]))
+        self.assertAlmostEqual(queuectl.epoch(row["run_at"]), now + 7, delta=0.01)
+        self.assertEqual(self.store.held()["k"], 1)      # its keys are held still
+        with self.store.tx():
+            self.assertFalse(self.store.cancel_ended(row, "stale", self.cfg))
+            self.assertTrue(self.store.cancel_ended(row, job["claim"], self.cfg))
+            self.assertFalse(self.store.cancel_ended(row, job["claim"], self.cfg))
+        row = self.store.must_get("a")
+        self.assertEqual((row["claim"], row["attempts"]), (None, 1))
+        self.assertNotIn("k", self.store.held())
+
+    def test_reset_clears_what_the_table_says(self):
+        self.enqueue("a")
+        job = self.claim()
+        self.finish(job, queuectl.Outcome.of_exit(0))
+        with self.store.tx():
+            self.store.reset(self.store.must_get("a"), time.time())
+        row = self.store.must_get("a")
+        self.assertEqual(row["state"], "pending")
+        self.assertEqual(row["attempts"], 0)
+        for column in queuectl.job_columns("r"):
+            self.assertIsNone(row[column], column)
 
 class TestConcurrency(QueueTest):
     def test_two_processes_four_threads_run_each_job_exactly_once(self):
