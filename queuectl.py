@@ -3235,6 +3235,20 @@ class Running:
             return True
         return group_alive(self.pid)
 
+class Ended:
+    """An attempt that has ended, to be recorded: its job, its Outcome, how
+    long it ran and what it used (None: not measured), its open log (for the
+    footer), its process group ((pgid, leader start): a cancelled one's end
+    waits for it), and whether its thread claims the next job in the
+    transaction that records it."""
+
+    __slots__ = ("job", "outcome", "duration", "usage", "log_fd", "group", "claim_next")
+
+    def __init__(self, job, outcome, duration=None, usage=None, log_fd=None, group=None,
+                 claim_next=False):
+        self.job, self.outcome, self.duration, self.usage = job, outcome, duration, usage
+        self.log_fd, self.group, self.claim_next = log_fd, group, claim_next
+
 class Attempts:
     """One attempt of a job, as a Worker runs it: spawn -> wait -> timeout ->
     record -> footer. A mixin of Worker (it shares the worker's state, see
@@ -3304,12 +3318,18 @@ class Attempts:
         return found
 
     def _limits(self, job):
-        return job_limits(job, self._queue_config(job["queue"]))
+        """job_limits, once per attempt (the spawn, the wrapper and the
+        outcome each ask)."""
+        lim = job.get("_limits")
+        if lim is None:
+            lim = job["_limits"] = job_limits(job, self.config)
+        return lim
 
     def execute(self, store, job):
-        """Run one claimed job to its end and record the outcome; returns the
-        next job, claimed in the same transaction (None if none). Any failure
-        to start it is a counted, failed attempt with its reason."""
+        """Run one claimed job to its end: how it Ended (None when there is
+        nothing to record: stopped and given back, taken over, or handed to
+        recovery). Any failure to start it is a counted, failed attempt with
+        its reason."""
         attempt = job["attempts"] + 1
         token = job["claim"]
         timeout = effective(job, self.config, ("timeout",))["timeout"][0]
@@ -3341,8 +3361,8 @@ class Attempts:
         except Exception as e:           # OSError, an unencodable env, a bug
             reason = (e.strerror if isinstance(e, OSError) and e.strerror else
                       str(e) if isinstance(e, QueuectlError) else repr(e))
-            return self._record(store, job, Outcome("could_not_start", None,
-                                                    f"could not start: {reason}"), None, fd)
+            return Ended(job, Outcome("could_not_start", None, f"could not start: {reason}"),
+                         log_fd=fd)
         run = Running(job, token, proc.pid, None, proc)
         run.began, run.log_fd = began, fd
         with self.lock:
@@ -3429,8 +3449,9 @@ class Attempts:
         return owned[0]
 
     def _wait(self, store, run, timeout):
-        """Wait for a running or adopted job, enforce its timeout, record;
-        returns the next job for an own job, else None."""
+        """Wait for a running or adopted job to end, enforcing its timeout:
+        how it Ended, or None when there is nothing to record (stopped and
+        given back, taken over by another worker)."""
         job = run.job
         timed_out = False
         status = status_path(self.home, job["id"], run.token)
@@ -3499,9 +3520,8 @@ class Attempts:
                                 f"{status}")
         if not timed_out:
             ended = limit_outcome(self._limits(job), ended, usage)
-        return self._record(store, job, ended, duration, run.log_fd,
-                            claim_next=run.proc is not None, usage=usage,
-                            group=(run.pid, run.start))
+        return Ended(job, ended, duration, usage, run.log_fd, (run.pid, run.start),
+                     claim_next=run.proc is not None)
 
     def _read_status(self, job, status):
         """read_status, looked at again until it can be read: "I could not
@@ -3644,14 +3664,13 @@ class Attempts:
         finally:
             os.close(fd)
 
-    def _record(self, store, job, ended, duration, log_fd=None, claim_next=False,
-                recovered=False, usage=None, group=None):
-        """Write an attempt's outcome (and claim the next job in the same
-        transaction when claim_next); report it; the next job or None. An
-        outcome is retried until it is written: busy, a full disk, an I/O
-        error only delay it, and its status file stays until then. group:
-        (pgid, its leader's start) of the attempt's process group, which a
-        cancelled attempt waits for."""
+    def _record(self, store, end, recovered=False):
+        """Write how an attempt Ended (and claim the next job in the same
+        transaction when end.claim_next); report it; the next job or None.
+        An outcome is retried until it is written: busy, a full disk, an I/O
+        error only delay it, and its status file stays until then."""
+        job, ended, duration, usage = end.job, end.outcome, end.duration, end.usage
+        log_fd, group, claim_next = end.log_fd, end.group, end.claim_next
         token = self._new_token() if claim_next else None
 
         def write():
@@ -4095,7 +4114,7 @@ class Recovery:
             try:
                 fault("adopt-store", job["id"])
                 st = Store(self.home, durable=False, local_lock=self.db_lock)
-                self._record(st, job, ended, duration, recovered=True)
+                self._record(st, Ended(job, ended, duration), recovered=True)
             except Exception as e:             # a bug: keep the worker alive
                 self._abandon(st, job, job["claim"], e, recover=False)
             finally:
@@ -4132,7 +4151,9 @@ class Recovery:
         try:
             fault("adopt-store", run.job["id"])
             store = Store(self.home, durable=False, local_lock=self.db_lock)
-            self._wait(store, run, timeout)
+            end = self._wait(store, run, timeout)
+            if end is not None:
+                self._record(store, end)
         except Exception as e:      # no database now, or a bug: the next scan
             self._abandon(store, run.job, run.token, e, recover=False)
         finally:
@@ -4493,6 +4514,15 @@ class Worker(Attempts, Recovery):
                 return True
         return False
 
+    def _record_and_claim_next(self, store, end):
+        """The step between two jobs of a job thread: record how one ended
+        and, in the same transaction, claim the next (None if none)."""
+        try:
+            return self._record(store, end)
+        except Exception as e:           # a bug: never leave the job stuck
+            self._abandon(store, end.job, end.job["claim"], e)
+            return None
+
     def _job_thread(self):
         """One job thread: run jobs until stopped; survive its own bugs."""
         try:
@@ -4547,7 +4577,9 @@ class Worker(Attempts, Recovery):
                     return               # finally gives the unstarted job back
                 claimed, job = job, None
                 try:
-                    job = self.execute(store, claimed)   # the next one, or None
+                    end = self.execute(store, claimed)
+                    if end is not None:
+                        job = self._record_and_claim_next(store, end)
                 finally:
                     if job is None:
                         with self.lock:
