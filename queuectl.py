@@ -1554,6 +1554,135 @@ def _loads(text, default):
     return json.loads(text)
 
 
+# Recurring schedules: cron expressions ########################################
+
+CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *",
+               "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
+               "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
+
+CRON_NAMES = {3: ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct",
+                  "nov", "dec"],
+              4: ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]}
+
+# (name, lowest, highest) of the five fields
+CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31),
+               ("month", 1, 12), ("day of week", 0, 7))
+
+class Cron:
+    """A crontab(5) time: five fields (minute hour day-of-month month
+    day-of-week) of *, values, ranges (a-b), steps (*/n, a-b/n, a/n) and
+    lists, with month and day names, or an @ macro (@daily, @hourly...).
+    As in cron, when both day fields are restricted (neither starts with
+    *), a day matches either. Times are the host's local time."""
+
+    def __init__(self, text):
+        self.text = " ".join(str(text).split())
+        expr = CRON_MACROS.get(self.text.lower(), self.text)
+        if expr.startswith("@"):
+            raise UsageError(f"invalid schedule {text!r}: {expr} is not supported; "
+                             "use " + ", ".join(CRON_MACROS) + " or five fields")
+        fields = expr.split()
+        if len(fields) != 5:
+            raise UsageError(f"invalid schedule {text!r}: give five fields (minute hour "
+                             "day-of-month month day-of-week, e.g. '0 3 * * *') or a "
+                             "macro such as @daily")
+        sets = [self._field(f, i, text) for i, f in enumerate(fields)]
+        self.minutes, self.hours = sorted(sets[0]), sorted(sets[1])
+        self.doms, self.months = sets[2], sets[3]
+        self.dows = {d % 7 for d in sets[4]}            # 7 is Sunday too
+        self.dom_star, self.dow_star = fields[2].startswith("*"), fields[4].startswith("*")
+
+    @staticmethod
+    def _field(text, i, whole):
+        name, lo, hi = CRON_FIELDS[i]
+        names = CRON_NAMES.get(i, [])
+        first = 1 if i == 3 else 0
+
+        def value(v):
+            v = v.lower()
+            if v in names:
+                return names.index(v) + first
+            if not (v.isascii() and v.isdigit()) or not lo <= int(v) <= hi:
+                raise ValueError
+            return int(v)
+        out = set()
+        try:
+            for part in text.split(","):
+                rng, slash, step = part.partition("/")
+                if slash and not (step.isascii() and step.isdigit()):
+                    raise ValueError
+                step = int(step) if slash else 1
+                if step < 1:
+                    raise ValueError
+                if rng == "*":
+                    a, b = lo, hi
+                elif "-" in rng:
+                    a, b = (value(x) for x in rng.split("-", 1))
+                else:
+                    a = value(rng)
+                    b = hi if slash else a
+                if a > b:
+                    raise ValueError
+                out.update(range(a, b + 1, step))
+        except ValueError:
+            raise UsageError(f"invalid schedule {whole!r}: bad {name} field {text!r} "
+                             f"({lo}-{hi}" + (f", or {names[0]}-{names[-1]}" if names else "")
+                             + "; *, a-b, */n, a-b/n and lists)") from None
+        return out
+
+    def day_matches(self, day):
+        if day.month not in self.months:
+            return False
+        dom = day.day in self.doms
+        dow = (day.weekday() + 1) % 7 in self.dows
+        if self.dom_star or self.dow_star:          # */2 still picks days
+            return dom and dow
+        return dom or dow
+
+    def slots_after(self, label):
+        """The slots after label (a naive local datetime, or None for
+        now), in order, as naive local datetimes: each minute that matches,
+        whether or not it exists on the clock (see local_instant)."""
+        import datetime as dt
+        start = (label or now_label()).replace(second=0, microsecond=0) \
+            + dt.timedelta(minutes=1)
+        day, first = start.date(), True
+        for _ in range(366 * 8 + 1):                   # Feb 29 on a given weekday
+            if self.day_matches(day):
+                for h in self.hours:
+                    for m in self.minutes:
+                        t = dt.datetime(day.year, day.month, day.day, h, m)
+                        if not first or t >= start:
+                            yield t
+            day += dt.timedelta(days=1)
+            first = False
+        if label is None:
+            raise UsageError(f"schedule {self.text!r} never fires (no such date)")
+
+def slot_label(label):
+    return label.strftime("%Y-%m-%dT%H:%M")
+
+def parse_slot_label(text):
+    import datetime as dt
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M")
+
+def next_slot(cron, label=None, now=None):
+    """(label, epoch) of the first slot after label (None: now_label(now))."""
+    t = next(iter(cron.slots_after(now_label(now) if label is None else label)), None)
+    if t is None:
+        raise UsageError(f"schedule {cron.text!r} never fires (no such date)")
+    return t, local_instant(t)
+
+def schedule_spec(sch):
+    """The job spec a schedule's slots become. With overlap skip its jobs
+    hold the key schedule:NAME, so that even caught-up slots and schedule
+    run never run two at once."""
+    spec = _loads(sch["spec"], {})
+    if sch["overlap"] == "skip":
+        spec["keys"] = list(spec.get("keys") or []) + [f"schedule:{sch['name']}"]
+    return spec
+
+
 # Schema and SQL ##############################################################
 
 def sql_states(states):
@@ -3762,135 +3891,6 @@ class Attempts:
             wake_workers(self.home)
         self._drop_claim(job["claim"])      # last: a cancelled one's end is written
         return nxt
-
-
-# Recurring schedules: cron expressions ########################################
-
-CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *",
-               "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
-               "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
-
-CRON_NAMES = {3: ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct",
-                  "nov", "dec"],
-              4: ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]}
-
-# (name, lowest, highest) of the five fields
-CRON_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31),
-               ("month", 1, 12), ("day of week", 0, 7))
-
-class Cron:
-    """A crontab(5) time: five fields (minute hour day-of-month month
-    day-of-week) of *, values, ranges (a-b), steps (*/n, a-b/n, a/n) and
-    lists, with month and day names, or an @ macro (@daily, @hourly...).
-    As in cron, when both day fields are restricted (neither starts with
-    *), a day matches either. Times are the host's local time."""
-
-    def __init__(self, text):
-        self.text = " ".join(str(text).split())
-        expr = CRON_MACROS.get(self.text.lower(), self.text)
-        if expr.startswith("@"):
-            raise UsageError(f"invalid schedule {text!r}: {expr} is not supported; "
-                             "use " + ", ".join(CRON_MACROS) + " or five fields")
-        fields = expr.split()
-        if len(fields) != 5:
-            raise UsageError(f"invalid schedule {text!r}: give five fields (minute hour "
-                             "day-of-month month day-of-week, e.g. '0 3 * * *') or a "
-                             "macro such as @daily")
-        sets = [self._field(f, i, text) for i, f in enumerate(fields)]
-        self.minutes, self.hours = sorted(sets[0]), sorted(sets[1])
-        self.doms, self.months = sets[2], sets[3]
-        self.dows = {d % 7 for d in sets[4]}            # 7 is Sunday too
-        self.dom_star, self.dow_star = fields[2].startswith("*"), fields[4].startswith("*")
-
-    @staticmethod
-    def _field(text, i, whole):
-        name, lo, hi = CRON_FIELDS[i]
-        names = CRON_NAMES.get(i, [])
-        first = 1 if i == 3 else 0
-
-        def value(v):
-            v = v.lower()
-            if v in names:
-                return names.index(v) + first
-            if not (v.isascii() and v.isdigit()) or not lo <= int(v) <= hi:
-                raise ValueError
-            return int(v)
-        out = set()
-        try:
-            for part in text.split(","):
-                rng, slash, step = part.partition("/")
-                if slash and not (step.isascii() and step.isdigit()):
-                    raise ValueError
-                step = int(step) if slash else 1
-                if step < 1:
-                    raise ValueError
-                if rng == "*":
-                    a, b = lo, hi
-                elif "-" in rng:
-                    a, b = (value(x) for x in rng.split("-", 1))
-                else:
-                    a = value(rng)
-                    b = hi if slash else a
-                if a > b:
-                    raise ValueError
-                out.update(range(a, b + 1, step))
-        except ValueError:
-            raise UsageError(f"invalid schedule {whole!r}: bad {name} field {text!r} "
-                             f"({lo}-{hi}" + (f", or {names[0]}-{names[-1]}" if names else "")
-                             + "; *, a-b, */n, a-b/n and lists)") from None
-        return out
-
-    def day_matches(self, day):
-        if day.month not in self.months:
-            return False
-        dom = day.day in self.doms
-        dow = (day.weekday() + 1) % 7 in self.dows
-        if self.dom_star or self.dow_star:          # */2 still picks days
-            return dom and dow
-        return dom or dow
-
-    def slots_after(self, label):
-        """The slots after label (a naive local datetime, or None for
-        now), in order, as naive local datetimes: each minute that matches,
-        whether or not it exists on the clock (see local_instant)."""
-        import datetime as dt
-        start = (label or now_label()).replace(second=0, microsecond=0) \
-            + dt.timedelta(minutes=1)
-        day, first = start.date(), True
-        for _ in range(366 * 8 + 1):                   # Feb 29 on a given weekday
-            if self.day_matches(day):
-                for h in self.hours:
-                    for m in self.minutes:
-                        t = dt.datetime(day.year, day.month, day.day, h, m)
-                        if not first or t >= start:
-                            yield t
-            day += dt.timedelta(days=1)
-            first = False
-        if label is None:
-            raise UsageError(f"schedule {self.text!r} never fires (no such date)")
-
-def slot_label(label):
-    return label.strftime("%Y-%m-%dT%H:%M")
-
-def parse_slot_label(text):
-    import datetime as dt
-    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M")
-
-def next_slot(cron, label=None, now=None):
-    """(label, epoch) of the first slot after label (None: now_label(now))."""
-    t = next(iter(cron.slots_after(now_label(now) if label is None else label)), None)
-    if t is None:
-        raise UsageError(f"schedule {cron.text!r} never fires (no such date)")
-    return t, local_instant(t)
-
-def schedule_spec(sch):
-    """The job spec a schedule's slots become. With overlap skip its jobs
-    hold the key schedule:NAME, so that even caught-up slots and schedule
-    run never run two at once."""
-    spec = _loads(sch["spec"], {})
-    if sch["overlap"] == "skip":
-        spec["keys"] = list(spec.get("keys") or []) + [f"schedule:{sch['name']}"]
-    return spec
 
 
 # Recovery: recover, adopt, watch, sweep ######################################
