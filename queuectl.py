@@ -3206,9 +3206,10 @@ def hostname():
 
 # One attempt: spawn, wait, timeout, record, footer ###########################
 
-# Threading model (of Worker, below, and of its Attempts and Recovery, which
-# come first): one worker process runs `count` job threads, each with its
-# own Store (connection); the main thread owns the signals, the wake-up FIFO,
+# Threading model (of a Worker and its two parts, Attempts and Recovery,
+# which share one WorkerState, s; "self." below is that state's): one
+# worker process runs `count` job threads, each with its own Store
+# (connection); the main thread owns the signals, the wake-up FIFO,
 # heartbeats, config reloads and the decisions of recovery, with its own
 # Store. An adopted job is watched, and a recovered outcome recorded, by a
 # thread of its own (with its own Store); stop --now kills from another.
@@ -3233,6 +3234,147 @@ def hostname():
 # - db_lock serialises this process's write transactions (Store.tx), so its
 #   threads queue here instead of in SQLite's busy handler.
 # - print_lock keeps each line of say() whole.
+# Nothing else is shared: WorkerState, Worker, Attempts and Recovery have
+# __slots__, so an attribute set anywhere else is an error, not a new field.
+
+class WorkerState:
+    """What the parts of a worker process share: the state its threads
+    read and write under the rules of the threading model above, and the
+    small acts on it that every part needs."""
+
+    __slots__ = ("home", "id", "tag", "count", "queues", "drain", "out", "threading", "lock",
+                 "cond", "print_lock", "db_lock", "running", "held", "active", "settling",
+                 "generation", "stopping", "kill_jobs", "completed", "dead", "config_file",
+                 "config", "_qcfg", "config_mtime", "signals", "threads_left", "base_env",
+                 "env_cache", "umask", "devnull", "log_file", "log_max", "poke_fd", "lock_fd")
+
+    def __init__(self, home, count=1, queues=None, drain=False, out=None):
+        import threading
+        self.threading = threading
+        self.home = home
+        self.count = count
+        self.queues = list(dict.fromkeys(queues or [])) or None
+        self.drain = drain
+        self.out = out or sys.stdout
+        host = "".join(c if c.isalnum() or c in ".-" else "-" for c in hostname())
+        self.id = f"{host[:40] or 'host'}-{os.getpid()}-{new_id()[:4]}"
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.print_lock = threading.Lock()
+        self.db_lock = threading.Lock()  # write transactions of this process
+        self.running = {}        # token -> Running
+        # The claims a thread of this process answers for, from before its
+        # claim (or take) is committed until its outcome is written: a
+        # processing job of this worker whose claim is not here is tracked by
+        # nobody (a thread that could not hand it on), and recovery takes it.
+        self.held = set()
+        self.tag = claim_tag(self.id)
+        self.active = 0          # job threads claiming or running a job
+        self.settling = 0        # threads recording a recovered job's outcome
+        self.generation = 0      # bumped on every wake-up
+        self.stopping = False
+        self.kill_jobs = False   # stop --now: kill the running jobs
+        self.completed = self.dead = 0
+        self.config_file = Config(home)
+        self.config = self.config_file.load()
+        self._qcfg = (None, {})          # see _queue_config
+        self.config_mtime = self._config_mtime()
+        self.signals = []
+        self.threads_left = 0            # job threads not yet returned
+        # Copied once, not per job; the wrapper's own variables never leak in.
+        # Jobs enqueued with --worker-env get it; the others their own.
+        self.base_env = {k: v for k, v in os.environ.items()
+                         if not k.upper().startswith("__QUEUECTL_")}
+        self.env_cache = {}              # env_id -> environment (rows never change)
+        umask = os.umask(0o077)          # read it: no thread runs yet
+        os.umask(umask)
+        self.umask = f"{umask:04o}"
+        self.devnull = None              # opened by run(), before any thread
+        self.log_file = None             # worker.log, when detached (see say)
+        self.log_max = worker_log_max()
+
+    def say(self, text):
+        with self.print_lock:
+            try:
+                self.out.write(f"{show_time(iso(time.time()))} {text}\n")
+                self.out.flush()
+                if self.log_file:
+                    self._rotate_log()
+            except (OSError, ValueError):
+                pass
+
+    def _rotate_log(self):
+        """A detached worker's log (its stdout and stderr): once it passes
+        worker_log_max bytes it becomes worker.log.1 (the one before is
+        dropped) and a new worker.log starts: two files, bounded."""
+        if os.fstat(1).st_size < self.log_max:
+            return
+        fd = None
+        try:
+            os.replace(self.log_file, self.log_file + ".1")
+            fd = open_private(self.log_file, os.O_WRONLY | os.O_APPEND)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def notify(self):
+        with self.cond:
+            self.generation += 1
+            self.cond.notify_all()
+
+    def _poke_main(self):
+        """Wake the main loop (a job thread ended or a watch finished)."""
+        try:
+            os.write(self.poke_fd, b"\0")
+        except (OSError, AttributeError, TypeError):
+            pass
+
+    def _new_token(self):
+        """A claim token of this worker (claim_tag tells whose), held (see
+        self.held) before the claim that uses it is committed."""
+        token = self.tag + new_id() + new_id()[:2]       # 12 characters, as ever
+        with self.lock:
+            self.held.add(token)
+        return token
+
+    def _drop_claim(self, token):
+        with self.lock:
+            self.held.discard(token)
+
+    def _config_mtime(self):
+        try:
+            return os.stat(self.config_file.path).st_mtime_ns
+        except OSError:
+            return None
+
+    def _until_written(self, action, what):
+        """Run action until the database takes it: busy, a full disk or an
+        I/O error only delay it (said at most once a minute), and an error
+        is never taken as done."""
+        delay, said = 0.05, None
+        while True:
+            try:
+                return action()
+            except QueuectlError as e:
+                if said is None or time.monotonic() - said > 60:
+                    said = time.monotonic()
+                    self.say(f"{what}, will retry: {e}")
+                time.sleep(delay)
+                delay = min(delay * 4, 5)
+
+    def _queue_config(self, queue):
+        """queue_config of the current config, computed once per queue and
+        config (a reload replaces self.config whole)."""
+        cfg, cache = self._qcfg
+        if cfg is not self.config:
+            cfg, cache = self.config, {}
+            self._qcfg = (cfg, cache)
+        found = cache.get(queue)
+        if found is None:
+            found = cache[queue] = queue_config(cfg, queue)
+        return found
 
 # A job runs as /bin/sh -c JOB_WRAPPER in a new session (its own process
 # group), stdin /dev/null, stdout and stderr appended straight to its log.
@@ -3380,24 +3522,29 @@ class Ended:
 
 class Attempts:
     """One attempt of a job, as a Worker runs it: spawn -> wait -> timeout ->
-    record -> footer. A mixin of Worker (it shares the worker's state, see
-    the threading model there)."""
+    record -> footer. Its context is explicit: the worker's shared state
+    (s, a WorkerState) and its recovery (which it hands a job to on a bug)."""
+
+    __slots__ = ("s", "recovery")
+
+    def __init__(self, state):
+        self.s, self.recovery = state, None
 
     def _job_env(self, store, job, token, attempt):
         """The job's environment: its enqueuer's (or with --worker-env, the
         worker's), its --env values, then its identity variables."""
         if job["env_id"] is None:
-            env = dict(self.base_env)
+            env = dict(self.s.base_env)
         else:
-            base = self.env_cache.get(job["env_id"])
+            base = self.s.env_cache.get(job["env_id"])
             if base is None:
                 base = store.env(job["env_id"])
                 if base is None:
                     raise QueuectlError(f"its environment {job['env_id']} is missing "
                                         "from the database")
-                if len(self.env_cache) >= 64:
-                    self.env_cache.clear()
-                self.env_cache[job["env_id"]] = base
+                if len(self.s.env_cache) >= 64:
+                    self.s.env_cache.clear()
+                self.s.env_cache[job["env_id"]] = base
             env = dict(base)
         if job["env"]:
             env.update(_loads(job["env"], {}))
@@ -3406,12 +3553,12 @@ class Attempts:
             env["QUEUECTL_ATTEMPT"] = str(attempt)
         else:                # a hook: its env holds its job's (QUEUECTL_JOB_ID...)
             env["QUEUECTL_HOOK_ID"] = job["id"]
-        env["QUEUECTL_HOME"] = self.home    # never a job's own --env value
+        env["QUEUECTL_HOME"] = self.s.home    # never a job's own --env value
         env["QUEUECTL_CLAIM"] = token       # how its processes are found again
-        env["__QUEUECTL_STATUS"] = status_path(self.home, job["id"], token)
+        env["__QUEUECTL_STATUS"] = status_path(self.s.home, job["id"], token)
         env["__QUEUECTL_COMMAND"] = job["command"]
         env["__QUEUECTL_CWD"] = job["cwd"]
-        env["__QUEUECTL_UMASK"] = (self.umask if job["umask"] is None
+        env["__QUEUECTL_UMASK"] = (self.s.umask if job["umask"] is None
                                    else f"{job['umask']:04o}")
         env["__QUEUECTL_LIMITS"] = limits_script(self._limits(job))
         return env
@@ -3434,24 +3581,12 @@ class Attempts:
             usage["max_rss_bound"] = True
         return usage
 
-    def _queue_config(self, queue):
-        """queue_config of the current config, computed once per queue and
-        config (a reload replaces self.config whole)."""
-        cfg, cache = self._qcfg
-        if cfg is not self.config:
-            cfg, cache = self.config, {}
-            self._qcfg = (cfg, cache)
-        found = cache.get(queue)
-        if found is None:
-            found = cache[queue] = queue_config(cfg, queue)
-        return found
-
     def _limits(self, job):
         """job_limits, once per attempt (the spawn, the wrapper and the
         outcome each ask)."""
         lim = job.get("_limits")
         if lim is None:
-            lim = job["_limits"] = job_limits(job, self.config)
+            lim = job["_limits"] = job_limits(job, self.s.config)
         return lim
 
     def execute(self, store, job):
@@ -3461,8 +3596,8 @@ class Attempts:
         its reason."""
         attempt = job["attempts"] + 1
         token = job["claim"]
-        timeout = effective(job, self.config, ("timeout",))["timeout"][0]
-        path = log_path(self.home, job["id"])
+        timeout = effective(job, self.s.config, ("timeout",))["timeout"][0]
+        path = log_path(self.s.home, job["id"])
         fd = None
         try:
             fault("after-claim", job["id"])
@@ -3474,7 +3609,7 @@ class Attempts:
                               f"{e.strerror}") from None
             try:
                 log_line(fd, f"[queuectl] attempt {attempt} started "
-                             f"{show_time(job['started_at'])} on worker {self.id}\n")
+                             f"{show_time(job['started_at'])} on worker {self.s.id}\n")
             except OSError:
                 pass                     # a full disk: the job may still run
             began = time.monotonic()
@@ -3486,7 +3621,7 @@ class Attempts:
             if nice:                 # nice(1) execs the shell: same pid, niced
                 argv = [nice_path(), "-n", str(nice)] + argv
             proc = spawn(argv, job["cwd"], self._job_env(store, job, token, attempt),
-                         self.devnull, fd)
+                         self.s.devnull, fd)
         except Exception as e:           # OSError, an unencodable env, a bug
             reason = (e.strerror if isinstance(e, OSError) and e.strerror else
                       str(e) if isinstance(e, QueuectlError) else repr(e))
@@ -3494,9 +3629,9 @@ class Attempts:
                          log_fd=fd)
         run = Running(job, token, proc.pid, None, proc)
         run.began, run.log_fd = began, fd
-        with self.lock:
-            self.running[token] = run
-            stop_now = self.kill_jobs
+        with self.s.lock:
+            self.s.running[token] = run
+            stop_now = self.s.kill_jobs
         try:
             run.rss_floor = self._rss_floor()
             fault("after-spawn", job["id"])
@@ -3508,17 +3643,17 @@ class Attempts:
                 self._record_pid(store, run)
             if stop_now:
                 run.stopped = True
-                self._kill(store, run, self.config["kill_grace"])
+                self._kill(store, run, self.s.config["kill_grace"])
             return self._wait(store, run, timeout)
         except Exception as e:           # a bug: never leave the job stuck
-            self._abandon(store, job, token, e)
+            self.recovery._abandon(store, job, token, e)
             return None
 
     def _record_pid(self, store, run):
         job = run.job
         try:
             with store.tx():
-                held, row = store.record_pid(job["id"], self.id, run.token,
+                held, row = store.record_pid(job["id"], self.s.id, run.token,
                                              run.pid, run.start)
         except QueuectlError:
             return               # the pid stays unknown: it is found by its claim
@@ -3531,11 +3666,11 @@ class Attempts:
             # Cancelled while starting; cancel kills it too, but may have
             # looked while it was still in execve. It is our unreaped child,
             # so its pid cannot belong to anyone else.
-            kill_group(run.pid, self.config["kill_grace"], run.gone)
-        elif owner != self.id:
+            kill_group(run.pid, self.s.config["kill_grace"], run.gone)
+        elif owner != self.s.id:
             # Adopted while this worker was frozen: it is the adopter's now.
-            self.say(f"{job['id']} was taken over by worker {owner} while "
-                     "starting; leaving it running")
+            self.s.say(f"{job['id']} was taken over by worker {owner} while "
+                       "starting; leaving it running")
 
     def _signal_owned(self, store, run, sig, stop=False):
         """Signal a job's process group only while this worker still owns its
@@ -3545,13 +3680,13 @@ class Attempts:
         mark the job stopped by stop --now first. True if it was ours."""
         def check_and_signal():
             with store.tx():
-                mine = store.owns(run.job["id"], self.id, run.token)
+                mine = store.owns(run.job["id"], self.s.id, run.token)
                 if mine and run.group_alive():
                     run.stopped = run.stopped or (stop and not run.gone())
                     signal_group(run.pid, sig)
             return mine
-        return self._until_written(check_and_signal, f"{run.job['id']}: cannot check "
-                                   "that it is still ours before signalling it")
+        return self.s._until_written(check_and_signal, f"{run.job['id']}: cannot check "
+                                     "that it is still ours before signalling it")
 
     def _kill(self, store, run, grace):
         """kill_group for a job this worker owns; False if it is not ours.
@@ -3571,8 +3706,8 @@ class Attempts:
         while owned[0] and not ended():
             if not said:
                 said = True
-                self.say(f"{run.job['id']}: its processes outlive SIGKILL; waiting for "
-                         "them to end")
+                self.s.say(f"{run.job['id']}: its processes outlive SIGKILL; waiting for "
+                           "them to end")
             send(signal.SIGKILL)
             poll_until(ended, 5, first=0.05)
         return owned[0]
@@ -3583,7 +3718,7 @@ class Attempts:
         given back, taken over by another worker)."""
         job = run.job
         timed_out = False
-        status = status_path(self.home, job["id"], run.token)
+        status = status_path(self.s.home, job["id"], run.token)
         deadline = epoch(job["started_at"]) + timeout if timeout else None
         # In slices of a second: a cancel whose command died before killing
         # it is seen to here, past its grace.
@@ -3593,7 +3728,7 @@ class Attempts:
             if run.lost_to:
                 return self._let_go(run)
             if deadline is not None and time.time() >= deadline:
-                timed_out = self._kill(store, run, self.config["kill_grace"])
+                timed_out = self._kill(store, run, self.s.config["kill_grace"])
                 break
             self._kill_cancelled(store, run.job["id"], run.token, run.pid)
         if run.proc is not None:
@@ -3613,26 +3748,26 @@ class Attempts:
         if left == "lost":
             return self._let_go(run)
         if left == "timeout":
-            timed_out = self._kill(store, run, self.config["kill_grace"])
+            timed_out = self._kill(store, run, self.s.config["kill_grace"])
         duration = time.monotonic() - run.began if run.proc is not None else \
             time.time() - epoch(job["started_at"])
         fault("before-record", job["id"])
         if (run.stopped or timed_out) and run.group_alive():
-            self._kill(store, run, self.config["kill_grace"])
-        with self.lock:
-            self.running.pop(run.token, None)
+            self._kill(store, run, self.s.config["kill_grace"])
+        with self.s.lock:
+            self.s.running.pop(run.token, None)
         if run.stopped and rc != 0:
             # Killed by stop --now: back to pending, not counted. A job that
             # exited 0 as it was stopped is recorded completed below.
-            held = self._until_written(
-                lambda: store.requeue(job["id"], self.id, run.token),
+            held = self.s._until_written(
+                lambda: store.requeue(job["id"], self.s.id, run.token),
                 f"{job['id']}: cannot put it back to pending yet")
-            self._drop_claim(run.token)
+            self.s._drop_claim(run.token)
             if held:
                 remove_file(status)
-                wake_workers(self.home)
-            self.say(f"{job['id']} stopped, back to pending" if held else
-                     f"{job['id']} stopped")
+                wake_workers(self.s.home)
+            self.s.say(f"{job['id']} stopped, back to pending" if held else
+                       f"{job['id']} stopped")
             self._footer(job, run.log_fd, f"[queuectl] attempt {job['attempts'] + 1} "
                          "stopped by worker stop --now; back to pending, not counted\n")
             return None
@@ -3666,8 +3801,8 @@ class Attempts:
                 return kind, value
             if not said:
                 said = True
-                self.say(f"{job['id']}: cannot read its status file yet, will retry: "
-                         f"{value}")
+                self.s.say(f"{job['id']}: cannot read its status file yet, will retry: "
+                           f"{value}")
             time.sleep(delay)
             delay = min(delay * 2, 5)
 
@@ -3678,12 +3813,12 @@ class Attempts:
         when another worker took the job over."""
         if not run.group_alive():
             return None                  # nearly always: one kill(0)
-        self.say(f"{run.job['id']}: its shell has ended; waiting for the processes it "
-                 "left in its group")
+        self.s.say(f"{run.job['id']}: its shell has ended; waiting for the processes it "
+                   "left in its group")
         if run.proc is not None and run.start is None:
             try:             # its pgid, for cancel, retry and recovery to see
                 with store.tx():
-                    store.record_pid(run.job["id"], self.id, run.token, run.pid, None)
+                    store.record_pid(run.job["id"], self.s.id, run.token, run.pid, None)
             except QueuectlError:
                 pass         # they still find the processes by their claim
         delay, look = 0.01, 0.0
@@ -3708,29 +3843,14 @@ class Attempts:
         return None
 
     def _let_go(self, run):
-        with self.lock:
-            self.running.pop(run.token, None)
-            self.held.discard(run.token)
-        self.say(f"{run.job['id']} belongs to worker {run.lost_to} now; leaving it "
-                 "running")
+        with self.s.lock:
+            self.s.running.pop(run.token, None)
+            self.s.held.discard(run.token)
+        self.s.say(f"{run.job['id']} belongs to worker {run.lost_to} now; leaving it "
+                   "running")
         if run.log_fd is not None:
             os.close(run.log_fd)
         return None
-
-    def _until_written(self, action, what):
-        """Run action until the database takes it: busy, a full disk or an
-        I/O error only delay it (said at most once a minute), and an error
-        is never taken as done."""
-        delay, said = 0.05, None
-        while True:
-            try:
-                return action()
-            except QueuectlError as e:
-                if said is None or time.monotonic() - said > 60:
-                    said = time.monotonic()
-                    self.say(f"{what}, will retry: {e}")
-                time.sleep(delay)
-                delay = min(delay * 4, 5)
 
     def _await_cancelled(self, store, job, group):
         """Wait until no process of a cancelled attempt is left (its shell's
@@ -3766,7 +3886,7 @@ class Attempts:
             with store.tx():
                 if not due():
                     return
-                self.say(f"{job_id}: its cancelled attempt outlived the grace; killing it")
+                self.s.say(f"{job_id}: its cancelled attempt outlived the grace; killing it")
                 if group:
                     signal_group(group, signal.SIGKILL)
                 kill_claim(token, signal.SIGKILL)
@@ -3775,16 +3895,16 @@ class Attempts:
 
     def _cancel_ended(self, store, job, rc=None, usage=None, duration=None):
         with store.tx():
-            ended = store.cancel_ended(job, job["claim"], self.config, rc, usage=usage,
+            ended = store.cancel_ended(job, job["claim"], self.s.config, rc, usage=usage,
                                        duration=duration)
         if ended:
-            self.notify()            # its keys are free
-            wake_workers(self.home)
+            self.s.notify()            # its keys are free
+            wake_workers(self.s.home)
         return ended
 
     def _footer(self, job, fd, text):
         if fd is None:
-            _safe_append(self.home, job["id"], text)
+            _safe_append(self.s.home, job["id"], text)
             return
         try:
             log_line(fd, text)
@@ -3800,28 +3920,28 @@ class Attempts:
         error only delay it, and its status file stays until then."""
         job, ended, duration, usage = end.job, end.outcome, end.duration, end.usage
         log_fd, group, claim_next = end.log_fd, end.group, end.claim_next
-        token = self._new_token() if claim_next else None
+        token = self.s._new_token() if claim_next else None
 
         def write():
             fault("record", job["id"])
             with store.tx():
                 state, unblocked, err = store.finish(
-                    job, self.id, job["claim"], ended,
-                    self._queue_config(job["queue"]), duration, usage=usage)
+                    job, self.s.id, job["claim"], ended,
+                    self.s._queue_config(job["queue"]), duration, usage=usage)
                 nxt = None
                 # Not after a fenced-out end (cancelled, taken over): this
                 # thread may wait for the attempt's processes first.
-                if claim_next and state is not None and not self.stopping:
-                    nxt = store.claim(self.id, self.queues, time.time(), token)
+                if claim_next and state is not None and not self.s.stopping:
+                    nxt = store.claim(self.s.id, self.s.queues, time.time(), token)
             return state, unblocked, err, nxt
         nxt = None
         try:
-            state, unblocked, error, nxt = self._until_written(
+            state, unblocked, error, nxt = self.s._until_written(
                 write, f"{job['id']}: cannot record its outcome yet")
         finally:
             if token is not None and nxt is None:
-                self._drop_claim(token)
-        status = status_path(self.home, job["id"], job["claim"])
+                self.s._drop_claim(token)
+        status = status_path(self.s.home, job["id"], job["claim"])
         try:
             current = None if state is not None else store.get(job["id"])
         except QueuectlError:
@@ -3838,7 +3958,7 @@ class Attempts:
             # The fence that keeps a frozen claimant from starting the job:
             # only the claimant itself, which will never spawn it now, or the
             # sweep once the claimant is gone, may remove it.
-            if claimant == self.id:
+            if claimant == self.s.id:
                 remove_file(status)
         elif current is None or current["state"] != PROCESSING or \
                 current["claim"] != job["claim"]:
@@ -3848,10 +3968,10 @@ class Attempts:
         if state is None and current and current["state"] == CANCELLED \
                 and current["claim"] == job["claim"]:
             self._await_cancelled(store, current, group)
-            self._until_written(lambda: self._cancel_ended(store, current, ended.rc, usage,
-                                                           duration),
-                                f"{job['id']}: cannot record the end of its cancelled "
-                                "attempt yet")
+            self.s._until_written(lambda: self._cancel_ended(store, current, ended.rc, usage,
+                                                             duration),
+                                  f"{job['id']}: cannot record the end of its cancelled "
+                                  "attempt yet")
         attempt = job["attempts"] + 1
         took = f", ran {duration:.3f}s" if duration is not None else ""
         if state is None:
@@ -3873,23 +3993,23 @@ class Attempts:
                      + outcome + (f"; now {state}" if state and state != COMPLETED else "")
                      + "\n")
         if state == COMPLETED:
-            with self.lock:
-                self.completed += 1
-            self.say(f"{job['id']} completed (attempt {attempt}{took})")
+            with self.s.lock:
+                self.s.completed += 1
+            self.s.say(f"{job['id']} completed (attempt {attempt}{took})")
         elif state is None:
-            self.say(f"{job['id']} {outcome.split(';')[0]} (attempt {attempt})")
+            self.s.say(f"{job['id']} {outcome.split(';')[0]} (attempt {attempt})")
         else:
-            with self.lock:
-                self.dead += state == DEAD and job["hook_of"] is None
-            self.say(f"{job['id']} {state}: {error} (attempt {attempt}{took})")
+            with self.s.lock:
+                self.s.dead += state == DEAD and job["hook_of"] is None
+            self.s.say(f"{job['id']} {state}: {error} (attempt {attempt}{took})")
         # A job that held keys lets another run: wake the threads and workers
         # that passed it over (a queue's own key: the queue has a limit).
         keyed = job["keys"] is not None or QUEUE_KEY + job["queue"] in store.limited
-        if state != COMPLETED or unblocked or keyed or (self.drain and nxt is None):
-            self.notify()
+        if state != COMPLETED or unblocked or keyed or (self.s.drain and nxt is None):
+            self.s.notify()
         if unblocked or keyed:
-            wake_workers(self.home)
-        self._drop_claim(job["claim"])      # last: a cancelled one's end is written
+            wake_workers(self.s.home)
+        self.s._drop_claim(job["claim"])      # last: a cancelled one's end is written
         return nxt
 
 
@@ -3897,8 +4017,15 @@ class Attempts:
 
 class Recovery:
     """Recovery of jobs whose worker is dead or past its lease: recover,
-    adopt, watch, settle, sweep. A mixin of Worker, run by its main thread
-    (decisions) and by threads of their own (records and watches)."""
+    adopt, watch, settle, sweep; run by the worker's main thread (decisions)
+    and by threads of their own (records and watches). Its context: the
+    worker's shared state (s) and its attempts (which wait for and record
+    what it adopts)."""
+
+    __slots__ = ("s", "attempts")
+
+    def __init__(self, state):
+        self.s, self.attempts = state, None
 
     # A processing job whose worker is dead, or past its lease (stopped,
     # frozen, on another host), is settled by its start fence and its status
@@ -3912,28 +4039,28 @@ class Recovery:
             # Claims held before and after the read: a job is tracked by none
             # of our threads only if it is in neither (one being recorded
             # leaves the first, one being claimed joins the second).
-            with self.lock:
-                held = set(self.held)
+            with self.s.lock:
+                held = set(self.s.held)
             rows = store.processing()
-            with self.lock:
-                held |= self.held
+            with self.s.lock:
+                held |= self.s.held
             workers = store.live_workers()
-            alive = {w["id"] for w in workers} | {self.id}
+            alive = {w["id"] for w in workers} | {self.s.id}
             self._sweep_status_files({(j["id"], j["claim"]) for j in rows}, alive)
-            fresh = {w["id"] for w in workers if not worker_stale(w)} | {self.id}
+            fresh = {w["id"] for w in workers if not worker_stale(w)} | {self.s.id}
             self._sweep_cancelled(store, fresh, held)
             for job in rows:
-                if job["worker"] == self.id and job["claim"] not in held:
+                if job["worker"] == self.s.id and job["claim"] not in held:
                     # Ours, but no thread of ours tracks it (one that could
                     # not hand it on: no database, no descriptor): settle it.
-                    self.say(f"{job['id']}: no thread of this worker tracks it; "
-                             "recovering it")
+                    self.s.say(f"{job['id']}: no thread of this worker tracks it; "
+                               "recovering it")
                     self._recover_job(store, job, True)
                     continue
                 if job["worker"] in fresh:
                     continue
-                with self.lock:
-                    mine = self.running.get(job["claim"])
+                with self.s.lock:
+                    mine = self.s.running.get(job["claim"])
                 if mine is not None and mine.proc is not None:
                     # Our own child, adopted away while we were frozen, whose
                     # adopter is gone now: ours again, our thread records it.
@@ -3942,7 +4069,7 @@ class Recovery:
                     continue
                 self._recover_job(store, job, job["worker"] in alive)
         except (QueuectlError, OSError) as e:
-            self.say(f"recovery scan failed, will retry: {e}")
+            self.s.say(f"recovery scan failed, will retry: {e}")
 
     def _sweep_cancelled(self, store, fresh, held):
         """Cancelled jobs of workers that are gone or past their lease (a
@@ -3952,7 +4079,7 @@ class Recovery:
         start (keys let go, on_cancel)."""
         import signal
         rows = [j for j in store.cancelled_running() if j["worker"] not in fresh
-                or j["worker"] == self.id and j["claim"] not in held]
+                or j["worker"] == self.s.id and j["claim"] not in held]
         if not rows:
             return
         running = live_claims()
@@ -3965,13 +4092,13 @@ class Recovery:
                     if pgid:
                         signal_group(pgid, signal.SIGKILL)
                 continue
-            self._cancel_ended(store, job)
+            self.attempts._cancel_ended(store, job)
 
     def _sweep_status_files(self, wanted, alive):
         """Remove status files nobody will read: not a processing job's, older
         than the lease, with no process of their claim left, and, for a
         revoked claim, whose worker is gone (it could still try to start)."""
-        rd = os.path.join(self.home, "run")
+        rd = os.path.join(self.s.home, "run")
         try:
             names = [n for n in os.listdir(rd) if n.endswith(".exit")]
         except OSError:
@@ -3993,7 +4120,7 @@ class Recovery:
 
     def _recover_job(self, store, job, alive):
         old, token = job["worker"], job["claim"]
-        status = status_path(self.home, job["id"], token)
+        status = status_path(self.s.home, job["id"], token)
         kind, value = read_status(status)
         if kind == "absent":
             if revoke(status, old):
@@ -4030,8 +4157,8 @@ class Recovery:
             ended = time.time()
         duration = None if started is None else max(ended - started, 0)
         if rc is not None:
-            self.say(f"{job['id']} ended while worker {old} was gone; "
-                     "recording its exit status")
+            self.s.say(f"{job['id']} ended while worker {old} was gone; "
+                       "recording its exit status")
         self._settle(store, job, Outcome.of_exit(rc), duration)
 
     def _abandon(self, store, job, token, error, recover=True):
@@ -4039,73 +4166,73 @@ class Recovery:
         it and hand it to recovery, which settles it from its status file
         (at once when recover, else at the next scan, so that a bug that
         keeps happening cannot spin); never leave it processing for good."""
-        with self.lock:
-            self.settling += 1       # a draining thread must not end meanwhile
-            run = self.running.pop(token, None)
+        with self.s.lock:
+            self.s.settling += 1       # a draining thread must not end meanwhile
+            run = self.s.running.pop(token, None)
         dropped = False
         if run is not None and run.proc is not None:
             # Our own child: reap it when it ends (its adopter reads its status
             # file), and close its log (the adopter appends the footer).
-            self.threading.Thread(target=run.proc.wait, daemon=True).start()
+            self.s.threading.Thread(target=run.proc.wait, daemon=True).start()
             if run.log_fd is not None:
                 os.close(run.log_fd)
                 run.log_fd = None
         try:
-            self.say(f"{job['id']}: internal error ({error!r}); handing it to recovery")
+            self.s.say(f"{job['id']}: internal error ({error!r}); handing it to recovery")
             if os.environ.get("QUEUECTL_DEBUG"):
                 import traceback
                 traceback.print_exc()
             if store is None:
                 fault("adopt-store", job["id"])
-                store = Store(self.home, durable=False, local_lock=self.db_lock)
+                store = Store(self.s.home, durable=False, local_lock=self.s.db_lock)
             with store.tx():
-                store.take(job["id"], self.id, token, self.id + "!abandoned")
-            self._drop_claim(token)          # not ours now; a recovery takes it anew
+                store.take(job["id"], self.s.id, token, self.s.id + "!abandoned")
+            self.s._drop_claim(token)          # not ours now; a recovery takes it anew
             dropped = True
             row = store.get(job["id"])
             if recover and row and row["state"] == PROCESSING and row["claim"] == token:
                 self._recover_job(store, row, True)
         except Exception as e:       # the next recovery scan (ours or another's)
-            self.say(f"{job['id']}: cannot hand it to recovery yet: {e!r}")
+            self.s.say(f"{job['id']}: cannot hand it to recovery yet: {e!r}")
         finally:
             # Tracked by no thread of ours now: if it is still ours (the take
             # above failed), our next recovery scan takes it up.
             if not dropped:
-                self._drop_claim(token)
-            with self.lock:
-                self.settling -= 1
-            self.notify()
+                self.s._drop_claim(token)
+            with self.s.lock:
+                self.s.settling -= 1
+            self.s.notify()
 
     def _take(self, store, job):
         """Make a recovered job this worker's (fenced on its old worker and
         claim); False when someone else settled or took it first. Its claim
-        is held (self.held) before the take is committed."""
+        is held (self.s.held) before the take is committed."""
         token = job["claim"]
-        with self.lock:
-            new = token not in self.held
-            self.held.add(token)
+        with self.s.lock:
+            new = token not in self.s.held
+            self.s.held.add(token)
         taken = False
         try:
             with store.tx():
-                taken = store.take(job["id"], job["worker"], token, self.id)
+                taken = store.take(job["id"], job["worker"], token, self.s.id)
         finally:
             if not taken and new:
-                self._drop_claim(token)
+                self.s._drop_claim(token)
         if taken:
-            job["worker"] = self.id
+            job["worker"] = self.s.id
         return taken
 
     def _settle(self, store, job, ended, duration):
         """Record a recovered job's outcome, in a thread of its own."""
-        with self.lock:
-            self.settling += 1       # first: a draining thread must not end now
+        with self.s.lock:
+            self.s.settling += 1       # first: a draining thread must not end now
         taken = False
         try:
             taken = self._take(store, job)
         finally:
             if not taken:
-                with self.lock:
-                    self.settling -= 1
+                with self.s.lock:
+                    self.s.settling -= 1
         if not taken:
             return
 
@@ -4113,18 +4240,18 @@ class Recovery:
             st = None
             try:
                 fault("adopt-store", job["id"])
-                st = Store(self.home, durable=False, local_lock=self.db_lock)
-                self._record(st, Ended(job, ended, duration), recovered=True)
+                st = Store(self.s.home, durable=False, local_lock=self.s.db_lock)
+                self.attempts._record(st, Ended(job, ended, duration), recovered=True)
             except Exception as e:             # a bug: keep the worker alive
                 self._abandon(st, job, job["claim"], e, recover=False)
             finally:
                 if st is not None:
                     st.close()
-                with self.lock:
-                    self.settling -= 1
-                self.notify()            # a draining thread may end now
-                self._poke_main()
-        self.threading.Thread(target=record, daemon=True).start()
+                with self.s.lock:
+                    self.s.settling -= 1
+                self.s.notify()            # a draining thread may end now
+                self.s._poke_main()
+        self.s.threading.Thread(target=record, daemon=True).start()
 
     def _adopt(self, store, job, pid, start):
         old = job["worker"]
@@ -4133,134 +4260,71 @@ class Recovery:
         job["pid"], job["pid_start"] = pid, start
         try:
             with store.tx():
-                store.record_pid(job["id"], self.id, job["claim"], pid, start)
+                store.record_pid(job["id"], self.s.id, job["claim"], pid, start)
         except QueuectlError:
             pass                 # the pid stays unknown: it is found by its claim
-        self.say(f"{job['id']} adopted from worker {old} (pid {pid})")
-        _safe_append(self.home, job["id"], f"[queuectl] worker {old} is gone; "
-                     f"worker {self.id} adopted the running job\n")
+        self.s.say(f"{job['id']} adopted from worker {old} (pid {pid})")
+        _safe_append(self.s.home, job["id"], f"[queuectl] worker {old} is gone; "
+                     f"worker {self.s.id} adopted the running job\n")
         run = Running(job, job["claim"], pid, start, None)
-        with self.lock:
-            self.running[run.token] = run
-        timeout = effective(job, self.config, ("timeout",))["timeout"][0]
-        self.threading.Thread(target=self._watch, args=(run, timeout),
-                              daemon=True).start()
+        with self.s.lock:
+            self.s.running[run.token] = run
+        timeout = effective(job, self.s.config, ("timeout",))["timeout"][0]
+        self.s.threading.Thread(target=self._watch, args=(run, timeout),
+                                daemon=True).start()
 
     def _watch(self, run, timeout):
         store = None
         try:
             fault("adopt-store", run.job["id"])
-            store = Store(self.home, durable=False, local_lock=self.db_lock)
-            end = self._wait(store, run, timeout)
+            store = Store(self.s.home, durable=False, local_lock=self.s.db_lock)
+            end = self.attempts._wait(store, run, timeout)
             if end is not None:
-                self._record(store, end)
+                self.attempts._record(store, end)
         except Exception as e:      # no database now, or a bug: the next scan
             self._abandon(store, run.job, run.token, e, recover=False)
         finally:
             if store is not None:
                 store.close()
-            self._poke_main()
+            self.s._poke_main()
 
 
 # Workers #####################################################################
 
-class Worker(Attempts, Recovery):
-    """A worker process: its lifecycle, signals, heartbeats and job threads;
-    one attempt (Attempts) and recovery (Recovery) are sections of their own."""
+class Worker:
+    """A worker process: its lifecycle, signals, heartbeats and job threads,
+    which claim jobs, run them (Attempts) and record them; its recovery
+    (Recovery) settles what other workers left. All three share one
+    WorkerState (s)."""
+
+    __slots__ = ("s", "attempts", "recovery")
 
     def __init__(self, home, count=1, queues=None, drain=False, out=None):
-        import threading
-        self.threading = threading
-        self.home = home
-        self.count = count
-        self.queues = list(dict.fromkeys(queues or [])) or None
-        self.drain = drain
-        self.out = out or sys.stdout
-        host = "".join(c if c.isalnum() or c in ".-" else "-" for c in hostname())
-        self.id = f"{host[:40] or 'host'}-{os.getpid()}-{new_id()[:4]}"
-        self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
-        self.print_lock = threading.Lock()
-        self.db_lock = threading.Lock()  # write transactions of this process
-        self.running = {}        # token -> Running
-        # The claims a thread of this process answers for, from before its
-        # claim (or take) is committed until its outcome is written: a
-        # processing job of this worker whose claim is not here is tracked by
-        # nobody (a thread that could not hand it on), and recovery takes it.
-        self.held = set()
-        self.tag = claim_tag(self.id)
-        self.active = 0          # job threads claiming or running a job
-        self.settling = 0        # threads recording a recovered job's outcome
-        self.generation = 0      # bumped on every wake-up
-        self.stopping = False
-        self.kill_jobs = False   # stop --now: kill the running jobs
-        self.completed = self.dead = 0
-        self.config_file = Config(home)
-        self.config = self.config_file.load()
-        self._qcfg = (None, {})          # see _queue_config
-        self.config_mtime = self._config_mtime()
-        self.signals = []
-        self.threads_left = 0            # job threads not yet returned
-        # Copied once, not per job; the wrapper's own variables never leak in.
-        # Jobs enqueued with --worker-env get it; the others their own.
-        self.base_env = {k: v for k, v in os.environ.items()
-                         if not k.upper().startswith("__QUEUECTL_")}
-        self.env_cache = {}              # env_id -> environment (rows never change)
-        umask = os.umask(0o077)          # read it: no thread runs yet
-        os.umask(umask)
-        self.umask = f"{umask:04o}"
-        self.devnull = None              # opened by run(), before any thread
-        self.log_file = None             # worker.log, when detached (see say)
-        self.log_max = worker_log_max()
+        self.s = WorkerState(home, count, queues, drain, out)
+        self.attempts, self.recovery = Attempts(self.s), Recovery(self.s)
+        self.attempts.recovery, self.recovery.attempts = self.recovery, self.attempts
 
-    # Output and wake-ups ---------------------------------------------------
+    @property
+    def id(self):
+        return self.s.id
 
-    def say(self, text):
-        with self.print_lock:
-            try:
-                self.out.write(f"{show_time(iso(time.time()))} {text}\n")
-                self.out.flush()
-                if self.log_file:
-                    self._rotate_log()
-            except (OSError, ValueError):
-                pass
-
-    def _rotate_log(self):
-        """A detached worker's log (its stdout and stderr): once it passes
-        worker_log_max bytes it becomes worker.log.1 (the one before is
-        dropped) and a new worker.log starts: two files, bounded."""
-        if os.fstat(1).st_size < self.log_max:
-            return
-        fd = None
-        try:
-            os.replace(self.log_file, self.log_file + ".1")
-            fd = open_private(self.log_file, os.O_WRONLY | os.O_APPEND)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-        finally:
-            if fd is not None:
-                os.close(fd)
-
-    def notify(self):
-        with self.cond:
-            self.generation += 1
-            self.cond.notify_all()
+    # Stopping -----------------------------------------------------------------
 
     def request_stop(self, now=False):
-        with self.cond:
-            first_now = now and not self.kill_jobs
-            if not self.stopping:
-                self.say(f"worker {self.id} stopping"
-                         + (": killing running jobs" if now else
-                            ": finishing running jobs (interrupt again or "
-                            "'worker stop --now' to kill them)"))
+        with self.s.cond:
+            first_now = now and not self.s.kill_jobs
+            if not self.s.stopping:
+                self.s.say(f"worker {self.s.id} stopping"
+                           + (": killing running jobs" if now else
+                              ": finishing running jobs (interrupt again or "
+                              "'worker stop --now' to kill them)"))
             elif first_now:
-                self.say(f"worker {self.id} stopping now: killing running jobs")
-            self.stopping = True
-            self.kill_jobs = self.kill_jobs or now
-            self.cond.notify_all()
+                self.s.say(f"worker {self.s.id} stopping now: killing running jobs")
+            self.s.stopping = True
+            self.s.kill_jobs = self.s.kill_jobs or now
+            self.s.cond.notify_all()
         if first_now:
-            self.threading.Thread(target=self._kill_running, daemon=True).start()
+            self.s.threading.Thread(target=self._kill_running, daemon=True).start()
 
     def _kill_running(self):
         """stop --now: kill the jobs this worker still owns; they go back to
@@ -4268,21 +4332,21 @@ class Worker(Attempts, Recovery):
         import signal
         store = None
         try:
-            store = Store(self.home, durable=False, local_lock=self.db_lock)
-            with self.lock:
-                items = list(self.running.values())
+            store = Store(self.s.home, durable=False, local_lock=self.s.db_lock)
+            with self.s.lock:
+                items = list(self.s.running.values())
             for r in items:
-                self._signal_owned(store, r, signal.SIGTERM, stop=True)
+                self.attempts._signal_owned(store, r, signal.SIGTERM, stop=True)
             def ended():
-                with self.lock:
-                    return not any(r in items for r in self.running.values())
-            if poll_until(ended, self.config["kill_grace"], first=0.05, cap=0.05):
+                with self.s.lock:
+                    return not any(r in items for r in self.s.running.values())
+            if poll_until(ended, self.s.config["kill_grace"], first=0.05, cap=0.05):
                 return
             for r in items:
                 if r.group_alive():
-                    self._signal_owned(store, r, signal.SIGKILL)
+                    self.attempts._signal_owned(store, r, signal.SIGKILL)
         except QueuectlError as e:
-            self.say(f"could not stop running jobs: {e}")
+            self.s.say(f"could not stop running jobs: {e}")
         finally:
             if store is not None:
                 store.close()
@@ -4294,13 +4358,13 @@ class Worker(Attempts, Recovery):
         exit code: 1 when drain and a job ended dead, else 0."""
         import fcntl
         import signal
-        rd = run_dir(self.home)
-        ensure_private_dir(os.path.join(self.home, "logs"))
-        store = Store(self.home, durable=False, local_lock=self.db_lock)
-        self.devnull = os.open(os.devnull, os.O_RDONLY | O_CLOEXEC)
-        self.lock_fd = open_private(os.path.join(rd, self.id + ".lock"), os.O_RDWR)
-        fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fifo = os.path.join(rd, self.id + ".wake")
+        rd = run_dir(self.s.home)
+        ensure_private_dir(os.path.join(self.s.home, "logs"))
+        store = Store(self.s.home, durable=False, local_lock=self.s.db_lock)
+        self.s.devnull = os.open(os.devnull, os.O_RDONLY | O_CLOEXEC)
+        self.s.lock_fd = open_private(os.path.join(rd, self.s.id + ".lock"), os.O_RDWR)
+        fcntl.flock(self.s.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fifo = os.path.join(rd, self.s.id + ".wake")
         os.mkfifo(fifo, 0o600)
         os.chmod(fifo, 0o600)                    # whatever the umask
         # O_RDWR keeps a writer open, so poll() does not see EOF forever.
@@ -4308,40 +4372,40 @@ class Worker(Attempts, Recovery):
         sig_r, sig_w = os.pipe()
         os.set_blocking(sig_r, False)
         os.set_blocking(sig_w, False)
-        self.poke_fd = sig_w
+        self.s.poke_fd = sig_w
         old_wakeup = signal.set_wakeup_fd(sig_w)
         handlers = {}
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             handlers[sig] = signal.signal(sig, self._on_signal)
         try:
             self._register(store)
-            what = ", ".join(self.queues) if self.queues else "all queues"
-            self.say(f"worker {self.id} started: {self.count} thread"
-                     f"{'s' if self.count != 1 else ''}, {what}"
-                     + (", drain" if self.drain else ""))
-            self._recover(store)
+            what = ", ".join(self.s.queues) if self.s.queues else "all queues"
+            self.s.say(f"worker {self.s.id} started: {self.s.count} thread"
+                       f"{'s' if self.s.count != 1 else ''}, {what}"
+                       + (", drain" if self.s.drain else ""))
+            self.recovery._recover(store)
             sched_next = self._fire_schedules(store)    # before a drain looks
-            self.threads_left = self.count
-            for _ in range(self.count):
-                self.threading.Thread(target=self._job_thread, daemon=True).start()
+            self.s.threads_left = self.s.count
+            for _ in range(self.s.count):
+                self.s.threading.Thread(target=self._job_thread, daemon=True).start()
             next_beat = time.monotonic() + HEARTBEAT
             next_release = 0.0
             while True:
-                with self.lock:
-                    if self.threads_left == 0 and not self.running and not self.settling:
+                with self.s.lock:
+                    if self.s.threads_left == 0 and not self.s.running and not self.s.settling:
                         break
                 ready = readable([fifo_fd, sig_r], 1.0)
                 if fifo_fd in ready:
                     _drain_fd(fifo_fd)
-                    self.notify()
+                    self.s.notify()
                     sched_next = None            # schedule add/resume wakes us too
-                if not self.stopping and (sched_next is None or time.time() >= sched_next):
+                if not self.s.stopping and (sched_next is None or time.time() >= sched_next):
                     sched_next = self._fire_schedules(store)
                 if sig_r in ready:
                     _drain_fd(sig_r)
                 self._handle_signals()
                 self._reload_config()
-                if self.stopping and time.monotonic() >= next_release:
+                if self.s.stopping and time.monotonic() >= next_release:
                     next_release = time.monotonic() + 1.0
                     self._release_lost(store)
                 if time.monotonic() >= next_beat:
@@ -4349,28 +4413,28 @@ class Worker(Attempts, Recovery):
                     # are its own until they end.
                     next_beat = time.monotonic() + HEARTBEAT
                     self._heartbeat(store)
-                    if not self.stopping:
-                        self._recover(store)
-                        self.notify()   # a safety net for any missed wake-up
+                    if not self.s.stopping:
+                        self.recovery._recover(store)
+                        self.s.notify()   # a safety net for any missed wake-up
                         sched_next = None
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
             signal.set_wakeup_fd(old_wakeup)
-            self.poke_fd = None
+            self.s.poke_fd = None
             for fd in (sig_r, sig_w, fifo_fd):
                 os.close(fd)
             try:
-                store.unregister(self.id)
+                store.unregister(self.s.id)
             except QueuectlError:
                 pass
             store.close()
-            remove_worker_files(self.home, self.id)
-            os.close(self.lock_fd)
-            os.close(self.devnull)
-        self.say(f"worker {self.id} stopped: {self.completed} completed, "
-                 f"{self.dead} dead")
-        return EXIT_FAIL if self.drain and self.dead else EXIT_OK
+            remove_worker_files(self.s.home, self.s.id)
+            os.close(self.s.lock_fd)
+            os.close(self.s.devnull)
+        self.s.say(f"worker {self.s.id} stopped: {self.s.completed} completed, "
+                   f"{self.s.dead} dead")
+        return EXIT_FAIL if self.s.drain and self.s.dead else EXIT_OK
 
     def _fire_schedules(self, store):
         """Enqueue the jobs of due schedule slots; when to look again."""
@@ -4378,13 +4442,13 @@ class Worker(Attempts, Recovery):
         try:
             nxt = store.next_schedule()
             if nxt is not None and nxt <= now:
-                for job_id in store.fire_schedules(now, self.say):
-                    self.say(f"schedule: enqueued {job_id}")
-                self.notify()
-                wake_workers(self.home)
+                for job_id in store.fire_schedules(now, self.s.say):
+                    self.s.say(f"schedule: enqueued {job_id}")
+                self.s.notify()
+                wake_workers(self.s.home)
                 nxt = store.next_schedule()
         except (QueuectlError, OSError) as e:
-            self.say(f"cannot fire schedules yet, will retry: {e}")
+            self.s.say(f"cannot fire schedules yet, will retry: {e}")
             return now + HEARTBEAT
         return min(nxt, now + HEARTBEAT) if nxt is not None else now + HEARTBEAT
 
@@ -4392,90 +4456,65 @@ class Worker(Attempts, Recovery):
         """A stopping worker does not wait for a job of its own that another
         worker adopted while this one was frozen: its waiting thread lets go
         (the adopter records it)."""
-        with self.lock:
-            own = [r for r in self.running.values() if r.proc is not None]
+        with self.s.lock:
+            own = [r for r in self.s.running.values() if r.proc is not None]
         for r in own:
             try:
                 job = store.get(r.job["id"])
             except QueuectlError:
                 return
             if job and job["claim"] == r.token and job["state"] == PROCESSING \
-                    and job["worker"] != self.id:
+                    and job["worker"] != self.s.id:
                 r.lost_to = job["worker"]
 
-    def _poke_main(self):
-        """Wake the main loop (a job thread ended or a watch finished)."""
-        try:
-            os.write(self.poke_fd, b"\0")
-        except (OSError, AttributeError, TypeError):
-            pass
-
     def _on_signal(self, signum, frame):
-        self.signals.append(signum)      # handled by the main loop
+        self.s.signals.append(signum)      # handled by the main loop
 
     def _handle_signals(self):
         import signal
-        while self.signals:
-            sig = self.signals.pop(0)
+        while self.s.signals:
+            sig = self.s.signals.pop(0)
             if sig == signal.SIGUSR1:
                 self.request_stop(now=True)
-            elif sig == signal.SIGINT and self.stopping:
+            elif sig == signal.SIGINT and self.s.stopping:
                 self.request_stop(now=True)
             else:                        # SIGTERM, SIGHUP, a first SIGINT
                 self.request_stop()
 
-    def _config_mtime(self):
-        try:
-            return os.stat(self.config_file.path).st_mtime_ns
-        except OSError:
-            return None
-
     def _reload_config(self):
-        mtime = self._config_mtime()
-        if mtime == self.config_mtime:
+        mtime = self.s._config_mtime()
+        if mtime == self.s.config_mtime:
             return
-        self.config_mtime = mtime
+        self.s.config_mtime = mtime
         try:
-            self.config = self.config_file.load()
-            self.say("config reloaded: " + ", ".join(
-                f"{k}={v}" for k, v in self.config.items()))
+            self.s.config = self.s.config_file.load()
+            self.s.say("config reloaded: " + ", ".join(
+                f"{k}={v}" for k, v in self.s.config.items()))
         except QueuectlError as e:
-            self.say(f"config not reloaded, keeping the last good one: {e}")
+            self.s.say(f"config not reloaded, keeping the last good one: {e}")
 
     def _register(self, store):
-        store.register(self.id, self.count, self.queues)
+        store.register(self.s.id, self.s.count, self.s.queues)
 
     def _heartbeat(self, store):
         try:
-            if not store.heartbeat(self.id):
+            if not store.heartbeat(self.s.id):
                 self._register(store)
         except QueuectlError as e:
-            self.say(f"heartbeat failed, will retry: {e}")
+            self.s.say(f"heartbeat failed, will retry: {e}")
 
     # Claiming --------------------------------------------------------------
 
     def claim(self, store):
         """Claim the next runnable job (one BEGIN IMMEDIATE); None if none."""
-        token, job = self._new_token(), None
+        token, job = self.s._new_token(), None
         try:
             with store.tx():
-                job = store.claim(self.id, self.queues, time.time(), token)
+                job = store.claim(self.s.id, self.s.queues, time.time(), token)
         finally:
             if job is None:
-                self._drop_claim(token)
+                self.s._drop_claim(token)
         return job
-
-    def _new_token(self):
-        """A claim token of this worker (claim_tag tells whose), held (see
-        self.held) before the claim that uses it is committed."""
-        token = self.tag + new_id() + new_id()[:2]       # 12 characters, as ever
-        with self.lock:
-            self.held.add(token)
-        return token
-
-    def _drop_claim(self, token):
-        with self.lock:
-            self.held.discard(token)
 
     def _idle_wait(self, store, claimed_at):
         """Seconds an idle job thread may sleep, or None when draining is done.
@@ -4484,14 +4523,14 @@ class Worker(Attempts, Recovery):
         set how long to sleep."""
         paused = store.paused()
         if "*" in paused:
-            return None if self.drain and self._drained() else HEARTBEAT
-        where, params = store.claim_filter(self.queues, paused)
+            return None if self.s.drain and self._drained() else HEARTBEAT
+        where, params = store.claim_filter(self.s.queues, paused)
         now = time.time()
         after = " AND run_at > ?"
         nxt = store.next_run(where + after, params + [iso(claimed_at)])
         if nxt is not None and epoch(nxt) <= now:
             return 0.001                 # due since the claim: claim it
-        if not self.drain:
+        if not self.s.drain:
             return HEARTBEAT if nxt is None else min(epoch(nxt) - now, HEARTBEAT)
         # Draining: wait for a retry's backoff, and for a key a due job needs;
         # a job scheduled for later is left for a later worker.
@@ -4507,10 +4546,10 @@ class Worker(Attempts, Recovery):
     def _drained(self):
         """Whether a draining worker is done: no job of its own claimed,
         running or being recorded. Tells the other threads to stop too."""
-        with self.lock:
-            if self.active == 0 and not self.running and not self.settling:
-                self.stopping = True
-                self.cond.notify_all()
+        with self.s.lock:
+            if self.s.active == 0 and not self.s.running and not self.s.settling:
+                self.s.stopping = True
+                self.s.cond.notify_all()
                 return True
         return False
 
@@ -4518,83 +4557,83 @@ class Worker(Attempts, Recovery):
         """The step between two jobs of a job thread: record how one ended
         and, in the same transaction, claim the next (None if none)."""
         try:
-            return self._record(store, end)
+            return self.attempts._record(store, end)
         except Exception as e:           # a bug: never leave the job stuck
-            self._abandon(store, end.job, end.job["claim"], e)
+            self.recovery._abandon(store, end.job, end.job["claim"], e)
             return None
 
     def _job_thread(self):
         """One job thread: run jobs until stopped; survive its own bugs."""
         try:
-            while not self.stopping:
+            while not self.s.stopping:
                 try:
                     self._job_loop()
                     return
                 except QueuectlError as e:         # the database, for a moment
-                    self.say(f"cannot claim a job yet, will retry: {e}")
+                    self.s.say(f"cannot claim a job yet, will retry: {e}")
                     time.sleep(0.5)
                 except Exception as e:             # a bug: keep the worker alive
-                    self.say(f"worker thread error: {e!r}")
+                    self.s.say(f"worker thread error: {e!r}")
                     if os.environ.get("QUEUECTL_DEBUG"):
                         import traceback
                         traceback.print_exc()
                     time.sleep(1)
         finally:
-            with self.lock:
-                self.threads_left -= 1
-            self.notify()
-            self._poke_main()
+            with self.s.lock:
+                self.s.threads_left -= 1
+            self.s.notify()
+            self.s._poke_main()
 
     def _job_loop(self):
-        # self.active counts threads that hold a claimed job (or are claiming),
+        # self.s.active counts threads that hold a claimed job (or are claiming),
         # so that --drain never ends while a job is on its way.
-        store = Store(self.home, durable=False, local_lock=self.db_lock)
+        store = Store(self.s.home, durable=False, local_lock=self.s.db_lock)
         job = None
         try:
             while True:
                 if job is None:
-                    with self.lock:
-                        if self.stopping:
+                    with self.s.lock:
+                        if self.s.stopping:
                             return
-                        gen = self.generation
-                        self.active += 1
+                        gen = self.s.generation
+                        self.s.active += 1
                     claimed_at = time.time()
                     try:
                         job = self.claim(store)
                     finally:
                         if job is None:
-                            with self.lock:
-                                self.active -= 1
+                            with self.s.lock:
+                                self.s.active -= 1
                     if job is None:
                         wait = self._idle_wait(store, claimed_at)
                         if wait is None:
                             return
-                        with self.cond:
-                            if self.generation == gen and not self.stopping:
-                                self.cond.wait(wait)
+                        with self.s.cond:
+                            if self.s.generation == gen and not self.s.stopping:
+                                self.s.cond.wait(wait)
                         continue
-                if self.stopping:
+                if self.s.stopping:
                     return               # finally gives the unstarted job back
                 claimed, job = job, None
                 try:
-                    end = self.execute(store, claimed)
+                    end = self.attempts.execute(store, claimed)
                     if end is not None:
                         job = self._record_and_claim_next(store, end)
                 finally:
                     if job is None:
-                        with self.lock:
-                            self.active -= 1
+                        with self.s.lock:
+                            self.s.active -= 1
         finally:
             if job is not None:
                 # Stopping with a claimed job not yet started: give it back
                 # uncounted (a worker stop is not the job's failure).
                 try:
-                    store.requeue(job["id"], self.id, job["claim"])
+                    store.requeue(job["id"], self.s.id, job["claim"])
                 except QueuectlError:
                     pass             # recovery will settle it
-                self._drop_claim(job["claim"])
-                with self.lock:
-                    self.active -= 1
+                self.s._drop_claim(job["claim"])
+                with self.s.lock:
+                    self.s.active -= 1
             store.close()
 
 
@@ -5138,7 +5177,7 @@ def detach_worker(args):
         sys.stdout = os.fdopen(1, "w", buffering=1)
         sys.stderr = os.fdopen(2, "w", buffering=1)
         worker = Worker(args.home, args.count, args.queue, args.drain)
-        worker.log_file = os.path.join(args.home, "worker.log")
+        worker.s.log_file = os.path.join(args.home, "worker.log")
         os.write(w, str(os.getpid()).encode())
         os.close(w)
         code = worker.run()
