@@ -1467,20 +1467,24 @@ def _names(value, wrong, check):
 
 def spec_from_text(text):
     """One enqueue argument or --stdin line -> a spec dict (not yet checked).
-    It is a JSON job only when it parses as a JSON object: a shell brace
-    group such as '{ date; uptime; } > f' is a command."""
-    if text.lstrip().startswith("{"):
+    A { followed by a blank starts a shell brace group ('{ date; uptime; }
+    > f': a command); followed by anything else it can only be a JSON job,
+    and broken JSON is an error, never a command."""
+    body = text.lstrip()
+    if body.startswith("{"):
         import json
         try:
             obj = json.loads(text, parse_constant=_refuse_constant)
         except ValueError as e:
-            if text.lstrip()[1:].lstrip().startswith('"'):
-                raise UsageError(f"invalid JSON job ({e}); to enqueue a shell command "
-                                 "that starts with {\", give it with -c (or, on "
-                                 "--stdin, as a JSON job's \"command\")") from None
-            obj = None
+            if body[1:2].isspace() and not body[1:].lstrip().startswith('"'):
+                return {"command": text}         # a brace group
+            raise UsageError(f"invalid JSON job ({e}): a JSON job is an object such as "
+                             '{"command": "echo hi"}; a shell command that starts with { '
+                             "goes after -c") from None
         if isinstance(obj, dict):
             return obj
+        raise UsageError("invalid JSON job: it must be an object such as "
+                         '{"command": "echo hi"}')
     return {"command": text}
 
 def shell_name(name):
@@ -4993,8 +4997,8 @@ def parse_specs(args):
                 line = raw.removesuffix(b"\r").decode("utf-8")
             except UnicodeDecodeError:
                 raise UsageError(f"--stdin: line {n} is not valid UTF-8") from None
-            if line.strip():
-                items.append((f"line {n}", line))
+            if line.strip() and not line.lstrip().startswith("#"):
+                items.append((f"line {n}", line))    # as crontab: # comments
         if not items:
             raise UsageError("--stdin: no jobs on standard input")
     else:
@@ -6269,7 +6273,10 @@ def cmd_config_set(args):
     return EXIT_OK
 
 def cmd_config_get(args):
-    """One setting; a queue's that is not set: the home's value applies."""
+    """One setting; a queue's that is not set: the home's value applies.
+    With no key, every setting (as config list)."""
+    if args.key is None:
+        return cmd_config_list(args)
     key = normalize_key(args.key)
     values = Config(args.home).load()
     value = values.get(key, values[key.rpartition(".")[2]])
@@ -6983,8 +6990,9 @@ COMMAND_TABLE = [
     Command("limit rm", "remove a limit (a key: 1 again; a queue: none)", cmd_limit_rm,
             ["queuectl limit rm queue:reports"], [arg("key", metavar="KEY")]),
     Command("config", "get, set or list settings"),
-    Command("config get", "print one setting", cmd_config_get,
-            ["queuectl config get max-retries"], [arg("key", metavar="KEY"), JSON_ARG]),
+    Command("config get", "print one setting (no KEY: every setting, as list)",
+            cmd_config_get, ["queuectl config get max-retries", "queuectl config get"],
+            [arg("key", metavar="KEY", nargs="?"), JSON_ARG]),
     Command("config set", "change one setting", cmd_config_set,
             ["queuectl config set max-retries 5"],
             [arg("key", metavar="KEY"), arg("value", metavar="VALUE")]),
@@ -7087,24 +7095,35 @@ def build_parser(only=None):
     import argparse
 
     parsers = {}                         # COMMAND_TABLE's words -> its parser
+    top_parser = [None]                  # the whole parser, whose argv main sets
+
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):
-            # Unknown options reach the top parser: show the usage of the
-            # (sub)command they were given to, the first command in argv.
-            parser, argv = self, getattr(self, "argv", [])
-            for i, word in enumerate(argv):
-                if (word,) in parsers:
-                    parser = parsers.get(tuple(argv[i:i + 2]), parsers[(word,)])
-                    break
-            parser.print_usage(sys.stderr)
-            raise UsageError(message)
+            # One line: what is wrong and where to look. A mistyped command
+            # gets the nearest one; the hint names the (sub)command's --help.
+            import difflib
+            argv = getattr(top_parser[0], "argv", [])
+            bad = message.split("invalid choice: '", 1)[1].split("'", 1)[0] \
+                if "invalid choice: '" in message else None
+            before = argv[:argv.index(bad)] if bad in argv else argv
+            words = [w for w in before if (w,) in parsers][:1]
+            if words and bad is None and tuple(before[before.index(words[0]):][:2]) in parsers:
+                words = list(before[before.index(words[0]):][:2])
+            prog = " ".join(["queuectl"] + words)
+            if bad is None:
+                raise UsageError(f"{message} (see {prog} --help)")
+            choices = [w[-1] for w in parsers if w[:-1] == tuple(words)]
+            near = difflib.get_close_matches(bad, choices, n=1, cutoff=0.6)
+            raise UsageError(f"unknown command {bad!r}" + (f': did you mean "{near[0]}"?'
+                                                           if near else "")
+                             + f" (see {prog} --help)")
 
     common = Parser(add_help=False)
     common.add_argument("--home", default=argparse.SUPPRESS, metavar="DIR", help=HOME_HELP)
-    parser = Parser(prog="queuectl", description="A background job queue for "
-                    "shell commands: retries, backoff, a dead letter queue, "
-                    "timeouts and crash recovery, all in SQLite.")
+    parser = top_parser[0] = Parser(
+        prog="queuectl", description="A background job queue for shell commands: retries, "
+        "backoff, a dead letter queue, timeouts and crash recovery, all in SQLite.")
     parser.add_argument("--version", action="version", version=f"queuectl {__version__}")
     parser.add_argument("--home", metavar="DIR", help=HOME_HELP)
     top = parser.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=Parser)

@@ -2085,14 +2085,41 @@ class TestCommandsAsTyped(QueueTest):
         self.assertEqual(self.ok("logs", "j", "-n", "2"), self.ok("logs", "j", "--tail", "2"))
         self.assertEqual(self.ok("logs", "-n", "3", "j").splitlines()[0], "49")
 
-    def test_an_unknown_flag_prints_that_subcommands_usage(self):
-        for args, usage in ((("list", "--bogus"), "usage: queuectl list "),
-                            (("worker", "start", "--bogus"), "usage: queuectl worker start "),
-                            (("dlq", "retry", "--bogus"), "usage: queuectl dlq retry "),
-                            (("logs", "x", "--nope"), "usage: queuectl logs ")):
+    def test_an_unknown_flag_is_one_line_naming_that_subcommands_help(self):
+        for args, hint in ((("list", "--bogus"), "(see queuectl list --help)"),
+                           (("worker", "start", "--bogus"), "(see queuectl worker start --help)"),
+                           (("dlq", "retry", "--bogus"), "(see queuectl dlq retry --help)"),
+                           (("logs", "x", "--nope"), "(see queuectl logs --help)")):
             with self.subTest(args=args):
                 r = self.fails(2, *args)
-                self.assertTrue(r.err.startswith(usage), r.err)
+                self.assertEqual(len(r.err.splitlines()), 1, r.err)
+                self.assertTrue(r.err.rstrip().endswith(hint), r.err)
+
+    def test_a_mistyped_command_names_the_nearest_one(self):
+        for args, line in ((("lsit",), 'unknown command \'lsit\': did you mean "list"? '
+                                       "(see queuectl --help)"),
+                           (("worker", "strat"), 'unknown command \'strat\': did you mean '
+                                                 '"start"? (see queuectl worker --help)'),
+                           (("xyzzy",), "unknown command 'xyzzy' (see queuectl --help)")):
+            with self.subTest(args=args):
+                r = self.fails(2, *args)
+                self.assertEqual(r.err, f"queuectl: error: {line}\n")
+
+    def test_broken_json_is_never_a_command_and_comments_are_skipped(self):
+        for text in ("{invalid json}", "{'id':'j','command':'x'}", "{id:j,command:x}"):
+            with self.subTest(text=text):
+                r = self.fails(2, "enqueue", text)
+                self.assertIn("invalid JSON job", r.err)
+        self.assertEqual(self.db_dump(), None)               # nothing, not even a home
+        r = self.q("enqueue", "--stdin", input="# nightly jobs\n\n   # more\necho a\n")
+        self.assertEqual(len(r.out.split()), 1, r)
+        self.assertEqual([j["command"] for j in json.loads(self.ok("list", "--json"))],
+                         ["echo a"])
+
+    def test_config_get_with_no_key_prints_every_setting(self):
+        self.ok("config", "set", "max-retries", "7")
+        self.assertEqual(self.ok("config", "get"), self.ok("config", "list"))
+        self.assertEqual(json.loads(self.ok("config", "get", "--json"))["max_retries"], 7)
 
     def test_empty_values_are_refused_with_what_is_allowed(self):
         self.enqueue("--id", "keep", "true")
