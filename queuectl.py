@@ -144,7 +144,7 @@ VALUE_RULES = {
     "nice": ("int", -20, 19, "added to the worker's niceness, 0 = unchanged"),
     # job fields
     "timeout": ("dur", 0, 31_536_000, "seconds, 0 = none"),
-    "priority": ("int", -2**62, 2**62, "higher runs first"),
+    "priority": ("int", -1_000_000, 1_000_000, "higher runs first"),
     # command-line options only
     "count": ("int", 1, 256, "job threads in this process"),
     "limit": ("int", 0, 1_000_000_000, "rows, 0 = all"),
@@ -286,12 +286,12 @@ def valid_name(s, more=""):
 
 ID_MORE = "@:"                   # what a job id may hold besides a name's characters
 
-def check_name(s, what="job id"):
+def check_name(s, what="job id", longest=MAX_ID):
     more = ID_MORE if what == "job id" else ""
-    if not valid_name(s, more):
+    if not valid_name(s, more) or len(s) > longest:
         raise UsageError(
-            f"invalid {what} {s!r}: use 1-128 of A-Z a-z 0-9 . _ -"
-            + (" @ :" if more else "") + " starting with a letter or digit")
+            f"invalid {what} {s[:40]!r}{'…' if len(s) > 40 else ''}: use 1-{longest} of "
+            "A-Z a-z 0-9 . _ -" + (" @ :" if more else "") + " starting with a letter or digit")
     return s
 
 def new_id():
@@ -4888,7 +4888,9 @@ def summary_lines(counts, per_queue, workers, paused, every_queue):
     if every_queue or len(per_queue) > 1 or (per_queue and DEFAULT_QUEUE not in per_queue):
         lines += table(["QUEUE"] + [s.upper() for s in STATES],
                        queues or [[DEFAULT_QUEUE] + [0] * len(STATES)]).splitlines()
-    lines.append(f"workers: {len(workers)} live ({plural(threads, 'thread')})"
+    n = len(workers)
+    lines.append(f"workers: {plural(threads, 'job thread')} in {n} live worker "
+                 f"process{'' if n == 1 else 'es'}"
                  + (("; paused: " + ("all queues" if "*" in paused else ", ".join(paused)))
                     if paused else ""))
     return lines
@@ -5194,11 +5196,20 @@ def detach_worker(args):
         os._exit(code)
 
 def cmd_worker_stop(args):
-    """Ask every live worker of this home to stop; --wait until they have
-    (--timeout waits too, for at most that long)."""
+    """Ask every live worker of this home to stop, and wait until they have
+    (at most --timeout; --no-wait: return at once)."""
     import signal
+    if args.no_wait and (args.wait or args.timeout is not None):
+        raise UsageError("--no-wait returns at once: give it without --wait or --timeout")
     store = open_store(args)
     workers = [w for w in store.live_workers() if w["host"] == hostname()]
+    if args.which:
+        named = set(args.which)
+        unknown = named - {w["id"] for w in workers} - {str(w["pid"]) for w in workers}
+        if unknown:
+            raise QueuectlError(f"no live worker {sorted(unknown)[0]!r} of this home on "
+                                "this host; queuectl worker status lists them")
+        workers = [w for w in workers if w["id"] in named or str(w["pid"]) in named]
     for w in workers:
         try:
             os.kill(w["pid"], signal.SIGUSR1 if args.now else signal.SIGTERM)
@@ -5209,7 +5220,7 @@ def cmd_worker_stop(args):
         return EXIT_OK
     print(f"stopping {len(workers)} worker{'s' if len(workers) != 1 else ''}"
           + (" now" if args.now else ""))
-    if (args.wait or args.timeout is not None) and not poll_until(
+    if not args.no_wait and not poll_until(
             lambda: not any(lock_held(args.home, w["id"]) for w in workers),
             args.timeout, first=0.01, cap=0.05):
         raise QueuectlError(f"workers still running after {args.timeout:g}s")
@@ -5477,11 +5488,7 @@ def cmd_schedule_run(args):
 
 def cmd_schedule_add(args):
     """A schedule: a cron expression and the job each of its slots becomes."""
-    if not valid_name(args.name):
-        check_name(args.name, "schedule name")
-    if len(args.name) > 100:                 # NAME@2026-12-01T03:00 must be an id
-        raise UsageError(f"schedule name {args.name[:20]!r}… is too long: at most 100 "
-                         "characters")
+    check_name(args.name, "schedule name", 100)    # NAME@2026-12-01T03:00 is an id
     cron = Cron(args.cron)
     opts, command = schedule_words(args)
     args.job = []
@@ -6835,13 +6842,19 @@ COMMAND_TABLE = [
         arg("--detach", action="store_true",
             help="run in the background, log to HOME/worker.log, print the pid")],
         common=("worker start", "run jobs (--count N, --drain, --detach)")),
-    Command("worker stop", "stop every live worker of this home", cmd_worker_stop, [
-        "queuectl worker stop --wait", "queuectl worker stop --now"], [
+    Command("worker stop", "stop the live workers of this home (or those named); waits",
+            cmd_worker_stop, [
+        "queuectl worker stop", "queuectl worker stop --now --timeout 30",
+        "queuectl worker stop 4242"], [
+        arg("which", nargs="*", metavar="WORKER",
+            help="only these workers, by id or pid (worker status lists them)"),
         arg("--now", action="store_true",
             help="also stop running jobs (back to pending, attempt not counted)"),
-        arg("--wait", action="store_true", help="return once they have exited"),
+        arg("--wait", action="store_true",
+            help="return once they have exited (the default; kept for scripts)"),
+        arg("--no-wait", action="store_true", help="ask them to stop and return at once"),
         arg("--timeout", type=_value("wait", "--timeout"),
-            help="wait, and give up (exit 1) after this many seconds")]),
+            help="give up waiting (exit 1) after this many seconds")]),
     Command("worker status", "list live workers", cmd_worker_status,
             ["queuectl worker status"], [JSON_ARG]),
     Command("status", "counts per state, workers, oldest pending, next run", cmd_status,

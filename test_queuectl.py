@@ -3953,6 +3953,47 @@ class TestStopTimeoutWithoutWait(QueueTest):
         self.assertEqual(w.wait(timeout=15), 0, self.err(w))   # it was asked to stop
         self.assertEqual(self.state("long"), "completed")
 
+class TestWorkerStopWaits(QueueTest):
+    """worker stop returns once the workers have stopped (as other queuectl
+    suites expect); --no-wait returns at once; a worker can be named."""
+
+    def test_stop_waits_by_default_and_no_wait_does_not(self):
+        self.enqueue("--id", "long", self.gate_cmd())
+        w = self.bg()
+        self.wait_running("long")
+        r = self.ok("worker", "stop", "--no-wait")
+        self.assertEqual(r, "stopping 1 worker\n")
+        self.assertIsNone(w.poll())                       # still finishing its job
+        stopper = subprocess.Popen([*QUEUECTL, "worker", "stop"], env=self.env,
+                                   cwd=self.work, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        self.procs.append(stopper)
+        self.wait_for(lambda: pid_alive(stopper.pid), 5, "worker stop to run")
+        time.sleep(0.3)                                   # it waits: the job runs on
+        self.assertIsNone(stopper.poll())
+        self.go()
+        self.assertEqual(stopper.wait(timeout=20), 0, stopper.stderr.read())
+        self.assertEqual(w.wait(timeout=10), 0)           # it returned after the worker
+        self.fails(2, "worker", "stop", "--no-wait", "--timeout", "5")
+
+    def test_one_worker_is_stopped_by_pid(self):
+        a, b = self.bg(), self.bg()
+        self.wait_for(lambda: self.live_workers() == 2, 20, "two workers")
+        self.assertEqual(self.ok("worker", "stop", str(a.pid)), "stopping 1 worker\n")
+        self.assertEqual(a.wait(timeout=10), 0)
+        self.assertIsNone(b.poll())
+        self.assertEqual(self.live_workers(), 1)
+        r = self.fails(1, "worker", "stop", "nosuch")
+        self.assertIn("worker status", self.error_line(r))
+
+    def test_readable_priority_bounds_and_one_limit_on_schedule_names(self):
+        r = self.fails(2, "enqueue", "--priority", "99999999", "true")
+        self.assertIn("from -1000000 to 1000000", self.error_line(r))
+        for name in ("bad name", "a" * 101):
+            with self.subTest(name=name[:10]):
+                r = self.fails(2, "schedule", "add", name, "@daily", "--", "true")
+                self.assertIn("use 1-100 of", self.error_line(r))
+
 class TestHookHome(QueueTest):
     def test_a_hooks_queuectl_home_is_not_the_reported_jobs_env(self):
         self.enqueue("--id", "j", "--env", "QUEUECTL_HOME=/nonexistent",
@@ -4954,7 +4995,7 @@ class TestListsShowTheNewestAndTheirOutcome(QueueTest):
 
     def test_status_wording(self):
         self.start_worker()
-        self.assertIn("workers: 1 live (1 thread)", self.ok("status"))
+        self.assertIn("workers: 1 job thread in 1 live worker process", self.ok("status"))
 
 class TestMachineOutput(QueueTest):
     def test_json_shapes(self):
@@ -5942,8 +5983,8 @@ class TestSchedules(QueueTest):
         self.assertEqual(self.job(self.ok("schedule", "run", "c").strip())["nice"], 3)
         self.assertIn("cannot have depends_on", self.fails(
             2, "schedule", "add", "d", "@daily", '{"command": "x", "depends_on": ["a"]}').err)
-        self.assertIn("too long", self.fails(2, "schedule", "add", "x" * 101, "@daily",
-                                             "true").err)
+        self.assertIn("use 1-100 of", self.fails(2, "schedule", "add", "x" * 101, "@daily",
+                                                 "true").err)
         self.assertIn("16 or more", self.fails(2, "enqueue", "--nofile", "3", "true").err)
         self.assertIn("not both", self.fails(2, "schedule", "add", "m", "@daily", "echo hi",
                                              "--queue", "q", "second").err)
