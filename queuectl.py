@@ -1289,7 +1289,7 @@ JOB_TABLE = (
     ("last_error", "TEXT", 1, "", "pr"),
     ("worker", "TEXT", 1, "", "pr"),
     ("claim", "TEXT", 1, "", "r"),
-    ("pid", "INTEGER", 1, "", "r"),
+    ("pid", "INTEGER", 1, "", "pr"),
     ("pid_start", "TEXT", 1, "", "r"),
     ("env_id", "INTEGER", 2, "", "e"),
     ("umask", "INTEGER", 2, "", "e"),
@@ -4714,9 +4714,16 @@ def print_json(obj):
     import json
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
-def job_public(job, home):
+# The public columns whose value, when the job sets none, is its queue's or
+# the home's: shown as the value that applies, with where it came from.
+SHOWN_EFFECTIVE = ("max_retries", "timeout", "mem", "cpu_time", "nofile", "nice",
+                   "retry_on", "no_retry_on")
+
+def job_public(job, home, cfg=None):
     """A job as users see it (show --json, list --json). Of its environment
-    only the names set with --env show: values only with show --env."""
+    only the names set with --env show: values only with show --env. With
+    cfg (the home's config), values the job leaves to its queue or home are
+    the ones that apply, and "from" says whose each is (job, queue, home)."""
     out = {}
     for k, _, _, kept, flags in JOB_TABLE:
         if "p" not in flags:
@@ -4732,6 +4739,10 @@ def job_public(job, home):
         if k == "env":
             out["env_from"] = "worker" if job["env_id"] is None else "enqueuer"
             out["umask"] = None if job["umask"] is None else f"{job['umask']:04o}"
+    if cfg is not None:
+        eff = effective(job, cfg, SHOWN_EFFECTIVE)
+        out.update((k, v) for k, (v, _) in eff.items())
+        out["from"] = {k: src for k, (_, src) in eff.items()}
     out["log"] = log_path(home, job["id"])
     return out
 
@@ -5104,7 +5115,8 @@ def cmd_enqueue(args):
                          f"{stuck_text(dep, state)}: it runs only once {dep} is "
                          "retried and completes\n")
     if args.json:
-        jobs = [job_public(store.get(i), args.home) for i in ids]
+        cfg = Config(args.home).load()
+        jobs = [job_public(store.get(i), args.home, cfg) for i in ids]
         print_json(jobs if args.stdin else jobs[0])
     else:
         sys.stdout.write("".join(i + "\n" for i in ids))
@@ -5165,6 +5177,9 @@ def detach_worker(args):
             raise QueuectlError("the detached worker did not start; see "
                                 + os.path.join(args.home, "worker.log"))
         print(data.decode())
+        if sys.stdout.isatty():              # scripts read the pid alone
+            print(f"the worker runs in the background; its log: "
+                  f"{os.path.join(args.home, 'worker.log')}")
         return EXIT_OK
     code = EXIT_FAIL
     try:
@@ -5293,7 +5308,7 @@ def cmd_show(args):
     """Every field of one job, and its log path; --env: its environment."""
     store = open_store(args)
     job = store.must_get(args.id)
-    pub = job_public(job, args.home)
+    pub = job_public(job, args.home, Config(args.home).load())
     blocked = blocked_on(store, job)
     pub["blocked_on"] = [d for d, _ in blocked]
     pub["hook_jobs"] = [{"id": h["id"], "event": _loads(h["env"], {}).get("QUEUECTL_HOOK"),
@@ -5309,8 +5324,11 @@ def cmd_show(args):
         print_json(pub)
         return EXIT_OK
     width = max(len(k) for k in pub)
+    sources = pub.pop("from", {})
     for k, v in pub.items():
-        if k == "blocked_on":
+        if k in sources and sources[k] != "job":
+            v = f"{'-' if v in (None, '') else v}  ({sources[k]}'s)"
+        elif k == "blocked_on":
             v = ", ".join(f"{d} ({s})" for d, s in blocked) or None
         elif k in ("depends_on", "env", "keys"):
             v = ", ".join(v) or None
@@ -5368,7 +5386,8 @@ def list_jobs(store, args, states):
         limit = 0 if args.json or args.all else 100
     rows, more = store.list_jobs(states, args.queue, limit)
     if args.json:
-        print_json([job_public(j, args.home) for j in rows])
+        cfg = Config(args.home).load()
+        print_json([job_public(j, args.home, cfg) for j in rows])
         return EXIT_OK
     if not rows:
         print("no jobs")
@@ -7213,8 +7232,13 @@ def main(argv=None):
     if argv[:1] == ["__complete"]:
         return complete_values(argv[1:])
     if not argv:
-        sys.stdout.write(short_usage())
-        return EXIT_OK
+        # Bare, as tsp and pueue: the queue, once there is one; else how to start.
+        home = os.environ.get("QUEUECTL_HOME") or os.path.join(
+            os.path.expanduser("~"), ".queuectl")
+        if not os.path.exists(os.path.join(home, "queue.db")):
+            sys.stdout.write(short_usage())
+            return EXIT_OK
+        argv = ["list"]
     try:
         only = _command_name(argv)
         args = fast_parse(argv)

@@ -3994,6 +3994,36 @@ class TestWorkerStopWaits(QueueTest):
                 r = self.fails(2, "schedule", "add", name, "@daily", "--", "true")
                 self.assertIn("use 1-100 of", self.error_line(r))
 
+class TestTheFirstHour(QueueTest):
+    """Forms and defaults a newcomer (and other queuectl suites) expect."""
+
+    def test_json_gives_the_values_that_apply_and_whose_they_are(self):
+        self.ok("config", "set", "queue.q.max_retries", "7")
+        self.enqueue("--id", "a", "--queue", "q", "--timeout", "5", "true")
+        self.enqueue("--id", "b", "true")
+        a, b = self.job("a"), self.job("b")
+        self.assertEqual((a["max_retries"], a["from"]["max_retries"]), (7, "queue"))
+        self.assertEqual((a["timeout"], a["from"]["timeout"]), (5, "job"))
+        self.assertEqual((b["max_retries"], b["from"]["max_retries"]), (3, "home"))
+        listed = {j["id"]: j for j in json.loads(self.ok("list", "--json"))}
+        self.assertEqual(listed["a"]["max_retries"], 7)
+        self.assertIn("max_retries        7  (queue's)", self.ok("show", "a"))
+
+    def test_bare_queuectl_shows_the_queue_once_there_is_one(self):
+        self.assertIn("Common commands:", self.ok())
+        self.enqueue("--id", "a", "echo hi")
+        out = self.ok()
+        self.assertTrue(out.startswith("ID "), out)
+        self.assertIn("echo hi", out)
+
+    def test_show_gives_a_running_jobs_pid(self):
+        self.enqueue("--id", "long", self.gate_cmd())
+        self.bg()
+        pid = self.wait_running("long")
+        self.assertRegex(self.ok("show", "long"), rf"\npid +{pid}\n")
+        self.assertEqual(self.job("long")["pid"], pid)
+        self.go()
+
 class TestHookHome(QueueTest):
     def test_a_hooks_queuectl_home_is_not_the_reported_jobs_env(self):
         self.enqueue("--id", "j", "--env", "QUEUECTL_HOME=/nonexistent",
@@ -5008,7 +5038,7 @@ class TestMachineOutput(QueueTest):
         listed = json.loads(self.ok("list", "--json"))
         self.assertEqual([j["id"] for j in listed], [job])
         self.assertEqual(set(listed[0]), set(queuectl.JOB_FIELDS) | {"log", "env_from",
-                                                                     "umask"})
+                                                                     "umask", "from"})
         self.assertEqual(json.loads(self.ok("dlq", "list", "--json")), [])
         self.assertEqual(json.loads(self.ok("worker", "status", "--json")), [])
         cfg = json.loads(self.ok("config", "list", "--json"))
