@@ -1117,6 +1117,8 @@ def retry_verdict(job, cfg, ended):
         return None          # it succeeded, never ran, or its end is unknown
     policy = effective_values(job, cfg, ("retry_on", "no_retry_on"))
     retry_on, no_retry = policy["retry_on"], policy["no_retry_on"]
+    if outcome in (126, 127) and not (retry_on and codes_match(retry_on, outcome)):
+        return f"not retried: it cannot run (retry_on {outcome} retries it)"
     if no_retry and codes_match(no_retry, outcome):
         return f"not retried (no_retry_on {no_retry})"
     if retry_on and isinstance(outcome, int) and not codes_match(retry_on, outcome):
@@ -3459,6 +3461,34 @@ def cpu_seconds(limit):
     """A CPU time limit as ulimit -t takes it: whole seconds, rounded up."""
     return max(int(-(-limit // 1)), 1)
 
+def last_log_line(home, job_id, size=4096):
+    """The last line of a job's log that queuectl did not write ("" if none
+    can be read): what the job itself said last."""
+    try:
+        fd = os.open(log_path(home, job_id), os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        end = os.fstat(fd).st_size
+        data = os.pread(fd, size, max(end - size, 0)).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    lines = [ln for ln in data.splitlines() if ln.strip() and not ln.startswith("[queuectl]")]
+    return lines[-1] if lines else ""
+
+def cannot_run_text(rc, said):
+    """The error of a command that could not run (exit 127: not found, 126:
+    not executable), from what its shell said, without the wrapper's name:
+    "command not found: rsync", "could not run: ./x.sh: Permission denied"."""
+    import re
+    m = re.match(r"^queuectl-job: (?:line )?\d+: (?:eval: )?(.*?): (.*)$", said)
+    what, why = (m.group(1), m.group(2)) if m else ("", "")
+    if rc == 127 and ("not found" in why or not m):
+        return f"command not found: {what}" if what else "exit code 127 (command not found)"
+    return f"could not run: {what}: {why}" if what else f"exit code {rc} (could not run)"
+
 def limit_outcome(lim, ended, usage):
     """An attempt's Outcome, naming the limit that ended it: a CPU time
     limit is known (SIGXCPU, or SIGKILL past it: a signal for the retry
@@ -3786,6 +3816,8 @@ class Attempts:
             elif kind == "absent":
                 ended = Outcome("could_not_start", None, f"could not start: cannot create "
                                 f"{status}")
+        elif ended.kind == "exit" and rc in (126, 127):
+            ended.error = cannot_run_text(rc, last_log_line(self.s.home, job["id"]))
         if not timed_out:
             ended = limit_outcome(self._limits(job), ended, usage)
         return Ended(job, ended, duration, usage, run.log_fd, (run.pid, run.start),

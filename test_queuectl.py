@@ -4009,6 +4009,23 @@ class TestTheFirstHour(QueueTest):
         self.assertEqual(listed["a"]["max_retries"], 7)
         self.assertIn("max_retries        7  (queue's)", self.ok("show", "a"))
 
+    def test_a_command_that_cannot_run_is_not_retried_and_says_why(self):
+        self.set_fast_retries()
+        with open(self.path("plain.sh"), "w") as f:
+            f.write("echo hi\n")                          # not executable
+        self.enqueue("--id", "nf", "rsync-that-is-not-here -a /srv/ /backup/")
+        self.enqueue("--id", "nx", "./plain.sh")
+        self.enqueue("--id", "opt", "--retry-on", "127", "--max-retries", "1", "no-such-cmd")
+        r = self.drained(1)
+        nf, nx, opt = self.job("nf"), self.job("nx"), self.job("opt")
+        self.assertEqual((nf["state"], nf["attempts"], nf["exit_code"]), ("dead", 1, 127), r)
+        self.assertTrue(nf["last_error"].startswith(
+            "command not found: rsync-that-is-not-here; not retried"), nf["last_error"])
+        self.assertEqual((nx["state"], nx["attempts"], nx["exit_code"]), ("dead", 1, 126))
+        self.assertTrue(nx["last_error"].startswith(
+            "could not run: ./plain.sh: Permission denied"), nx["last_error"])
+        self.assertEqual((opt["state"], opt["attempts"]), ("dead", 2))   # opted back in
+
     def test_bare_queuectl_shows_the_queue_once_there_is_one(self):
         self.assertIn("Common commands:", self.ok())
         self.enqueue("--id", "a", "echo hi")
