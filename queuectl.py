@@ -2276,8 +2276,8 @@ class Store:
         try:
             ensure_private_dir(home)
         except OSError as e:
-            raise UsageError(f"cannot create the home directory {home}: "
-                             f"{e.strerror}") from None
+            raise UsageError(f"cannot create the home directory {home}: {e.strerror}; "
+                             "give another with --home DIR or QUEUECTL_HOME") from None
         if not os.path.isdir(home):
             raise UsageError(f"the home {home} is not a directory; give --home "
                              "(or QUEUECTL_HOME) a directory")
@@ -5884,8 +5884,10 @@ def cmd_wait(args):
         bad = store.not_completed(seq, where, params)
     parts = []
     if bad:
+        dead = [i for i, s in bad if s == DEAD]
         parts.append(f"{plural(len(bad), 'job')} did not complete: "
-                     + ", ".join(f"{i} {s}" for i, s in bad[:5]) + (", …" if len(bad) > 5 else ""))
+                     + ", ".join(f"{i} {s}" for i, s in bad[:5]) + (", …" if len(bad) > 5 else "")
+                     + (f" (see queuectl logs {dead[0]}, queuectl dlq list)" if dead else ""))
     if stuck:
         parts.append("; ".join(f"{j} waits on {stuck_text(dep, st)}"
                                for j, (dep, st) in list(stuck.items())[:5])

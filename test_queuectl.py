@@ -4026,6 +4026,18 @@ class TestTheFirstHour(QueueTest):
             "could not run: ./plain.sh: Permission denied"), nx["last_error"])
         self.assertEqual((opt["state"], opt["attempts"]), ("dead", 2))   # opted back in
 
+    def test_errors_name_the_next_step(self):
+        self.enqueue("--id", "bad", "--max-retries", "0", "exit 3")
+        self.drained(1)
+        r = self.fails(1, "wait", "bad")
+        self.assertIn("(see queuectl logs bad, queuectl dlq list)", self.error_line(r))
+        blocker = os.path.join(self.tmp, "file")
+        with open(blocker, "w"):
+            pass
+        r = self.fails(2, "--home", os.path.join(blocker, "home"), "enqueue", "true")
+        self.assertIn("cannot create the home directory", self.error_line(r))
+        self.assertIn("--home DIR or QUEUECTL_HOME", self.error_line(r))
+
     def test_bare_queuectl_shows_the_queue_once_there_is_one(self):
         self.assertIn("Common commands:", self.ok())
         self.enqueue("--id", "a", "echo hi")
