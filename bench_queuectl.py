@@ -857,7 +857,8 @@ def time_claims(home, repeats):
     try:
         worker = q.Worker(home)
         plan = [r[3] for r in store.db.execute(
-            "EXPLAIN QUERY PLAN " + q.SQL_CLAIMABLE.format(where=""),
+            "EXPLAIN QUERY PLAN "
+            + q.SQL_CLAIMABLE.format(where="", order=q.order_by("-priority")),
             [q.iso(time.time())])]
         times = []
         for _ in range(repeats):

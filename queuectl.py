@@ -73,7 +73,7 @@ STATE_CHOICES = {
 
 DEFAULT_QUEUE = "default"
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 APPLICATION_ID = 0x71756575          # "queu": marks a queuectl database
 
@@ -88,6 +88,12 @@ CONFIG_DEFAULTS = {
     "max_retries": 3,
     "backoff_base": 2,
     "max_backoff": 3600,
+    # text: random spread of each backoff wait: "N%" (the wait times 1 +- N%),
+    # "full" (anywhere from 0 to the wait), or "0" (none: exact waits)
+    "backoff_jitter": "10%",
+    # text: the order due jobs are claimed in: "priority" (higher first, then
+    # the earlier due) or "fifo" (priority ignored: the earlier due first)
+    "scheduling_mode": "priority",
     "job_timeout": 0,
     "kill_grace": 10,
     "hook_timeout": 300,
@@ -112,7 +118,7 @@ LIMIT_KEYS = ("mem", "cpu_time", "nofile", "nice")
 HOOK_EVENTS = ("on_success", "on_failure", "on_dead", "on_cancel")
 
 # Config keys whose values are text, not numbers.
-TEXT_KEYS = HOOK_EVENTS + ("retry_on", "no_retry_on")
+TEXT_KEYS = HOOK_EVENTS + ("retry_on", "no_retry_on", "backoff_jitter", "scheduling_mode")
 
 # Config keys that may also be set per queue, as queue.NAME.KEY.
 QUEUE_KEYS = ("max_retries", "backoff_base", "max_backoff", "job_timeout",
@@ -1054,7 +1060,28 @@ def check_config_value(key, value, source="value"):
         raise UsageError(f"invalid {source} {value!r} for {key}: give text")
     if base in ("retry_on", "no_retry_on"):
         return parse_codes(value, base) if value.strip() else ""
+    if base == "backoff_jitter":
+        return parse_jitter(value, source)
+    if base == "scheduling_mode":
+        if value.strip().lower() not in ("priority", "fifo"):
+            raise UsageError(f"invalid {source} {value!r} for scheduling_mode: give priority "
+                             "(higher priority first) or fifo (priority ignored)")
+        return value.strip().lower()
     return check_hook(value, base)
+
+def parse_jitter(text, source="value"):
+    """backoff_jitter as typed -> as stored: "N%" (1-100), "full" or "0"."""
+    word = text.strip().lower()
+    if word in ("0", "0%", "off", "none", "no"):
+        return "0"
+    if word == "full":
+        return word
+    n = word.removesuffix("%")
+    if n.isdigit() and 1 <= int(n) <= 100:
+        return f"{int(n)}%"
+    raise UsageError(f"invalid {source} {text!r} for backoff_jitter: give N% (1-100: "
+                     "each wait is spread by up to N% either way), full (anywhere from "
+                     "0 to the wait) or 0 (exact waits)")
 
 def parse_config_text(key, text):
     """A value typed on the command line for a config key -> a checked value."""
@@ -1131,6 +1158,7 @@ def retry_verdict(job, cfg, ended):
 EFFECTIVE = (("max_retries", "max_retries", "max_retries"),
              ("timeout", "job_timeout", "timeout"),
              ("backoff_base", "backoff_base", None), ("max_backoff", "max_backoff", None),
+             ("backoff_jitter", "backoff_jitter", None),
              ("kill_grace", "kill_grace", None), ("hook_timeout", "hook_timeout", None),
              *((k, k, k) for k in LIMIT_KEYS), ("retry_on", "retry_on", "retry_on"),
              ("no_retry_on", "no_retry_on", "no_retry_on"), *((k, k, None) for k in HOOK_EVENTS))
@@ -1247,12 +1275,45 @@ def json_object(text, what, then=""):
 def _refuse_constant(name):
     raise ValueError(f"{name} is not allowed")
 
-def backoff_delay(attempts, cfg):
-    """Seconds to wait before the retry that follows attempt number n."""
+def claim_order(cfg):
+    """The order claims take due jobs in, from scheduling_mode (the home's
+    and each queue's): (a sort key in SQL, its parameters), then run_at,
+    then seq. The key is -priority when every queue is "priority" (the
+    jobs_ready index's own order), 0 when every queue is "fifo", else a
+    CASE on the queue. Claims and why read this one rule."""
+    home = cfg.get("scheduling_mode", "priority")
+    other = sorted({k[6:].rpartition(".")[0] for k, v in cfg.items()
+                    if k.startswith("queue.") and k.endswith(".scheduling_mode") and v != home})
+    if not other:
+        return ("-priority" if home == "priority" else "0"), []
+    inner, outer = ("0", "-priority") if home == "priority" else ("-priority", "0")
+    return f"CASE WHEN queue IN ({_marks(other)}) THEN {inner} ELSE {outer} END", other
+
+def order_by(key):
+    """claim_order's key as an ORDER BY (priority DESC: the index's order;
+    a bare 0 would name a column)."""
+    if key == "0":
+        return "run_at, seq"
+    return ("priority DESC" if key == "-priority" else key) + ", run_at, seq"
+
+def backoff_delay(attempts, cfg, spread=None):
+    """Seconds to wait before the retry that follows attempt number n:
+    min(backoff_base ** n, max_backoff), spread by backoff_jitter so that
+    jobs that failed together do not retry in lockstep. spread: a number
+    from 0 to 1 (random when None; tests give one)."""
     try:
-        return min(cfg["backoff_base"] ** attempts, cfg["max_backoff"])
+        wait = min(cfg["backoff_base"] ** attempts, cfg["max_backoff"])
     except OverflowError:
-        return cfg["max_backoff"]
+        wait = cfg["max_backoff"]
+    jitter = cfg.get("backoff_jitter", "0")
+    if jitter == "0" or not wait:
+        return wait
+    if spread is None:
+        import random
+        spread = random.random()
+    if jitter == "full":                 # AWS's "full jitter", as Celery's
+        return wait * spread
+    return wait * (1 + (2 * spread - 1) * int(jitter[:-1]) / 100)
 
 
 # The job record ##############################################################
@@ -1306,6 +1367,7 @@ JOB_TABLE = (
     ("nice", "INTEGER", 4, "", "pse"),
     ("schedule", "TEXT", 4, "", "pe"),
     ("usage", "TEXT", 4, "json", "pr"),
+    ("label", "TEXT", 5, "", "pse"),
 )
 
 # What a NULL JSON column shows as.
@@ -1352,6 +1414,14 @@ def check_limit_key(key):
         return key
     return check_key(key)
 
+def check_label(text):
+    """A label (enqueue --label): any printable text, 1-100 characters."""
+    if not isinstance(text, str) or len(text) > 100 or not _utf8(text) or \
+            not text.isprintable() or text != text.strip():
+        raise UsageError(f"invalid label {text!r}: give 1-100 printable characters, "
+                         "with no space at either end")
+    return text
+
 def check_if_busy(text):
     if text not in ("skip", "queue"):
         raise UsageError(f"invalid --if-busy {text!r}: use skip (enqueue nothing "
@@ -1389,6 +1459,8 @@ def check_spec(spec):
         check_name(spec["id"])
     if spec.get("queue") is not None:
         check_name(spec["queue"], "queue name")
+    if spec.get("label") is not None:
+        spec["label"] = check_label(spec["label"]) or None
     for name in ("priority", "max_retries", "timeout") + LIMIT_KEYS:
         if spec.get(name) is not None:
             spec[name] = check_value(name, spec[name],
@@ -1798,6 +1870,9 @@ SCHEDULE_INDEX = "CREATE INDEX jobs_schedule ON jobs (schedule) WHERE schedule I
 # until their attempt's processes are gone (cancel ended clears the claim).
 CLAIMED_INDEX = "CREATE INDEX jobs_claimed ON jobs (state, queue) WHERE claim IS NOT NULL"
 
+# A label selects work as a queue does (list, wait, cancel, retry --label L).
+LABEL_INDEX = "CREATE INDEX jobs_label ON jobs (label) WHERE label IS NOT NULL"
+
 SCHEMA = [
     "CREATE TABLE jobs (\n        " + ",\n        ".join(
         f"{c[0]} {c[1]}" for c in JOB_TABLE) + ")",
@@ -1843,12 +1918,13 @@ SCHEMA = [
     SCHEDULES_TABLE,
     SCHEDULE_INDEX,
     CLAIMED_INDEX,
+    LABEL_INDEX,
 ]
 
 # Migrations: MIGRATIONS[n] takes a db from version n to n + 1, adding
 # MIGRATION_WHAT[n] (a worker of an older version runs jobs without it).
 MIGRATION_WHAT = {1: "the enqueuer's environment", 2: "keys, limits, hooks, retry policy",
-                  3: "resource accounting and limits, schedules"}
+                  3: "resource accounting and limits, schedules", 4: "labels"}
 
 MIGRATIONS = {
     # 1.1: jobs run in their enqueuer's environment and umask
@@ -1867,6 +1943,8 @@ MIGRATIONS = {
         # versions kept it for good.
         "UPDATE jobs SET claim = NULL, pid = NULL, pid_start = NULL "
         "WHERE state = 'cancelled'"],
+    # 1.3: labels
+    4: [*job_alters(5), LABEL_INDEX],
 }
 
 JOB_COLUMNS = ", ".join(ROW_FIELDS)
@@ -1973,7 +2051,12 @@ SQL_INSERT_DEP = "INSERT OR IGNORE INTO deps (job, dep) VALUES (?, ?)"
 
 SQL_CLAIMABLE = f"""SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_ready
     WHERE {READY} AND run_at <= ?{{where}}
-    ORDER BY priority DESC, run_at, seq LIMIT 1"""
+    ORDER BY {{order}} LIMIT 1"""
+
+# The due jobs a claim takes before a job (its claim_order key: {key}).
+SQL_AHEAD = f"""SELECT count(*) FROM jobs INDEXED BY jobs_ready
+    WHERE {READY} AND run_at <= ? AND ({{key}}, run_at, seq) <
+    (SELECT {{key}}, run_at, seq FROM jobs WHERE seq = ?)"""
 
 SQL_CLAIM = """UPDATE jobs SET state = 'processing', claim = ?, worker = ?,
     started_at = ?, updated_at = ?, pid = NULL, pid_start = NULL
@@ -2127,6 +2210,8 @@ SQL_LIST = f"SELECT {JOB_COLUMNS} FROM jobs{{where}} ORDER BY seq{{order}}{{limi
 
 SQL_LIST_COUNT = "SELECT count(*) FROM jobs{where}"
 
+SQL_JOB_BY_SEQ = "SELECT id FROM jobs WHERE seq = ?"
+
 SQL_DUE = f"""SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_ready
     WHERE {READY} AND run_at <= ?
     ORDER BY priority DESC, run_at, seq LIMIT ?"""
@@ -2207,6 +2292,8 @@ SQL_REGISTER = """INSERT OR REPLACE INTO workers (id, pid, host, threads, queues
 
 SQL_HEARTBEAT = "UPDATE workers SET heartbeat = ? WHERE id = ?"
 
+SQL_WORKER_THREADS = "UPDATE workers SET threads = ? WHERE id = ?"
+
 SQL_DELETE_WORKER = "DELETE FROM workers WHERE id = ?"
 
 SQL_PAUSED = "SELECT queue FROM paused"
@@ -2283,7 +2370,15 @@ class Store:
                              "(or QUEUECTL_HOME) a directory")
         check_private(home, "home directory")
         if not os.path.exists(self.path):
-            os.close(open_private(self.path, os.O_RDWR))
+            try:
+                os.close(open_private(self.path, os.O_RDWR | os.O_EXCL))
+            except FileExistsError:
+                pass             # another command created it first
+            else:
+                # Said even when stderr is not a terminal: cron mails it, so
+                # a job enqueued into a home nobody serves is never silent.
+                sys.stderr.write(f"queuectl: note: created a new queue home in {home}; "
+                                 "--home or QUEUECTL_HOME selects another\n")
         check_private(self.path, "database")
         timeout = busy_timeout()
         self.busy_timeout = timeout
@@ -2388,10 +2483,24 @@ class Store:
         return job_from_row(rows[0]) if rows else None
 
     def must_get(self, job_id):
-        job = self.get(check_name(job_id))
+        job = self.get(self.resolve(job_id))
         if job is None:
             raise QueuectlError(f"no job with id {job_id!r}")
         return job
+
+    def resolve(self, text):
+        """A job as a person names it -> its id: the id itself, or #N (or a
+        bare N that is no job's id) for the job numbered N, the number list
+        shows (as tsp -c 3 and pueue log 3 take). Numbers count up in
+        enqueue order; removing the newest jobs may free theirs for reuse."""
+        num = text[1:] if text.startswith("#") else text
+        if num.isdigit() and num.isascii() and len(num) < 19 and \
+                (num != text or not self.get(check_name(text))):
+            rows = self.q(SQL_JOB_BY_SEQ, (int(num),))
+            if not rows:
+                raise QueuectlError(f"no job numbered {num}")
+            return rows[0][0]
+        return check_name(text)
 
     def states(self, ids):
         """{id: state} of the jobs of ids that exist."""
@@ -2406,16 +2515,18 @@ class Store:
     def recent_failures(self, n):
         return [job_from_row(r) for r in self.q(SQL_RECENT_FAILURES, (n,))]
 
-    def list_jobs(self, states=None, queues=None, limit=0):
-        """(jobs of states and queues (None: all) in enqueue order, how many
-        older ones match past limit; 0 = all): with a limit, the newest."""
+    def list_jobs(self, states=None, queues=None, limit=0, labels=None):
+        """(jobs of states, queues and labels (None: all) in enqueue order,
+        how many older ones match past limit; 0 = all): with a limit, the
+        newest."""
         where, params = [], []
         if states:
             where.append(f"state IN ({_marks(states)})")
             params += states
-        if queues:
-            where.append(f"queue IN ({_marks(queues)})")
-            params += queues
+        for column, values in (("queue", queues), ("label", labels)):
+            if values:
+                where.append(f"{column} IN ({_marks(values)})")
+                params += values
         clause = (" WHERE " + " AND ".join(where)) if where else ""
         rows = [job_from_row(r) for r in self.q(SQL_LIST.format(
             where=clause, order=" DESC" if limit else "",
@@ -2600,10 +2711,10 @@ class Store:
             pass                         # out of time, busy: what there is
         return words
 
-    def claim(self, worker, queues, now, token=None):
+    def claim(self, worker, queues, now, token=None, order=("-priority", [])):
         """claim: the next runnable job of queues (None: all) that is not
-        paused, for worker, with claim token (default: a new one); the job,
-        or None."""
+        paused, for worker, with claim token (default: a new one), taken in
+        order (claim_order's); the job, or None."""
         paused, limits, held = set(), {}, []
         for kind, name, n in self.x(SQL_CLAIM_STATE):     # one statement, not three
             if kind == 0:
@@ -2625,7 +2736,8 @@ class Store:
         if full:
             where += CLAIM_KEYS_FREE.format(marks=_marks(full))
             params += full
-        row = self.x(SQL_CLAIMABLE.format(where=where), [iso(now)] + params).fetchone()
+        row = self.x(SQL_CLAIMABLE.format(where=where, order=order_by(order[0])),
+                     [iso(now)] + params + order[1]).fetchone()
         if row is None:
             return None
         job = job_from_row(row)
@@ -2635,6 +2747,13 @@ class Store:
         self.x(SQL_CLAIM, (job["claim"], worker, job["started_at"], job["started_at"],
                            job["seq"]))
         return job
+
+    def ahead(self, job, order, now):
+        """How many due jobs a claim in order (claim_order's) takes before
+        job, of any queue."""
+        key, params = order
+        return self.x(SQL_AHEAD.format(key=key),
+                      [iso(now)] + params + params + [job["seq"]]).fetchone()[0]
 
     def record_pid(self, job_id, worker, token, pid, start):
         """record pid; when the claim no longer holds: (False, (state,
@@ -3051,6 +3170,10 @@ class Store:
             self.x(SQL_REGISTER, (wid, os.getpid(), hostname(), threads,
                                   _json_or_none(queues), stamp, stamp))
 
+    def set_threads(self, wid, threads):
+        with self.tx():
+            self.x(SQL_WORKER_THREADS, (threads, wid))
+
     def heartbeat(self, wid):
         """One heartbeat; False when the worker's row is gone."""
         with self.tx():
@@ -3173,7 +3296,7 @@ def claim_tag(worker_id):
     return worker_id[-4:]
 
 def remove_worker_files(home, wid):
-    for suffix in (".lock", ".wake"):
+    for suffix in (".lock", ".wake", ".threads"):
         try:
             os.unlink(os.path.join(home, "run", wid + suffix))
         except OSError:
@@ -3370,6 +3493,17 @@ class WorkerState:
                 time.sleep(delay)
                 delay = min(delay * 4, 5)
 
+    def _claim_order(self):
+        """claim_order of the current config (cached with _queue_config's)."""
+        cfg, cache = self._qcfg
+        if cfg is not self.config:
+            cfg, cache = self.config, {}
+            self._qcfg = (cfg, cache)
+        found = cache.get(None)
+        if found is None:
+            found = cache[None] = claim_order(cfg)
+        return found
+
     def _queue_config(self, queue):
         """queue_config of the current config, computed once per queue and
         config (a reload replaces self.config whole)."""
@@ -3462,8 +3596,9 @@ def cpu_seconds(limit):
     return max(int(-(-limit // 1)), 1)
 
 def last_log_line(home, job_id, size=4096):
-    """The last line of a job's log that queuectl did not write ("" if none
-    can be read): what the job itself said last."""
+    """The last non-blank line of the job's output in its current attempt
+    (after queuectl's last line in the log), without control characters
+    and at most 200 characters; "" if none or the log cannot be read."""
     try:
         fd = os.open(log_path(home, job_id), os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
     except OSError:
@@ -3475,8 +3610,31 @@ def last_log_line(home, job_id, size=4096):
         return ""
     finally:
         os.close(fd)
-    lines = [ln for ln in data.splitlines() if ln.strip() and not ln.startswith("[queuectl]")]
-    return lines[-1] if lines else ""
+    said = ""
+    for line in data.splitlines():          # this attempt's: after queuectl's last line
+        if line.startswith("[queuectl]"):
+            said = ""
+        elif line.strip():
+            said = line
+    if "\x1b" in said:                      # a colour: its escape sequence goes whole
+        import re
+        said = re.sub(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|.)", "", said)
+    said = "".join(c if c.isprintable() else " " for c in said).strip()
+    return said if len(said) <= 200 else said[:199] + "…"
+
+def exit_outcome(home, job_id, rc):
+    """An attempt's Outcome from its shell's exit status, in the job's own
+    words: the last line its output ended with (`exit code 1: pg_dump:
+    error: connection refused`); a command that could not run (127, 126)
+    is named plainly."""
+    ended = Outcome.of_exit(rc)
+    if ended.kind == "exit" and rc:
+        said = last_log_line(home, job_id)
+        if rc in (126, 127):
+            ended.error = cannot_run_text(rc, said)
+        elif said:
+            ended.error += ": " + said
+    return ended
 
 def cannot_run_text(rc, said):
     """The error of a command that could not run (exit 127: not found, 126:
@@ -3650,6 +3808,11 @@ class Attempts:
             fault("before-spawn", job["id"])
             if not os.path.isdir(job["cwd"]):
                 raise FileNotFoundError(2, f"no such directory (cwd {job['cwd']})")
+            if not os.access(job["cwd"], os.X_OK):
+                # What its shell would exit with (126), said plainly: not
+                # retried unless the retry policy names 126.
+                return Ended(job, Outcome("exit", 126, "could not start: Permission denied "
+                                          f"(cwd {job['cwd']})"), log_fd=fd)
             argv = ["/bin/sh", "-c", JOB_WRAPPER, "queuectl-job"]
             nice = self._limits(job)["nice"]
             if nice:                 # nice(1) execs the shell: same pid, niced
@@ -3805,7 +3968,7 @@ class Attempts:
             self._footer(job, run.log_fd, f"[queuectl] attempt {job['attempts'] + 1} "
                          "stopped by worker stop --now; back to pending, not counted\n")
             return None
-        ended = Outcome.of_exit(rc)
+        ended = exit_outcome(self.s.home, job["id"], rc)
         if timed_out:
             ended = Outcome("timeout", None, f"timed out after {timeout:g}s")
         elif rc == WRAPPER_REFUSED and run.proc is not None:
@@ -3816,8 +3979,6 @@ class Attempts:
             elif kind == "absent":
                 ended = Outcome("could_not_start", None, f"could not start: cannot create "
                                 f"{status}")
-        elif ended.kind == "exit" and rc in (126, 127):
-            ended.error = cannot_run_text(rc, last_log_line(self.s.home, job["id"]))
         if not timed_out:
             ended = limit_outcome(self._limits(job), ended, usage)
         return Ended(job, ended, duration, usage, run.log_fd, (run.pid, run.start),
@@ -3967,8 +4128,11 @@ class Attempts:
                 nxt = None
                 # Not after a fenced-out end (cancelled, taken over): this
                 # thread may wait for the attempt's processes first.
-                if claim_next and state is not None and not self.s.stopping:
-                    nxt = store.claim(self.s.id, self.s.queues, time.time(), token)
+                # Nor in a thread that is no longer wanted (worker threads N).
+                if claim_next and state is not None and not self.s.stopping \
+                        and self.s.threads_left <= self.s.count:
+                    nxt = store.claim(self.s.id, self.s.queues, time.time(), token,
+                                      self.s._claim_order())
             return state, unblocked, err, nxt
         nxt = None
         try:
@@ -4195,7 +4359,7 @@ class Recovery:
         if rc is not None:
             self.s.say(f"{job['id']} ended while worker {old} was gone; "
                        "recording its exit status")
-        self._settle(store, job, Outcome.of_exit(rc), duration)
+        self._settle(store, job, exit_outcome(self.s.home, job["id"], rc), duration)
 
     def _abandon(self, store, job, token, error, recover=True):
         """After a bug in this worker while it held a job: stop waiting for
@@ -4435,6 +4599,7 @@ class Worker:
                     _drain_fd(fifo_fd)
                     self.s.notify()
                     sched_next = None            # schedule add/resume wakes us too
+                    self._resize(store)          # worker threads N wakes us too
                 if not self.s.stopping and (sched_next is None or time.time() >= sched_next):
                     sched_next = self._fire_schedules(store)
                 if sig_r in ready:
@@ -4449,6 +4614,7 @@ class Worker:
                     # are its own until they end.
                     next_beat = time.monotonic() + HEARTBEAT
                     self._heartbeat(store)
+                    self._resize(store)
                     if not self.s.stopping:
                         self.recovery._recover(store)
                         self.s.notify()   # a safety net for any missed wake-up
@@ -4471,6 +4637,37 @@ class Worker:
         self.s.say(f"worker {self.s.id} stopped: {self.s.completed} completed, "
                    f"{self.s.dead} dead")
         return EXIT_FAIL if self.s.drain and self.s.dead else EXIT_OK
+
+    def _resize(self, store):
+        """Take the number of job threads `worker threads N` asked for (in
+        run/ID.threads): start the missing threads at once; surplus ones
+        end as they finish their jobs (see _job_loop)."""
+        try:
+            fd = os.open(os.path.join(self.s.home, "run", self.s.id + ".threads"),
+                         os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            n = int(os.read(fd, 32))
+        except (OSError, ValueError):
+            return
+        finally:
+            os.close(fd)
+        if n == self.s.count or self.s.stopping or not 1 <= n <= VALUE_RULES["count"][2]:
+            return
+        try:
+            store.set_threads(self.s.id, n)
+        except QueuectlError as e:
+            self.s.say(f"cannot take {n} job threads yet, will retry: {e}")
+            return
+        with self.s.lock:
+            old, self.s.count = self.s.count, n
+            grow = max(n - self.s.threads_left, 0)
+            self.s.threads_left += grow
+        for _ in range(grow):
+            self.s.threading.Thread(target=self._job_thread, daemon=True).start()
+        self.s.notify()                  # an idle surplus thread ends now
+        self.s.say(f"worker {self.s.id}: {plural(n, 'job thread')} (was {old})")
 
     def _fire_schedules(self, store):
         """Enqueue the jobs of due schedule slots; when to look again."""
@@ -4546,7 +4743,8 @@ class Worker:
         token, job = self.s._new_token(), None
         try:
             with store.tx():
-                job = store.claim(self.s.id, self.s.queues, time.time(), token)
+                job = store.claim(self.s.id, self.s.queues, time.time(), token,
+                                  self.s._claim_order())
         finally:
             if job is None:
                 self.s._drop_claim(token)
@@ -4599,11 +4797,13 @@ class Worker:
             return None
 
     def _job_thread(self):
-        """One job thread: run jobs until stopped; survive its own bugs."""
+        """One job thread: run jobs until stopped (or no longer wanted);
+        survive its own bugs."""
+        retired = False
         try:
             while not self.s.stopping:
                 try:
-                    self._job_loop()
+                    retired = self._job_loop()
                     return
                 except QueuectlError as e:         # the database, for a moment
                     self.s.say(f"cannot claim a job yet, will retry: {e}")
@@ -4615,12 +4815,15 @@ class Worker:
                         traceback.print_exc()
                     time.sleep(1)
         finally:
-            with self.s.lock:
-                self.s.threads_left -= 1
+            if not retired:              # a retired thread is counted out already
+                with self.s.lock:
+                    self.s.threads_left -= 1
             self.s.notify()
             self.s._poke_main()
 
     def _job_loop(self):
+        """Claim and run jobs; True when this thread ends because fewer are
+        wanted (worker threads N)."""
         # self.s.active counts threads that hold a claimed job (or are claiming),
         # so that --drain never ends while a job is on its way.
         store = Store(self.s.home, durable=False, local_lock=self.s.db_lock)
@@ -4630,7 +4833,10 @@ class Worker:
                 if job is None:
                     with self.s.lock:
                         if self.s.stopping:
-                            return
+                            return False
+                        if self.s.threads_left > self.s.count:
+                            self.s.threads_left -= 1
+                            return True
                         gen = self.s.generation
                         self.s.active += 1
                     claimed_at = time.time()
@@ -4691,7 +4897,20 @@ def one_line(text):
     return " ".join(str(text).split()) if text is not None else "-"
 
 def cut(text, width):
-    return text if len(text) <= width else text[:max(width - 1, 0)] + "…"
+    """text in width characters, cut with …, never inside a word that holds
+    a number: "ran 111ms" in 8 is "ran…", not "ran 11…"."""
+    if len(text) <= width:
+        return text
+    end = max(width - 1, 0)
+    start = end
+    while start > 0 and not text[start - 1].isspace():
+        start -= 1
+    stop = end
+    while stop < len(text) and not text[stop].isspace():
+        stop += 1
+    if start > 0 and any(c.isdigit() for c in text[start:stop]):
+        end = start
+    return text[:end].rstrip() + "…"
 
 STATE_COLORS = {PROCESSING: "36", FAILED: "33", COMPLETED: "32", DEAD: "1;31",
                 CANCELLED: "2"}
@@ -4711,17 +4930,23 @@ def paint(text, code, on=True):
     return f"\x1b[{code}m{text}\x1b[0m" if on and code else text
 
 def table(headers, rows, width=None, color_col=None, shrink=None, drop=()):
-    """Aligned columns, fitted to width: the columns of shrink ((index,
-    narrowest), cut first to last; default: the last column, to 8) are cut
-    with …, then those of drop are left out; the others (ids, states) are
-    never cut. color_col: index of a column of states, coloured on a
-    terminal."""
+    """Aligned columns, fitted to width: first the columns of drop that say
+    the same on every row (PRI all 0) are left out, then the columns of
+    shrink ((index, narrowest), cut first to last; default: the last
+    column, to 8) are cut with …, then the rest of drop are left out; the
+    others (ids, states) are never cut. color_col: index of a column of
+    states, coloured on a terminal."""
     rows = [[("-" if c is None else str(c)) for c in row] for row in rows]
     n = len(headers)
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     shown = list(range(n))
     if width:
         over = sum(widths) + 2 * (n - 1) - width
+        for i in drop:                   # a column that tells rows apart stays longer
+            if over > 0 and len({r[i] for r in rows}) <= 1:
+                shown.remove(i)
+                over -= widths[i] + 2
+        drop = [i for i in drop if i in shown]
         for i, least in (shrink if shrink is not None else ((n - 1, 8),)):
             if over <= 0:
                 break
@@ -4768,6 +4993,8 @@ def job_public(job, home, cfg=None):
         elif kept == "names":
             v = sorted(_loads(v, {}))
         out[k] = v
+        if k == "id":
+            out["number"] = job["seq"]           # #N names the job too
         if k == "env":
             out["env_from"] = "worker" if job["env_id"] is None else "enqueuer"
             out["umask"] = None if job["umask"] is None else f"{job['umask']:04o}"
@@ -5014,9 +5241,24 @@ def job_text(args):
             raise UsageError("give the command as one quoted argument or as "
                              "separate words, not both: queuectl enqueue "
                              "'cmd arg' or queuectl enqueue cmd arg")
+    elif len(words) > 1:
+        warn_options_in_command(args, words)
     if not words:
         return None
     return words[0] if len(words) == 1 else shell_join(words)
+
+def warn_options_in_command(args, words):
+    """One rule, as tsp and pueue: options come before the command, and
+    everything from its first word on is the command. A later word that is
+    one of this command's own long options (`enqueue sleep 5 --timeout 2`)
+    is the command's, so say so on stderr; `--` before the command is the
+    way to mean it."""
+    own = {f for flags, _ in getattr(args, "specs", ()) for f in flags if f.startswith("--")}
+    seen = [w for w in words[1:] if w.partition("=")[0] in own]
+    if seen:
+        sys.stderr.write(f"queuectl: warning: {seen[0]} comes after the command's first "
+                         "word, so it is part of the command, not an option; put options "
+                         "before the command, or -- before the command to mean it\n")
 
 def quoted_then_options(words, cwd=None):
     """1.0's form of a command: one quoted command line (or JSON job)
@@ -5085,7 +5327,8 @@ def job_spec(args, text, env):
     if args.command is not None:
         spec["command"] = args.command
     flags = {"id": args.id, "priority": args.priority, "max_retries": args.max_retries,
-             "timeout": args.timeout, "queue": args.queue, "cwd": args.cwd}
+             "timeout": args.timeout, "queue": args.queue, "cwd": args.cwd,
+             "label": args.label}
     for k, v in flags.items():
         if v is not None:
             spec[k] = v
@@ -5249,14 +5492,7 @@ def cmd_worker_stop(args):
     if args.no_wait and (args.wait or args.timeout is not None):
         raise UsageError("--no-wait returns at once: give it without --wait or --timeout")
     store = open_store(args)
-    workers = [w for w in store.live_workers() if w["host"] == hostname()]
-    if args.which:
-        named = set(args.which)
-        unknown = named - {w["id"] for w in workers} - {str(w["pid"]) for w in workers}
-        if unknown:
-            raise QueuectlError(f"no live worker {sorted(unknown)[0]!r} of this home on "
-                                "this host; queuectl worker status lists them")
-        workers = [w for w in workers if w["id"] in named or str(w["pid"]) in named]
+    workers = chosen_workers(store, args.which)
     for w in workers:
         try:
             os.kill(w["pid"], signal.SIGUSR1 if args.now else signal.SIGTERM)
@@ -5272,6 +5508,63 @@ def cmd_worker_stop(args):
             args.timeout, first=0.01, cap=0.05):
         raise QueuectlError(f"workers still running after {args.timeout:g}s")
     return EXIT_OK
+
+def chosen_workers(store, which):
+    """The live workers of this home on this host, or those of them named
+    by id or pid."""
+    workers = [w for w in store.live_workers() if w["host"] == hostname()]
+    if which:
+        named = set(which)
+        unknown = named - {w["id"] for w in workers} - {str(w["pid"]) for w in workers}
+        if unknown:
+            raise QueuectlError(f"no live worker {sorted(unknown)[0]!r} of this home on "
+                                "this host; queuectl worker status lists them")
+        workers = [w for w in workers if w["id"] in named or str(w["pid"]) in named]
+    return workers
+
+def cmd_worker_threads(args):
+    """Change how many jobs running workers run at once, without a restart
+    (tsp -S, pueue parallel): each live worker (or each named) gets N job
+    threads. New threads start at once; a surplus thread ends when its
+    job does."""
+    n = args.threads
+    store = open_store(args)
+    workers = chosen_workers(store, args.which)
+    if not workers:
+        raise QueuectlError("no live worker on this host; start one with: queuectl worker "
+                            f"start --count {n}")
+    need = FDS_BASE + FDS_PER_THREAD * n
+    for w in workers:
+        soft = open_files_limit(w["pid"])
+        if soft is not None and need > soft:
+            raise QueuectlError(f"worker {w['id']} cannot run {n} threads: they need about "
+                                f"{need} open files and its limit is {soft}")
+    rd = run_dir(args.home)
+    for w in workers:
+        write_atomic(os.path.join(rd, w["id"] + ".threads"), f"{n}\n")
+    wake_workers(args.home)
+    ids = {w["id"] for w in workers}
+    if not poll_until(lambda: all(x["threads"] == n for x in store.live_workers()
+                                  if x["id"] in ids), 10, first=0.01, cap=0.1):
+        raise QueuectlError(f"a worker has not taken {n} threads after 10s (frozen, or "
+                            "busy with its database?); it will when it can")
+    for w in workers:
+        print(f"worker {w['id']} (pid {w['pid']}): {plural(n, 'job thread')}, was "
+              f"{w['threads']}" + ("; a surplus thread ends when its job does"
+                                   if n < w["threads"] else ""))
+    return EXIT_OK
+
+def open_files_limit(pid):
+    """The soft RLIMIT_NOFILE of process pid, or None if unknown/unlimited."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    soft = line.split()[3]
+                    return int(soft) if soft.isdigit() else None
+    except OSError:
+        pass
+    return None
 
 def cmd_worker_status(args):
     """Live workers: id, pid, host, threads, started, heartbeat, current jobs."""
@@ -5310,6 +5603,9 @@ def cmd_status(args):
     oldest = store.oldest_pending()
     nxt = store.next_scheduled(now)
     paused = sorted(store.paused())
+    schedules = [{"name": sch["name"], "cron": sch["cron"], "paused": bool(sch["paused"]),
+                  "next_run": None if sch["paused"] else show_time(iso(sch["next_at"]))}
+                 for sch in store.schedules()]
     info = {
         "counts": counts,
         "queues": per_queue,
@@ -5321,6 +5617,7 @@ def cmd_status(args):
         "next_scheduled": ({"id": nxt[0], "run_at": show_time(nxt[1])}
                            if nxt else None),
         "paused": paused,
+        "schedules": schedules,
     }
     if args.json:
         print_json(info)
@@ -5334,6 +5631,11 @@ def cmd_status(args):
               f"({show_time(nxt[1])})")
     if paused:
         print("paused: " + ("all queues" if "*" in paused else ", ".join(paused)))
+    for sch in schedules:
+        when = "paused" if sch["paused"] else \
+            f"next run {local_time(epoch(sch['next_run']), now)} ({relative(sch['next_run'], now)})"
+        print(f"schedule {sch['name']} ({sch['cron']}): {when}"
+              + ("" if workers or sch["paused"] else "; no worker is running to fire it"))
     return EXIT_OK
 
 def cmd_show(args):
@@ -5416,7 +5718,7 @@ def list_jobs(store, args, states):
     limit = args.limit
     if limit is None:
         limit = 0 if args.json or args.all else 100
-    rows, more = store.list_jobs(states, args.queue, limit)
+    rows, more = store.list_jobs(states, args.queue, limit, args.label)
     if args.json:
         cfg = Config(args.home).load()
         print_json([job_public(j, args.home, cfg) for j in rows])
@@ -5428,24 +5730,38 @@ def list_jobs(store, args, states):
     ctx = WhyContext(store, now)
     cfg = Config(args.home).load() if args.cmd == "dlq" else None
     if cfg is not None:
-        print(table(["ID", "QUEUE", "TRIES", "DIED", "LAST ERROR", "COMMAND"],
-                    [[j["id"], j["queue"], f"{j['attempts']}/{allowed_attempts(j, cfg)}",
-                      relative(j["finished_at"], now), one_line(j["last_error"]),
-                      one_line(j["command"])] for j in rows],
-                    term_width(), drop=(1, 3),
-                    shrink=((4, 20), (5, 20), (4, 8), (5, 8), (3, 8))))
+        print(labelled_table(
+            ["ID", "QUEUE", "TRIES", "DIED", "LAST ERROR", "COMMAND"],
+            [[j["id"], j["queue"], f"{j['attempts']}/{allowed_attempts(j, cfg)}",
+              relative(j["finished_at"], now), one_line(j["last_error"]),
+              one_line(j["command"])] for j in rows], rows, 2,
+            drop=(1, 3), shrink=((4, 20), (5, 20), (4, 8), (5, 8), (3, 8))))
     else:
-        print(table(["ID", "STATE", "QUEUE", "PRI", "TRIES", "WHEN", "OUTCOME", "COMMAND"],
-                    [[j["id"], j["state"], j["queue"], j["priority"],
-                      j["attempts"] + (j["state"] == PROCESSING), when_text(store, j, now, ctx),
-                      outcome_text(j), one_line(command_text(j))] for j in rows],
-                    term_width(), color_col=1, drop=(3, 4, 2),
-                    shrink=((6, 20), (7, 20), (7, 12), (6, 12), (7, 8), (6, 8), (5, 14),
-                            (5, 8))))
+        print(labelled_table(
+            ["ID", "#", "STATE", "QUEUE", "PRI", "TRIES", "WHEN", "OUTCOME", "COMMAND"],
+            [[j["id"], j["seq"], j["state"], j["queue"], j["priority"],
+              j["attempts"] + (j["state"] == PROCESSING), when_text(store, j, now, ctx),
+              outcome_text(j), one_line(command_text(j))] for j in rows], rows, 4,
+            color_col=2, drop=(4, 5, 3),
+            shrink=((7, 20), (8, 20), (8, 12), (7, 12), (8, 8), (7, 8), (6, 14), (6, 8))))
     if more:
         print(f"… {more} older job{'s' if more != 1 else ''} not shown "
               "(--all for every one, --limit N for the newest N)")
     return EXIT_OK
+
+def labelled_table(headers, cells, jobs, at, drop, shrink, **kw):
+    """table() of jobs, with a LABEL column at index at when one has a
+    label (dropped after drop's columns, shrunk first)."""
+    if any(j["label"] for j in jobs):
+        headers = headers[:at] + ["LABEL"] + headers[at:]
+        cells = [c[:at] + [j["label"] or "-"] + c[at:] for c, j in zip(cells, jobs)]
+        shift = lambda i: i + (i >= at)             # noqa: E731
+        drop = tuple(shift(i) for i in drop) + (at,)
+        shrink = ((at, 12),) + tuple((shift(i), n) for i, n in shrink)
+        kw["color_col"] = shift(kw.get("color_col", -1)) if "color_col" in kw else None
+        if kw["color_col"] is None:
+            del kw["color_col"]
+    return table(headers, cells, term_width(), drop=drop, shrink=shrink, **kw)
 
 def command_text(job):
     """A job's command as list shows it; a hook's names its job and event."""
@@ -5572,6 +5888,9 @@ def cmd_schedule_add(args):
                        now, slot_label(now_label(now)), at)
     wake_workers(args.home)
     print(f"schedule {args.name}: next run {local_time(at, now)} ({relative(iso(at), now)})")
+    if not store.live_workers():
+        sys.stderr.write("queuectl: note: no worker is running on this home, so nothing "
+                         "fires until one does: queuectl worker start\n")
     return EXIT_OK
 
 def schedule_words(args):
@@ -5604,6 +5923,8 @@ def schedule_words(args):
         else:
             break
     command = raw[i:]
+    if len(command) > 1 and not quoted_then_options(command):
+        warn_options_in_command(args, command)
     if quoted_then_options(command):
         j, more = 1, []                  # 'cmd arg' --queue q
         while j < len(command) and command[j].startswith("-") and command[j] != "--":
@@ -5674,9 +5995,20 @@ def schedule_list(store, args, now):
 
 def cmd_why(args):
     """Why a job is not running now: one line per reason (or how it ended)."""
-    store = open_store(args)
+    store, now = open_store(args), time.time()
     job = store.must_get(args.id)
-    reasons = why_reasons(store, job, time.time())
+    reasons = why_reasons(store, job, now)
+    if reasons[0][0] == "ready":
+        # The claim's own order (scheduling_mode), counted by the claim's rule.
+        cfg = Config(args.home).load()
+        n = store.ahead(job, claim_order(cfg), now)
+        mode = queue_config(cfg, job["queue"])["scheduling_mode"]
+        rule = ("priority ignored, the earlier due first" if mode == "fifo" else
+                "higher priority first, then the earlier due")
+        reasons[0] = ("ready", "nothing holds it back: a worker claims it next" if not n else
+                      f"nothing holds it back: a worker claims it after the {plural(n, 'due job')}"
+                      f" ahead of it (scheduling_mode {mode}: {rule})",
+                      {"ahead": n, "scheduling_mode": mode})
     if args.json:
         print_json({"id": job["id"], "state": job["state"],
                     "reasons": [{"code": c, "text": t, **d} for c, t, d in reasons]})
@@ -5846,18 +6178,21 @@ def cmd_wait(args):
     long ago it ended: the answer never depends on when wait started."""
     store = open_store(args)
     if args.ids:
-        ids = [check_name(i) for i in dict.fromkeys(args.ids)]
+        ids = list(dict.fromkeys(store.resolve(i) for i in args.ids))
         missing = [i for i in ids if i not in store.states(ids)]
         if missing:                      # exit 2: a script's mistake
             raise UsageError(f"no job with id {missing[0]!r}")
-        if args.queue:
-            raise UsageError("give job ids or --queue, not both")
+        if args.queue or args.label:
+            raise UsageError("give job ids, or --queue and --label, not both")
     seq = store.max_seq()
     fault("wait-began")
     # Hooks report on jobs, they are not the work: a bare wait leaves them out.
     where, params = f" AND queue != '{HOOK_QUEUE}'", []
     if args.queue:
         where, params = f" AND queue IN ({_marks(args.queue)})", list(args.queue)
+    if args.label:
+        where += f" AND label IN ({_marks(args.label)})"
+        params += args.label
     left, stuck = {}, {}
 
     def settled():
@@ -5904,20 +6239,20 @@ def cmd_wait(args):
 
 def selected_ids(store, args, allowed, default=None):
     """The ids a command acts on: those named, or those its selectors pick
-    (--all, --state, --queue: jobs in allowed states, default states unless
-    --state names them); never both."""
-    selectors = args.all or args.state or args.queue
+    (--all, --state, --queue, --label: jobs in allowed states, default
+    states unless --state names them); never both."""
+    selectors = args.all or getattr(args, "state", None) or args.queue or args.label
     if bool(args.ids) == bool(selectors):
-        raise UsageError("give job ids, or select jobs with --all, --state or "
-                         "--queue" + (" (not both)" if args.ids else ""))
+        raise UsageError("give job ids, or select jobs with --all, --state, --queue or "
+                         "--label" + (" (not both)" if args.ids else ""))
     if args.ids:
-        return [check_name(i) for i in dict.fromkeys(args.ids)]
+        return list(dict.fromkeys(store.resolve(i) for i in args.ids))
     states = args.state or list(default or allowed)
     for st in states:
         if st not in allowed:
             raise UsageError(f"--state {st} is not allowed here; use "
                              + ", ".join(allowed))
-    return [j["id"] for j in store.list_jobs(states, args.queue)[0]]
+    return [j["id"] for j in store.list_jobs(states, args.queue, 0, args.label)[0]]
 
 def stuck_text(dep, state):
     """'fetch, which is dead' / 'fetch, which was deleted'."""
@@ -6151,8 +6486,8 @@ def delete_jobs(store, ids, states):
 def cmd_remove(args):
     """Delete jobs that are not running, and their logs; refused for a job
     that unfinished jobs (not removed with it) depend on."""
-    ids = [check_name(i) for i in dict.fromkeys(args.ids)]
     store = open_store(args)
+    ids = list(dict.fromkeys(store.resolve(i) for i in args.ids))
     for job in [store.must_get(i) for i in ids]:
         wait_attempt_gone(store, job, verb="remove")
     with store.tx():
@@ -6607,6 +6942,9 @@ def cmd_doctor(args):
             late = f"schedule {sch['name']} cannot fire: {e}"
         if late:
             problems.append(late)
+        elif not live and not sch["paused"]:
+            notes.append(f"warning: schedule {sch['name']} fires only while a worker runs, "
+                         "and none does: start one with 'queuectl worker start'")
     ctx, waits = WhyContext(store, now), {}
     for job in store.due(now, 1000):
         for code, text, info in why_reasons(store, job, now, ctx):
@@ -6619,8 +6957,15 @@ def cmd_doctor(args):
         notes.append(f"{plural(n, 'due job')} wait{'s' if n == 1 else ''}: {text}")
     pending = store.waiting()
     if pending and not live:
-        notes.append(f"{pending} jobs wait and no worker is running: "
+        notes.append(f"{plural(pending, 'job')} wait{'s' if pending == 1 else ''} and no "
+                     "worker is running: "
                      "start one with 'queuectl worker start'")
+    other = os.path.join(os.path.expanduser("~"), ".queuectl")
+    if os.path.exists(os.path.join(other, "queue.db")) and \
+            os.path.realpath(other) != os.path.realpath(args.home):
+        notes.append(f"warning: {other} is a queue home too, and not the one in use "
+                     f"({args.home}): jobs enqueued there run only for a worker started "
+                     "there; if it was made by mistake, move its jobs and remove it")
     size = sum(os.path.getsize(store.path + ext) for ext in ("", "-wal")
                if os.path.exists(store.path + ext))
     jobs = store.job_count()
@@ -6795,6 +7140,9 @@ JSON_ARG = arg("--json", action="store_true", help="print JSON")
 QUEUES_ARG = arg("--queue", action="append", metavar="Q",
                  help="jobs of these queues (repeatable, or Q1,Q2)")
 
+LABELS_ARG = arg("--label", action="append", metavar="L", type=check_label,
+                 help="jobs with this label (repeatable)")
+
 LIMIT_ARG = arg("--limit", type=lambda t: check_value("limit", t, "--limit", text=True),
                 metavar="N", help="the newest N (default 100; --json: all; 0 = all)")
 
@@ -6835,6 +7183,9 @@ ENQUEUE_ARGS = [
              "or ISO-8601 (local time unless it has an offset)"),
     arg("--delay", metavar="DUR", help="90, 90s, 5m, 2h, 1d"),
     arg("--queue", help=f"queue name (default {DEFAULT_QUEUE})"),
+    arg("--label", metavar="TEXT", type=check_label,
+        help="a label: list, wait, cancel and retry select jobs by it (--stdin: "
+             "the whole batch)"),
     arg("--after", action="append", metavar="ID",
         help="run after this job completed (repeatable)"),
     arg("--cwd", help="working directory (default: the current one)"),
@@ -6908,6 +7259,13 @@ COMMAND_TABLE = [
         arg("--no-wait", action="store_true", help="ask them to stop and return at once"),
         arg("--timeout", type=_value("wait", "--timeout"),
             help="give up waiting (exit 1) after this many seconds")]),
+    Command("worker threads", "change how many jobs live workers run at once",
+            cmd_worker_threads, ["queuectl worker threads 8",
+                                 "queuectl worker threads 1 4242"], [
+        arg("threads", type=_value("count", "N"), metavar="N",
+            help="job threads for each worker (1-256)"),
+        arg("which", nargs="*", metavar="WORKER",
+            help="only these workers, by id or pid (default: every live one)")]),
     Command("worker status", "list live workers", cmd_worker_status,
             ["queuectl worker status"], [JSON_ARG]),
     Command("status", "counts per state, workers, oldest pending, next run", cmd_status,
@@ -6924,8 +7282,8 @@ COMMAND_TABLE = [
         arg("--state", action="append", metavar="S",
             help="only jobs in these states (repeatable, or S1,S2): " + ", ".join(STATES)),
         arg("--queue", action="append", metavar="Q",
-            help="only jobs of these queues (repeatable, or Q1,Q2)"), ALL_ARG, LIMIT_ARG,
-        JSON_ARG],
+            help="only jobs of these queues (repeatable, or Q1,Q2)"), LABELS_ARG, ALL_ARG,
+        LIMIT_ARG, JSON_ARG],
         common=("list [--state S]", "jobs and their states")),
     Command("why", "why a job is not running now (or how it ended)", cmd_why, [
         "queuectl why nightly", "queuectl why nightly --json"],
@@ -6951,6 +7309,8 @@ COMMAND_TABLE = [
             help="these jobs (default: every job enqueued so far)"),
         arg("--queue", action="append", metavar="Q",
             help="every job of these queues enqueued so far (repeatable, or Q1,Q2)"),
+        arg("--label", action="append", metavar="L", type=check_label,
+            help="every job with this label enqueued so far (repeatable)"),
         arg("--timeout", type=_value("wait", "--timeout"),
             help="give up after this long: 90, 90s, 5m, 2h (exit 124)")]),
     Command("retry", "run jobs again: dead, cancelled, completed; failed ones now",
@@ -6962,7 +7322,7 @@ COMMAND_TABLE = [
             help="jobs in these states (repeatable, or S1,S2; default dead,cancelled): "
                  "dead, cancelled, completed, failed"),
         arg("--queue", action="append", metavar="Q",
-            help="jobs of these queues (repeatable, or Q1,Q2)")]),
+            help="jobs of these queues (repeatable, or Q1,Q2)"), LABELS_ARG]),
     Command("pause", "stop claiming from queues (all when none named)", cmd_pause,
             ["queuectl pause reports", "queuectl pause"],
             [arg("queues", nargs="*", metavar="QUEUE")]),
@@ -6978,7 +7338,7 @@ COMMAND_TABLE = [
         arg("--state", action="append", metavar="S",
             help="jobs in these states (repeatable, or S1,S2): pending, failed, processing"),
         arg("--queue", action="append", metavar="Q",
-            help="jobs of these queues (repeatable, or Q1,Q2)"),
+            help="jobs of these queues (repeatable, or Q1,Q2)"), LABELS_ARG,
         arg("--signal", default="TERM", metavar="SIG",
             help="first signal to running jobs (default TERM)"),
         arg("--grace", type=_value("kill_grace", "--grace"), metavar="DUR",
@@ -7003,17 +7363,17 @@ COMMAND_TABLE = [
         arg("--unset-env", action="append", metavar="NAME", help="unset (repeatable)")]),
     Command("dlq", "the dead letter queue: list, retry, purge"),
     Command("dlq list", "list dead jobs", cmd_dlq_list, ["queuectl dlq list"],
-            [QUEUES_ARG, ALL_ARG, LIMIT_ARG, JSON_ARG],
+            [QUEUES_ARG, LABELS_ARG, ALL_ARG, LIMIT_ARG, JSON_ARG],
             common=("dlq list", "jobs that failed for good")),
     Command("dlq retry", "run dead jobs again (attempts reset)", cmd_dlq_retry, [
         "queuectl dlq retry k3x9qa", "queuectl dlq retry --all",
         "queuectl dlq retry --queue reports"], [
         arg("ids", nargs="*", metavar="ID"),
-        arg("--all", action="store_true", help="every dead job"), QUEUES_ARG]),
+        arg("--all", action="store_true", help="every dead job"), QUEUES_ARG, LABELS_ARG]),
     Command("dlq purge", "delete dead jobs and their logs", cmd_dlq_purge,
             ["queuectl dlq purge --all"], [
         arg("ids", nargs="*", metavar="ID"),
-        arg("--all", action="store_true", help="every dead job"), QUEUES_ARG]),
+        arg("--all", action="store_true", help="every dead job"), QUEUES_ARG, LABELS_ARG]),
     Command("prune", "delete old finished jobs and their logs", cmd_prune, [
         "queuectl prune --older-than 7d",
         "queuectl prune --older-than 30d --state dead"], [

@@ -798,6 +798,10 @@ sys.exit(queuectl.main(["worker", "status", "--json"]))
 """
 
 
+# What a command that creates a home says on stderr (% the home).
+CREATED = ("queuectl: note: created a new queue home in %s; --home or QUEUECTL_HOME "
+           "selects another\n")
+
 # The schemas older versions of queuectl created, as they created them
 # (sqlite_master of a fresh home of each): migration tests start from these.
 OLD_SCHEMAS = {
@@ -842,6 +846,28 @@ OLD_SCHEMAS = {
         'CREATE TABLE limits (\n    key TEXT PRIMARY KEY,\n    n INTEGER NOT NULL) WITHOUT ROWID',
         'CREATE INDEX jobs_hook_of ON jobs (hook_of) WHERE hook_of IS NOT NULL',
         'CREATE TABLE stats (\n        queue TEXT PRIMARY KEY,\n        attempts INTEGER NOT NULL DEFAULT 0,\n        failures INTEGER NOT NULL DEFAULT 0,\n        duration_sum REAL NOT NULL DEFAULT 0,\n        duration_count INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID',
+    ],
+    4: [
+        "CREATE TABLE jobs (\n        seq INTEGER PRIMARY KEY,\n        id TEXT NOT NULL UNIQUE,\n        command TEXT NOT NULL,\n        state TEXT NOT NULL,\n        queue TEXT NOT NULL DEFAULT 'default',\n        priority INTEGER NOT NULL DEFAULT 0,\n        attempts INTEGER NOT NULL DEFAULT 0,\n        max_retries INTEGER,\n        timeout REAL,\n        run_at TEXT NOT NULL,\n        depends_on TEXT,\n        blocked INTEGER NOT NULL DEFAULT 0,\n        cwd TEXT NOT NULL,\n        env TEXT,\n        created_at TEXT NOT NULL,\n        updated_at TEXT NOT NULL,\n        started_at TEXT,\n        finished_at TEXT,\n        exit_code INTEGER,\n        last_error TEXT,\n        worker TEXT,\n        claim TEXT,\n        pid INTEGER,\n        pid_start TEXT,\n        env_id INTEGER,\n        umask INTEGER,\n        keys TEXT,\n        hooks TEXT,\n        retry_on TEXT,\n        no_retry_on TEXT,\n        hook_of TEXT,\n        mem INTEGER,\n        cpu_time REAL,\n        nofile INTEGER,\n        nice INTEGER,\n        schedule TEXT,\n        usage TEXT)",
+        "CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, seq)\n        WHERE state IN ('pending', 'failed') AND blocked = 0",
+        'CREATE INDEX jobs_state ON jobs (state, queue, finished_at)',
+        'CREATE TABLE envs (id INTEGER PRIMARY KEY AUTOINCREMENT,\n    hash INTEGER NOT NULL, vars BLOB NOT NULL)',
+        'CREATE INDEX envs_hash ON envs (hash)',
+        'CREATE INDEX jobs_env ON jobs (env_id) WHERE env_id IS NOT NULL',
+        'CREATE TABLE durations (\n    queue TEXT NOT NULL,\n    le REAL NOT NULL,\n    n INTEGER NOT NULL DEFAULT 0,\n    PRIMARY KEY (queue, le)) WITHOUT ROWID',
+        'CREATE TABLE deps (\n        job TEXT NOT NULL,\n        dep TEXT NOT NULL,\n        PRIMARY KEY (job, dep)) WITHOUT ROWID',
+        'CREATE INDEX deps_dep ON deps (dep)',
+        'CREATE TABLE workers (\n        id TEXT PRIMARY KEY,\n        pid INTEGER NOT NULL,\n        host TEXT NOT NULL,\n        threads INTEGER NOT NULL,\n        queues TEXT,\n        started_at TEXT NOT NULL,\n        heartbeat TEXT NOT NULL)',
+        'CREATE TABLE paused (queue TEXT PRIMARY KEY)',
+        'CREATE TABLE job_keys (\n    key TEXT NOT NULL,\n    job TEXT NOT NULL,\n    PRIMARY KEY (key, job)) WITHOUT ROWID',
+        'CREATE INDEX job_keys_job ON job_keys (job)',
+        'CREATE TABLE limits (\n    key TEXT PRIMARY KEY,\n    n INTEGER NOT NULL) WITHOUT ROWID',
+        'CREATE INDEX jobs_hook_of ON jobs (hook_of) WHERE hook_of IS NOT NULL',
+        'CREATE TABLE stats (\n        queue TEXT PRIMARY KEY,\n        attempts INTEGER NOT NULL DEFAULT 0,\n        failures INTEGER NOT NULL DEFAULT 0,\n        duration_sum REAL NOT NULL DEFAULT 0,\n        duration_count INTEGER NOT NULL DEFAULT 0,\n        cpu_user REAL NOT NULL DEFAULT 0,\n        cpu_sys REAL NOT NULL DEFAULT 0,\n        rss_sum REAL NOT NULL DEFAULT 0,\n        rss_count INTEGER NOT NULL DEFAULT 0,\n        rss_b0 INTEGER NOT NULL DEFAULT 0,\n        rss_b1 INTEGER NOT NULL DEFAULT 0,\n        rss_b2 INTEGER NOT NULL DEFAULT 0,\n        rss_b3 INTEGER NOT NULL DEFAULT 0,\n        rss_b4 INTEGER NOT NULL DEFAULT 0,\n        rss_b5 INTEGER NOT NULL DEFAULT 0,\n        rss_b6 INTEGER NOT NULL DEFAULT 0,\n        rss_b7 INTEGER NOT NULL DEFAULT 0,\n        rss_b8 INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID',
+        'CREATE TABLE attempts (\n    job TEXT NOT NULL,\n    attempt INTEGER NOT NULL,\n    queue TEXT NOT NULL,\n    state TEXT NOT NULL,\n    started_at TEXT,\n    ended_at REAL NOT NULL,\n    wall REAL,\n    cpu_user REAL,\n    cpu_sys REAL,\n    max_rss INTEGER,\n    max_rss_bound INTEGER,\n    exit_code INTEGER,\n    signal INTEGER,\n    error TEXT,\n    PRIMARY KEY (job, attempt, ended_at)) WITHOUT ROWID',
+        'CREATE TABLE schedules (\n    name TEXT PRIMARY KEY,\n    cron TEXT NOT NULL,\n    spec TEXT NOT NULL,\n    env_id INTEGER,\n    umask INTEGER,\n    overlap TEXT NOT NULL,\n    catch_up INTEGER NOT NULL,\n    jitter REAL NOT NULL,\n    paused INTEGER NOT NULL DEFAULT 0,\n    created_at TEXT NOT NULL,\n    last_slot REAL NOT NULL,\n    next_at REAL NOT NULL,\n    last_job TEXT,\n    skips INTEGER NOT NULL DEFAULT 0,\n    last_skip TEXT,\n    last_success REAL) WITHOUT ROWID',
+        'CREATE INDEX jobs_schedule ON jobs (schedule) WHERE schedule IS NOT NULL',
+        'CREATE INDEX jobs_claimed ON jobs (state, queue) WHERE claim IS NOT NULL',
     ],
 }
 
@@ -1186,6 +1212,7 @@ class TestHomesAndFirstUse(QueueTest):
                 self.assertEqual(files(), before)
 
     def test_enqueue_hints_at_a_missing_worker_only_on_a_terminal(self):
+        self.q("enqueue", "true")                     # makes the home (says so)
         r = self.q("enqueue", "true")                 # stderr is a pipe (cron)
         self.assertEqual(r.err, "")
         err = self.stderr_on_tty("enqueue", "--queue", "reports", "true")
@@ -1405,6 +1432,7 @@ class TestConfig(QueueTest):
             self.assertIn(line, out)
         self.assertEqual(json.loads(self.ok("config", "list", "--json")),
                          {"max_retries": 3, "backoff_base": 2, "max_backoff": 3600,
+                          "backoff_jitter": "10%", "scheduling_mode": "priority",
                           "job_timeout": 0, "kill_grace": 10, "hook_timeout": 300,
                           "on_success": "", "on_failure": "", "on_dead": "",
                           "on_cancel": "", "retry_on": "", "no_retry_on": "", "mem": 0,
@@ -1520,7 +1548,8 @@ class TestEnqueue(QueueTest):
     def test_plain_command_prints_only_the_id(self):
         r = self.q("enqueue", "echo hi")
         self.assertEqual(r.code, 0, r)
-        self.assertEqual(r.err, "")
+        self.assertEqual(r.err, CREATED % self.home)       # the first one only
+        self.assertEqual(self.q("enqueue", "echo hi").err, "")
         self.assertRegex(r.out, r"^[0-9a-z]{6}\n$")
         job = self.job(r.out.strip())
         self.assertEqual(job["command"], "echo hi")
@@ -1837,7 +1866,8 @@ class TestJobEnvironment(QueueTest):
     def downgrade_to_schema_1(self):
         """Make the home's database what queuectl 1.0 (schema 1) wrote."""
         con = sqlite3.connect(os.path.join(self.home, "queue.db"), timeout=10)
-        for sql in ("DROP INDEX jobs_claimed", "DROP INDEX jobs_schedule",
+        for sql in ("DROP INDEX jobs_label", "ALTER TABLE jobs DROP COLUMN label",
+                    "DROP INDEX jobs_claimed", "DROP INDEX jobs_schedule",
                     "DROP TABLE schedules",
                     "DROP TABLE attempts",
                     *(f"ALTER TABLE jobs DROP COLUMN {c}" for c in (
@@ -1862,7 +1892,8 @@ class TestJobEnvironment(QueueTest):
         with open(PROG) as f:
             text = f.read()
         with open(old, "w") as f:            # this file, as a schema-1 queuectl
-            f.write(text.replace("SCHEMA_VERSION = 4", "SCHEMA_VERSION = 1"))
+            f.write(text.replace(f"SCHEMA_VERSION = {queuectl.SCHEMA_VERSION}",
+                                 "SCHEMA_VERSION = 1"))
         p = subprocess.Popen([PY, old, "worker", "start"], env=self.env, cwd=self.work,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append(p)
@@ -1976,7 +2007,7 @@ class TestEnqueueStartUp(unittest.TestCase):
             p = subprocess.run([PY, "-I", "-c", code, HERE], capture_output=True,
                                text=True, timeout=60,
                                env=dict(os.environ, QUEUECTL_HOME=home))
-            self.assertEqual(p.stderr, "")
+            self.assertEqual(p.stderr, CREATED % home)
             job_id, last = p.stdout.splitlines()
             self.assertEqual(last, f"0 {bare}")
             con = sqlite3.connect(os.path.join(home, "queue.db"))
@@ -2254,7 +2285,7 @@ class TestMainInProcess(unittest.TestCase):
 
     def test_a_good_enqueue_and_its_json(self):
         code, out, err = self.main("enqueue", "--id", "a", "--priority", "5", "echo", "hi")
-        self.assertEqual((code, out, err), (0, "a\n", ""))
+        self.assertEqual((code, out, err), (0, "a\n", CREATED % self.home))
         code, out, _ = self.main("show", "a", "--json")
         job = json.loads(out)
         self.assertEqual((job["command"], job["priority"], job["state"]),
@@ -2341,7 +2372,8 @@ class TestClaimPlan(QueueTest):
         for where, params in (("", []), (" AND queue IN (?,?)", ["a", "b"]),
                               (" AND queue NOT IN (?)", ["p"])):
             plan = " ".join(r[-1] for r in con.execute(
-                "EXPLAIN QUERY PLAN " + queuectl.SQL_CLAIMABLE.format(where=where),
+                "EXPLAIN QUERY PLAN " + queuectl.SQL_CLAIMABLE.format(
+                    where=where, order=queuectl.order_by("-priority")),
                 ["2030-01-01T00:00:00.000000Z"] + params))
             self.assertIn("jobs_ready", plan)
             self.assertNotIn("TEMP B-TREE", plan)
@@ -2390,14 +2422,18 @@ class TestClaimPlan(QueueTest):
 
     def test_why_says_ready_exactly_for_the_job_claim_picks(self):
         # Random homes (jobs with priorities, run_at, dependencies, keys,
-        # running holders, limits, paused queues): why's "ready" (ignoring
-        # whether a worker is live) and the claim decide alike: claim takes
-        # the first ready job in claim order, and none when none is ready.
+        # running holders, limits, paused queues, scheduling modes): why's
+        # "ready" (ignoring whether a worker is live) and the claim decide
+        # alike: claim takes the first ready job in claim order (priority,
+        # or fifo for the home or a queue), and none when none is ready.
+        import contextlib
+        import io
         import random
         rng = random.Random(20261206)
         for trial in range(150):
             home = os.path.join(self.tmp, f"h{trial}")
-            store = queuectl.Store(home)
+            with contextlib.redirect_stderr(io.StringIO()):     # "created a new home"
+                store = queuectl.Store(home)
             self.addCleanup(store.close)
             now = time.time()
             ids = []
@@ -2434,10 +2470,15 @@ class TestClaimPlan(QueueTest):
             ready = [j for j in jobs if j["state"] in ("pending", "failed") and not [
                 c for c, _, _ in queuectl.why_reasons(store, j, now, ctx)
                 if c not in ("ready", "no_worker", "workers_busy")]]
-            expected = min(ready, key=lambda j: (-j["priority"], j["run_at"], j["seq"]),
-                           default=None)
+            cfg = {"scheduling_mode": rng.choice(["priority", "fifo"])}
+            if rng.random() < 0.5:
+                cfg["queue.a.scheduling_mode"] = rng.choice(["priority", "fifo"])
+            fifo = {q for q in "ab" if cfg.get(f"queue.{q}.scheduling_mode",
+                                               cfg["scheduling_mode"]) == "fifo"}
+            expected = min(ready, key=lambda j: (0 if j["queue"] in fifo else -j["priority"],
+                                                 j["run_at"], j["seq"]), default=None)
             store.db.execute("BEGIN IMMEDIATE")
-            claimed = store.claim("w2", None, now)
+            claimed = store.claim("w2", None, now, order=queuectl.claim_order(cfg))
             store.db.execute("ROLLBACK")
             self.assertEqual(claimed and claimed["id"], expected and expected["id"],
                              f"trial {trial}: ready {[j['id'] for j in ready]}")
@@ -4053,6 +4094,274 @@ class TestTheFirstHour(QueueTest):
         self.assertEqual(self.job("long")["pid"], pid)
         self.go()
 
+class TestHabitsFromTspAndPueue(QueueTest):
+    """Issue 24, the rest: one home, one rule for options, labels, job
+    numbers, threads changed live, schedules that say nobody fires them, a
+    scheduling mode, jitter, and the job's own words in its error."""
+
+    def test_a_command_that_creates_a_home_says_so_once(self):
+        r = self.q("status")                           # reads: creates nothing
+        self.assertIn("there is no queue in", r.err)
+        self.assertFalse(os.path.exists(self.path_home("queue.db")))
+        r = self.q("enqueue", "true")                  # stderr a pipe, as cron's
+        self.assertEqual(r.err, CREATED % self.home)
+        self.assertEqual(self.q("enqueue", "true").err, "")
+        self.assertEqual(self.q("worker", "start", "--drain").err, "")
+
+    def path_home(self, *parts):
+        return os.path.join(self.home, *parts)
+
+    def test_doctor_warns_about_a_second_home_in_home(self):
+        fake_home = os.path.join(self.tmp, "userhome")
+        os.mkdir(fake_home, 0o700)
+        env = dict(self.env, HOME=fake_home)
+        self.enqueue("true", env=env)
+        self.assertNotIn("warning", self.ok("doctor", env=env))
+        other = dict(env)
+        del other["QUEUECTL_HOME"]                     # a sudo -u without the variable
+        r = self.q("enqueue", "echo lost", env=other)
+        self.assertIn(f"created a new queue home in {fake_home}/.queuectl", r.err)
+        out = self.ok("doctor", env=env)
+        self.assertIn(f"warning: {fake_home}/.queuectl is a queue home too, and not the "
+                      f"one in use ({self.home})", out)
+        self.assertNotIn("is a queue home too", self.ok("doctor", env=other))
+
+    def test_options_come_first_and_a_late_option_is_pointed_out(self):
+        r = self.q("enqueue", "--id", "a", "sleep", "5", "--timeout", "2")
+        self.assertEqual((r.code, r.out), (0, "a\n"), r)
+        self.assertIn("warning: --timeout comes after the command's first word", r.err)
+        self.assertEqual((self.job("a")["command"], self.job("a")["from"]["timeout"]),
+                         ("sleep 5 --timeout 2", "home"))
+        for args in (["--id", "b", "--", "sleep", "5", "--timeout", "2"],
+                     ["--id", "c", "--timeout", "2", "sleep", "5"],
+                     ["--id", "d", "sleep 5", "--timeout", "2"],
+                     ["--id", "e", "grep", "-c", "--timeoutx", "f"]):
+            r = self.q("enqueue", *args)
+            self.assertEqual((r.code, r.err), (0, ""), (args, r))
+        self.assertEqual([self.job(i)["timeout"] for i in "cd"], [2, 2])
+        r = self.q("schedule", "add", "s", "@daily", "sleep", "5", "--queue=x")
+        self.assertIn("warning: --queue=x comes after the command's first word", r.err)
+
+    def test_labels_select_work_like_queues(self):
+        out = self.ok("enqueue", "--stdin", "--label", "batch 7",
+                      input="echo one\n# a comment\nexit 3\n")
+        one, three = out.split()
+        self.enqueue("--id", "plain", "true")
+        self.enqueue("--id", "lab", "--label", "other", "true")
+        self.assertEqual(self.job(one)["label"], "batch 7")
+        self.assertIsNone(self.job("plain")["label"])
+        listed = self.ok("list", "--label", "batch 7")
+        self.assertEqual([ln.split()[0] for ln in listed.splitlines()[1:]], [one, three])
+        self.assertEqual(listed.splitlines()[0].split()[:5], ["ID", "#", "STATE", "QUEUE",
+                                                                "LABEL"])
+        self.assertIn("batch 7", listed)
+        self.assertNotIn("LABEL", self.ok("list", "--state", "pending", "--queue", "nosuch"))
+        self.ok("config", "set", "max_retries", "0")
+        self.drained(1)
+        r = self.q("wait", "--label", "batch 7")
+        self.assertEqual(r.code, 1, r)
+        self.assertIn(f"{three} dead", r.err)
+        self.assertEqual(self.q("wait", "--label", "other").code, 0)
+        self.assertEqual(self.ok("dlq", "retry", "--label", "other"), "retried 0 jobs\n")
+        self.assertEqual(self.ok("dlq", "retry", "--label", "batch 7"), "retried 1 job\n")
+        self.assertEqual(self.ok("cancel", "--label", "batch 7"), "cancelled 1 job\n")
+        self.assertEqual(self.ok("retry", "--label", "batch 7", "--state", "cancelled"),
+                         "retried 1 job\n")
+        self.assertEqual(self.state(three), "pending")
+        self.assertEqual(self.state("plain"), "completed")
+        for bad in ("", " x", "a\tb", "x" * 101):
+            self.fails(2, "enqueue", "--label", bad, "true")
+        r = self.fails(2, "wait", "plain", "--label", "other")
+        self.assertIn("not both", r.err)
+
+    def test_a_job_is_named_by_its_number_too(self):
+        self.enqueue("--id", "first", "echo from first")
+        self.enqueue("--id", "2", "echo the id 2")       # an id that is a number wins
+        self.enqueue("--id", "third", "echo from third")
+        self.assertEqual(self.job("first")["number"], 1)
+        self.assertEqual(self.job("#3")["id"], "third")
+        self.assertEqual(self.job("3")["id"], "third")
+        self.assertEqual(self.job("2")["id"], "2")       # the id, not number 2
+        self.assertEqual(self.job("#2")["id"], "2")      # which is job 2 too
+        self.drained(0)
+        self.assertIn("from third", self.ok("logs", "3"))
+        self.assertEqual(self.ok("retry", "#1"), "first\n")
+        self.assertEqual(self.state("first"), "pending")
+        self.assertIn("no job numbered 9", self.fails(1, "show", "#9").err)
+        self.assertIn("no job numbered 9", self.fails(1, "wait", "9").err)
+        listed = self.ok("list").splitlines()
+        self.assertEqual([ln.split()[:2] for ln in listed[1:]],
+                         [["first", "1"], ["2", "2"], ["third", "3"]])
+
+    def test_a_running_worker_takes_more_threads_and_fewer(self):
+        p = self.start_worker("--count", "1")
+        for i in range(3):
+            self.enqueue("--id", f"g{i}", self.gate_cmd())
+        self.wait_for(lambda: self.running_count() == 1, what="one job to run")
+        pid = str(p.pid)
+        out = self.ok("worker", "threads", "3")
+        self.assertRegex(out, rf"^worker \S+ \(pid {pid}\): 3 job threads, was 1\n$")
+        self.wait_for(lambda: self.running_count() == 3, what="three jobs to run")
+        self.assertIn("workers: 3 job threads in 1 live worker process", self.ok("status"))
+        out = self.ok("worker", "threads", "1", pid)
+        self.assertIn("1 job thread, was 3; a surplus thread ends when its job does", out)
+        self.assertIn("workers: 1 job thread in 1 live worker process", self.ok("status"))
+        self.assertEqual(self.running_count(), 3)        # nothing is killed
+        self.go()
+        self.wait_for(lambda: self.ok("list", "--state", "completed").count("g") == 3,
+                      what="the gated jobs to end")
+        os.unlink(self.path("go"))
+        for i in range(3, 6):
+            self.enqueue("--id", f"g{i}", self.gate_cmd())
+        self.wait_for(lambda: self.running_count() == 1, what="one job to run")
+        deadline = time.monotonic() + 0.5      # one thread left: no second job starts
+        while time.monotonic() < deadline:
+            self.assertLessEqual(self.running_count(), 1)
+            time.sleep(0.05)
+        self.go()
+        r = self.fails(1, "worker", "threads", "2", "nosuch")
+        self.assertIn("no live worker 'nosuch'", r.err)
+        self.fails(2, "worker", "threads", "0")
+
+    def running_count(self):
+        return len(json.loads(self.ok("list", "--state", "processing", "--json")))
+
+    def test_a_schedule_says_when_no_worker_fires_it(self):
+        r = self.q("schedule", "add", "nightly", "0 3 * * *", "--", "true")
+        self.assertEqual(r.code, 0, r)
+        self.assertIn("no worker is running on this home, so nothing fires until one "
+                      "does", r.err)
+        status = self.ok("status")
+        self.assertRegex(status, r"schedule nightly \(0 3 \* \* \*\): next run .*; no "
+                                 r"worker is running to fire it")
+        self.assertEqual([s["name"] for s in json.loads(self.ok("status", "--json"))
+                          ["schedules"]], ["nightly"])
+        self.assertIn("warning: schedule nightly fires only while a worker runs",
+                      self.ok("doctor"))
+        self.start_worker()
+        self.assertEqual(self.q("schedule", "add", "other", "@daily", "--", "true").err, "")
+        self.assertNotIn("no worker", self.ok("status"))
+        self.assertNotIn("fires only while", self.ok("doctor"))
+
+    def test_scheduling_mode_fifo_ignores_priority_for_the_home_or_a_queue(self):
+        self.enqueue("--id", "low", RECORD)
+        self.enqueue("--id", "high", "--priority", "5", RECORD)
+        self.ok("config", "set", "scheduling-mode", "fifo")
+        self.drained(0)
+        self.assertEqual(self.order(), ["low", "high"])
+        os.unlink(self.path("order.txt"))
+        self.ok("retry", "low", "high")
+        self.ok("config", "set", "scheduling_mode", "priority")
+        self.drained(0)
+        self.assertEqual(self.order(), ["high", "low"])
+        os.unlink(self.path("order.txt"))
+        self.ok("retry", "low", "high")
+        self.enqueue("--id", "x-high", "--queue", "x", "--priority", "9", RECORD)
+        self.ok("config", "set", "scheduling_mode", "fifo")
+        self.ok("config", "set", "queue.x.scheduling_mode", "priority")
+        self.drained(0)
+        self.assertEqual(self.order(), ["x-high", "low", "high"])
+        r = self.fails(2, "config", "set", "scheduling_mode", "lifo")
+        self.assertIn("give priority (higher priority first) or fifo", r.err)
+
+    def test_why_names_the_jobs_ahead_in_the_claims_order(self):
+        p = self.bg()
+        self.freeze(p)                  # a live worker, with a free thread, that waits
+        self.resume_in_cleanup(p)
+        self.enqueue("--id", "low", "true")
+        self.enqueue("--id", "high", "--priority", "5", "true")
+        self.assertEqual(self.ok("why", "high"), "high: nothing holds it back: a worker "
+                         "claims it next\n")
+        self.assertIn("after the 1 due job ahead of it (scheduling_mode priority: higher "
+                      "priority first, then the earlier due)", self.ok("why", "low"))
+        self.ok("config", "set", "scheduling_mode", "fifo")
+        self.assertIn("after the 1 due job ahead of it (scheduling_mode fifo: priority "
+                      "ignored, the earlier due first)", self.ok("why", "high"))
+        reason = json.loads(self.ok("why", "high", "--json"))["reasons"][0]
+        self.assertEqual((reason["code"], reason["ahead"], reason["scheduling_mode"]),
+                         ("ready", 1, "fifo"))
+
+    def test_backoff_jitter_spreads_waits_and_can_be_turned_off(self):
+        cfg = dict(queuectl.CONFIG_DEFAULTS)
+        self.assertEqual(cfg["backoff_jitter"], "10%")
+        delay = queuectl.backoff_delay
+        self.assertAlmostEqual(delay(3, cfg, spread=0.0), 8 * 0.9)
+        self.assertAlmostEqual(delay(3, cfg, spread=1.0), 8 * 1.1)
+        self.assertAlmostEqual(delay(3, cfg, spread=0.5), 8)
+        self.assertAlmostEqual(delay(3, dict(cfg, backoff_jitter="full"), spread=0.25), 2)
+        self.assertEqual(delay(3, dict(cfg, backoff_jitter="0"), spread=0.0), 8)
+        waits = {delay(3, cfg) for _ in range(50)}
+        self.assertGreater(len(waits), 1)
+        self.assertTrue(all(7.2 <= w <= 8.8 for w in waits), waits)
+        for typed, stored in (("25", "25%"), ("25%", "25%"), ("full", "full"),
+                              ("off", "0"), ("0", "0")):
+            self.assertEqual(self.ok("config", "set", "backoff-jitter", typed),
+                             f"backoff_jitter = {stored}\n")
+        self.ok("config", "set", "queue.q.backoff_jitter", "50%")
+        for bad in ("101", "-5", "half", ""):
+            self.fails(2, "config", "set", "backoff_jitter", bad)
+        # Retries of jobs that failed together are spread, and list shows when.
+        self.ok("config", "set", "backoff_jitter", "50%")
+        self.ok("config", "set", "backoff_base", "100")
+        for i in range(6):
+            self.enqueue("--id", f"f{i}", "exit 1")
+        self.start_worker()
+        self.wait_for(lambda: all(self.state(f"f{i}") == "failed" for i in range(6)),
+                      what="six failed attempts")
+        run_at = {self.job(f"f{i}")["run_at"] for i in range(6)}
+        self.assertGreater(len(run_at), 1)
+        self.assertRegex(self.ok("list"), r"failed +default +0 +1 +due \S+ \(in ")
+
+    def test_the_error_carries_the_attempts_last_line(self):
+        self.ok("config", "set", "max_retries", "1")
+        self.ok("config", "set", "max_backoff", "0")
+        self.enqueue("--id", "pg", "--on-dead", 'echo "$QUEUECTL_ERROR" > hook.txt',
+                     'if [ "$QUEUECTL_ATTEMPT" = 1 ]; then echo said once; fi; '
+                     'echo "pg_dump: error: connection refused $QUEUECTL_ATTEMPT" >&2; '
+                     r'printf "\033[31mred\033[0m\t%s\n\n" "$(printf "x%.0s" $(seq 300))"; '
+                     'exit 3')
+        self.enqueue("--id", "quiet", "--max-retries", "1",
+                     '[ "$QUEUECTL_ATTEMPT" = 1 ] && echo first only; exit 4')
+        self.drained(1)
+        self.wait_for(lambda: self.state(self.job("pg")["hook_jobs"][0]["id"]) == "completed",
+                      what="the hook")
+        error = self.job("pg")["last_error"]
+        self.assertTrue(error.startswith("exit code 3: red " + "x" * 100), error)
+        self.assertLessEqual(len(error), len("exit code 3: ") + 200)
+        self.assertNotIn("\x1b", error)
+        with open(self.path("hook.txt")) as f:
+            self.assertEqual(f.read(), error + "\n")
+        self.assertIn("exit code 3: red xx", self.ok("dlq", "list"))
+        self.assertIn("pg: dead now, after 2 attempts: exit code 3: red xxx", self.ok("why", "pg"))
+        # An attempt that printed nothing says only its exit: never an older
+        # attempt's words.
+        self.assertEqual(self.job("quiet")["last_error"], "exit code 4")
+
+    def test_a_cwd_the_worker_cannot_enter_is_not_retried(self):
+        nobody = self.nobody()
+        locked = os.path.join(self.tmp, "locked")
+        os.mkdir(locked, 0o700)
+        home = os.path.join(self.tmp, "nobodyhome")
+        os.mkdir(home, 0o700)
+        os.chown(home, nobody.pw_uid, nobody.pw_gid)
+        os.chmod(self.tmp, 0o755)
+        env = {"PATH": "/usr/bin:/bin", "QUEUECTL_HOME": home}
+
+        def as_nobody(*args):
+            return subprocess.run(
+                ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                 "--clear-groups", PY, "-I", PROG, *args], cwd="/", capture_output=True,
+                text=True, timeout=60, env=env)
+        if as_nobody("--version").returncode != 0:
+            self.skipTest("this interpreter cannot run as nobody")
+        self.assertEqual(as_nobody("enqueue", "--id", "j", "--cwd", locked, "true").returncode,
+                         0)
+        self.assertEqual(as_nobody("worker", "start", "--drain").returncode, 1)
+        job = json.loads(as_nobody("show", "j", "--json").stdout)
+        self.assertEqual((job["state"], job["attempts"], job["exit_code"]), ("dead", 1, 126))
+        self.assertEqual(job["last_error"], f"could not start: Permission denied (cwd {locked})"
+                         "; not retried: it cannot run (retry_on 126 retries it)")
+
 class TestHookHome(QueueTest):
     def test_a_hooks_queuectl_home_is_not_the_reported_jobs_env(self):
         self.enqueue("--id", "j", "--env", "QUEUECTL_HOME=/nonexistent",
@@ -4451,7 +4760,7 @@ class TestReadCommands(QueueTest):
         self.drained(1)
         self.enqueue("--id", "late", "true")
         out = self.ok("list")
-        self.assertEqual(out.splitlines()[0].split()[:2], ["ID", "STATE"])
+        self.assertEqual(out.splitlines()[0].split()[:3], ["ID", "#", "STATE"])
         self.assertEqual([ln.split()[0] for ln in out.splitlines()[1:]],
                          ["j0", "j1", "j2", "j3", "x", "late"])
         rows = json.loads(self.ok("list", "--json"))
@@ -4925,12 +5234,15 @@ class TestHumanOutput(QueueTest):
         self.fixed_jobs()
         out = self.ok("list")
         lines = out.splitlines()
-        self.assertEqual(lines[0].split(), ["ID", "STATE", "QUEUE", "PRI", "TRIES", "WHEN",
-                                            "OUTCOME", "COMMAND"])
+        # PRI and TRIES say the same on every row: they go first, so the
+        # command keeps more of itself.
+        self.assertEqual(lines[0].split(), ["ID", "#", "STATE", "QUEUE", "WHEN", "OUTCOME",
+                                            "COMMAND"])
         self.assertTrue(all(len(line) <= 80 for line in lines), out)
         self.assertTrue(lines[1].endswith("…"), lines[1])
-        self.assertEqual(lines[1].split()[:7], ["build-1", "pending", "default", "0", "0",
-                                                "no", "worker"])
+        self.assertEqual(lines[1].split()[:6], ["build-1", "1", "pending", "default", "no",
+                                                "worker"])
+        self.assertIn("PRI", self.ok("list", env=dict(self.env, COLUMNS="1000")))
         self.assertIn("(in 2h)", lines[2])
         self.assertIn("blocked on build-1", lines[3])
         self.assertNotIn("\x1b[", out)                   # not a terminal: no colour
@@ -5034,7 +5346,7 @@ class TestListsShowTheNewestAndTheirOutcome(QueueTest):
                 out = self.ok("list", env=dict(self.env, COLUMNS=cols))
                 lines = out.splitlines()
                 self.assertTrue(all(len(line) <= int(cols) for line in lines), out)
-                self.assertEqual(lines[1].split()[:2], ["a-long-job-id-that-stays", "dead"])
+                self.assertEqual(lines[1].split()[:3], ["a-long-job-id-that-stays", "1", "dead"])
                 self.assertIn("…", lines[1])
 
     def test_logs_without_an_id_and_of_a_job_that_has_not_started(self):
@@ -5062,11 +5374,11 @@ class TestMachineOutput(QueueTest):
         self.drain()
         status = json.loads(self.ok("status", "--json"))
         self.assertEqual(set(status), {"counts", "queues", "workers", "oldest_pending",
-                                       "next_scheduled", "paused"})
+                                       "next_scheduled", "paused", "schedules"})
         self.assertEqual(list(status["counts"]), list(queuectl.STATES))
         listed = json.loads(self.ok("list", "--json"))
         self.assertEqual([j["id"] for j in listed], [job])
-        self.assertEqual(set(listed[0]), set(queuectl.JOB_FIELDS) | {"log", "env_from",
+        self.assertEqual(set(listed[0]), set(queuectl.JOB_FIELDS) | {"log", "env_from", "number",
                                                                      "umask", "from"})
         self.assertEqual(json.loads(self.ok("dlq", "list", "--json")), [])
         self.assertEqual(json.loads(self.ok("worker", "status", "--json")), [])
