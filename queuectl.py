@@ -95,6 +95,9 @@ CONFIG_DEFAULTS = {
     # the earlier due) or "fifo" (priority ignored: the earlier due first)
     "scheduling_mode": "priority",
     "job_timeout": 0,
+    # a running job is marked slow past this many times its queue's p95 run
+    # time (from the history, once 20 runs are known); 0 = never
+    "slow_factor": 3,
     "kill_grace": 10,
     "hook_timeout": 300,
     # text: a hook's shell command, or a list of exit codes; "" = none
@@ -122,7 +125,7 @@ TEXT_KEYS = HOOK_EVENTS + ("retry_on", "no_retry_on", "backoff_jitter", "schedul
 
 # Config keys that may also be set per queue, as queue.NAME.KEY.
 QUEUE_KEYS = ("max_retries", "backoff_base", "max_backoff", "job_timeout",
-              "hook_timeout") + TEXT_KEYS + LIMIT_KEYS
+              "hook_timeout", "slow_factor") + TEXT_KEYS + LIMIT_KEYS
 
 # The internal queue hooks run in. Its name cannot be a user's queue (a
 # queue name starts with a letter or digit); every worker serves it.
@@ -143,6 +146,7 @@ VALUE_RULES = {
     "max_backoff": ("dur", 0, 31_536_000, "cap on one backoff wait, seconds"),
     "job_timeout": ("dur", 0, 31_536_000, "default timeout, seconds, 0 = none"),
     "kill_grace": ("dur", 0, 3600, "seconds between SIGTERM and SIGKILL"),
+    "slow_factor": ("num", 0, 1000, "times the queue's p95 run time, 0 = never"),
     "hook_timeout": ("dur", 0, 31_536_000, "a hook's timeout, seconds, 0 = none"),
     "mem": ("size", 0, 2 ** 50, "bytes of address space per process, 0 = no limit"),
     "cpu_time": ("dur", 0, 31_536_000, "CPU seconds per process, 0 = no limit"),
@@ -1789,9 +1793,10 @@ ENVS_HASH_INDEX = "CREATE INDEX envs_hash ON envs (hash)"
 
 ENVS_INDEX = "CREATE INDEX jobs_env ON jobs (env_id) WHERE env_id IS NOT NULL"
 
-# Run times of ended attempts per queue, by histogram bucket (not
-# cumulative: n counts the attempts with DURATION_BUCKETS[i-1] < t <= le;
-# longer ones only in stats.duration_count, the +Inf bucket).
+# 1.1's run-time histogram per queue (n: attempts with DURATION_BUCKETS[i-1]
+# < t <= le), and 1.2's stats table of counters: read only by the migration
+# to the history, and written only by 1.2 workers that still run after an
+# upgrade (their attempts are missing from the history).
 DURATIONS_TABLE = """CREATE TABLE durations (
     queue TEXT NOT NULL,
     le REAL NOT NULL,
@@ -1841,6 +1846,85 @@ ATTEMPTS_TABLE = """CREATE TABLE attempts (
 # Peak RSS of measured attempts per queue, by RSS_BUCKETS (not cumulative,
 # as durations), in the queue's stats row: one write per attempt, not two.
 RSS_COLUMNS = tuple(f"rss_b{i}" for i in range(len(RSS_BUCKETS)))
+
+# What ended attempts cost, per queue and hour: the one source of stats,
+# metrics and the slow-job mark. prune never touches it. A row covers span
+# seconds from start (epoch): an hour (3600); a day (86400) once older than
+# HISTORY_HOURLY_DAYS (rolled up by prune and by workers, hourly); span 0
+# (start 0) holds what 1.2's counters had counted before the history began.
+# Each attempt adds 1 to one bucket column of run time (RUN_COLUMNS, by
+# DURATION_BUCKETS; longer ones only in run_count, the +Inf bucket) and of
+# peak RSS (RSS_COLUMNS), as Prometheus histograms count (not cumulative).
+RUN_COLUMNS = tuple(f"run_b{i}" for i in range(len(DURATION_BUCKETS)))
+
+HISTORY_SUMS = (("attempts", "INTEGER"), ("failures", "INTEGER"), ("run_sum", "REAL"),
+                ("run_count", "INTEGER"), ("cpu_user", "REAL"), ("cpu_sys", "REAL"),
+                ("rss_sum", "REAL"), ("rss_count", "INTEGER"),
+                *((c, "INTEGER") for c in RUN_COLUMNS + RSS_COLUMNS))
+
+HISTORY_HOURLY_DAYS = 90
+
+HISTORY_TABLE = ("CREATE TABLE history (\n    queue TEXT NOT NULL,\n    start INTEGER NOT NULL,"
+                 "\n    span INTEGER NOT NULL,\n" + "".join(
+                     f"    {c} {t} NOT NULL DEFAULT 0,\n" for c, t in HISTORY_SUMS)
+                 + "    rss_max INTEGER NOT NULL DEFAULT 0,\n"
+                 "    PRIMARY KEY (queue, start, span)) WITHOUT ROWID")
+
+_HISTORY_NAMES = ", ".join(c for c, _ in HISTORY_SUMS)
+
+_HISTORY_MERGE = ("ON CONFLICT (queue, start, span) DO UPDATE SET " + ", ".join(
+    f"{c} = {c} + excluded.{c}" for c, _ in HISTORY_SUMS)
+    + ", rss_max = max(rss_max, excluded.rss_max)")
+
+SQL_HISTORY_ADD = (f"INSERT INTO history (queue, start, span, {_HISTORY_NAMES}, rss_max) "
+                   f"VALUES ({', '.join('?' * (len(HISTORY_SUMS) + 4))}) " + _HISTORY_MERGE)
+
+def _bucket_sums(column, bounds):
+    """SQL: per bucket of bounds, how many rows have column in it."""
+    return [f"sum(coalesce({column} > {lo} AND {column} <= {hi}, 0))"
+            for lo, hi in zip((-1,) + bounds[:-1], bounds)]
+
+# Hours older than HISTORY_HOURLY_DAYS (whole UTC days before ?) become days.
+SQL_HISTORY_ROLLUP = [
+    f"""INSERT INTO history (queue, start, span, {_HISTORY_NAMES}, rss_max)
+    SELECT queue, start - start % 86400, 86400, {', '.join(f'sum({c})' for c, _ in HISTORY_SUMS)},
+    max(rss_max) FROM history WHERE span = 3600 AND start < ?
+    GROUP BY queue, start - start % 86400 """ + _HISTORY_MERGE,
+    "DELETE FROM history WHERE span = 3600 AND start < ?"]
+
+SQL_HISTORY_TOTALS = (f"SELECT queue, {', '.join(f'sum({c})' for c, _ in HISTORY_SUMS)}, "
+                      "max(rss_max) FROM history WHERE start >= ?{where} GROUP BY queue "
+                      "ORDER BY queue")
+
+SQL_HISTORY_SERIES = ("SELECT start, " + ", ".join(f"sum({c})" for c, _ in HISTORY_SUMS)
+                      + ", max(rss_max) FROM history WHERE start >= ?{where} "
+                      "GROUP BY start ORDER BY start")
+
+# 1.3's migration: the history, from 1.2's attempts (by the hour they ended)
+# and, for what they no longer hold (pruned), its counters (start 0).
+_HISTORY_FROM_ATTEMPTS = f"""INSERT INTO history (queue, start, span, {_HISTORY_NAMES}, rss_max)
+    SELECT queue, CAST(ended_at / 3600 AS INTEGER) * 3600, 3600, count(*),
+    sum(state != 'completed'), coalesce(sum(wall), 0), count(wall),
+    coalesce(sum(cpu_user), 0), coalesce(sum(cpu_sys), 0), coalesce(sum(max_rss), 0),
+    count(max_rss), {', '.join(_bucket_sums('wall', DURATION_BUCKETS))},
+    {', '.join(_bucket_sums('max_rss', RSS_BUCKETS))}, coalesce(max(max_rss), 0)
+    FROM attempts GROUP BY queue, CAST(ended_at / 3600 AS INTEGER)"""
+
+_HISTORY_BEFORE = f"""INSERT INTO history (queue, start, span, {_HISTORY_NAMES}, rss_max)
+    SELECT s.queue, 0, 0, {', '.join(
+        f"max(s.{c} - coalesce(h.{c}, 0), 0)" for c in (
+            "attempts", "failures", "duration_sum", "duration_count", "cpu_user", "cpu_sys",
+            "rss_sum", "rss_count"))},
+    {', '.join(f"max(coalesce((SELECT n FROM durations d WHERE d.queue = s.queue "
+               f"AND d.le = {le}), 0) - coalesce(h.run_b{i}, 0), 0)"
+               for i, le in enumerate(DURATION_BUCKETS))},
+    {', '.join(f"max(s.{c} - coalesce(h.{c}, 0), 0)" for c in RSS_COLUMNS)}, 0
+    FROM stats s LEFT JOIN (SELECT queue, sum(attempts) AS attempts, sum(failures) AS failures,
+    sum(run_sum) AS duration_sum, sum(run_count) AS duration_count, sum(cpu_user) AS cpu_user,
+    sum(cpu_sys) AS cpu_sys, sum(rss_sum) AS rss_sum, sum(rss_count) AS rss_count,
+    {', '.join(f"sum({c}) AS {c}" for c in RUN_COLUMNS + RSS_COLUMNS)}
+    FROM history GROUP BY queue) h ON h.queue = s.queue
+    WHERE s.attempts > coalesce(h.attempts, 0)"""
 
 # Recurring schedules: a cron expression and the job each slot becomes.
 # last_slot is the last slot handled (fired or skipped), next_at the next
@@ -1919,12 +2003,14 @@ SCHEMA = [
     SCHEDULE_INDEX,
     CLAIMED_INDEX,
     LABEL_INDEX,
+    HISTORY_TABLE,
 ]
 
 # Migrations: MIGRATIONS[n] takes a db from version n to n + 1, adding
 # MIGRATION_WHAT[n] (a worker of an older version runs jobs without it).
 MIGRATION_WHAT = {1: "the enqueuer's environment", 2: "keys, limits, hooks, retry policy",
-                  3: "resource accounting and limits, schedules", 4: "labels"}
+                  3: "resource accounting and limits, schedules",
+                  4: "labels, history (its attempts are missing from stats and metrics)"}
 
 MIGRATIONS = {
     # 1.1: jobs run in their enqueuer's environment and umask
@@ -1943,8 +2029,8 @@ MIGRATIONS = {
         # versions kept it for good.
         "UPDATE jobs SET claim = NULL, pid = NULL, pid_start = NULL "
         "WHERE state = 'cancelled'"],
-    # 1.3: labels
-    4: [*job_alters(5), LABEL_INDEX],
+    # 1.3: labels; the history that stats and metrics read, which prune keeps
+    4: [*job_alters(5), LABEL_INDEX, HISTORY_TABLE, _HISTORY_FROM_ATTEMPTS, _HISTORY_BEFORE],
 }
 
 JOB_COLUMNS = ", ".join(ROW_FIELDS)
@@ -2106,20 +2192,6 @@ SQL_UNBLOCK = """UPDATE jobs SET blocked = 0 WHERE blocked = 1
 SQL_REBLOCK = f"""UPDATE jobs SET blocked = 1 WHERE state IN {IN_WAITING}
     AND id IN (SELECT job FROM deps WHERE dep = ?)"""
 
-_STAT_ADD = """INSERT INTO stats (queue, attempts, failures, duration_sum,
-    duration_count, cpu_user, cpu_sys, rss_sum, rss_count{col})
-    VALUES (?, 1, ?, ?, ?, ?, ?, ?, ?{one}) ON CONFLICT (queue) DO UPDATE SET
-    attempts = attempts + 1, failures = failures + excluded.failures,
-    duration_sum = duration_sum + excluded.duration_sum,
-    duration_count = duration_count + excluded.duration_count,
-    cpu_user = cpu_user + excluded.cpu_user, cpu_sys = cpu_sys + excluded.cpu_sys,
-    rss_sum = rss_sum + excluded.rss_sum, rss_count = rss_count + excluded.rss_count{add}"""
-
-# An attempt's stats: SQL_STAT_ADD[i] also counts it in RSS bucket i; [-1]
-# in none (not measured, or over the last bucket).
-SQL_STAT_ADD = [_STAT_ADD.format(col=f", {c}", one=", 1", add=f",\n    {c} = {c} + 1")
-                for c in RSS_COLUMNS] + [_STAT_ADD.format(col="", one="", add="")]
-
 SQL_ATTEMPT_ADD = """INSERT OR IGNORE INTO attempts (job, attempt, queue, state, started_at,
     ended_at, wall, cpu_user, cpu_sys, max_rss, max_rss_bound, exit_code, signal, error)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
@@ -2133,11 +2205,16 @@ SQL_ATTEMPTS_OF = (f"SELECT {', '.join(SQL_ATTEMPT_FIELDS)} FROM attempts WHERE 
 # Words for shell completion, per kind: cheap queries first (a slow one may
 # run out of the time budget).
 SQL_COMPLETION = {"ids": ["SELECT id FROM jobs ORDER BY seq DESC LIMIT 500"],
-                  "queues": ["SELECT queue FROM stats UNION SELECT queue FROM paused",
+                  **{kind: [f"SELECT id FROM jobs WHERE state IN {states} ORDER BY seq DESC "
+                            "LIMIT 500"] for kind, states in (
+                      ("cancel", IN_UNFINISHED), ("dead", "('dead')"),
+                      ("retry", "('dead', 'cancelled', 'completed', 'failed')"))},
+                  "schedules": ["SELECT name FROM schedules ORDER BY name"],
+                  "limits": ["SELECT key FROM limits UNION SELECT DISTINCT key FROM job_keys"],
+                  "queues": ["SELECT DISTINCT queue FROM history UNION SELECT queue FROM paused",
                              "SELECT DISTINCT queue FROM jobs"]}
 
-SQL_ATTEMPTS_SINCE = """SELECT queue, state, wall, max_rss FROM attempts
-    WHERE ended_at >= ?{where}"""
+SQL_ENDED_SINCE = "SELECT queue, ended_at FROM attempts WHERE ended_at >= ?"
 
 SQL_DELETE_ATTEMPTS = "DELETE FROM attempts WHERE job IN ({marks})"
 
@@ -2169,11 +2246,6 @@ SQL_SCHEDULE_SUCCESS = "UPDATE schedules SET last_success = ? WHERE name = ?"
 
 SQL_SCHEDULE_ACTIVE = f"""SELECT id FROM jobs WHERE schedule = ?
     AND state IN {IN_UNFINISHED} ORDER BY seq LIMIT 1"""
-
-SQL_DURATION_ADD = """INSERT INTO durations (queue, le, n) VALUES (?, ?, 1)
-    ON CONFLICT (queue, le) DO UPDATE SET n = n + 1"""
-
-SQL_DURATIONS = "SELECT queue, le, n FROM durations"
 
 SQL_RUNNABLE_SINCE = f"""SELECT min(run_at) FROM jobs INDEXED BY jobs_ready
     WHERE {READY} AND run_at <= ?{{where}}"""
@@ -2273,12 +2345,17 @@ SQL_NOT_COMPLETED = """SELECT id, state FROM jobs WHERE seq <= ?
 SQL_OPEN_OF = f"""SELECT id, state, blocked FROM jobs WHERE id IN ({{marks}})
     AND state IN {IN_UNFINISHED}"""
 
+SQL_COUNTS_UP_TO = """SELECT state, count(*) FROM jobs WHERE seq >= ? AND seq <= ?{where}
+    GROUP BY state"""
+
+SQL_COUNTS_OF = "SELECT state, count(*) FROM jobs WHERE id IN ({marks}) GROUP BY state"
+
+SQL_FIRST_OPEN = f"SELECT min(seq), max(seq) FROM jobs WHERE state IN {IN_UNFINISHED}{{where}}"
+
 SQL_LAST_STARTED = """SELECT id FROM jobs WHERE started_at IS NOT NULL
     ORDER BY started_at DESC, seq DESC LIMIT 1"""
 
 SQL_MAX_SEQ = "SELECT coalesce(max(seq), 0) FROM jobs"
-
-SQL_STATS = "SELECT queue, {names} FROM stats ORDER BY queue"
 
 SQL_COUNT_TABLES = "SELECT count(*) FROM sqlite_master"
 
@@ -2579,9 +2656,6 @@ class Store:
         until a person acts (SQL_STUCK)."""
         return {job: (dep, state) for job, dep, state in self.q(SQL_STUCK)}
 
-    def stats(self, names):
-        return self.q(SQL_STATS.format(names=", ".join(names)))
-
     def health(self):
         """(integrity_check lines, free bytes in the file)."""
         check = [r[0] for r in self.q("PRAGMA integrity_check")]
@@ -2814,17 +2888,51 @@ class Store:
         self.fire_hook(job, {COMPLETED: "on_success", FAILED: "on_failure",
                              DEAD: "on_dead"}[state], cfg, state, exit_code, attempts,
                        error, now)
-        rss = use["max_rss"]
-        bucket = -1 if rss is None or rss > RSS_BUCKETS[-1] else \
-            next(i for i, b in enumerate(RSS_BUCKETS) if rss <= b)
-        self.x(SQL_STAT_ADD[bucket], (job["queue"], int(error is not None), duration or 0.0,
-                                      int(duration is not None), use["cpu_user"] or 0.0,
-                                      use["cpu_sys"] or 0.0, rss or 0, int(rss is not None)))
+        self.add_history(job["queue"], now, error is not None, duration, use)
         self.add_attempt(job, attempts, state, now, use, rc, error)
-        if duration is not None and duration <= DURATION_BUCKETS[-1]:
-            le = next(b for b in DURATION_BUCKETS if duration <= b)
-            self.x(SQL_DURATION_ADD, (job["queue"], le))
         return state, unblocked, error
+
+    def add_history(self, queue, now, failed, duration, use):
+        """An ended attempt in its queue's history row of the hour (one
+        statement, in the transaction that records it)."""
+        rss = use["max_rss"]
+        runs = [0] * len(DURATION_BUCKETS)
+        if duration is not None and duration <= DURATION_BUCKETS[-1]:
+            runs[next(i for i, b in enumerate(DURATION_BUCKETS) if duration <= b)] = 1
+        sizes = [0] * len(RSS_BUCKETS)
+        if rss is not None and rss <= RSS_BUCKETS[-1]:
+            sizes[next(i for i, b in enumerate(RSS_BUCKETS) if rss <= b)] = 1
+        self.x(SQL_HISTORY_ADD, (
+            queue, int(now // 3600 * 3600), 3600, 1, int(failed), duration or 0.0,
+            int(duration is not None), use["cpu_user"] or 0.0, use["cpu_sys"] or 0.0,
+            rss or 0, int(rss is not None), *runs, *sizes, rss or 0))
+
+    def history_totals(self, since=0, queues=None):
+        """{queue: {column: sum, rss_max: max}} of the history since (epoch;
+        0: all of it, before the history began included)."""
+        where, params = "", [since]
+        if queues:
+            where, params = f" AND queue IN ({_marks(queues)})", params + list(queues)
+        names = [c for c, _ in HISTORY_SUMS] + ["rss_max"]
+        return {r[0]: dict(zip(names, r[1:]))
+                for r in self.q(SQL_HISTORY_TOTALS.format(where=where), params)}
+
+    def history_series(self, since, queues=None):
+        """[(start, {column: sum, rss_max})] of the history rows since,
+        summed over queues (None: all)."""
+        where, params = "", [since]
+        if queues:
+            where, params = f" AND queue IN ({_marks(queues)})", params + list(queues)
+        names = [c for c, _ in HISTORY_SUMS] + ["rss_max"]
+        return [(r[0], dict(zip(names, r[1:]))) for r in self.q(
+            SQL_HISTORY_SERIES.format(where=where), params)]
+
+    def roll_up_history(self, now):
+        """Hours older than HISTORY_HOURLY_DAYS become days; rows written."""
+        cutoff = int((now - HISTORY_HOURLY_DAYS * 86400) // 86400 * 86400)
+        with self.tx():
+            for sql in SQL_HISTORY_ROLLUP:
+                self.x(sql, (cutoff,))
 
     def add_attempt(self, job, number, state, now, use, rc, error):
         """The row of an ended attempt: what it cost (use: wall, cpu_user,
@@ -2999,12 +3107,9 @@ class Store:
             self.x(SQL_ADD_SCHEDULE, (name, cron, _json_or_none(spec), env_id, umask,
                                       overlap, catch_up, jitter, 0, iso(now), label, next_at))
 
-    def attempts_since(self, since, queues=None):
-        """[(queue, state, wall, max_rss)] of the attempts ended since (epoch)."""
-        where, params = "", [since]
-        if queues:
-            where, params = f" AND queue IN ({_marks(queues)})", params + list(queues)
-        return self.q(SQL_ATTEMPTS_SINCE.format(where=where), params)
+    def ended_since(self, since):
+        """[(queue, ended_at)] of the attempts ended since (epoch)."""
+        return self.q(SQL_ENDED_SINCE, (since,))
 
     def last_started(self):
         """The id of the job that started last, or None."""
@@ -3020,6 +3125,18 @@ class Store:
         if ids is not None:
             return self.q(SQL_OPEN_OF.format(marks=_marks(ids)), ids)
         return self.q(SQL_OPEN_UP_TO.format(where=where), [up_to] + list(params))
+
+    def first_open(self, where="", params=()):
+        """The seq of the oldest unfinished job (and where), or None."""
+        return self.q(SQL_FIRST_OPEN.format(where=where), list(params))[0][0]
+
+    def selection_counts(self, ids=None, up_to=None, where="", params=(), first=0):
+        """{state: n} of the jobs of ids, or of those enqueued from seq first
+        up to seq up_to (and where): what a progress line counts."""
+        if ids is not None:
+            return dict(self.q(SQL_COUNTS_OF.format(marks=_marks(ids)), ids))
+        return dict(self.q(SQL_COUNTS_UP_TO.format(where=where),
+                           [first, up_to] + list(params)))
 
     def not_completed(self, up_to, where="", params=()):
         """[(id, state)] of the jobs up to seq up_to that ended dead or cancelled."""
@@ -3041,10 +3158,6 @@ class Store:
             return None
         where, params = self.claim_filter(None, paused)
         return self.q(SQL_RUNNABLE_SINCE.format(where=where), [iso(now)] + params)[0][0]
-
-    def durations(self):
-        """[(queue, le, n)] of the run-time histogram."""
-        return self.q(SQL_DURATIONS)
 
     def keys_waiting(self):
         """{key: how many waiting jobs hold it}."""
@@ -3375,7 +3488,8 @@ class WorkerState:
                  "cond", "print_lock", "db_lock", "running", "held", "active", "settling",
                  "generation", "stopping", "kill_jobs", "completed", "dead", "config_file",
                  "config", "_qcfg", "config_mtime", "signals", "threads_left", "base_env",
-                 "env_cache", "umask", "devnull", "log_file", "log_max", "poke_fd", "lock_fd")
+                 "env_cache", "umask", "devnull", "log_file", "log_max", "poke_fd", "lock_fd",
+                 "progress")
 
     def __init__(self, home, count=1, queues=None, drain=False, out=None):
         import threading
@@ -3404,6 +3518,11 @@ class WorkerState:
         self.stopping = False
         self.kill_jobs = False   # stop --now: kill the running jobs
         self.completed = self.dead = 0
+        # A draining worker at a terminal keeps wait's progress line under
+        # its own lines (see say).
+        self.progress = Progress() if drain and out is None else None
+        if self.progress and not self.progress.on:
+            self.progress = None
         self.config_file = Config(home)
         self.config = self.config_file.load()
         self._qcfg = (None, {})          # see _queue_config
@@ -3425,8 +3544,12 @@ class WorkerState:
     def say(self, text):
         with self.print_lock:
             try:
+                if self.progress:        # the progress line goes, the line, it again
+                    self.progress.clear()
                 self.out.write(f"{show_time(iso(time.time()))} {text}\n")
                 self.out.flush()
+                if self.progress and self.progress.text:
+                    self.progress.show(self.progress.text, force=True)
                 if self.log_file:
                     self._rotate_log()
             except (OSError, ValueError):
@@ -4590,6 +4713,9 @@ class Worker:
                 self.s.threading.Thread(target=self._job_thread, daemon=True).start()
             next_beat = time.monotonic() + HEARTBEAT
             next_release = 0.0
+            next_rollup = time.monotonic() + 60       # not in every short drain
+            where, params = store.claim_filter(self.s.queues, ())
+            first = store.first_open(where, params) if self.s.progress else None
             while True:
                 with self.s.lock:
                     if self.s.threads_left == 0 and not self.s.running and not self.s.settling:
@@ -4606,6 +4732,8 @@ class Worker:
                     _drain_fd(sig_r)
                 self._handle_signals()
                 self._reload_config()
+                if first is not None:
+                    self._show_progress(store, first, where, params)
                 if self.s.stopping and time.monotonic() >= next_release:
                     next_release = time.monotonic() + 1.0
                     self._release_lost(store)
@@ -4615,6 +4743,9 @@ class Worker:
                     next_beat = time.monotonic() + HEARTBEAT
                     self._heartbeat(store)
                     self._resize(store)
+                    if time.monotonic() >= next_rollup:
+                        next_rollup = time.monotonic() + 3600
+                        self._roll_up(store)
                     if not self.s.stopping:
                         self.recovery._recover(store)
                         self.s.notify()   # a safety net for any missed wake-up
@@ -4634,9 +4765,27 @@ class Worker:
             remove_worker_files(self.s.home, self.s.id)
             os.close(self.s.lock_fd)
             os.close(self.s.devnull)
+            if self.s.progress:
+                with self.s.print_lock:
+                    self.s.progress.clear()
+                    self.s.progress = None
         self.s.say(f"worker {self.s.id} stopped: {self.s.completed} completed, "
                    f"{self.s.dead} dead")
         return EXIT_FAIL if self.s.drain and self.s.dead else EXIT_OK
+
+    def _show_progress(self, store, first, where, params):
+        try:
+            counts = store.selection_counts(None, 2 ** 62, where, params, first=first)
+        except QueuectlError:
+            return                       # busy: next time
+        with self.s.print_lock:
+            self.s.progress.show(self.s.progress.counts(counts))
+
+    def _roll_up(self, store):
+        try:
+            store.roll_up_history(time.time())
+        except QueuectlError as e:
+            self.s.say(f"cannot roll up the history yet, will retry: {e}")
 
     def _resize(self, store):
         """Take the number of job threads `worker threads N` asked for (in
@@ -4893,6 +5042,56 @@ def term_width():
         pass
     return None
 
+class Progress:
+    """One line on stderr kept up to date while a command works, at a
+    terminal only (never in a pipe, a log or cron's mail): redrawn at most
+    five times a second; clear() before anything else is printed."""
+
+    __slots__ = ("stream", "on", "last", "shown", "began", "done0", "text")
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        try:
+            self.on = self.stream.isatty()
+        except (AttributeError, ValueError):
+            self.on = False
+        self.last, self.shown, self.began, self.done0 = 0.0, False, time.monotonic(), None
+        self.text = ""
+
+    def show(self, text, force=False):
+        if not self.on or (not force and time.monotonic() - self.last < 0.2):
+            return
+        self.last, self.text = time.monotonic(), text
+        try:
+            width = os.get_terminal_size(self.stream.fileno()).columns or 80
+        except (OSError, ValueError):
+            width = 80
+        self.stream.write("\r\x1b[K" + cut(text, width - 1))
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self):
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+    def counts(self, counts, total=None):
+        """The line of wait and a draining worker, from {state: n}:
+        `312/500 done · 4 running · 0 dead · ETA 5s`; the ETA from how fast
+        jobs have finished since the line first showed."""
+        done = counts.get(COMPLETED, 0)
+        ended = done + counts.get(DEAD, 0) + counts.get(CANCELLED, 0)
+        total = sum(counts.values()) if total is None else total
+        if self.done0 is None:
+            self.done0 = ended
+        rate = (ended - self.done0) / max(time.monotonic() - self.began, 1e-9)
+        left = total - ended
+        eta = ("ETA " + human_duration(left / rate)) if rate > 0 and left else \
+            "ETA ?" if left else "all ended"
+        return (f"{done}/{total} done · {counts.get(PROCESSING, 0)} running · "
+                f"{counts.get(DEAD, 0)} dead · {eta}")
+
 def one_line(text):
     return " ".join(str(text).split()) if text is not None else "-"
 
@@ -5031,7 +5230,7 @@ class WhyContext:
 
     def __init__(self, store, now):
         self.store, self.now = store, now
-        self._paused = self._limits = self._held = self._workers = None
+        self._paused = self._limits = self._held = self._workers = self._slow = None
 
     def paused(self):
         if self._paused is None:
@@ -5060,6 +5259,23 @@ class WhyContext:
                              for w in self.store.live_workers()]
         return self._workers
 
+    def slow_after(self, queue):
+        """Seconds after which a running job of queue is slow (slow_factor
+        times its p95 run time, from the history once 20 runs are known),
+        or None."""
+        if self._slow is None:
+            try:
+                cfg = Config(self.store.home).load()
+            except QueuectlError:
+                cfg = CONFIG_DEFAULTS
+            self._slow = {}
+            for q, h in self.store.history_totals().items():
+                factor = queue_config(cfg, q)["slow_factor"]
+                p95 = history_figures(h)["run_p95"]
+                if factor and p95 and h["run_count"] >= 20:
+                    self._slow[q] = (factor * p95, p95, factor)
+        return self._slow.get(queue)
+
 def why_reasons(store, job, now, ctx=None):
     """[(code, text, details)]: why job is not running now, in plain words,
     one per reason (why, list's WHEN and doctor read them); for a running
@@ -5070,8 +5286,12 @@ def why_reasons(store, job, now, ctx=None):
     state, queue = job["state"], job["queue"]
     if state == PROCESSING:
         pid = f", pid {job['pid']}" if job["pid"] else ""
-        return [("running", f"running for {human_duration(now - epoch(job['started_at']))} "
-                 f"on worker {job['worker']}{pid}", {"worker": job["worker"]})]
+        ran = now - epoch(job["started_at"])
+        slow = ctx.slow_after(queue)
+        mark = (f"; slow: over {slow[2]:g} × its queue's p95 run time "
+                f"({human_duration(slow[1])})") if slow and ran > slow[0] else ""
+        return [("running", f"running for {human_duration(ran)} on worker {job['worker']}"
+                 f"{pid}{mark}", {"worker": job["worker"], "slow": bool(mark)})]
     if state in FINISHED:
         tries = plural(job["attempts"], "attempt")
         when = relative(job["finished_at"] or job["updated_at"], now)
@@ -5143,7 +5363,9 @@ def when_text(store, job, now, ctx=None):
         return {"paused": "paused", "no_worker": "no worker",
                 "workers_busy": "workers busy"}.get(code, "ready")
     if state == PROCESSING:
-        return f"running {human_duration(now - epoch(job['started_at']))}"
+        ran = now - epoch(job["started_at"])
+        slow = (ctx or WhyContext(store, now)).slow_after(job["queue"])
+        return f"running {human_duration(ran)}" + (", slow" if slow and ran > slow[0] else "")
     return relative(job["finished_at"] or job["updated_at"], now)
 
 def summary_lines(counts, per_queue, workers, paused, every_queue):
@@ -5165,24 +5387,55 @@ def summary_lines(counts, per_queue, workers, paused, every_queue):
                     if paused else ""))
     return lines
 
-def render_top(store, home, width, height):
-    """One frame of `top`: counts, queues, running jobs, recent failures."""
+SPARKS = "▁▂▃▄▅▆▇█"
+
+def sparkline(values):
+    """Numbers as a row of block characters, the highest a full one (a
+    blank for none at all)."""
+    top = max(values, default=0)
+    return "".join(" " if not v else SPARKS[min(int(v / top * 7.999), 7)] for v in values)
+
+def render_top(store, home, width, height, live=True):
+    """One frame of `top`, most important first, so a short terminal cuts
+    from the bottom: the counts, running jobs (pid, run time and its share
+    of the queue's usual run time), jobs finished per minute over the last
+    hour per queue, the per-queue table, recent failures."""
     now = time.time()
     counts, per_queue = store.counts()
-    lines = [f"queuectl top  {home}  {show_time(iso(now))}  (q to quit)", ""]
-    lines += summary_lines(counts, per_queue, store.live_workers(),
-                           sorted(store.paused()), every_queue=True)
-    running = store.processing()
-    lines += ["", f"running ({len(running)}):"]
+    summary = summary_lines(counts, per_queue, store.live_workers(),
+                            sorted(store.paused()), every_queue=True)
+    clock = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now))
+    lines = [f"queuectl top  {home}  {clock}" + ("  (q to quit)" if live else ""),
+             summary[0], summary[-1], ""]
+    running = [j for j in store.processing() if j["state"] == PROCESSING]
+    lines.append(f"running ({len(running)}):")
     if running:
-        lines += table(["ID", "QUEUE", "ATTEMPT", "ELAPSED", "COMMAND"],
-                       [[j["id"], j["queue"], j["attempts"] + 1,
-                         human_duration(now - epoch(j["started_at"])),
-                         one_line(j["command"])] for j in running[:10]],
+        ctx, usual = WhyContext(store, now), {}
+        for q, h in store.history_totals(queues=sorted({j["queue"] for j in running})).items():
+            usual[q] = history_figures(h)["run_p50"]
+        rows = []
+        for j in running:
+            ran = now - epoch(j["started_at"])
+            p50, slow = usual.get(j["queue"]), ctx.slow_after(j["queue"])
+            share = f"{ran / p50 * 100:.0f}% of {human_duration(p50)}" if p50 else "-"
+            if slow and ran > slow[0]:
+                share += ", slow"
+            rows.append([j["id"], j["queue"], j["pid"], human_duration(ran), share,
+                         one_line(j["command"])])
+        lines += table(["ID", "QUEUE", "PID", "RAN", "OF USUAL (p50)", "COMMAND"], rows,
                        width).splitlines()
+    per_minute = {}
+    for queue, ended in store.ended_since(now - 3600):
+        per_minute.setdefault(queue, [0] * 60)[min(int((now - ended) // 60), 59)] += 1
+    if per_minute:
+        lines += ["", "finished per minute, the last hour (oldest left):"]
+        name = max(len(q) for q in per_minute)
+        lines += [f"{q.ljust(name)}  {sparkline(v[::-1])}  {sum(v)}/h"
+                  for q, v in sorted(per_minute.items())]
+    lines += [""] + summary[1:-1]
     failures = store.recent_failures(5)
-    lines += ["", "recent failures:"]
     if failures:
+        lines += ["", "recent failures:"]
         lines += table(["ID", "STATE", "WHEN", "ERROR"],
                        [[j["id"], j["state"], relative(j["updated_at"], now),
                          one_line(j["last_error"])] for j in failures],
@@ -5393,6 +5646,12 @@ def cmd_enqueue(args):
         cfg = Config(args.home).load()
         jobs = [job_public(store.get(i), args.home, cfg) for i in ids]
         print_json(jobs if args.stdin else jobs[0])
+    elif args.stdin and len(ids) > 1 and sys.stdout.isatty():
+        # A person reads a summary; a script (stdout not a terminal) the ids.
+        label = {spec.get("label") for _, spec in specs}
+        print(f"enqueued {len(ids)} jobs: {ids[0]} … {ids[-1]}"
+              + (f", label {label.pop()}" if len(label) == 1 and None not in label else "")
+              + (f" (queuectl wait --label {shell_join([args.label])})" if args.label else ""))
     else:
         sys.stdout.write("".join(i + "\n" for i in ids))
     return EXIT_OK
@@ -5681,7 +5940,11 @@ def cmd_show(args):
         print(f"{k.ljust(width)}  {'-' if v is None else v}")
     if attempts:
         print("attempts:")
+        last = 0
         for a in attempts:
+            if a["attempt"] <= last:     # numbering starts again after a retry
+                print("  (retried by hand)")
+            last = a["attempt"]
             end = (f"exit {a['exit_code']}" if a["exit_code"] is not None else
                    f"signal {a['signal']}" if a["signal"] is not None else "no exit status")
             use = usage_text(a) if a["cpu_user"] is not None else \
@@ -5770,45 +6033,102 @@ def command_text(job):
     event = _loads(job["env"], {}).get("QUEUECTL_HOOK", "hook")
     return f"[{event} of {job['hook_of']}] {job['command']}"
 
-def percentile(values, p):
-    """The p-th percentile (nearest rank) of values, or None."""
-    values = sorted(v for v in values if v is not None)
-    if not values:
+def histogram_quantile(q, counts, bounds, total, within=True):
+    """The q-quantile (0 to 1) of a histogram: counts per bucket of bounds
+    (not cumulative), total all of them (past the last bound included),
+    interpolated within its bucket as Prometheus's histogram_quantile does
+    (within=False: the bucket's upper bound); None when it is empty."""
+    if not total:
         return None
-    return values[max(int(-(-p * len(values) // 100)) - 1, 0)]
+    rank, seen, low = q * total, 0, 0
+    for n, high in zip(counts, bounds):
+        if n and seen + n >= rank:
+            return low + (high - low) * (rank - seen) / n if within else high
+        seen, low = seen + n, high
+    return bounds[-1]
+
+def history_figures(h):
+    """A history sum (history_totals' or history_series') as stats shows
+    it: attempts, failures, success rate, run time and peak RSS p50/p95."""
+    runs = [h[c] for c in RUN_COLUMNS]
+    sizes = [h[c] for c in RSS_COLUMNS]
+    return {"attempts": h["attempts"], "failures": h["failures"],
+            "success_rate": round(1 - h["failures"] / h["attempts"], 4) if h["attempts"] else None,
+            "run_p50": histogram_quantile(0.5, runs, DURATION_BUCKETS, h["run_count"]),
+            "run_p95": histogram_quantile(0.95, runs, DURATION_BUCKETS, h["run_count"]),
+            # RSS buckets grow 4x: their bound, never a made-up figure inside
+            "max_rss_p50": histogram_quantile(0.5, sizes, RSS_BUCKETS, h["rss_count"], False),
+            "max_rss_p95": histogram_quantile(0.95, sizes, RSS_BUCKETS, h["rss_count"], False),
+            "cpu_seconds": round(h["cpu_user"] + h["cpu_sys"], 3)}
+
+def short_duration(v):
+    return "-" if v is None else human_duration(v)
+
+BARS = " ▏▎▍▌▋▊▉█"
+
+def bar(value, top, width=20):
+    """value as a bar of width characters at most (top: a full one)."""
+    if not top or not value:
+        return ""
+    eighths = max(round(value / top * width * 8), 1)
+    return "█" * (eighths // 8) + BARS[eighths % 8].strip()
 
 def cmd_stats(args):
-    """Per queue, from the recorded attempts: count, success rate, p50/p95
-    of run time and of peak RSS."""
-    since = time.time() - parse_duration(args.since, "--since") if args.since else 0
+    """Per queue, from the history (which prune keeps): attempts, success
+    rate, p50/p95 of run time and of peak RSS; --by hour|day: over time."""
+    now = time.time()
+    since = now - parse_duration(args.since, "--since") if args.since else None
     store = open_store(args)
-    per = {}
-    for queue, state, wall, rss in store.attempts_since(since, args.queue):
-        q = per.setdefault(queue, {"attempts": 0, "completed": 0, "wall": [], "rss": []})
-        q["attempts"] += 1
-        q["completed"] += state == COMPLETED
-        q["wall"].append(wall)
-        q["rss"].append(rss)
-    rows = [{"queue": q, "attempts": v["attempts"],
-             "success_rate": round(v["completed"] / v["attempts"], 4),
-             "run_p50": percentile(v["wall"], 50), "run_p95": percentile(v["wall"], 95),
-             "max_rss_p50": percentile(v["rss"], 50), "max_rss_p95": percentile(v["rss"], 95)}
-            for q, v in sorted(per.items())]
+    if args.by:
+        return stats_by(store, args, now, since)
+    rows = [{"queue": q, **history_figures(h)}
+            for q, h in store.history_totals(since or 0, args.queue).items() if h["attempts"]]
     if args.json:
         print_json(rows)
         return EXIT_OK
     if not rows:
         print("no attempts recorded" + (f" in the last {args.since}" if args.since else ""))
         return EXIT_OK
-
-    def dur(v):
-        return "-" if v is None else human_duration(v) if v >= 1 else f"{v * 1000:.0f}ms"
     print(table(["QUEUE", "ATTEMPTS", "SUCCESS", "RUN p50", "RUN p95", "RSS p50", "RSS p95"],
                 [[r["queue"], r["attempts"], f"{r['success_rate'] * 100:.1f}%",
-                  dur(r["run_p50"]), dur(r["run_p95"]),
-                  "-" if r["max_rss_p50"] is None else human_size(r["max_rss_p50"]),
-                  "-" if r["max_rss_p95"] is None else human_size(r["max_rss_p95"])]
+                  short_duration(r["run_p50"]), short_duration(r["run_p95"]),
+                  "-" if r["max_rss_p50"] is None else "≤" + human_size(r["max_rss_p50"]),
+                  "-" if r["max_rss_p95"] is None else "≤" + human_size(r["max_rss_p95"])]
                  for r in rows], term_width()))
+    return EXIT_OK
+
+def stats_by(store, args, now, since):
+    """stats --by hour|day: one row per local hour or day (default: the
+    last 24 hours, the last 30 days), empty ones included, with a bar."""
+    span = {"hour": 3600, "day": 86400}[args.by]
+    if since is None:
+        since = now - 24 * span if span == 3600 else now - 30 * span
+    off = time.localtime(now).tm_gmtoff
+
+    def slot(t):
+        return int((t + off) // span * span - off)
+    first, sums = slot(since), {}
+    for start, h in store.history_series(first, args.queue):
+        if start == 0:
+            continue                     # counted before the history began
+        acc = sums.setdefault(slot(start), dict.fromkeys(h, 0))
+        for k, v in h.items():
+            acc[k] = max(acc[k], v) if k == "rss_max" else acc[k] + v
+    empty = dict.fromkeys([c for c, _ in HISTORY_SUMS] + ["rss_max"], 0)
+    rows = []
+    t = first
+    while t <= now:
+        rows.append({"start": show_time(iso(t)), **history_figures(sums.get(t, empty))})
+        t = slot(t + span + 3600) if span == 86400 else t + span    # a DST day
+    if args.json:
+        print_json(rows)
+        return EXIT_OK
+    top = max(r["attempts"] for r in rows)
+    fmt = "%Y-%m-%d %H:%M" if span == 3600 else "%Y-%m-%d %a"
+    print(table([args.by.upper(), "JOBS", "FAILED", "RUN p50", "RUN p95", ""],
+                [[time.strftime(fmt, time.localtime(epoch(r["start"]))), r["attempts"],
+                  r["failures"], short_duration(r["run_p50"]), short_duration(r["run_p95"]),
+                  bar(r["attempts"], top)] for r in rows], term_width()))
     return EXIT_OK
 
 SCHEDULE_NOT_ENQUEUE = ("id", "unique", "stdin", "json", "run_at", "delay", "after",
@@ -6194,8 +6514,12 @@ def cmd_wait(args):
         where += f" AND label IN ({_marks(args.label)})"
         params += args.label
     left, stuck = {}, {}
+    progress = Progress()
 
     def settled():
+        if progress.on:                  # at a terminal: what has happened so far
+            progress.show(progress.counts(store.selection_counts(
+                ids if args.ids else None, seq, where, params)), force=True)
         rows = store.open_jobs(ids=ids if args.ids else None, up_to=seq, where=where,
                                params=params)    # a deleted job has settled too
         left.clear()
@@ -6204,7 +6528,11 @@ def cmd_wait(args):
         if any(b for _, _, b in rows):   # only then can one be stuck
             stuck.update((j, why) for j, why in store.stuck().items() if j in left)
         return len(stuck) == len(left)
-    if not poll_until(settled, args.timeout, first=0.02, cap=0.5):
+    try:
+        finished = poll_until(settled, args.timeout, first=0.02, cap=0.5)
+    finally:
+        progress.clear()
+    if not finished:
         waiting = [f"{i} ({s})" for i, s in left.items() if i not in stuck]
         sys.stderr.write(f"queuectl: error: timed out after {human_duration(args.timeout)}; "
                          f"still waiting for {len(waiting)} job"
@@ -6277,6 +6605,10 @@ def reset_jobs(store, ids, allowed, verb):
                 store.run_now(job["id"], now)
             else:
                 store.reset(job, now)
+    for job in jobs:                     # so the log tells the first run from this one
+        _safe_append(store.home, job["id"], f"[queuectl] retried by hand ({verb}) at "
+                     f"{show_time(iso(now))}" + ("; runs now\n" if job["state"] == FAILED else
+                                                 "; attempts start again at 1\n"))
     wake_workers(store.home)
     return jobs
 
@@ -6335,7 +6667,7 @@ def cmd_cancel(args):
     sig = parse_signal(args.signal)
     store = open_store(args)
     now = time.time()
-    revoked = []
+    revoked, progress = [], Progress()
     try:
         with store.tx():         # read and change under one write lock
             ids = selected_ids(store, args, STATE_CHOICES["cancel"])
@@ -6344,7 +6676,8 @@ def cmd_cancel(args):
                 if job["state"] not in (PENDING, FAILED, PROCESSING):
                     raise QueuectlError(f"cannot cancel job {job['id']}: it is "
                                         f"{job['state']}")
-            for job in jobs:
+            for n, job in enumerate(jobs):
+                progress.show(f"cancelling: {n}/{len(jobs)} jobs")
                 # Before the commit: an attempt that has not started must
                 # never start, even if this command dies right after it.
                 if job["state"] == PROCESSING:
@@ -6363,6 +6696,8 @@ def cmd_cancel(args):
         for path in revoked:     # nothing was cancelled: undo, all or nothing
             remove_file(path)
         raise
+    finally:
+        progress.clear()
     stop_attempts([j for j in jobs if j["state"] == PROCESSING and not j["revoked"]],
                   grace, sig)
     print_ids_or_count(args, [j["id"] for j in jobs], "cancelled")
@@ -6471,8 +6806,9 @@ def delete_jobs(store, ids, states):
     how many were deleted. A cancelled job whose attempt has not ended
     (claim set) stays: its id must not be reused while they run, and its
     keys are held until a worker sees its end."""
-    deleted = 0
+    deleted, progress = 0, Progress()
     for i in range(0, len(ids), 500):
+        progress.show(f"deleting: {i}/{len(ids)} jobs")
         batch = ids[i:i + 500]
         with store.tx():         # only jobs still finished: one retried meanwhile stays
             gone = store.delete(batch, states)
@@ -6481,6 +6817,7 @@ def delete_jobs(store, ids, states):
             for job_id in gone:
                 remove_file(log_path(store.home, job_id))
         deleted += len(gone)
+    progress.clear()
     return deleted
 
 def cmd_remove(args):
@@ -6647,6 +6984,7 @@ def cmd_prune(args):
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             raise QueuectlError("nothing was pruned (--yes skips this question)")
     n = delete_jobs(store, ids, states)
+    store.roll_up_history(time.time())   # the history itself is kept, bounded
     store.reclaim_space()
     print(f"pruned {n} job{'s' if n != 1 else ''}")
     return EXIT_OK
@@ -6700,20 +7038,26 @@ def cmd_top(args):
     if args.once or not (sys.stdout.isatty() and sys.stdin.isatty()):
         if not args.once:
             raise UsageError("top needs a terminal; use 'top --once' or 'status'")
-        print(render_top(store, args.home, term_width(), 10_000))
+        print(render_top(store, args.home, term_width(), 10_000, live=False))
         return EXIT_OK
+    import signal
     import termios
     import tty
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)
     out = sys.stdout
+
+    def leave(signum, frame):            # SIGTERM, SIGHUP: the terminal is put back
+        raise KeyboardInterrupt
+    handlers = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         tty.setcbreak(fd)
         out.write("\x1b[?1049h\x1b[?25l")          # alternate screen, no cursor
         while True:
             size = os.get_terminal_size(out.fileno())
             frame = render_top(store, args.home, size.columns, size.lines - 1)
-            out.write("\x1b[H\x1b[2J" + frame.replace("\n", "\r\n"))
+            # Over the last frame, line by line (no clear: no flicker over ssh).
+            out.write("\x1b[H" + frame.replace("\n", "\x1b[K\r\n") + "\x1b[K\x1b[J")
             out.flush()
             if readable([fd], args.interval):
                 if os.read(fd, 64).lower().startswith(b"q"):
@@ -6724,6 +7068,8 @@ def cmd_top(args):
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
         out.write("\x1b[?25h\x1b[?1049l")
         out.flush()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
     return EXIT_OK
 
 def cmd_completion(args):
@@ -6754,6 +7100,18 @@ def complete_values(argv):
     sys.stdout.write("".join(w + "\n" for w in words))
     return EXIT_OK
 
+def completion_kind(words, name):
+    """What a command's positional argument completes to: the live words
+    of complete_values (@ids; only the jobs the command can act on for
+    cancel, retry and dlq) or None."""
+    if name in ("id", "ids"):
+        return {"cancel": "@cancel", "retry": "@retry", "dlq": "@dead"}.get(words[0], "@ids")
+    if name == "name" and words[0] == "schedule" and words[-1] != "add":
+        return "@schedules"
+    if name == "key":
+        return "@keys" if words[0] == "config" else "@limits"
+    return {"queues": "@queues"}.get(name)
+
 def completion_spec():
     """[(words typed so far, [flags and actions], positional kind, {flag:
     values})], longest paths first. A kind or value is @ids, @queues or
@@ -6768,8 +7126,8 @@ def completion_spec():
         flags, positional, values = [], None, {"--home": "@dirs"}
         for names, kw in c.args:
             if not names[0].startswith("-"):
-                positional = {"id": "@ids", "ids": "@ids", "queues": "@queues",
-                              "key": "@keys"}.get(names[0], kw.get("choices"))
+                if positional is None:   # the first word after the command's
+                    positional = completion_kind(c.words, names[0]) or kw.get("choices")
                 continue
             flags += names
             long = names[-1]
@@ -6794,12 +7152,32 @@ def bash_completion(spec):
              '    $t "${COMP_WORDS[0]}" __complete "$1" ${2:+"$2"} 2>/dev/null',
              "}",
              "_queuectl() {",
+             "    # An id may hold a colon (NAME@2026-12-06T03:00), where bash splits",
+             "    # words: the replies lose what bash keeps before the colon (as",
+             "    # bash-completion's __ltrim_colon_completions does).",
+             "    local colon= i",
+             "    _queuectl_words",
+             '    if [ -n "$colon" ]; then',
+             "        for ((i = 0; i < ${#COMPREPLY[@]}; i++)); do",
+             '            COMPREPLY[i]=${COMPREPLY[i]#"$colon"}',
+             "        done",
+             "    fi",
+             "}",
+             "_queuectl_words() {",
              "    [ -n \"${ZSH_VERSION-}\" ] && emulate -L ksh",
              '    local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}',
              '    local words=" ${COMP_WORDS[*]:1:$((COMP_CWORD - 1))} " opts= pos= vals= home= i',
              "    for ((i = 1; i < COMP_CWORD - 1; i++)); do",
              '        [ "${COMP_WORDS[i]}" = --home ] && home=${COMP_WORDS[i+1]}',
              "    done",
+             '    if [ -z "${ZSH_VERSION-}" ] && [[ $COMP_WORDBREAKS == *:* ]] && [ -n "${COMP_LINE-}" ]; then',
+             "        local line=${COMP_LINE:0:COMP_POINT} lw",
+             '        read -ra lw <<< "$line"',
+             '        if [[ ${line: -1} != [[:space:]] && ${lw[${#lw[@]}-1]} == *:* ]]; then',
+             "            cur=${lw[${#lw[@]}-1]} prev=${lw[${#lw[@]}-2]}",
+             '            colon=${cur%"${cur##*:}"} words=" ${lw[*]:1:${#lw[@]}-2} "',
+             "        fi",
+             "    fi",
              '    case "$words" in']
     for path, flags, positional, values in spec:
         pattern = '*" ' + " ".join(path) + ' "*' if path else "*"
@@ -7054,46 +7432,40 @@ def cmd_metrics(args):
     family("queuectl_workers", "gauge", "Live worker processes.", [("", {}, len(workers))])
     family("queuectl_worker_threads", "gauge", "Job threads of live workers.",
            [("", {}, sum(w["threads"] for w in workers))])
-    names = ("attempts", "failures", "duration_sum", "duration_count")
-    stats = {row[0]: dict(zip(names, row[1:])) for row in store.stats(names)}
-    zero = dict.fromkeys(names, 0)
+    ctx, slow = WhyContext(store, now), {}
+    for job in store.processing():
+        after = ctx.slow_after(job["queue"])
+        if job["state"] == PROCESSING and after and now - epoch(job["started_at"]) > after[0]:
+            slow[job["queue"]] = slow.get(job["queue"], 0) + 1
+    family("queuectl_slow_jobs", "gauge",
+           "Running jobs past slow_factor times their queue's p95 run time.",
+           [("", {"queue": q}, slow.get(q, 0)) for q in queues])
+    stats = store.history_totals()           # the one source, as stats reads it
+    zero = {c: 0 for c, _ in HISTORY_SUMS}
     squeues = sorted(stats) or [DEFAULT_QUEUE]
     family("queuectl_attempts_total", "counter", "Attempts that ended.",
            [("", {"queue": q}, stats.get(q, zero)["attempts"]) for q in squeues])
     family("queuectl_failures_total", "counter",
            "Attempts that failed (exit != 0, timeout, worker died).",
            [("", {"queue": q}, stats.get(q, zero)["failures"]) for q in squeues])
-    buckets = {}
-    for queue, le, n in store.durations():
-        buckets.setdefault(queue, {})[le] = n
-    samples = []
-    for q in squeues:
-        total = 0
-        for le in DURATION_BUCKETS:
-            total += buckets.get(q, {}).get(le, 0)
-            samples.append(("_bucket", {"queue": q, "le": prom_value(le)}, total))
-        count = stats.get(q, zero)["duration_count"]
-        samples += [("_bucket", {"queue": q, "le": "+Inf"}, count),
-                    ("_sum", {"queue": q}, stats.get(q, zero)["duration_sum"]),
-                    ("_count", {"queue": q}, count)]
+
+    def histogram(q, columns, bounds, count, total):
+        row, samples, n = stats.get(q, zero), [], 0
+        for le, c in zip(bounds, columns):
+            n += row[c]
+            samples.append(("_bucket", {"queue": q, "le": prom_value(le)}, n))
+        return samples + [("_bucket", {"queue": q, "le": "+Inf"}, row[count]),
+                          ("_sum", {"queue": q}, row[total]), ("_count", {"queue": q}, row[count])]
     family("queuectl_job_duration_seconds", "histogram",
-           "Run time of ended attempts, by queue.", samples)
-    cpu = {row[0]: row[1:] for row in store.stats(("cpu_user", "cpu_sys", "rss_sum",
-                                                   "rss_count") + RSS_COLUMNS)}
+           "Run time of ended attempts, by queue.",
+           [x for q in squeues for x in histogram(q, RUN_COLUMNS, DURATION_BUCKETS,
+                                                   "run_count", "run_sum")])
     family("queuectl_cpu_seconds_total", "counter",
            "CPU seconds of measured attempts (the job's shell and its children), by mode.",
-           [("", {"queue": q, "mode": mode}, cpu.get(q, (0, 0))[i])
-            for q in squeues for i, mode in ((0, "user"), (1, "system"))])
-    samples = []
-    for q in squeues:
-        row = cpu.get(q, (0,) * (4 + len(RSS_BUCKETS)))
-        total = 0
-        for le, n in zip(RSS_BUCKETS, row[4:]):
-            total += n
-            samples.append(("_bucket", {"queue": q, "le": prom_value(le)}, total))
-        s_, n_ = row[2:4]
-        samples += [("_bucket", {"queue": q, "le": "+Inf"}, n_),
-                    ("_sum", {"queue": q}, s_), ("_count", {"queue": q}, n_)]
+           [("", {"queue": q, "mode": mode}, stats.get(q, zero)[f"cpu_{key}"])
+            for q in squeues for mode, key in (("user", "user"), ("system", "sys"))])
+    samples = [x for q in squeues for x in histogram(q, RSS_COLUMNS, RSS_BUCKETS,
+                                                      "rss_count", "rss_sum")]
     family("queuectl_job_max_rss_bytes", "histogram",
            "Peak RSS of the largest process of measured attempts, by queue.", samples)
     sys.stdout.write("\n".join(out) + "\n")
@@ -7294,6 +7666,8 @@ COMMAND_TABLE = [
         arg("--queue", action="append", metavar="Q",
             help="only these queues (repeatable, or Q1,Q2)"),
         arg("--since", metavar="DUR", help="attempts that ended in the last DUR (7d, 12h)"),
+        arg("--by", choices=("hour", "day"),
+            help="a row per hour (default: the last 24) or day (the last 30), with a bar"),
         JSON_ARG]),
     Command("logs", "print a job's log (default: the latest started job's)", cmd_logs, [
         "queuectl logs nightly -n 50", "queuectl logs nightly --follow", "queuectl logs"], [

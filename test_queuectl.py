@@ -489,6 +489,43 @@ class QueueTest(unittest.TestCase):
         p.stdout = p.stderr = None
         return Result(subprocess.CompletedProcess(p.args, p.returncode, out, err))
 
+    def on_pty(self, *args, streams=("stderr",), input=None, timeout=60):
+        """Run queuectl with streams (stdout, stderr) on a terminal, read as
+        it writes (a full terminal would block it); (exit code, what went to
+        the pipes, what the terminal showed with \\r\\n as \\n)."""
+        import threading
+        master, slave = os.openpty()
+        chunks = []
+
+        def read():
+            while True:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:              # EIO: the other side is closed
+                    return
+                if not chunk:
+                    return
+                chunks.append(chunk)
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        try:
+            p = subprocess.Popen(
+                [*QUEUECTL, *args], env=self.env, cwd=self.work, text=True,
+                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                stdout=slave if "stdout" in streams else subprocess.PIPE,
+                stderr=slave if "stderr" in streams else subprocess.PIPE)
+            self.procs.append(p)
+            os.close(slave)
+            slave = None
+            out, err = p.communicate(input, timeout=timeout)
+            t.join(10)
+        finally:
+            if slave is not None:
+                os.close(slave)
+            os.close(master)
+        return p.returncode, (out or "") + (err or ""), \
+            b"".join(chunks).decode().replace("\r\n", "\n")
+
     def nobody(self):
         """The passwd entry of the unprivileged user nobody (else skip)."""
         import pwd
@@ -1433,7 +1470,8 @@ class TestConfig(QueueTest):
         self.assertEqual(json.loads(self.ok("config", "list", "--json")),
                          {"max_retries": 3, "backoff_base": 2, "max_backoff": 3600,
                           "backoff_jitter": "10%", "scheduling_mode": "priority",
-                          "job_timeout": 0, "kill_grace": 10, "hook_timeout": 300,
+                          "job_timeout": 0, "slow_factor": 3, "kill_grace": 10,
+                          "hook_timeout": 300,
                           "on_success": "", "on_failure": "", "on_dead": "",
                           "on_cancel": "", "retry_on": "", "no_retry_on": "", "mem": 0,
                           "cpu_time": 0, "nofile": 0, "nice": 0})
@@ -1866,7 +1904,8 @@ class TestJobEnvironment(QueueTest):
     def downgrade_to_schema_1(self):
         """Make the home's database what queuectl 1.0 (schema 1) wrote."""
         con = sqlite3.connect(os.path.join(self.home, "queue.db"), timeout=10)
-        for sql in ("DROP INDEX jobs_label", "ALTER TABLE jobs DROP COLUMN label",
+        for sql in ("DROP TABLE history",
+                    "DROP INDEX jobs_label", "ALTER TABLE jobs DROP COLUMN label",
                     "DROP INDEX jobs_claimed", "DROP INDEX jobs_schedule",
                     "DROP TABLE schedules",
                     "DROP TABLE attempts",
@@ -5499,7 +5538,56 @@ class TestLiveView(QueueTest):
         self.enqueue("true")
         out = self.ok("top", "--once")
         self.assertIn("jobs: 1 pending", out)
+        self.assertNotIn("q to quit", out)                 # nothing to quit
         self.fails(2, "top")                               # no terminal
+
+    def test_top_puts_the_terminal_back_on_sigterm_and_sighup(self):
+        import pty
+        import select
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            with self.subTest(sig=sig.name):
+                pid, fd = pty.fork()
+                if pid == 0:
+                    os.execve(PY, [*QUEUECTL, "top", "--interval", "0.2"], self.env)
+                self.addCleanup(lambda p=pid: pid_alive(p) and os.kill(p, signal.SIGKILL))
+                out, deadline = b"", time.monotonic() + 15
+                while b"running (" not in out and time.monotonic() < deadline:
+                    if select.select([fd], [], [], 0.5)[0]:
+                        out += os.read(fd, 65536)
+                self.assertNotIn(b"\x1b[2J", out)            # redrawn, never cleared
+                os.kill(pid, sig)                            # from another shell
+                while time.monotonic() < deadline:
+                    if not select.select([fd], [], [], 0.5)[0]:
+                        continue
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except OSError:
+                        break
+                    if not chunk:
+                        break
+                    out += chunk
+                _, status = os.waitpid(pid, 0)
+                os.close(fd)
+                self.assertEqual(os.waitstatus_to_exitcode(status), 0)
+                self.assertTrue(out.endswith(b"\x1b[?25h\x1b[?1049l"), out[-40:])
+
+    def test_top_on_a_short_terminal_keeps_the_running_jobs(self):
+        for i in range(3):
+            self.enqueue("--id", f"run{i}", "--queue", f"r{i}", self.gate_cmd())
+        for i in range(12):
+            self.enqueue("--queue", f"idle{i:02}", "true")
+        self.start_worker("--count", "3", "--queue", "r0,r1,r2")
+        for i in range(3):
+            self.wait_running(f"run{i}")
+        store = queuectl.Store(self.home)
+        self.addCleanup(store.close)
+        frame = queuectl.render_top(store, self.home, 80, 12).splitlines()
+        self.assertEqual(len(frame), 12)
+        self.assertIn("running (3):", frame)
+        ids = [ln.split()[0] for ln in frame[frame.index("running (3):") + 2:][:3]]
+        self.assertEqual(sorted(ids), ["run0", "run1", "run2"])
+        self.assertRegex("\n".join(frame), r"run0 +r0 +\d+ +\S+ +- ")   # pid, ran, usual
+        self.go()
 
 
 # Command line ################################################################
@@ -5665,8 +5753,11 @@ class TestInstallAndHelp(QueueTest):
     def test_completion_offers_live_ids_queues_and_keys(self):
         import shutil
         os.symlink(PROG, os.path.join(self.tmp, "queuectl"))   # as installed, on PATH
+        self.enqueue("--id", "gone", "true")
+        self.ok("cancel", "gone")
         self.enqueue("--id", "abc1", "true")
         self.enqueue("--id", "abd2", "--queue", "reports", "true")
+        self.ok("schedule", "add", "nightly", "@daily", "--", "true")
         for shell in ("bash", "zsh", "fish"):
             if not shutil.which(shell):
                 continue                     # CI may lack zsh and fish
@@ -5687,10 +5778,59 @@ class TestInstallAndHelp(QueueTest):
                                  ["cancelled", "completed", "dead"])
                 self.assertIn("max_retries", self.completing(
                     shell, script, ["queuectl", "config", "get", ""]))
+                self.assertIn("scheduling_mode", self.completing(
+                    shell, script, ["queuectl", "config", "set", ""]))
+                self.assertEqual(self.completing(shell, script,
+                                                 ["queuectl", "schedule", "rm", ""]), ["nightly"])
+                # cancel offers what can be cancelled, retry what can be retried
+                self.assertEqual(self.completing(shell, script, ["queuectl", "cancel", ""]),
+                                 ["abc1", "abd2"])
+                self.assertEqual(self.completing(shell, script, ["queuectl", "retry", ""]),
+                                 ["gone"])
+                self.assertEqual(self.completing(shell, script,
+                                                 ["queuectl", "dlq", "retry", ""]), [])
                 if shell != "zsh":           # zsh itself filters by what is typed
                     self.assertEqual(self.completing(shell, script,
                                                      ["queuectl", "worker", "st"]),
                                      ["start", "status", "stop"])
+
+    def test_bash_completes_an_id_with_a_colon_as_a_person_types_it(self):
+        import pty
+        import select
+        import shutil
+        if not shutil.which("bash"):
+            self.skipTest("no bash")
+        os.symlink(PROG, os.path.join(self.tmp, "queuectl"))
+        self.enqueue("--id", "tick@2026-12-06T11:45", "true")
+        self.enqueue("--id", "tick@2026-12-06T12:00", "true")
+        script = os.path.join(self.tmp, "completion.bash")
+        with open(script, "w") as f:
+            f.write(self.ok("completion", "bash"))
+        env = dict(self.env, QUEUECTL_PYTHON=PY, QUEUECTL_COMPLETE_TIMEOUT="10", PS1="$ ",
+                   PATH=self.tmp + ":" + os.path.dirname(PROG) + ":" + self.env["PATH"],
+                   TERM="dumb", INPUTRC="/dev/null")
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.execve(shutil.which("bash"), ["bash", "--norc", "--noprofile", "-i"], env)
+        self.addCleanup(lambda: pid_alive(pid) and os.kill(pid, signal.SIGKILL))
+
+        def read_until(text, timeout=20):
+            out, deadline = b"", time.monotonic() + timeout
+            while text not in out and time.monotonic() < deadline:
+                if select.select([fd], [], [], 0.2)[0]:
+                    try:
+                        out += os.read(fd, 65536)
+                    except OSError:
+                        break
+            return out
+        os.write(fd, f"source {script}; echo sourced\n".encode())
+        read_until(b"sourced\r\n")
+        os.write(fd, b"queuectl logs tick@2026-12-06T11:4\t")
+        out = read_until(b"T11:45 ")
+        os.write(fd, b"\x03exit\n")
+        os.waitpid(pid, 0)
+        os.close(fd)
+        self.assertIn(b"tick@2026-12-06T11:45 ", out)
 
     def test_live_completion_is_bounded_in_time(self):
         import contextlib
@@ -6218,22 +6358,202 @@ class TestAccounting(QueueTest):
         self.assertLessEqual(rows["q1"]["run_p50"], rows["q1"]["run_p95"])
         self.assertEqual([r["queue"] for r in json.loads(self.ok(
             "stats", "--queue", "q2", "--json"))], ["q2"])
-        con = self.db()                     # one attempt of q1 ended two days ago
-        con.execute("UPDATE attempts SET ended_at = ended_at - 172800 WHERE ended_at = "
-                    "(SELECT min(ended_at) FROM attempts WHERE queue = 'q1')")
+        con = self.db()                     # q1's hour, moved two days back
+        con.execute("UPDATE history SET start = start - 172800 WHERE queue = 'q1'")
         con.commit()
+        self.enqueue("--queue", "q1", "true")
+        self.drain_within(60)
         recent = {r["queue"]: r for r in json.loads(self.ok("stats", "--since", "1d",
                                                             "--json"))}
-        self.assertEqual(recent["q1"]["attempts"], 2)
+        self.assertEqual(recent["q1"]["attempts"], 1)
         text = self.ok("stats")
-        self.assertRegex(text, r"q1 +3 +66\.7%")
+        self.assertRegex(text, r"q1 +4 +75\.0%")
         fams = parse_exposition(self.ok("metrics"))
         cpu = {(lb["queue"], lb["mode"]) for _, lb, _ in fams["queuectl_cpu_seconds_total"][1]}
         self.assertIn(("q2", "user"), cpu)
         rss = {(n, lb["queue"], lb.get("le")): v
                for n, lb, v in fams["queuectl_job_max_rss_bytes"][1]}
-        self.assertEqual(rss[("queuectl_job_max_rss_bytes_count", "q1", None)], 3)
+        self.assertEqual(rss[("queuectl_job_max_rss_bytes_count", "q1", None)], 4)
         self.assertEqual(self.fails(2, "stats", "--since", "soon").code, 2)
+
+class TestHistory(QueueTest):
+    """Issue 25: the history per queue and hour, which prune keeps; stats
+    and metrics both read it."""
+
+    def metric(self, name, **labels):
+        fams = parse_exposition(self.ok("metrics"))
+        family = name.rsplit("_", 1)[0] if name.endswith(("_count", "_sum", "_bucket")) \
+            else name
+        for n, lb, v in fams[family][1]:
+            if n == name and all(lb.get(k) == v2 for k, v2 in labels.items()):
+                return v
+        return None
+
+    def test_stats_survive_prune_and_agree_with_metrics(self):
+        self.ok("config", "set", "max_retries", "0")
+        for cmd in ("true",) * 9 + ("exit 1",):
+            self.enqueue(cmd)
+        self.drained(1)
+        before = json.loads(self.ok("stats", "--json"))
+        self.assertEqual((before[0]["attempts"], before[0]["success_rate"]), (10, 0.9))
+        self.assertIn("pruned 10 jobs", self.ok("prune", "--older-than", "0", "--state",
+                                                 "completed,dead", "--yes"))
+        self.assertEqual(json.loads(self.ok("stats", "--json")), before)
+        self.assertEqual(json.loads(self.ok("stats", "--since", "1h", "--json")), before)
+        self.assertEqual(self.metric("queuectl_attempts_total", queue="default"), 10)
+        self.assertEqual(self.metric("queuectl_failures_total", queue="default"), 1)
+        self.assertEqual(self.metric("queuectl_job_duration_seconds_count",
+                                     queue="default"), 10)
+
+    def test_stats_by_hour_and_by_day_with_a_bar(self):
+        for _ in range(4):
+            self.enqueue("true")
+        self.drained(0)
+        con = self.db()                 # and 2 attempts three hours ago
+        hour = int(time.time() // 3600 * 3600) - 3 * 3600
+        con.execute("INSERT INTO history (queue, start, span, attempts, failures, "
+                    "run_count, run_b3) VALUES ('default', ?, 3600, 2, 1, 2, 2)", (hour,))
+        con.commit()
+        rows = json.loads(self.ok("stats", "--by", "hour", "--json"))
+        self.assertEqual(len(rows), 25)                 # the last 24 hours and this one
+        self.assertEqual([r["attempts"] for r in rows[-4:]], [2, 0, 0, 4])
+        self.assertEqual(rows[-4]["failures"], 1)
+        self.assertAlmostEqual(rows[-4]["run_p50"], 0.075)   # in (0.05, 0.1]: interpolated
+        out = self.ok("stats", "--by", "hour").splitlines()
+        self.assertEqual(out[0].split(), ["HOUR", "JOBS", "FAILED", "RUN", "p50", "RUN", "p95"])
+        self.assertTrue(out[-1].endswith("█" * 20), out[-1])       # the busiest hour
+        self.assertTrue(out[-4].endswith("█" * 10), out[-4])       # half of it
+        days = json.loads(self.ok("stats", "--by", "day", "--json"))
+        self.assertEqual(sum(d["attempts"] for d in days), 6)
+        self.fails(2, "stats", "--by", "week")
+
+    def test_old_hours_roll_up_into_days_and_totals_stay(self):
+        self.enqueue("true")
+        self.drained(0)
+        con = self.db()
+        day = int((time.time() - 120 * 86400) // 86400 * 86400)
+        for h in range(5):
+            con.execute("INSERT INTO history (queue, start, span, attempts, run_count, "
+                        "run_b0, rss_max) VALUES ('default', ?, 3600, 3, 3, 3, ?)",
+                        (day + h * 3600, 1000 * h))
+        con.commit()
+        total = self.metric("queuectl_attempts_total", queue="default")
+        self.assertEqual(total, 16)
+        self.ok("prune", "--older-than", "30d")
+        rows = con.execute("SELECT start, span, attempts, run_b0, rss_max FROM history "
+                           "WHERE start < ? ORDER BY start", (day + 86400,)).fetchall()
+        self.assertEqual(rows, [(day, 86400, 15, 15, 4000)])
+        self.assertEqual(self.metric("queuectl_attempts_total", queue="default"), total)
+
+    def test_an_upgrade_keeps_what_12_counted(self):
+        # A 1.2 home: 3 attempts still in its attempts table, 5 counted
+        # before a prune took theirs.
+        self.enqueue("true")
+        con = self.db()
+        con.execute("DELETE FROM history")
+        ended = time.time() - 7200
+        for n, (state, wall) in enumerate((("completed", 0.02), ("completed", 0.2),
+                                           ("dead", 3.0))):
+            con.execute("INSERT INTO attempts (job, attempt, queue, state, ended_at, wall, "
+                        "max_rss) VALUES (?, 1, 'default', ?, ?, ?, 5000000)",
+                        (f"j{n}", state, ended, wall))
+        con.execute("INSERT INTO stats (queue, attempts, failures, duration_sum, "
+                    "duration_count) VALUES ('default', 8, 2, 10.0, 8)")
+        con.execute("INSERT INTO durations (queue, le, n) VALUES ('default', 0.025, 4)")
+        for sql in ("DROP TABLE history", "DROP INDEX jobs_label",
+                    "ALTER TABLE jobs DROP COLUMN label", "PRAGMA user_version = 4"):
+            con.execute(sql)
+        con.commit()
+        self.ok("status")                                    # migrates
+        self.assertEqual(self.metric("queuectl_attempts_total", queue="default"), 8)
+        self.assertEqual(self.metric("queuectl_failures_total", queue="default"), 2)
+        self.assertEqual(self.metric("queuectl_job_duration_seconds_bucket",
+                                     queue="default", le="0.025"), 4)
+        recent = json.loads(self.ok("stats", "--since", "1d", "--json"))
+        self.assertEqual((recent[0]["attempts"], recent[0]["failures"]), (3, 1))
+
+class TestSeeingTheWork(QueueTest):
+    """Issue 25: slow jobs marked, retries by hand visible."""
+
+    def test_a_job_far_slower_than_its_queue_is_marked(self):
+        self.ok("enqueue", "--stdin", input="true\n" * 20)
+        self.drained(0)
+        self.enqueue("--id", "long", self.gate_cmd())
+        self.bg()
+        self.wait_running("long")
+        # The queue's p95 is at most 10 ms: 3 × that has long passed.
+        self.wait_for(lambda: "slow" in self.ok("why", "long"), what="the slow mark")
+        self.assertRegex(self.ok("why", "long"), r"slow: over 3 × its queue's p95 run "
+                                                  r"time \(\d+ms\)")
+        self.assertRegex(self.ok("list"), r"running \S+, slow")
+        fams = parse_exposition(self.ok("metrics"))
+        self.assertEqual([v for _, lb, v in fams["queuectl_slow_jobs"][1]
+                          if lb["queue"] == "default"], [1])
+        self.ok("config", "set", "slow_factor", "0")           # never
+        self.assertNotIn("slow", self.ok("why", "long"))
+        self.go()
+
+    def test_too_little_history_marks_nothing(self):
+        self.enqueue("true")
+        self.drained(0)
+        self.enqueue("--id", "long", self.gate_cmd())
+        self.bg()
+        self.wait_running("long")
+        self.assertNotIn("slow", self.ok("why", "long"))
+        self.go()
+
+    def test_wait_at_a_terminal_keeps_one_progress_line(self):
+        self.ok("config", "set", "max_retries", "0")
+        for cmd in ("true", "true", "exit 1"):
+            self.enqueue(cmd)
+        self.start_worker()
+        code, piped, shown = self.on_pty("wait", "--timeout", "30")
+        self.assertEqual(code, 1, shown)
+        self.assertRegex(shown, r"\r\x1b\[K\d/3 done · \d running · \d dead · ")
+        self.assertIn("queuectl: error: 1 job did not complete", shown)
+        self.assertNotIn("done ·", self.q("wait").err)          # not a terminal: nothing
+
+    def test_a_batch_at_a_terminal_is_summed_up_and_ids_go_to_scripts(self):
+        code, _, shown = self.on_pty("enqueue", "--stdin", "--label", "b-1",
+                                     streams=("stdout",), input="true\ntrue\ntrue\n")
+        self.assertEqual(code, 0, shown)
+        ids = [j["id"] for j in json.loads(self.ok("list", "--json"))]
+        self.assertEqual(shown, f"enqueued 3 jobs: {ids[0]} … {ids[2]}, label b-1 "
+                                "(queuectl wait --label b-1)\n")
+        out = self.ok("enqueue", "--stdin", input="true\ntrue\n")
+        self.assertEqual(len(out.split()), 2)                 # a pipe: the ids
+
+    def test_cancel_and_prune_show_progress_at_a_terminal_and_a_count(self):
+        self.ok("enqueue", "--stdin", input="true\n" * 1200)
+        code, piped, shown = self.on_pty("cancel", "--all")
+        self.assertEqual((code, piped), (0, "cancelled 1200 jobs\n"), shown)
+        self.assertIn("cancelling: 0/1200 jobs", shown)
+        self.assertTrue(shown.endswith("\r\x1b[K"), repr(shown[-40:]))
+        code, piped, shown = self.on_pty("prune", "--older-than", "0", "--yes")
+        self.assertEqual((code, piped), (0, "pruned 1200 jobs\n"), shown)
+        self.assertIn("deleting: 0/1200 jobs", shown)
+
+    def test_a_draining_worker_at_a_terminal_shows_the_progress_line(self):
+        self.enqueue("sleep 1.5")
+        self.enqueue("true")
+        code, piped, shown = self.on_pty("worker", "start", "--drain")
+        self.assertEqual(code, 0, piped + shown)
+        self.assertIn("/2 done · ", shown)
+        self.assertIn("completed (attempt 1", piped)              # its lines: stdout
+        self.assertTrue(shown.endswith("\r\x1b[K"), repr(shown[-60:]))
+
+    def test_a_retry_by_hand_shows_in_the_log_and_in_show(self):
+        self.ok("config", "set", "max_backoff", "0")
+        self.enqueue("--id", "flaky", "--max-retries", "1", "echo try; exit 3")
+        self.drained(1)
+        self.assertEqual(self.ok("dlq", "retry", "flaky"), "flaky\n")
+        self.drained(1)
+        log = self.log("flaky")
+        self.assertRegex(log, r"attempt 2 ended.*now dead\n\[queuectl\] retried by hand "
+                              r"\(dlq retry\) at \S+; attempts start again at 1\n"
+                              r"\[queuectl\] attempt 1 started")
+        attempts = self.ok("show", "flaky").split("attempts:\n")[1].splitlines()
+        self.assertEqual([a.split()[0] for a in attempts], ["1", "2", "(retried", "1", "2"])
 
 class TestLimits(QueueTest):
     def test_a_job_that_allocates_past_its_memory_limit_fails_naming_it(self):
