@@ -343,8 +343,20 @@ def epoch(s):
     return secs + (float("0" + s[19:-1]) if s[19] == "." else 0.0)
 
 def show_time(s):
-    """The stored ISO form -> the printed one, to the second."""
+    """The stored ISO form -> the one JSON and metrics print: UTC, to the
+    second."""
     return None if s is None else s[:19] + "Z"
+
+def human_time(ts):
+    """Epoch seconds (or the stored ISO form) -> the one clock of human
+    output: local time with its zone, 2026-12-06 03:00:00 EST (UTC with
+    QUEUECTL_UTC=1). Worker lines, log lines, status, show and doctor."""
+    if isinstance(ts, str):
+        ts = epoch(ts)
+    if os.environ.get("QUEUECTL_UTC", "") not in ("", "0"):
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+    t = time.localtime(ts)
+    return time.strftime("%Y-%m-%d %H:%M:%S ", t) + (t.tm_zone or time.strftime("%z", t))
 
 def parse_duration(text, what="duration"):
     """'90', '90s', '5m', '2h', '1d', '1w', '1h30m' -> seconds (float)."""
@@ -661,6 +673,15 @@ def append_log(home, job_id, text):
         log_line(fd, text)
     finally:
         os.close(fd)
+
+def stat_isdir(path):
+    """Whether path is a directory (False if there is none); PermissionError
+    when a directory on the way cannot be searched."""
+    import stat
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 def _safe_append(home, job_id, text):
     try:
@@ -1279,22 +1300,37 @@ def json_object(text, what, then=""):
 def _refuse_constant(name):
     raise ValueError(f"{name} is not allowed")
 
-def claim_order(cfg):
+class ClaimOrder:
     """The order claims take due jobs in, from scheduling_mode (the home's
-    and each queue's): (a sort key in SQL, its parameters), then run_at,
-    then seq. The key is -priority when every queue is "priority" (the
-    jobs_ready index's own order), 0 when every queue is "fifo", else a
-    CASE on the queue. Claims and why read this one rule."""
-    home = cfg.get("scheduling_mode", "priority")
-    other = sorted({k[6:].rpartition(".")[0] for k, v in cfg.items()
-                    if k.startswith("queue.") and k.endswith(".scheduling_mode") and v != home})
-    if not other:
-        return ("-priority" if home == "priority" else "0"), []
-    inner, outer = ("0", "-priority") if home == "priority" else ("-priority", "0")
-    return f"CASE WHEN queue IN ({_marks(other)}) THEN {inner} ELSE {outer} END", other
+    and each queue's): by a key, then run_at, then seq. The key is
+    -priority for a job of a "priority" queue and 0 for one of a "fifo"
+    queue. key (SQL) and params say it in one expression (why counts by
+    it); fifo and prio (None, or an SQL condition and its parameters)
+    say which jobs are of fifo queues and which of priority ones, so that
+    a claim walks the jobs_ready index instead of sorting every due job.
+    Claims and why read this one rule."""
+
+    __slots__ = ("key", "params", "fifo", "prio")
+
+    def __init__(self, cfg):
+        home = cfg.get("scheduling_mode", "priority")
+        other = sorted({k[6:].rpartition(".")[0] for k, v in cfg.items()
+                        if k.startswith("queue.") and k.endswith(".scheduling_mode")
+                        and v != home})
+        marks = _marks(other)
+        if not other:
+            self.key, self.params = ("-priority" if home == "priority" else "0"), []
+            self.fifo = None if home == "priority" else ("1", [])
+            self.prio = ("1", []) if home == "priority" else None
+            return
+        inner, outer = ("0", "-priority") if home == "priority" else ("-priority", "0")
+        self.key = f"CASE WHEN queue IN ({marks}) THEN {inner} ELSE {outer} END"
+        self.params = other
+        named, rest = (f"queue IN ({marks})", other), (f"queue NOT IN ({marks})", other)
+        self.fifo, self.prio = (named, rest) if home == "priority" else (rest, named)
 
 def order_by(key):
-    """claim_order's key as an ORDER BY (priority DESC: the index's order;
+    """A ClaimOrder's key as an ORDER BY (priority DESC: the index's order;
     a bare 0 would name a column)."""
     if key == "0":
         return "run_at, seq"
@@ -1317,7 +1353,7 @@ def backoff_delay(attempts, cfg, spread=None):
         spread = random.random()
     if jitter == "full":                 # AWS's "full jitter", as Celery's
         return wait * spread
-    return wait * (1 + (2 * spread - 1) * int(jitter[:-1]) / 100)
+    return min(wait * (1 + (2 * spread - 1) * int(jitter[:-1]) / 100), cfg["max_backoff"])
 
 
 # The job record ##############################################################
@@ -1418,9 +1454,15 @@ def check_limit_key(key):
         return key
     return check_key(key)
 
+def check_job_name(text):
+    """A job as a person names it (Store.resolve): an id, or #N."""
+    if isinstance(text, str) and text[:1] == "#" and text[1:].isdigit() and text.isascii():
+        return text
+    return check_name(text)
+
 def check_label(text):
     """A label (enqueue --label): any printable text, 1-100 characters."""
-    if not isinstance(text, str) or len(text) > 100 or not _utf8(text) or \
+    if not isinstance(text, str) or not text or len(text) > 100 or not _utf8(text) or \
             not text.isprintable() or text != text.strip():
         raise UsageError(f"invalid label {text!r}: give 1-100 printable characters, "
                          "with no space at either end")
@@ -1464,7 +1506,7 @@ def check_spec(spec):
     if spec.get("queue") is not None:
         check_name(spec["queue"], "queue name")
     if spec.get("label") is not None:
-        spec["label"] = check_label(spec["label"]) or None
+        spec["label"] = check_label(spec["label"])
     for name in ("priority", "max_retries", "timeout") + LIMIT_KEYS:
         if spec.get(name) is not None:
             spec[name] = check_value(name, spec[name],
@@ -1489,7 +1531,7 @@ def check_spec(spec):
                              "from 1970 to 9999")
     if spec.get("depends_on") is not None:
         spec["depends_on"] = _names(spec["depends_on"], "depends_on must be a list of "
-                                    "job ids", check_name)
+                                    "job ids", check_job_name)
     env = spec.get("env")
     if env is not None:
         if not isinstance(env, dict) or not all(
@@ -2139,9 +2181,20 @@ SQL_CLAIMABLE = f"""SELECT {JOB_COLUMNS} FROM jobs INDEXED BY jobs_ready
     WHERE {READY} AND run_at <= ?{{where}}
     ORDER BY {{order}} LIMIT 1"""
 
-# The due jobs a claim takes before a job (its claim_order key: {key}).
+# The distinct priorities of waiting jobs, highest first, one index seek
+# each: a fifo claim takes the earliest due job of each (at most
+# FIFO_SEEKS of them; past that it sorts every due job).
+SQL_PRIORITIES = f"""WITH RECURSIVE p(v, n) AS (
+    SELECT max(priority), 1 FROM jobs INDEXED BY jobs_ready WHERE {READY}
+    UNION ALL SELECT (SELECT max(priority) FROM jobs INDEXED BY jobs_ready
+    WHERE {READY} AND priority < p.v), n + 1 FROM p WHERE p.v IS NOT NULL AND n <= ?)
+    SELECT v FROM p WHERE v IS NOT NULL"""
+
+FIFO_SEEKS = 64
+
+# The due jobs a claim takes before a job (by its ClaimOrder's key: {key}).
 SQL_AHEAD = f"""SELECT count(*) FROM jobs INDEXED BY jobs_ready
-    WHERE {READY} AND run_at <= ? AND ({{key}}, run_at, seq) <
+    WHERE {READY} AND run_at <= ?{{where}} AND ({{key}}, run_at, seq) <
     (SELECT {{key}}, run_at, seq FROM jobs WHERE seq = ?)"""
 
 SQL_CLAIM = """UPDATE jobs SET state = 'processing', claim = ?, worker = ?,
@@ -2247,7 +2300,7 @@ SQL_SCHEDULE_SUCCESS = "UPDATE schedules SET last_success = ? WHERE name = ?"
 SQL_SCHEDULE_ACTIVE = f"""SELECT id FROM jobs WHERE schedule = ?
     AND state IN {IN_UNFINISHED} ORDER BY seq LIMIT 1"""
 
-SQL_RUNNABLE_SINCE = f"""SELECT min(run_at) FROM jobs INDEXED BY jobs_ready
+SQL_RUNNABLE_SINCE = f"""SELECT min(run_at), id FROM jobs INDEXED BY jobs_ready
     WHERE {READY} AND run_at <= ?{{where}}"""
 
 SQL_DELAYED = f"""SELECT queue, count(*) FROM jobs INDEXED BY jobs_ready
@@ -2299,9 +2352,6 @@ SQL_IDS_STILL_IN = """SELECT id FROM jobs WHERE id IN ({marks}) AND state IN ({s
 SQL_OPEN_DEPS = "SELECT count(*) FROM jobs WHERE id IN ({marks}) AND state != 'completed'"
 
 SQL_COUNTS = "SELECT state, queue, count(*) FROM jobs GROUP BY state, queue"
-
-SQL_OLDEST_PENDING = """SELECT id, created_at FROM jobs WHERE state = 'pending'
-    ORDER BY created_at LIMIT 1"""
 
 SQL_NEXT_SCHEDULED = f"""SELECT id, run_at FROM jobs INDEXED BY jobs_ready
     WHERE {READY} AND run_at > ?
@@ -2627,11 +2677,6 @@ class Store:
             per_queue.setdefault(queue, dict.fromkeys(STATES, 0))[state] = n
         return counts, per_queue
 
-    def oldest_pending(self):
-        """(id, created_at) of the oldest pending job, or None."""
-        rows = self.q(SQL_OLDEST_PENDING)
-        return rows[0] if rows else None
-
     def next_scheduled(self, now):
         """(id, run_at) of the next job that waits for its time, or None."""
         rows = self.q(SQL_NEXT_SCHEDULED, (iso(now),))
@@ -2704,7 +2749,8 @@ class Store:
             busy = self.x(SQL_KEY_BUSY.format(marks=_marks(keys)), keys).fetchone()
             if busy:
                 return busy[0], False
-        deps = spec.get("depends_on") or []
+        deps = [self.resolve(d) for d in spec.get("depends_on") or []]     # #N too
+        spec["depends_on"] = deps or spec.get("depends_on")
         if job_id is not None and job_id in deps:
             raise UsageError(f"job {job_id!r} cannot depend on itself")
         known = {r[0] for r in self.x(SQL_JOB_STATES.format(marks=_marks(deps)),
@@ -2785,10 +2831,30 @@ class Store:
             pass                         # out of time, busy: what there is
         return words
 
-    def claim(self, worker, queues, now, token=None, order=("-priority", [])):
+    def claim(self, worker, queues, now, token=None, order=None):
         """claim: the next runnable job of queues (None: all) that is not
         paused, for worker, with claim token (default: a new one), taken in
-        order (claim_order's); the job, or None."""
+        order (a ClaimOrder; None: by priority); the job, or None."""
+        paused, full_queues, full = self._claim_state()
+        if "*" in paused:
+            return None
+        where, params = self.claim_filter(queues, paused | full_queues)
+        if full:
+            where += CLAIM_KEYS_FREE.format(marks=_marks(full))
+            params += full
+        job = self._first_due(where, params, now, order)
+        if job is None:
+            return None
+        job["claim"] = token or new_id() + new_id()
+        job["worker"] = worker
+        job["started_at"] = iso(now)
+        self.x(SQL_CLAIM, (job["claim"], worker, job["started_at"], job["started_at"],
+                           job["seq"]))
+        return job
+
+    def _claim_state(self):
+        """What a claim passes over: (paused queues, queues at their limit,
+        full keys); self.limited: the limits it saw."""
         paused, limits, held = set(), {}, []
         for kind, name, n in self.x(SQL_CLAIM_STATE):     # one statement, not three
             if kind == 0:
@@ -2797,37 +2863,60 @@ class Store:
                 limits[name] = n
             else:
                 held.append((name, n))
-        if "*" in paused:
-            return None
         self.limited = limits
         full_queues = set()
         if any(k.startswith(QUEUE_KEY) for k in limits):
             for queue, n in self.x(SQL_RUNNING_PER_QUEUE):
                 if n >= limits.get(QUEUE_KEY + queue, n + 1):
                     full_queues.add(queue)
+        return paused, full_queues, [k for k, n in held if n >= limits.get(k, 1)]
+
+    def _first_due(self, where, params, now, order):
+        """The job a claim takes: the first due one (and where) in order.
+        By priority: one walk of the jobs_ready index. With fifo queues:
+        the earliest due job of each priority (a seek each), and the first
+        by priority of the other queues, the least of them by key."""
+        stamp = iso(now)
+        if order is None or order.fifo is None:
+            row = self.x(SQL_CLAIMABLE.format(where=where, order="priority DESC, run_at, seq"),
+                         [stamp] + params).fetchone()
+            return row and job_from_row(row)
+        priorities = [r[0] for r in self.x(SQL_PRIORITIES, (FIFO_SEEKS,))]
+        if len(priorities) > FIFO_SEEKS:         # so many: sort them all instead
+            row = self.x(SQL_CLAIMABLE.format(where=where, order=order_by(order.key)),
+                         [stamp] + params + order.params).fetchone()
+            return row and job_from_row(row)
+        found = []
+        if order.prio is not None:
+            cond, extra = order.prio
+            row = self.x(SQL_CLAIMABLE.format(where=f"{where} AND {cond}",
+                                              order="priority DESC, run_at, seq"),
+                         [stamp] + params + extra).fetchone()
+            if row:
+                job = job_from_row(row)
+                found.append(((-job["priority"], job["run_at"], job["seq"]), job))
+        cond, extra = order.fifo
+        for v in priorities:
+            row = self.x(SQL_CLAIMABLE.format(where=f"{where} AND priority = ? AND {cond}",
+                                              order="run_at, seq"),
+                         [stamp] + params + [v] + extra).fetchone()
+            if row:
+                job = job_from_row(row)
+                found.append(((0, job["run_at"], job["seq"]), job))
+        return min(found, key=lambda f: f[0])[1] if found else None
+
+    def ahead(self, job, order, now, queues=None):
+        """How many due jobs a claim in order (a ClaimOrder) takes before
+        job: of queues (None: all) that are not paused nor full, and whose
+        keys are not full, as a claim sees them."""
+        paused, full_queues, full = self._claim_state()
         where, params = self.claim_filter(queues, paused | full_queues)
-        full = [k for k, n in held if n >= limits.get(k, 1)]
         if full:
             where += CLAIM_KEYS_FREE.format(marks=_marks(full))
             params += full
-        row = self.x(SQL_CLAIMABLE.format(where=where, order=order_by(order[0])),
-                     [iso(now)] + params + order[1]).fetchone()
-        if row is None:
-            return None
-        job = job_from_row(row)
-        job["claim"] = token or new_id() + new_id()
-        job["worker"] = worker
-        job["started_at"] = iso(now)
-        self.x(SQL_CLAIM, (job["claim"], worker, job["started_at"], job["started_at"],
-                           job["seq"]))
-        return job
-
-    def ahead(self, job, order, now):
-        """How many due jobs a claim in order (claim_order's) takes before
-        job, of any queue."""
-        key, params = order
-        return self.x(SQL_AHEAD.format(key=key),
-                      [iso(now)] + params + params + [job["seq"]]).fetchone()[0]
+        return self.x(SQL_AHEAD.format(key=order.key, where=where),
+                      [iso(now)] + params + order.params + order.params
+                      + [job["seq"]]).fetchone()[0]
 
     def record_pid(self, job_id, worker, token, pid, start):
         """record pid; when the claim no longer holds: (False, (state,
@@ -3151,13 +3240,15 @@ class Store:
         return dict(self.q(SQL_DELAYED, (iso(now),))), dict(self.q(SQL_BLOCKED))
 
     def runnable_since(self, now):
-        """Since when the oldest job that could run now has waited (None:
-        none; paused queues' do not count)."""
+        """(since when, id) of the job that could run now and has waited
+        longest: due, not blocked, its queue not paused (None: none). status
+        and queuectl_oldest_pending_seconds both say it."""
         paused = self.paused()
         if "*" in paused:
             return None
         where, params = self.claim_filter(None, paused)
-        return self.q(SQL_RUNNABLE_SINCE.format(where=where), [iso(now)] + params)[0][0]
+        row = self.q(SQL_RUNNABLE_SINCE.format(where=where), [iso(now)] + params)[0]
+        return row if row[0] is not None else None
 
     def keys_waiting(self):
         """{key: how many waiting jobs hold it}."""
@@ -3546,7 +3637,7 @@ class WorkerState:
             try:
                 if self.progress:        # the progress line goes, the line, it again
                     self.progress.clear()
-                self.out.write(f"{show_time(iso(time.time()))} {text}\n")
+                self.out.write(f"{human_time(time.time())} {text}\n")
                 self.out.flush()
                 if self.progress and self.progress.text:
                     self.progress.show(self.progress.text, force=True)
@@ -3617,14 +3708,14 @@ class WorkerState:
                 delay = min(delay * 4, 5)
 
     def _claim_order(self):
-        """claim_order of the current config (cached with _queue_config's)."""
+        """The ClaimOrder of the current config (cached with _queue_config's)."""
         cfg, cache = self._qcfg
         if cfg is not self.config:
             cfg, cache = self.config, {}
             self._qcfg = (cfg, cache)
         found = cache.get(None)
         if found is None:
-            found = cache[None] = claim_order(cfg)
+            found = cache[None] = ClaimOrder(cfg)
         return found
 
     def _queue_config(self, queue):
@@ -3924,12 +4015,16 @@ class Attempts:
                               f"{e.strerror}") from None
             try:
                 log_line(fd, f"[queuectl] attempt {attempt} started "
-                             f"{show_time(job['started_at'])} on worker {self.s.id}\n")
+                             f"{human_time(job['started_at'])} on worker {self.s.id}\n")
             except OSError:
                 pass                     # a full disk: the job may still run
             began = time.monotonic()
             fault("before-spawn", job["id"])
-            if not os.path.isdir(job["cwd"]):
+            try:
+                cwd_is_dir = stat_isdir(job["cwd"])
+            except PermissionError:      # a parent it cannot search: as below
+                cwd_is_dir = True
+            if not cwd_is_dir:
                 raise FileNotFoundError(2, f"no such directory (cwd {job['cwd']})")
             if not os.access(job["cwd"], os.X_OK):
                 # What its shell would exit with (126), said plainly: not
@@ -5078,8 +5173,8 @@ class Progress:
 
     def counts(self, counts, total=None):
         """The line of wait and a draining worker, from {state: n}:
-        `312/500 done · 4 running · 0 dead · ETA 5s`; the ETA from how fast
-        jobs have finished since the line first showed."""
+        `312/500 done · 4 running · 184 waiting · 0 dead · ETA 5s`; the ETA
+        from how fast jobs have finished since the line first showed."""
         done = counts.get(COMPLETED, 0)
         ended = done + counts.get(DEAD, 0) + counts.get(CANCELLED, 0)
         total = sum(counts.values()) if total is None else total
@@ -5089,8 +5184,9 @@ class Progress:
         left = total - ended
         eta = ("ETA " + human_duration(left / rate)) if rate > 0 and left else \
             "ETA ?" if left else "all ended"
+        waiting = counts.get(PENDING, 0) + counts.get(FAILED, 0)
         return (f"{done}/{total} done · {counts.get(PROCESSING, 0)} running · "
-                f"{counts.get(DEAD, 0)} dead · {eta}")
+                f"{waiting} waiting · {counts.get(DEAD, 0)} dead · {eta}")
 
 def one_line(text):
     return " ".join(str(text).split()) if text is not None else "-"
@@ -5142,7 +5238,7 @@ def table(headers, rows, width=None, color_col=None, shrink=None, drop=()):
     if width:
         over = sum(widths) + 2 * (n - 1) - width
         for i in drop:                   # a column that tells rows apart stays longer
-            if over > 0 and len({r[i] for r in rows}) <= 1:
+            if over > 0 and len(rows) > 1 and len({r[i] for r in rows}) == 1:
                 shown.remove(i)
                 over -= widths[i] + 2
         drop = [i for i in drop if i in shown]
@@ -5507,6 +5603,7 @@ def warn_options_in_command(args, words):
     is the command's, so say so on stderr; `--` before the command is the
     way to mean it."""
     own = {f for flags, _ in getattr(args, "specs", ()) for f in flags if f.startswith("--")}
+    own.add("--home")                    # every command's (a job in the wrong home)
     seen = [w for w in words[1:] if w.partition("=")[0] in own]
     if seen:
         sys.stderr.write(f"queuectl: warning: {seen[0]} comes after the command's first "
@@ -5802,11 +5899,23 @@ def cmd_worker_threads(args):
     for w in workers:
         write_atomic(os.path.join(rd, w["id"] + ".threads"), f"{n}\n")
     wake_workers(args.home)
-    ids = {w["id"] for w in workers}
-    if not poll_until(lambda: all(x["threads"] == n for x in store.live_workers()
-                                  if x["id"] in ids), 10, first=0.01, cap=0.1):
-        raise QueuectlError(f"a worker has not taken {n} threads after 10s (frozen, or "
-                            "busy with its database?); it will when it can")
+    ids, now_live = {w["id"] for w in workers}, {}
+
+    def taken():
+        now_live.clear()
+        now_live.update((x["id"], x) for x in store.live_workers() if x["id"] in ids)
+        return all(x["threads"] == n for x in now_live.values())
+    poll_until(taken, 10, first=0.01, cap=0.1)
+    missed = [w for w in workers if w["id"] not in now_live or now_live[w["id"]]["threads"] != n]
+    if missed:
+        for w in missed:                 # nothing is left for it to take later
+            remove_file(os.path.join(rd, w["id"] + ".threads"))
+        w = missed[0]
+        raise QueuectlError(
+            f"worker {w['id']} (pid {w['pid']}) " + (
+                "stopped before it took the change" if w["id"] not in now_live else
+                f"did not take {n} threads within 10s (stopping, frozen, or an older "
+                "queuectl?)") + "; nothing changed for it")
     for w in workers:
         print(f"worker {w['id']} (pid {w['pid']}): {plural(n, 'job thread')}, was "
               f"{w['threads']}" + ("; a surplus thread ends when its job does"
@@ -5859,7 +5968,7 @@ def cmd_status(args):
     now = time.time()
     counts, per_queue = store.counts()
     workers = store.live_workers()
-    oldest = store.oldest_pending()
+    oldest = store.runnable_since(now)   # as queuectl_oldest_pending_seconds says
     nxt = store.next_scheduled(now)
     paused = sorted(store.paused())
     schedules = [{"name": sch["name"], "cron": sch["cron"], "paused": bool(sch["paused"]),
@@ -5870,8 +5979,8 @@ def cmd_status(args):
         "queues": per_queue,
         "workers": {"live": len(workers),
                     "threads": sum(w["threads"] for w in workers)},
-        "oldest_pending": ({"id": oldest[0], "created_at": show_time(oldest[1]),
-                            "age_seconds": round(now - epoch(oldest[1]), 3)}
+        "oldest_pending": ({"id": oldest[1], "due_at": show_time(oldest[0]),
+                            "age_seconds": round(max(now - epoch(oldest[0]), 0), 3)}
                            if oldest else None),
         "next_scheduled": ({"id": nxt[0], "run_at": show_time(nxt[1])}
                            if nxt else None),
@@ -5884,10 +5993,10 @@ def cmd_status(args):
     print("\n".join(summary_lines(counts, per_queue, workers, paused=None,
                                   every_queue=False)))
     if oldest:
-        print(f"oldest pending: {oldest[0]}, enqueued {relative(oldest[1], now)}")
+        print(f"oldest pending: {oldest[1]}, could run since {relative(oldest[0], now)}")
     if nxt:
         print(f"next scheduled: {nxt[0]} {relative(nxt[1], now)} "
-              f"({show_time(nxt[1])})")
+              f"({human_time(nxt[1])})")
     if paused:
         print("paused: " + ("all queues" if "*" in paused else ", ".join(paused)))
     for sch in schedules:
@@ -5936,7 +6045,7 @@ def cmd_show(args):
         elif k == "attempts_recorded":
             continue
         elif k in JOB_TIMES and v is not None:
-            v = f"{v} ({local_time(epoch(v))} local, {relative(v)})"
+            v = f"{human_time(v)} ({relative(v)})"
         print(f"{k.ljust(width)}  {'-' if v is None else v}")
     if attempts:
         print("attempts:")
@@ -6274,7 +6383,7 @@ def schedule_overdue(sch, now):
         passed += 1
     if passed < 2:
         return None
-    what = (f"since {show_time(iso(sch['last_success']))}" if sch["last_success"]
+    what = (f"since {human_time(sch['last_success'])}" if sch["last_success"]
             else "since it was added " + relative(sch["created_at"], now))
     return (f"schedule {sch['name']} ({sch['cron']}) has not succeeded {what}: its "
             f"last two slots passed without a success; last run: "
@@ -6305,10 +6414,10 @@ def schedule_list(store, args, now):
         return EXIT_OK
     print(table(["NAME", "SCHEDULE", "NEXT", "LAST RUN", "OUTCOME", "SKIPS", "COMMAND"],
                 [[r["name"], r["cron"], "paused" if r["paused"] else
-                  local_time(epoch(r["next_run"]), now, short=True),
+                  local_time(epoch(r["next_run"]), now),
                   r["last_job"] or "-", r["last_state"] or "-", r["skips"],
                   one_line(r["command"] or "")] for r in rows], term_width(),
-                shrink=((6, 12),)))
+                color_col=4, shrink=((6, 12), (6, 8)), drop=(5, 1)))
     return EXIT_OK
 
 # Commands: why and limits ----------------------------------------------------
@@ -6321,7 +6430,9 @@ def cmd_why(args):
     if reasons[0][0] == "ready":
         # The claim's own order (scheduling_mode), counted by the claim's rule.
         cfg = Config(args.home).load()
-        n = store.ahead(job, claim_order(cfg), now)
+        served = [_loads(w["queues"], None) for w in store.live_workers()]
+        queues = None if None in served else sorted({q for qs in served for q in qs})
+        n = store.ahead(job, ClaimOrder(cfg), now, queues)
         mode = queue_config(cfg, job["queue"])["scheduling_mode"]
         rule = ("priority ignored, the earlier due first" if mode == "fifo" else
                 "higher priority first, then the earlier due")
@@ -6498,7 +6609,10 @@ def cmd_wait(args):
     long ago it ended: the answer never depends on when wait started."""
     store = open_store(args)
     if args.ids:
-        ids = list(dict.fromkeys(store.resolve(i) for i in args.ids))
+        try:
+            ids = list(dict.fromkeys(store.resolve(i) for i in args.ids))
+        except QueuectlError as e:       # exit 2, as an unknown id: a script's mistake
+            raise UsageError(str(e)) from None
         missing = [i for i in ids if i not in store.states(ids)]
         if missing:                      # exit 2: a script's mistake
             raise UsageError(f"no job with id {missing[0]!r}")
@@ -6607,7 +6721,7 @@ def reset_jobs(store, ids, allowed, verb):
                 store.reset(job, now)
     for job in jobs:                     # so the log tells the first run from this one
         _safe_append(store.home, job["id"], f"[queuectl] retried by hand ({verb}) at "
-                     f"{show_time(iso(now))}" + ("; runs now\n" if job["state"] == FAILED else
+                     f"{human_time(now)}" + ("; runs now\n" if job["state"] == FAILED else
                                                  "; attempts start again at 1\n"))
     wake_workers(store.home)
     return jobs
@@ -7170,7 +7284,8 @@ def bash_completion(spec):
              "    for ((i = 1; i < COMP_CWORD - 1; i++)); do",
              '        [ "${COMP_WORDS[i]}" = --home ] && home=${COMP_WORDS[i+1]}',
              "    done",
-             '    if [ -z "${ZSH_VERSION-}" ] && [[ $COMP_WORDBREAKS == *:* ]] && [ -n "${COMP_LINE-}" ]; then',
+             '    if [ -z "${ZSH_VERSION-}" ] && [[ $COMP_WORDBREAKS == *:* ]] &&',
+             '            [ -n "${COMP_LINE-}" ]; then',
              "        local line=${COMP_LINE:0:COMP_POINT} lw",
              '        read -ra lw <<< "$line"',
              '        if [[ ${line: -1} != [[:space:]] && ${lw[${#lw[@]}-1]} == *:* ]]; then',
@@ -7288,7 +7403,7 @@ def cmd_doctor(args):
     for w in workers:
         if worker_stale(w):
             problems.append(f"worker {w['id']} (pid {w['pid']}) has not heartbeated "
-                            f"since {show_time(w['heartbeat'])}: stopped or stuck? Its jobs are "
+                            f"since {human_time(w['heartbeat'])}: stopped or stuck? Its jobs are "
                             "recovered by other workers")
     live = {w["id"] for w in workers if not worker_stale(w)}
     unrecorded = []
@@ -7407,7 +7522,7 @@ def cmd_metrics(args):
     family("queuectl_oldest_pending_seconds", "gauge",
            "How long the oldest job that could run now (due, not blocked, queue not "
            "paused) has waited; 0 when none.",
-           [("", {}, round(max(now - epoch(oldest), 0), 3) if oldest else 0)])
+           [("", {}, round(max(now - epoch(oldest[0]), 0), 3) if oldest else 0)])
     workers = store.live_workers()
     limits, held = store.limits(), store.held()
     keys = sorted(set(limits) | set(held))

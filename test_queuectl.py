@@ -802,6 +802,9 @@ def can_mount_tmpfs():
 
 TIME_RE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
 
+# A time in human output: local, with its zone.
+HUMAN_TIME_RE = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+"
+
 SPEC_JOB_FIELDS = ("id", "command", "state", "queue", "priority", "attempts",
                    "max_retries", "timeout", "run_at", "depends_on", "cwd", "env",
                    "created_at", "updated_at", "started_at", "finished_at",
@@ -2116,7 +2119,8 @@ class TestCommandsAsTyped(QueueTest):
                          (3, 0))
         self.assertEqual(time.localtime(queuectl.epoch(self.job("day")["run_at"]))[:5],
                          (2036, 12, 1, 3, 0))
-        self.assertRegex(self.ok("show", "rel"), r"(?m)^run_at +\S+Z \(.+ local, in 1h30m\)$")
+        self.assertRegex(self.ok("show", "rel"),
+                         rf"(?m)^run_at +{HUMAN_TIME_RE} \(in 1h30m\)$")
         listed = [line for line in self.ok("list").splitlines() if line.startswith("rel ")]
         self.assertIn("(in 1h30m)", listed[0])
         r = self.fails(2, "enqueue", "--run-at", "tomorrowish", "true")
@@ -2517,7 +2521,7 @@ class TestClaimPlan(QueueTest):
             expected = min(ready, key=lambda j: (0 if j["queue"] in fifo else -j["priority"],
                                                  j["run_at"], j["seq"]), default=None)
             store.db.execute("BEGIN IMMEDIATE")
-            claimed = store.claim("w2", None, now, order=queuectl.claim_order(cfg))
+            claimed = store.claim("w2", None, now, order=queuectl.ClaimOrder(cfg))
             store.db.execute("ROLLBACK")
             self.assertEqual(claimed and claimed["id"], expected and expected["id"],
                              f"trial {trial}: ready {[j['id'] for j in ready]}")
@@ -2775,7 +2779,7 @@ class TestWorkerBasics(QueueTest):
         self.assertLess(log.index("attempt 1 started"), log.index("out-line"))
         self.assertLess(log.index("out-line"), log.index("attempt 1 ended"))
         self.assertLess(log.index("err-line"), log.index("attempt 1 ended"))
-        self.assertRegex(log.splitlines()[0], r"attempt 1 started " + TIME_RE)
+        self.assertRegex(log.splitlines()[0], r"attempt 1 started " + HUMAN_TIME_RE)
         with open(os.path.join(self.home, "logs", "j.log")) as f:
             self.assertEqual(f.read(), log)
 
@@ -4180,6 +4184,8 @@ class TestHabitsFromTspAndPueue(QueueTest):
         self.assertEqual([self.job(i)["timeout"] for i in "cd"], [2, 2])
         r = self.q("schedule", "add", "s", "@daily", "sleep", "5", "--queue=x")
         self.assertIn("warning: --queue=x comes after the command's first word", r.err)
+        r = self.q("enqueue", "./job.sh", "--home", "/srv/q")     # the wrong home, unsaid
+        self.assertIn("warning: --home comes after the command's first word", r.err)
 
     def test_labels_select_work_like_queues(self):
         out = self.ok("enqueue", "--stdin", "--label", "batch 7",
@@ -4227,9 +4233,17 @@ class TestHabitsFromTspAndPueue(QueueTest):
         self.assertEqual(self.ok("retry", "#1"), "first\n")
         self.assertEqual(self.state("first"), "pending")
         self.assertIn("no job numbered 9", self.fails(1, "show", "#9").err)
-        self.assertIn("no job numbered 9", self.fails(1, "wait", "9").err)
+        self.assertIn("no job numbered 9", self.fails(2, "wait", "9").err)   # as an unknown id
+        # --after and depends_on take numbers too.
+        self.enqueue("--id", "after1", "--after", "1", "true")
+        self.enqueue("--id", "after3", "--after", "#3", "true")
+        self.enqueue('{"id": "json2", "command": "true", "depends_on": ["#2"]}')
+        self.assertEqual([self.job(i)["depends_on"] for i in ("after1", "after3", "json2")],
+                         [["first"], ["third"], ["2"]])
+        self.assertIn("no job numbered 99", self.fails(1, "enqueue", "--after", "#99",
+                                                        "true").err)
         listed = self.ok("list").splitlines()
-        self.assertEqual([ln.split()[:2] for ln in listed[1:]],
+        self.assertEqual([ln.split()[:2] for ln in listed[1:4]],
                          [["first", "1"], ["2", "2"], ["third", "3"]])
 
     def test_a_running_worker_takes_more_threads_and_fewer(self):
@@ -4309,6 +4323,15 @@ class TestHabitsFromTspAndPueue(QueueTest):
         self.resume_in_cleanup(p)
         self.enqueue("--id", "low", "true")
         self.enqueue("--id", "high", "--priority", "5", "true")
+        # Jobs no claim would take now are not ahead: a paused queue's, one
+        # whose key is full.
+        self.enqueue("--queue", "p", "--priority", "9", "true")
+        self.ok("pause", "p")
+        self.ok("limit", "set", "k", "1")
+        self.enqueue("--id", "holder", "--key", "k", "--queue", "p", "true")
+        self.db().execute("UPDATE jobs SET state = 'processing', claim = 'c', worker = 'w' "
+                          "WHERE id = 'holder'").connection.commit()
+        self.enqueue("--key", "k", "--priority", "9", "true")
         self.assertEqual(self.ok("why", "high"), "high: nothing holds it back: a worker "
                          "claims it next\n")
         self.assertIn("after the 1 due job ahead of it (scheduling_mode priority: higher "
@@ -4328,6 +4351,7 @@ class TestHabitsFromTspAndPueue(QueueTest):
         self.assertAlmostEqual(delay(3, cfg, spread=1.0), 8 * 1.1)
         self.assertAlmostEqual(delay(3, cfg, spread=0.5), 8)
         self.assertAlmostEqual(delay(3, dict(cfg, backoff_jitter="full"), spread=0.25), 2)
+        self.assertEqual(delay(20, dict(cfg, max_backoff=600), spread=1.0), 600)  # still caps
         self.assertEqual(delay(3, dict(cfg, backoff_jitter="0"), spread=0.0), 8)
         waits = {delay(3, cfg) for _ in range(50)}
         self.assertGreater(len(waits), 1)
@@ -4379,7 +4403,7 @@ class TestHabitsFromTspAndPueue(QueueTest):
     def test_a_cwd_the_worker_cannot_enter_is_not_retried(self):
         nobody = self.nobody()
         locked = os.path.join(self.tmp, "locked")
-        os.mkdir(locked, 0o700)
+        os.mkdir(locked, 0o755)                      # locked once the jobs are enqueued
         home = os.path.join(self.tmp, "nobodyhome")
         os.mkdir(home, 0o700)
         os.chown(home, nobody.pw_uid, nobody.pw_gid)
@@ -4393,13 +4417,19 @@ class TestHabitsFromTspAndPueue(QueueTest):
                 text=True, timeout=60, env=env)
         if as_nobody("--version").returncode != 0:
             self.skipTest("this interpreter cannot run as nobody")
-        self.assertEqual(as_nobody("enqueue", "--id", "j", "--cwd", locked, "true").returncode,
-                         0)
+        below = os.path.join(locked, "sub")          # a parent it cannot search
+        os.mkdir(below)
+        for job_id, cwd in (("j", locked), ("k", below)):
+            r = as_nobody("enqueue", "--id", job_id, "--cwd", cwd, "true")
+            self.assertEqual(r.returncode, 0, r.stderr)
+        os.chmod(locked, 0o700)
         self.assertEqual(as_nobody("worker", "start", "--drain").returncode, 1)
-        job = json.loads(as_nobody("show", "j", "--json").stdout)
-        self.assertEqual((job["state"], job["attempts"], job["exit_code"]), ("dead", 1, 126))
-        self.assertEqual(job["last_error"], f"could not start: Permission denied (cwd {locked})"
-                         "; not retried: it cannot run (retry_on 126 retries it)")
+        for job_id, cwd in (("j", locked), ("k", below)):
+            job = json.loads(as_nobody("show", job_id, "--json").stdout)
+            self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
+                             ("dead", 1, 126))
+            self.assertEqual(job["last_error"], "could not start: Permission denied (cwd "
+                             f"{cwd}); not retried: it cannot run (retry_on 126 retries it)")
 
 class TestHookHome(QueueTest):
     def test_a_hooks_queuectl_home_is_not_the_reported_jobs_env(self):
@@ -4788,7 +4818,7 @@ class TestReadCommands(QueueTest):
                                           "completed": 2, "dead": 1, "cancelled": 0})
         self.assertEqual(info["next_scheduled"]["id"], "p")
         self.assertRegex(info["next_scheduled"]["run_at"], "^" + TIME_RE + "$")
-        self.assertEqual(info["oldest_pending"]["id"], "p")
+        self.assertIsNone(info["oldest_pending"])       # p is not due: nothing waits
         self.assertEqual(info["workers"]["live"], 0)
         self.assertEqual(info["paused"], [])
 
@@ -5823,11 +5853,11 @@ class TestInstallAndHelp(QueueTest):
                     except OSError:
                         break
             return out
-        os.write(fd, f"source {script}; echo sourced\n".encode())
-        read_until(b"sourced\r\n")
+        os.write(fd, f"source {script}; echo ready$((40 + 2))\n".encode())
+        read_until(b"ready42")               # what it prints, not what was typed
         os.write(fd, b"queuectl logs tick@2026-12-06T11:4\t")
         out = read_until(b"T11:45 ")
-        os.write(fd, b"\x03exit\n")
+        os.kill(pid, signal.SIGKILL)         # whatever readline does with the line
         os.waitpid(pid, 0)
         os.close(fd)
         self.assertIn(b"tick@2026-12-06T11:45 ", out)
@@ -6509,7 +6539,7 @@ class TestSeeingTheWork(QueueTest):
         self.start_worker()
         code, piped, shown = self.on_pty("wait", "--timeout", "30")
         self.assertEqual(code, 1, shown)
-        self.assertRegex(shown, r"\r\x1b\[K\d/3 done · \d running · \d dead · ")
+        self.assertRegex(shown, r"\r\x1b\[K\d/3 done · \d running · \d waiting · \d dead · ")
         self.assertIn("queuectl: error: 1 job did not complete", shown)
         self.assertNotIn("done ·", self.q("wait").err)          # not a terminal: nothing
 
@@ -6542,6 +6572,30 @@ class TestSeeingTheWork(QueueTest):
         self.assertIn("completed (attempt 1", piped)              # its lines: stdout
         self.assertTrue(shown.endswith("\r\x1b[K"), repr(shown[-60:]))
 
+    def test_one_clock_local_for_people_and_utc_for_machines(self):
+        tz = "EST5EDT,M3.2.0,M11.1.0"                # New York's rule, no tzdata needed
+        env = dict(self.env, TZ=tz)
+        zone = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d E[SD]T"
+        self.enqueue("--id", "now", "echo hi", env=env)
+        self.enqueue("--id", "later", "--delay", "2h", "true", env=env)
+        r = self.q("worker", "start", "--drain", env=env)
+        self.assertRegex(r.out.splitlines()[0], rf"^{zone} worker \S+ started")
+        self.assertRegex(self.log("now"), rf"\[queuectl\] attempt 1 started {zone} on worker")
+        self.assertRegex(self.ok("status", env=env), rf"next scheduled: later in \S+ \({zone}\)")
+        self.assertRegex(self.ok("show", "later", env=env), rf"(?m)^run_at +{zone} \(in ")
+        self.assertRegex(self.job("later")["run_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        utc = dict(env, QUEUECTL_UTC="1")
+        self.assertRegex(self.ok("show", "later", env=utc),
+                         r"(?m)^run_at +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(in ")
+        # status's oldest pending is the job the metric times: due, runnable.
+        self.enqueue("--id", "waits", "true")
+        self.assertIn("oldest pending: waits, could run since", self.ok("status"))
+        fams = parse_exposition(self.ok("metrics"))
+        age = fams["queuectl_oldest_pending_seconds"][1][0][2]
+        status = json.loads(self.ok("status", "--json"))["oldest_pending"]
+        self.assertEqual(status["id"], "waits")
+        self.assertLess(abs(status["age_seconds"] - age), 5)
+
     def test_a_retry_by_hand_shows_in_the_log_and_in_show(self):
         self.ok("config", "set", "max_backoff", "0")
         self.enqueue("--id", "flaky", "--max-retries", "1", "echo try; exit 3")
@@ -6550,7 +6604,7 @@ class TestSeeingTheWork(QueueTest):
         self.drained(1)
         log = self.log("flaky")
         self.assertRegex(log, r"attempt 2 ended.*now dead\n\[queuectl\] retried by hand "
-                              r"\(dlq retry\) at \S+; attempts start again at 1\n"
+                              r"\(dlq retry\) at [^;]+; attempts start again at 1\n"
                               r"\[queuectl\] attempt 1 started")
         attempts = self.ok("show", "flaky").split("attempts:\n")[1].splitlines()
         self.assertEqual([a.split()[0] for a in attempts], ["1", "2", "(retried", "1", "2"])
