@@ -50,6 +50,7 @@ export PICK_PYTHON
 install:
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBDIR)
 	install -m 0644 queuectl.py $(DESTDIR)$(LIBDIR)/queuectl.py
+	install -m 0644 README.md $(DESTDIR)$(LIBDIR)/README.md
 	interp=$$($(PYTHON) -c "$$PICK_PYTHON") && \
 	$$interp -m compileall -q $(DESTDIR)$(LIBDIR)/queuectl.py && \
 	chmod -R a+rX $(DESTDIR)$(LIBDIR) && \

@@ -19,7 +19,7 @@ a dead letter queue, timeouts and crash recovery. State lives in SQLite
 Stdlib only, Python 3.10+, POSIX. See README.md for the whole manual.
 """
 
-__version__ = "1.2.0"
+__version__ = "1.3.0"
 
 
 # Imports #####################################################################
@@ -7186,6 +7186,35 @@ def cmd_top(args):
             signal.signal(sig, h)
     return EXIT_OK
 
+def cmd_help(args):
+    """The manual at the terminal: the README's sections (keys, hooks,
+    schedules, retry policy, exit codes...), read from the README.md beside
+    this file (make install puts one there): one source, no second copy."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise QueuectlError(f"cannot read the manual {path}: {e.strerror}; queuectl --help "
+                            "lists the commands") from None
+    import re
+    text = re.sub(r"<!--.*?-->\n?", "", text, flags=re.S)
+    sections = {}
+    for part in re.split(r"(?m)^(?=## )", text)[1:]:
+        sections[part.split("\n", 1)[0][3:]] = part.rstrip() + "\n"
+    topic = " ".join(args.topic or []).strip().lower()
+    if not topic:
+        print("queuectl help TOPIC prints one of these sections of the manual:\n  "
+              + "\n  ".join(sections))
+        return EXIT_OK
+    found = [t for t in sections if topic in t.lower()] or \
+        [t for t in sections if all(w in t.lower() for w in topic.split())]
+    if not found:
+        raise UsageError(f"no section of the manual is about {topic!r}; queuectl help "
+                         "lists them")
+    sys.stdout.write(sections[found[0]])
+    return EXIT_OK
+
 def cmd_completion(args):
     """Print a shell completion script: bash, zsh or fish. Job ids and queue
     names come from the live home (queuectl __complete), bounded in time."""
@@ -7921,6 +7950,10 @@ COMMAND_TABLE = [
             help="seconds between refreshes (default 1)"),
         arg("--once", action="store_true",
             help="print one frame and exit (no terminal needed)")]),
+    Command("help", "the manual's sections at the terminal (keys, hooks, schedules...)",
+            cmd_help, ["queuectl help keys", "queuectl help retry policy", "queuectl help"], [
+        arg("topic", nargs="*", metavar="TOPIC",
+            help="words of a section's title (none: list them)")]),
     Command("completion", "print a shell completion script", cmd_completion, [
         "source <(queuectl completion bash)",
         "queuectl completion bash > /etc/bash_completion.d/queuectl",

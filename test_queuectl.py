@@ -48,6 +48,7 @@ import errno
 import json
 
 import os
+import re
 
 import resource
 
@@ -4430,6 +4431,178 @@ class TestHabitsFromTspAndPueue(QueueTest):
                              ("dead", 1, 126))
             self.assertEqual(job["last_error"], "could not start: Permission denied (cwd "
                              f"{cwd}); not retried: it cannot run (retry_on 126 retries it)")
+
+# The README's examples ########################################################
+#
+# A fenced block whose first line starts with "$ " is an example: commands
+# after "$ ", each followed by what it prints (stdout and stderr). The line
+# before its fence says what the test does with it: <!-- example --> runs it
+# in a fresh home and compares, <!-- example: not run: REASON --> counts it
+# as exempt, with why. "$ export QUEUECTL_HOME=DIR" names the home the
+# example shows, starting from nothing (the test runs it in one of its own
+# and prints it as DIR); any other example runs in an empty home that
+# exists. In what an example prints, a line "..." stands for any lines, and
+# "... TEXT" for a line that ends with TEXT.
+
+README = os.path.join(HERE, "README.md")
+
+EXAMPLE_MARK = re.compile(r"^<!-- example(?:: not run: (?P<why>.+?))? -->$")
+
+def readme_examples(text):
+    """[(line number, mark or None, why, [lines])] of the README's examples."""
+    lines, found, i = text.split("\n"), [], 0
+    while i < len(lines):
+        if lines[i].startswith("```") and i + 1 < len(lines) and lines[i + 1].startswith("$ "):
+            j = lines.index("```", i + 1)
+            m = EXAMPLE_MARK.match(lines[i - 1]) if i else None
+            found.append((i + 1, m and "run" if m and not m.group("why") else
+                          "skip" if m else None, m and m.group("why"), lines[i + 1:j]))
+            i = j
+        i += 1
+    return found
+
+def normalized(text, home=None, shown=None, ids=()):
+    """Output with what differs from run to run made the same: times,
+    durations, sizes, ids of jobs (ids: the random ones this run made; in
+    a README, a 6-character id with a digit) and workers, pids, the home's
+    path, and the blanks that align table columns."""
+    if home:
+        text = text.replace(home, shown)
+    for job_id in ids:
+        text = re.sub(rf"(?<![\w.-]){re.escape(job_id)}(?![\w.-])", "ID", text)
+    subs = [(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d+)?( [A-Z]{3,5}|Z)?", "TIME"),
+            (r"\d{4}-\d\d-\d\d", "DATE"),
+            (r"\bvm-\d+-[0-9a-z]{4}\b|\b[\w.-]+-\d+-[0-9a-z]{4}\b", "WORKER"),
+            (r"(?<![\w.])\d+(\.\d+)?(ms|s|m|h|d)(\d+(m|s))?\b", "DUR"),
+            (r"(?<![\w.])\d+(\.\d+)?[KMGT]\b", "SIZE"),
+            (r"\b[0-9a-hjkmnp-tv-z]{6}\b", lambda m: "ID" if any(
+                c.isdigit() for c in m.group()) else m.group()),
+            (r"(?m)^\d+$", "PID"), (r"\bpid \d+", "pid PID"),
+            (r"(?<=  )(now|DUR ago)(?=  |$)", "WHEN"), (r"(?<=\S) {2,}", "  "), (r" +$", "")]
+    for pattern, repl in subs:
+        text = re.sub(pattern, repl, text, flags=re.M)
+    return text
+
+def example_matches(got, want):
+    """Whether what ran matches what the README says, command by command:
+    the same lines; or, where the README elides ("..." for any lines,
+    "... TEXT" for a line that ends with TEXT), its lines in order among
+    what the command printed."""
+    def sections(text):
+        out = []
+        for line in text.split("\n"):
+            if line.startswith("$ ") or not out:
+                out.append([line])
+            else:
+                out[-1].append(line)
+        return out
+    got_s, want_s = sections(got), sections(want)
+    if [s[0] for s in got_s] != [s[0] for s in want_s]:
+        return False
+    for g, w in zip(got_s, want_s):
+        if not any(line.strip().startswith("...") for line in w[1:]):
+            if g != w:
+                return False
+            continue
+        rest = iter(g[1:])
+        for line in w[1:]:
+            text = line.strip()
+            if text == "...":
+                continue
+            tail = text[4:] if text.startswith("... ") else None
+            if not any(x.endswith(tail) if tail is not None else x == line for x in rest):
+                return False
+    return True
+
+class TestReadme(QueueTest):
+    """The README is the manual: its examples run, and it names every
+    command and setting."""
+
+    def run_example(self, block):
+        """(what the block's commands print, what the block says), both
+        normalized: each command run by bash in this test's own home, with
+        `queuectl` this file on PATH, at 80 columns, in UTC."""
+        bindir = os.path.join(self.tmp, "bin")
+        os.makedirs(bindir, exist_ok=True)
+        wrapper = os.path.join(bindir, "queuectl")
+        with open(wrapper, "w") as f:          # as installed: from cached bytecode
+            f.write(f"#!/bin/sh\nexec {PY} -I -c 'import sys; sys.path.insert(0, "
+                    f"\"{HERE}\"); import queuectl; sys.exit(queuectl.main())' \"$@\"\n")
+        os.chmod(wrapper, 0o755)
+        home = os.path.join(self.tmp, "example-home")
+        subprocess.run(["rm", "-rf", home], check=True)
+        fresh = any(re.match(r"\$ export QUEUECTL_HOME=", line) for line in block)
+        env = dict(self.env, PATH=bindir + ":" + self.env["PATH"], QUEUECTL_HOME=home,
+                   COLUMNS="80", TZ="UTC")
+        shown, out = home, []
+        if not fresh:
+            subprocess.run([wrapper, "pause", "nosuch"], env=env, capture_output=True)
+            subprocess.run([wrapper, "resume", "nosuch"], env=env, capture_output=True)
+        for line in block:
+            if not line.startswith("$ "):
+                continue
+            out.append(line)
+            m = re.match(r"export QUEUECTL_HOME=(\S+)", line[2:])
+            if m:
+                shown = m.group(1)
+                continue
+            r = subprocess.run(["bash", "-c", line[2:]], env=env, cwd=self.work, timeout=60,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            out += r.stdout.splitlines()             # as a terminal shows both
+        subprocess.run([wrapper, "worker", "stop", "--now", "--timeout", "20"], env=env,
+                       capture_output=True, timeout=60)      # one it left detached
+        ids = ()
+        if os.path.exists(os.path.join(home, "queue.db")):
+            con = sqlite3.connect(os.path.join(home, "queue.db"))
+            typed = " ".join(line for line in block if line.startswith("$ "))
+            ids = [r[0] for r in con.execute("SELECT id FROM jobs")
+                   if re.fullmatch(r"[0-9a-hjkmnp-tv-z]{6}", r[0]) and r[0] not in typed]
+            con.close()
+        return normalized("\n".join(out), home, shown, ids), normalized("\n".join(block))
+
+    def test_every_example_is_run_or_says_why_not(self):
+        with open(README) as f:
+            examples = readme_examples(f.read())
+        unmarked = [n for n, mark, _, _ in examples if mark is None]
+        self.assertEqual(unmarked, [], "README examples without <!-- example --> or "
+                                       "<!-- example: not run: REASON --> (by line)")
+        ran = 0
+        for n, mark, _, block in examples:
+            if mark != "run":
+                continue
+            with self.subTest(line=n):
+                got, want = self.run_example(block)
+                self.assertTrue(example_matches(got, want),
+                                f"README line {n}: it says\n{want}\n\nit printed\n{got}")
+                ran += 1
+        print(f"\nREADME examples: {ran} run, "
+              f"{sum(1 for e in examples if e[1] == 'skip')} not run", file=sys.stderr)
+
+    def test_help_prints_the_readmes_sections(self):
+        with open(README) as f:
+            text = re.sub(r"<!--.*?-->\n?", "", f.read(), flags=re.S)
+        keys = re.search(r"(?ms)^## Concurrency keys and limits\n.*?(?=^## )", text).group()
+        self.assertEqual(self.ok("help", "keys"), keys.rstrip() + "\n")
+        self.assertTrue(self.ok("help", "retry", "policy").startswith(
+            "## Retry policy by exit code\n"))
+        listed = self.ok("help").splitlines()[1:]
+        self.assertEqual([x.strip() for x in listed], re.findall(r"(?m)^## (.*)$", text))
+        self.assertIn("no section of the manual", self.fails(2, "help", "nothing").err)
+        prefix = os.path.join(self.tmp, "prefix")     # the installed command has it too
+        subprocess.run(["make", "-s", "-C", HERE, "install", f"PREFIX={prefix}",
+                        f"PYTHON={PY}"], check=True, capture_output=True, timeout=60)
+        r = subprocess.run([os.path.join(prefix, "bin", "queuectl"), "help", "keys"],
+                           capture_output=True, text=True, timeout=60, env=self.env)
+        self.assertEqual(r.stdout, keys.rstrip() + "\n")
+
+    def test_the_reference_names_every_command_and_setting(self):
+        with open(README) as f:
+            text = f.read()
+        self.assertEqual([" ".join(c.words) for c in queuectl.COMMAND_TABLE
+                          if f"queuectl {' '.join(c.words)}" not in text], [],
+                         "commands the README's reference never shows")
+        self.assertEqual([k for k in queuectl.CONFIG_DEFAULTS if f"`{k}`" not in text], [],
+                         "settings the README never names")
 
 class TestHookHome(QueueTest):
     def test_a_hooks_queuectl_home_is_not_the_reported_jobs_env(self):
