@@ -456,12 +456,41 @@ def bench_throughput(rep, n, rounds):
             raise RuntimeError(f"only {done} of {n} jobs completed (exit {code})")
         return n / took
 
+    def gated(name, k):
+        """As the peers are timed: k jobs queued while the queue is paused,
+        a worker already up; from `resume` until the last has ended (no
+        interpreter start in it)."""
+        sb = Sandbox(name)
+        boxes.append(sb)
+        sb.cli("pause")
+        sb.cli("enqueue", "--stdin", input="true\n" * k, timeout=120)
+        p = sb.spawn([PY, PROG, "worker", "start", "--count", "2"])
+        sb.worker_up()
+        t0 = time.perf_counter()
+        sb.cli("resume")
+        wait_until(lambda: sb.count("completed") == k, 60 + k * 0.1, 0.005,
+                   "the jobs to complete")
+        took = time.perf_counter() - t0
+        sb.stop(p)
+        return k / took
+
+    missing = {name: how() for name, how in PEERS.items()}
+    peers = {name: [] for name, why in missing.items() if why is None}
+    same = []                        # queuectl timed as the peers are
+    for name, why in missing.items():
+        if why is not None:
+            rep.skip(f"throughput of {name}", why)
     rates, keyed, bases, boxes = [], [], [], []
     try:
         for i in range(rounds):
             bases.append(baseline())
             rates.append(drain(f"throughput{i}", "true\n" * n))
             keyed.append(drain(f"throughput-keys{i}", keyed_lines(n, 4, 8)))
+            if peers:
+                same.append(gated(f"throughput-gated{i}", min(n, PEER_JOBS)))
+            for name in peers:
+                with tempfile.TemporaryDirectory(prefix=f"queuectl-bench-{name}-") as root:
+                    peers[name].append(PEER_DRAINS[name](min(n, PEER_JOBS), root))
     finally:
         for sb in boxes:
             sb.close()
@@ -471,11 +500,95 @@ def bench_throughput(rep, n, rounds):
             rate, "jobs/s", base, "2 threads sh -c true", ">= 0.8x", r >= 0.8)
     rep.add("throughput_keys", f"throughput, 1 in 4 jobs holding 1 of 8 keys "
             f"(median of {rounds})", median(keyed), "jobs/s", rate, "no keys (above)")
+    for name, got in peers.items():
+        peer, ours = median(got), median(same)
+        rep.add(f"throughput_vs_{name}", f"throughput against {name} ({min(n, PEER_JOBS)} true "
+                f"jobs queued, then 2 at a time; median of {rounds})", ours, "jobs/s", peer,
+                f"{name}", ">= 1.1x", ours / peer >= 1.1)
+        rep.note(f"throughput of {name}: " + ", ".join(f"{x:.0f}" for x in got) + " jobs/s")
+    if same:
+        rep.note("throughput of queuectl timed as the peers are (queued while paused, "
+                 "a worker up, from resume): " + ", ".join(f"{x:.0f}" for x in same)
+                 + " jobs/s")
     rep.note("throughput: drains " + ", ".join(f"{x:.0f}" for x in rates)
              + " jobs/s (worker start to exit); with keys " + ", ".join(
                  f"{x:.0f}" for x in keyed) + "; baseline " + ", ".join(
                  f"{x:.0f}" for x in bases) + " jobs/s")
 
+
+# Peers, measured in the same run on the same workload: their jobs queued
+# first, then timed from the moment two may run until the last has ended.
+PEER_JOBS = 900                  # task-spooler holds a socket per queued job
+
+def tsp_drain(n, root):
+    """n `true` jobs through task-spooler with 2 slots: queued behind a
+    gate job on 1 slot, timed from opening the gate and 2 slots."""
+    exe = shutil.which("tsp")      # Debian's name (moreutils has another ts)
+    env = dict(os.environ, TS_SOCKET=os.path.join(root, "tsp.sock"), TMPDIR=root,
+               TS_MAXFINISHED="2000")
+
+    def tsp(*args):
+        return subprocess.run([exe, *args], env=env, capture_output=True, text=True,
+                              timeout=CHILD_TIMEOUT, check=True).stdout.strip()
+    go = os.path.join(root, "go")
+    try:
+        tsp("-S", "1")
+        tsp("sh", "-c", f"while [ ! -f {go} ]; do sleep 0.005; done")
+        ids = [tsp("true") for _ in range(n)]
+        t0 = time.perf_counter()
+        with open(go, "w"):
+            pass
+        tsp("-S", "2")
+        for job in ids[-2:]:
+            tsp("-w", job)
+        return n / (time.perf_counter() - t0)
+    finally:
+        subprocess.run([exe, "-K"], env=env, capture_output=True, timeout=CHILD_TIMEOUT)
+
+# Run by the interpreter HUEY_PYTHON names (one that has huey): no
+# third-party import enters this file.
+HUEY_DRAIN = r"""
+import os, subprocess, sys, threading, time
+from huey import SqliteHuey
+n, path = int(sys.argv[1]), sys.argv[2]
+huey = SqliteHuey(filename=path)
+@huey.task()
+def run(cmd):
+    return subprocess.run(["/bin/sh", "-c", cmd]).returncode
+for _ in range(n):
+    run("true")                  # queued: no consumer runs yet
+began = []
+def waiter():
+    while huey.result_count() < n:
+        time.sleep(0.005)
+    print(n / (time.perf_counter() - began[0]), flush=True)
+    os._exit(0)
+consumer = huey.create_consumer(workers=2, worker_type="thread", periodic=False,
+                                initial_delay=0.001, max_delay=0.01, backoff=1.0)
+threading.Thread(target=waiter, daemon=True).start()
+began.append(time.perf_counter())
+consumer.run()
+"""
+
+def huey_drain(n, root):
+    """n `true` jobs through Huey (SQLite storage, 2 worker threads)."""
+    r = subprocess.run([os.environ["HUEY_PYTHON"], "-c", HUEY_DRAIN, str(n),
+                        os.path.join(root, "huey.db")], capture_output=True, text=True,
+                       timeout=300, check=True)
+    return float(r.stdout.split()[-1])
+
+PEER_DRAINS = {"task-spooler": tsp_drain, "Huey": huey_drain}
+
+def _huey_missing():
+    py = os.environ.get("HUEY_PYTHON")
+    if not py:
+        return "set HUEY_PYTHON to an interpreter that has huey"
+    r = subprocess.run([py, "-c", "import huey"], capture_output=True, timeout=CHILD_TIMEOUT)
+    return None if r.returncode == 0 else f"{py} cannot import huey"
+
+# Each peer: None when it can run here, else why not (it is listed as skipped).
+PEERS = {"task-spooler": lambda: None if shutil.which("tsp") else
+         "not installed (apt-get install task-spooler)", "Huey": _huey_missing}
 
 def keyed_lines(n, every, keys, command="true"):
     """n --stdin lines of command; one in every holds one of keys keys."""
@@ -502,7 +615,10 @@ def install_launcher(prefix):
 
 def bench_enqueue(rep, n):
     """n sequential `queuectl enqueue true` processes per launcher, against
-    the bare interpreter (`python -c pass`), round-robin so noise is shared."""
+    the bare interpreter (`python -c pass`), round-robin so noise is shared.
+    The ratio is the median of each round's own ratio (a pair measured
+    side by side), not a ratio of medians: a slow minute then moves both
+    halves of a pair, never one of them."""
     with Sandbox("enqueue") as sb:
         launchers = {"python queuectl.py": [PY, PROG]}
         direct_ok = os.access(PROG, os.X_OK)
@@ -552,7 +668,7 @@ def bench_enqueue(rep, n):
         ms = [t * 1000 for t in times[name]]
         base_ms = [t * 1000 for t in bare]
         limit = targets.get(name)
-        r = ratio(median(ms), median(base_ms))
+        r = median([a / b for a, b in zip(ms, base_ms)])
         rep.add(f"enqueue_{name.replace(' ', '_').replace('./', 'direct_')}",
                 f"enqueue cost: {name} (median)", median(ms), "ms",
                 median(base_ms), "python -I -c pass" if isolated else "python -c pass",
@@ -561,7 +677,8 @@ def bench_enqueue(rep, n):
         rep.note(f"enqueue {name}: mean {mean(ms):.1f} ms, median {median(ms):.1f} ms, "
                  f"p95 {percentile(ms, 95):.1f} ms; bare interpreter mean "
                  f"{mean(base_ms):.1f} ms, median {median(base_ms):.1f} ms "
-                 f"(n={len(ms)})")
+                 f"(n={len(ms)}); median of the {len(ms)} pairs' ratios {r:.2f}x, "
+                 f"ratio of the medians {ratio(median(ms), median(base_ms)):.2f}x")
     with_env = times["installed queuectl" if "installed queuectl" in launchers
                      else "python queuectl.py"]
     rep.add("enqueue_env_capture", "enqueue cost of capturing the environment (median)",

@@ -188,7 +188,7 @@ O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
-# The job's own wrapper, run as `sh -c JOB_WRAPPER queuectl-job`.
+# The job's own wrapper, run as `sh -c JOB_WRAPPER sh`.
 # Its limits (--mem, --cpu-time, --nofile: ulimit) are set in the shell,
 # before the command runs, so the command and its children never run
 # without them; --nice runs the shell itself under nice(1). Its inputs
@@ -199,7 +199,9 @@ O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # by creating the file first, so a worker that was frozen between its claim
 # and its spawn can never start a job it has lost (exit 125, nothing run).
 # The EXIT trap writes the exit status there, so the outcome of a job is known
-# even when the worker that started it has died.
+# even when the worker that started it has died. The command runs as the
+# body of a function, not through eval, so that what its shell says reads
+# as from any sh -c (`sh: 1: rsync: not found`), without the wrapper's name.
 JOB_WRAPPER = (
     '__queuectl_s=$__QUEUECTL_STATUS __queuectl_c=$__QUEUECTL_COMMAND '
     '__queuectl_d=$__QUEUECTL_CWD __queuectl_u=$__QUEUECTL_UMASK '
@@ -208,7 +210,8 @@ JOB_WRAPPER = (
     'umask 077; set -C; { true > "$__queuectl_s"; } 2>/dev/null || exit 125; set +C; '
     'trap \'echo $? >> "$__queuectl_s"\' EXIT; umask "$__queuectl_u"; '
     'eval "$__queuectl_l" || exit 126; '
-    'cd -- "$__queuectl_d" || exit 126; eval "$__queuectl_c"')
+    'cd -- "$__queuectl_d" || exit 126; eval "__queuectl_job() { $__queuectl_c\n\n}" '
+    '&& __queuectl_job')
 
 WRAPPER_REFUSED = 125        # the wrapper's exit when its start fence was taken
 
@@ -3855,7 +3858,7 @@ def cannot_run_text(rc, said):
     not executable), from what its shell said, without the wrapper's name:
     "command not found: rsync", "could not run: ./x.sh: Permission denied"."""
     import re
-    m = re.match(r"^queuectl-job: (?:line )?\d+: (?:eval: )?(.*?): (.*)$", said)
+    m = re.match(r"^(?:sh|queuectl-job): (?:line )?\d+: (?:eval: )?(.*?): (.*)$", said)
     what, why = (m.group(1), m.group(2)) if m else ("", "")
     if rc == 127 and ("not found" in why or not m):
         return f"command not found: {what}" if what else "exit code 127 (command not found)"
@@ -4031,7 +4034,7 @@ class Attempts:
                 # retried unless the retry policy names 126.
                 return Ended(job, Outcome("exit", 126, "could not start: Permission denied "
                                           f"(cwd {job['cwd']})"), log_fd=fd)
-            argv = ["/bin/sh", "-c", JOB_WRAPPER, "queuectl-job"]
+            argv = ["/bin/sh", "-c", JOB_WRAPPER, "sh"]
             nice = self._limits(job)["nice"]
             if nice:                 # nice(1) execs the shell: same pid, niced
                 argv = [nice_path(), "-n", str(nice)] + argv
