@@ -112,6 +112,11 @@ CONFIG_DEFAULTS = {
     "cpu_time": 0,
     "nofile": 0,
     "nice": 0,
+    # text: a command prefix each job runs through (srun, systemd-run, ssh:
+    # LAUNCHER sh -c COMMAND); {slot} is the job thread's index, {host} its
+    # pick of launcher_hosts (host1,host2,...); "" = none
+    "launcher": "",
+    "launcher_hosts": "",
 }
 
 # The limits of a job's processes (enqueue --mem ...; config and per queue).
@@ -121,7 +126,8 @@ LIMIT_KEYS = ("mem", "cpu_time", "nofile", "nice")
 HOOK_EVENTS = ("on_success", "on_failure", "on_dead", "on_cancel")
 
 # Config keys whose values are text, not numbers.
-TEXT_KEYS = HOOK_EVENTS + ("retry_on", "no_retry_on", "backoff_jitter", "scheduling_mode")
+TEXT_KEYS = HOOK_EVENTS + ("retry_on", "no_retry_on", "backoff_jitter", "scheduling_mode",
+                          "launcher", "launcher_hosts")
 
 # Config keys that may also be set per queue, as queue.NAME.KEY.
 QUEUE_KEYS = ("max_retries", "backoff_base", "max_backoff", "job_timeout",
@@ -202,16 +208,21 @@ O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # even when the worker that started it has died. The command runs as the
 # body of a function, not through eval, so that what its shell says reads
 # as from any sh -c (`sh: 1: rsync: not found`), without the wrapper's name.
+# With a launcher, the wrapper runs LAUNCHER sh -c COMMAND instead, the whole
+# line quoted by the worker (launch_line), so the fence, the trap and the
+# process group are the same.
 JOB_WRAPPER = (
     '__queuectl_s=$__QUEUECTL_STATUS __queuectl_c=$__QUEUECTL_COMMAND '
     '__queuectl_d=$__QUEUECTL_CWD __queuectl_u=$__QUEUECTL_UMASK '
-    '__queuectl_l=$__QUEUECTL_LIMITS; unset __QUEUECTL_STATUS __QUEUECTL_COMMAND '
-    '__QUEUECTL_CWD __QUEUECTL_UMASK __QUEUECTL_LIMITS; '
+    '__queuectl_l=$__QUEUECTL_LIMITS __queuectl_x=$__QUEUECTL_LAUNCH; '
+    'unset __QUEUECTL_STATUS __QUEUECTL_COMMAND '
+    '__QUEUECTL_CWD __QUEUECTL_UMASK __QUEUECTL_LIMITS __QUEUECTL_LAUNCH; '
     'umask 077; set -C; { true > "$__queuectl_s"; } 2>/dev/null || exit 125; set +C; '
     'trap \'echo $? >> "$__queuectl_s"\' EXIT; umask "$__queuectl_u"; '
     'eval "$__queuectl_l" || exit 126; '
-    'cd -- "$__queuectl_d" || exit 126; eval "__queuectl_job() { $__queuectl_c\n\n}" '
-    '&& __queuectl_job')
+    'cd -- "$__queuectl_d" || exit 126; if [ -n "$__queuectl_x" ]; then '
+    'eval "$__queuectl_x"; else eval "__queuectl_job() { $__queuectl_c\n\n}" '
+    '&& __queuectl_job; fi')
 
 WRAPPER_REFUSED = 125        # the wrapper's exit when its start fence was taken
 
@@ -1090,12 +1101,32 @@ def check_config_value(key, value, source="value"):
         return parse_codes(value, base) if value.strip() else ""
     if base == "backoff_jitter":
         return parse_jitter(value, source)
+    if base == "launcher":
+        return check_launcher(value, source)
+    if base == "launcher_hosts":
+        hosts = [h.strip() for h in value.split(",") if h.strip()]
+        if any(not h.isprintable() or " " in h for h in hosts):
+            raise UsageError(f"invalid {source} {value!r} for launcher_hosts: give host "
+                             "names, comma-separated (build1,build2)")
+        return ",".join(hosts)
     if base == "scheduling_mode":
         if value.strip().lower() not in ("priority", "fifo"):
             raise UsageError(f"invalid {source} {value!r} for scheduling_mode: give priority "
                              "(higher priority first) or fifo (priority ignored)")
         return value.strip().lower()
     return check_hook(value, base)
+
+def check_launcher(text, source="--launcher"):
+    """A launcher: shell words, a command prefix ("" = none)."""
+    import shlex
+    if not isinstance(text, str) or "\0" in text or not _utf8(text):
+        raise UsageError(f"invalid {source} {text!r}: give a command prefix such as "
+                         "'srun --ntasks=1 --quiet --'")
+    try:
+        shlex.split(text)
+    except ValueError as e:
+        raise UsageError(f"invalid {source} {text!r}: {e}") from None
+    return text.strip()
 
 def parse_jitter(text, source="value"):
     """backoff_jitter as typed -> as stored: "N%" (1-100), "full" or "0"."""
@@ -1189,7 +1220,8 @@ EFFECTIVE = (("max_retries", "max_retries", "max_retries"),
              ("backoff_jitter", "backoff_jitter", None),
              ("kill_grace", "kill_grace", None), ("hook_timeout", "hook_timeout", None),
              *((k, k, k) for k in LIMIT_KEYS), ("retry_on", "retry_on", "retry_on"),
-             ("no_retry_on", "no_retry_on", "no_retry_on"), *((k, k, None) for k in HOOK_EVENTS))
+             ("no_retry_on", "no_retry_on", "no_retry_on"), *((k, k, None) for k in HOOK_EVENTS),
+             ("launcher", "launcher", "launcher"), ("launcher_hosts", "launcher_hosts", None))
 
 def effective(job, cfg, names=None):
     """{name: (value, source)} of the values that apply to job (all of
@@ -1411,6 +1443,7 @@ JOB_TABLE = (
     ("schedule", "TEXT", 4, "", "pe"),
     ("usage", "TEXT", 4, "json", "pr"),
     ("label", "TEXT", 5, "", "pse"),
+    ("launcher", "TEXT", 5, "", "pse"),
 )
 
 # What a NULL JSON column shows as.
@@ -1510,6 +1543,8 @@ def check_spec(spec):
         check_name(spec["queue"], "queue name")
     if spec.get("label") is not None:
         spec["label"] = check_label(spec["label"])
+    if spec.get("launcher") is not None:
+        spec["launcher"] = check_launcher(spec["launcher"])
     for name in ("priority", "max_retries", "timeout") + LIMIT_KEYS:
         if spec.get(name) is not None:
             spec[name] = check_value(name, spec[name],
@@ -3583,7 +3618,7 @@ class WorkerState:
                  "generation", "stopping", "kill_jobs", "completed", "dead", "config_file",
                  "config", "_qcfg", "config_mtime", "signals", "threads_left", "base_env",
                  "env_cache", "umask", "devnull", "log_file", "log_max", "poke_fd", "lock_fd",
-                 "progress")
+                 "progress", "slots")
 
     def __init__(self, home, count=1, queues=None, drain=False, out=None):
         import threading
@@ -3614,6 +3649,7 @@ class WorkerState:
         self.completed = self.dead = 0
         # A draining worker at a terminal keeps wait's progress line under
         # its own lines (see say).
+        self.slots = set()               # the slots of the job threads ({slot})
         self.progress = Progress() if drain and out is None else None
         if self.progress and not self.progress.on:
             self.progress = None
@@ -3864,6 +3900,29 @@ def cannot_run_text(rc, said):
         return f"command not found: {what}" if what else "exit code 127 (command not found)"
     return f"could not run: {what}: {why}" if what else f"exit code {rc} (could not run)"
 
+def launcher_missing(launcher, env):
+    """The launcher's program when it cannot be found on the job's PATH
+    (None: found, or no launcher)."""
+    import shlex
+    import shutil
+    words = shlex.split(launcher) if launcher else []
+    if not words:
+        return None
+    found = os.access(words[0], os.X_OK) if "/" in words[0] else \
+        shutil.which(words[0], path=env.get("PATH", os.defpath))
+    return None if found else words[0]
+
+def launch_line(launcher, command):
+    """The wrapper's line for a launcher: LAUNCHER sh -c COMMAND, quoted. ssh
+    hands its arguments to a shell on the other side as one line, so for ssh
+    the command goes quoted once more."""
+    import shlex
+    words = shlex.split(launcher)
+    tail = ["sh", "-c", command]
+    if words and os.path.basename(words[0]) == "ssh":
+        tail = [shlex.join(tail)]
+    return launcher + " " + shlex.join(tail)
+
 def limit_outcome(lim, ended, usage):
     """An attempt's Outcome, naming the limit that ended it: a CPU time
     limit is known (SIGXCPU, or SIGKILL past it: a signal for the retry
@@ -3970,7 +4029,23 @@ class Attempts:
         env["__QUEUECTL_UMASK"] = (self.s.umask if job["umask"] is None
                                    else f"{job['umask']:04o}")
         env["__QUEUECTL_LIMITS"] = limits_script(self._limits(job))
+        launch = self._launch(job)
+        if launch:
+            env["__QUEUECTL_LAUNCH"] = launch_line(launch, job["command"])
         return env
+
+    def _launch(self, job):
+        """The job's launcher with {slot} and {host} filled in ("": none),
+        once per attempt."""
+        launch = job.get("_launch")
+        if launch is None:
+            use = effective_values(job, self.s._queue_config(job["queue"]),
+                                   ("launcher", "launcher_hosts"))
+            slot = getattr(self.s.threading.current_thread(), "slot", 0)
+            hosts = [h for h in use["launcher_hosts"].split(",") if h]
+            launch = job["_launch"] = (use["launcher"] or "").replace("{slot}", str(slot)) \
+                .replace("{host}", hosts[slot % len(hosts)] if hosts else "localhost")
+        return launch
 
     def _rss_floor(self):
         """This worker's own peak RSS, in bytes, just after a spawn."""
@@ -4038,8 +4113,12 @@ class Attempts:
             nice = self._limits(job)["nice"]
             if nice:                 # nice(1) execs the shell: same pid, niced
                 argv = [nice_path(), "-n", str(nice)] + argv
-            proc = spawn(argv, job["cwd"], self._job_env(store, job, token, attempt),
-                         self.s.devnull, fd)
+            env = self._job_env(store, job, token, attempt)
+            missing = launcher_missing(self._launch(job), env)
+            if missing:                  # as a command not found: not retried
+                return Ended(job, Outcome("exit", 127, f"launcher not found: {missing}"),
+                             log_fd=fd)
+            proc = spawn(argv, job["cwd"], env, self.s.devnull, fd)
         except Exception as e:           # OSError, an unencodable env, a bug
             reason = (e.strerror if isinstance(e, OSError) and e.strerror else
                       str(e) if isinstance(e, QueuectlError) else repr(e))
@@ -5045,8 +5124,12 @@ class Worker:
 
     def _job_thread(self):
         """One job thread: run jobs until stopped (or no longer wanted);
-        survive its own bugs."""
-        retired = False
+        survive its own bugs. It holds a slot, the least index no other
+        job thread holds (a launcher's {slot})."""
+        retired, me = False, self.s.threading.current_thread()
+        with self.s.lock:
+            me.slot = min(set(range(len(self.s.slots) + 1)) - self.s.slots)
+            self.s.slots.add(me.slot)
         try:
             while not self.s.stopping:
                 try:
@@ -5062,8 +5145,9 @@ class Worker:
                         traceback.print_exc()
                     time.sleep(1)
         finally:
-            if not retired:              # a retired thread is counted out already
-                with self.s.lock:
+            with self.s.lock:
+                self.s.slots.discard(me.slot)
+                if not retired:          # a retired thread is counted out already
                     self.s.threads_left -= 1
             self.s.notify()
             self.s._poke_main()
@@ -5272,7 +5356,7 @@ def print_json(obj):
 # The public columns whose value, when the job sets none, is its queue's or
 # the home's: shown as the value that applies, with where it came from.
 SHOWN_EFFECTIVE = ("max_retries", "timeout", "mem", "cpu_time", "nofile", "nice",
-                   "retry_on", "no_retry_on")
+                   "retry_on", "no_retry_on", "launcher")
 
 def job_public(job, home, cfg=None):
     """A job as users see it (show --json, list --json). Of its environment
@@ -5681,7 +5765,7 @@ def job_spec(args, text, env):
         spec["command"] = args.command
     flags = {"id": args.id, "priority": args.priority, "max_retries": args.max_retries,
              "timeout": args.timeout, "queue": args.queue, "cwd": args.cwd,
-             "label": args.label}
+             "label": args.label, "launcher": args.launcher}
     for k, v in flags.items():
         if v is not None:
             spec[k] = v
@@ -6042,7 +6126,8 @@ def cmd_show(args):
         elif k == "hook_jobs":
             v = ", ".join(f"{h['id']} ({h['event']}, {h['state']})" for h in v) or None
         elif k == "usage":
-            v = usage_text(v) if v else None
+            v = usage_text(v) + ("  (measured locally: the launcher's, not the "
+                                 "remote side's)" if pub.get("launcher") else "") if v else None
         elif k in ("mem",) and v:
             v = human_size(v)
         elif k == "attempts_recorded":
@@ -7702,6 +7787,9 @@ ENQUEUE_ARGS = [
              "or ISO-8601 (local time unless it has an offset)"),
     arg("--delay", metavar="DUR", help="90, 90s, 5m, 2h, 1d"),
     arg("--queue", help=f"queue name (default {DEFAULT_QUEUE})"),
+    arg("--launcher", metavar="CMD", type=check_launcher,
+        help="run it through this command prefix ('srun --quiet --'; '' = none; "
+             "default: config launcher)"),
     arg("--label", metavar="TEXT", type=check_label,
         help="a label: list, wait, cancel and retry select jobs by it (--stdin: "
              "the whole batch)"),
@@ -8110,8 +8198,9 @@ def check_arguments(args):
         value = getattr(args, dest, None)
         name = flags[-1] if flags[0].startswith("-") else kw.get("metavar", dest)
         values = value if isinstance(value, list) else [value]
-        if dest in ("job", "words", "value") + HOOK_EVENTS or not any(v == "" for v in values):
-            continue             # config set KEY '' and --on-dead '': none
+        if dest in ("job", "words", "value", "launcher") + HOOK_EVENTS or \
+                not any(v == "" for v in values):
+            continue             # config set KEY '', --on-dead '', --launcher '': none
         allowed = {"state": "one of " + ", ".join(STATES),
                    "queue": "a queue name", "queues": "a queue name"}.get(dest)
         raise UsageError(f"{name} needs a value" + (f": {allowed}" if allowed else ""))
