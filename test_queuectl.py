@@ -4678,7 +4678,11 @@ class TestLaunchers(QueueTest):
                      'echo "foo=$FOO in $(pwd) as $0"; ps -o pid= -o ppid= -p $$ > me')
         self.enqueue("--id", "bad", "--queue", "hpc", "--max-retries", "0", "echo no; exit 3")
         self.enqueue("--id", "here", "--launcher", "", "--queue", "hpc", "echo local")
+        self.enqueue("--id", "again", "--queue", "hpc", MARKER_JOB)    # fails once
+        self.set_fast_retries()
         self.drained(1)
+        again = self.job("again")
+        self.assertEqual((again["state"], again["attempts"]), ("completed", 2))   # retried
         self.assertIn(f"foo=bar in {self.work} as sh\n", self.log("ok"))
         bad = self.job("bad")
         self.assertEqual((bad["state"], bad["exit_code"], bad["last_error"]),
