@@ -7840,7 +7840,7 @@ COMMAND_TABLE = [
         "queuectl enqueue '{\"id\":\"a\",\"command\":\"echo hi\",\"max_retries\":2}'"], [
         *ENQUEUE_ARGS],
         common=("enqueue 'CMD'", "add a job (prints its id)")),
-    Command("worker", "start, stop or list workers"),
+    Command("worker", "start, stop, list workers, or change their threads"),
     Command("worker start", "run jobs until stopped", cmd_worker_start, [
         "queuectl worker start --count 4", "queuectl worker start --drain",
         "queuectl worker start --detach"], [

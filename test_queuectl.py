@@ -4693,7 +4693,8 @@ class TestLaunchers(QueueTest):
         self.assertIn("local", self.log("here"))
         self.assertIn("(measured locally: the launcher's", self.ok("show", "ok"))
         self.assertNotIn("measured locally", self.ok("show", "here"))
-        pid, ppid = map(int, open(self.path("me")).read().split())
+        with open(self.path("me")) as f:
+            pid, ppid = map(int, f.read().split())
         self.assertNotEqual(ppid, self.job("ok")["pid"])     # under the launcher
 
     def test_timeout_and_cancel_reach_the_job_through_the_launcher(self):
@@ -4704,14 +4705,14 @@ class TestLaunchers(QueueTest):
                      "echo $$ > slow.pid; sleep 30")
         self.drained(1)
         self.assertIn("timed out after 1s", self.job("slow")["last_error"])
-        self.assertFalse(pid_alive(int(open(self.path("slow.pid")).read())))
+        self.assertFalse(pid_alive(self.read_pid("slow.pid")))
         self.enqueue("--id", "gate", "echo $$ > gate.pid; " + self.gate_cmd())
         self.start_worker()
         self.wait_running("gate")
         self.wait_for(lambda: os.path.exists(self.path("gate.pid")), what="the gate's pid")
         self.assertEqual(self.ok("cancel", "gate"), "gate\n")
         self.assertEqual(self.state("gate"), "cancelled")
-        self.assertFalse(pid_alive(int(open(self.path("gate.pid")).read())))
+        self.assertFalse(pid_alive(self.read_pid("gate.pid")))
 
     def test_a_launcher_that_dies_on_term_leaves_nothing_behind(self):
         broken = self.launcher("broken", BROKEN_LAUNCHER)
@@ -4721,7 +4722,7 @@ class TestLaunchers(QueueTest):
                      "trap '' TERM; echo $$ > stuck.pid; sleep 30")
         self.drained(1)
         self.assertIn("timed out after 1s", self.job("stuck")["last_error"])
-        self.assertFalse(pid_alive(int(open(self.path("stuck.pid")).read())))   # KILLed
+        self.assertFalse(pid_alive(self.read_pid("stuck.pid")))   # KILLed
 
     def test_slots_and_hosts_spread_the_jobs(self):
         slow = self.launcher("slow", SLOW_LAUNCHER)
