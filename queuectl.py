@@ -3655,7 +3655,7 @@ class WorkerState:
             self.progress = None
         self.config_file = Config(home)
         self.config = self.config_file.load()
-        self._qcfg = (None, {})          # see _queue_config
+        self._qcfg = (None, {})          # see _from_config
         self.config_mtime = self._config_mtime()
         self.signals = []
         self.threads_left = 0            # job threads not yet returned
@@ -3746,28 +3746,25 @@ class WorkerState:
                 time.sleep(delay)
                 delay = min(delay * 4, 5)
 
-    def _claim_order(self):
-        """The ClaimOrder of the current config (cached with _queue_config's)."""
+    def _from_config(self, key, make):
+        """make(config), computed once per key and config (a reload replaces
+        self.config whole, and with it every value made from it)."""
         cfg, cache = self._qcfg
         if cfg is not self.config:
             cfg, cache = self.config, {}
             self._qcfg = (cfg, cache)
-        found = cache.get(None)
+        found = cache.get(key)
         if found is None:
-            found = cache[None] = ClaimOrder(cfg)
+            found = cache[key] = make(cfg)
         return found
 
+    def _claim_order(self):
+        """The ClaimOrder of the current config."""
+        return self._from_config(None, ClaimOrder)
+
     def _queue_config(self, queue):
-        """queue_config of the current config, computed once per queue and
-        config (a reload replaces self.config whole)."""
-        cfg, cache = self._qcfg
-        if cfg is not self.config:
-            cfg, cache = self.config, {}
-            self._qcfg = (cfg, cache)
-        found = cache.get(queue)
-        if found is None:
-            found = cache[queue] = queue_config(cfg, queue)
-        return found
+        """queue_config of the current config, for queue."""
+        return self._from_config(queue, lambda cfg: queue_config(cfg, queue))
 
 # A job runs as /bin/sh -c JOB_WRAPPER in a new session (its own process
 # group), stdin /dev/null, stdout and stderr appended straight to its log.
