@@ -992,9 +992,12 @@ def time_claims(home, repeats):
 
 
 def bench_scale(rep, small, big, repeats, claim_repeats):
-    """status, list --limit 50 and one claim on a small and a big db."""
+    """status, list --limit 50, serve's overview and one claim on a small
+    and a big db (the overview also at 10,000 jobs, its target's size)."""
     q = _import_queuectl()
-    with Sandbox("scale-small") as s1, Sandbox("scale-big") as s2:
+    mid = 10_000
+    with Sandbox("scale-small") as s1, Sandbox("scale-big") as s2, \
+            Sandbox("scale-mid") as s3:
         sizes = {small: s1, big: s2}
         for size, sb in sizes.items():
             t, counts = timed(build_scale_db, q, sb, size)
@@ -1013,6 +1016,12 @@ def bench_scale(rep, small, big, repeats, claim_repeats):
         claims, plans = {}, {}
         for size, sb in sizes.items():
             claims[size], plans[f"{size:,}"] = time_claims(sb.home, claim_repeats)
+        build_scale_db(q, s3, mid)
+        renders = {}
+        for size, sb in ((mid, s3), (big, s2)):     # in-process, as serve renders
+            q.serve_route(sb.home, "/", {}, "nonce")
+            renders[size] = [timed(q.serve_route, sb.home, "/", {}, "nonce")[0]
+                             for _ in range(repeats)]
     rep.extra["claim_query_plan"] = plans
     for what, label in (("status", "status"), ("list", "list --limit 50")):
         s, b = median(cli[(what, small)]) * 1000, median(cli[(what, big)]) * 1000
@@ -1021,6 +1030,12 @@ def bench_scale(rep, small, big, repeats, claim_repeats):
             target, ok = "<= 500 ms at 1M", b <= 500
         rep.add(f"scale_{what}", f"{label} at {big:,} jobs (median of {repeats})", b, "ms",
                 s, f"{small:,} jobs", target, ok)
+    m, b = median(renders[mid]) * 1000, median(renders[big]) * 1000
+    full = big >= 1_000_000
+    rep.add("serve_overview", f"serve's overview page at {big:,} jobs (median of "
+            f"{repeats})", b, "ms", m, f"{mid:,} jobs",
+            "<= 50 ms at 10k, <= 300 ms at 1M" if full else "<= 50 ms at 10k",
+            m <= 50 and (b <= 300 or not full))
     s, b = median(claims[small]) * 1000, median(claims[big]) * 1000
     r = ratio(b, s)
     rep.add("scale_claim", f"one claim at {big:,} jobs (median of {claim_repeats})", b,

@@ -6018,16 +6018,17 @@ def open_files_limit(pid):
         pass
     return None
 
+def workers_info(store):
+    """Live workers as worker status --json (and serve) show them."""
+    return [{"id": w["id"], "pid": w["pid"], "host": w["host"],
+             "threads": w["threads"], "queues": _loads(w["queues"], None),
+             "started_at": show_time(w["started_at"]),
+             "heartbeat": show_time(w["heartbeat"]),
+             "jobs": store.worker_jobs(w["id"])} for w in store.live_workers()]
+
 def cmd_worker_status(args):
     """Live workers: id, pid, host, threads, started, heartbeat, current jobs."""
-    store = open_store(args)
-    out = []
-    for w in store.live_workers():
-        out.append({"id": w["id"], "pid": w["pid"], "host": w["host"],
-                    "threads": w["threads"], "queues": _loads(w["queues"], None),
-                    "started_at": show_time(w["started_at"]),
-                    "heartbeat": show_time(w["heartbeat"]),
-                    "jobs": store.worker_jobs(w["id"])})
+    out = workers_info(open_store(args))
     if args.json:
         print_json(out)
     elif not out:
@@ -6050,6 +6051,32 @@ def cmd_status(args):
         return cmd_show(args)
     store = open_store(args)
     now = time.time()
+    info, workers = status_info(store, now)
+    if args.json:
+        print_json(info)
+        return EXIT_OK
+    oldest, nxt, paused = info["oldest_pending"], info["next_scheduled"], info["paused"]
+    print("\n".join(summary_lines(info["counts"], info["queues"], workers, paused=None,
+                                  every_queue=False)))
+    if oldest:
+        print(f"oldest pending: {oldest['id']}, could run since "
+              f"{relative(oldest['due_at'], now)}")
+    if nxt:
+        print(f"next scheduled: {nxt['id']} {relative(nxt['run_at'], now)} "
+              f"({human_time(nxt['run_at'])})")
+    if paused:
+        print("paused: " + ("all queues" if "*" in paused else ", ".join(paused)))
+    for sch in info["schedules"]:
+        when = "paused" if sch["paused"] else \
+            f"next run {local_time(epoch(sch['next_run']), now)} ({relative(sch['next_run'], now)})"
+        print(f"schedule {sch['name']} ({sch['cron']}): {when}"
+              + ("" if workers or sch["paused"] else "; no worker is running to fire it"))
+    return EXIT_OK
+
+def status_info(store, now):
+    """(what status --json prints, the live workers' rows): counts per
+    state and queue, workers, the oldest runnable job, the next scheduled
+    one, paused queues, schedules. serve's overview and /api/status too."""
     counts, per_queue = store.counts()
     workers = store.live_workers()
     oldest = store.runnable_since(now)   # as queuectl_oldest_pending_seconds says
@@ -6058,7 +6085,7 @@ def cmd_status(args):
     schedules = [{"name": sch["name"], "cron": sch["cron"], "paused": bool(sch["paused"]),
                   "next_run": None if sch["paused"] else show_time(iso(sch["next_at"]))}
                  for sch in store.schedules()]
-    info = {
+    return {
         "counts": counts,
         "queues": per_queue,
         "workers": {"live": len(workers),
@@ -6070,31 +6097,40 @@ def cmd_status(args):
                            if nxt else None),
         "paused": paused,
         "schedules": schedules,
-    }
-    if args.json:
-        print_json(info)
-        return EXIT_OK
-    print("\n".join(summary_lines(counts, per_queue, workers, paused=None,
-                                  every_queue=False)))
-    if oldest:
-        print(f"oldest pending: {oldest[1]}, could run since {relative(oldest[0], now)}")
-    if nxt:
-        print(f"next scheduled: {nxt[0]} {relative(nxt[1], now)} "
-              f"({human_time(nxt[1])})")
-    if paused:
-        print("paused: " + ("all queues" if "*" in paused else ", ".join(paused)))
-    for sch in schedules:
-        when = "paused" if sch["paused"] else \
-            f"next run {local_time(epoch(sch['next_run']), now)} ({relative(sch['next_run'], now)})"
-        print(f"schedule {sch['name']} ({sch['cron']}): {when}"
-              + ("" if workers or sch["paused"] else "; no worker is running to fire it"))
-    return EXIT_OK
+    }, workers
 
 def cmd_show(args):
     """Every field of one job, and its log path; --env: its environment."""
     store = open_store(args)
     job = store.must_get(args.id)
-    pub = job_public(job, args.home, Config(args.home).load())
+    pub, blocked, attempts = show_info(store, args.home, job)
+    environment = job_environment(store, job) if args.env else None
+    if args.json:
+        if args.env:
+            pub["environment"] = environment
+        print_json(pub)
+        return EXIT_OK
+    width = max(len(k) for k in pub)
+    for k, v in show_fields(pub, blocked):
+        print(f"{k.ljust(width)}  {v}")
+    if attempts:
+        print("attempts:")
+        for number, state, end, use, again in attempt_rows(attempts):
+            if again:
+                print("  (retried by hand)")
+            print(f"  {number}  {state:<9}  {end:<14}  {use}")
+    if args.env:
+        print("environment:" + ("" if job["env_id"] is not None else
+                                " the worker's, and"))
+        for k, v in environment.items():
+            print(f"  {k}={v}")
+    return EXIT_OK
+
+def show_info(store, home, job):
+    """(what show --json prints, the unmet dependencies with their states,
+    the attempts' rows): the one source of show, serve's job page and
+    /api/jobs/ID."""
+    pub = job_public(job, home, Config(home).load())
     blocked = blocked_on(store, job)
     pub["blocked_on"] = [d for d, _ in blocked]
     pub["hook_jobs"] = [{"id": h["id"], "event": _loads(h["env"], {}).get("QUEUECTL_HOOK"),
@@ -6103,15 +6139,14 @@ def cmd_show(args):
     pub["attempts_recorded"] = [{**a, "ended_at": show_time(iso(a["ended_at"])),
                                  "started_at": show_time(a["started_at"])}
                                 for a in attempts]
-    environment = job_environment(store, job) if args.env else None
-    if args.json:
-        if args.env:
-            pub["environment"] = environment
-        print_json(pub)
-        return EXIT_OK
-    width = max(len(k) for k in pub)
-    sources = pub.pop("from", {})
+    return pub, blocked, attempts
+
+def show_fields(pub, blocked):
+    """[(field, text)] as show prints a job's fields (serve's job page too)."""
+    sources, out = pub.get("from", {}), []
     for k, v in pub.items():
+        if k in ("from", "attempts_recorded"):
+            continue
         if k in sources and sources[k] != "job":
             v = f"{'-' if v in (None, '') else v}  ({sources[k]}'s)"
         elif k == "blocked_on":
@@ -6127,31 +6162,25 @@ def cmd_show(args):
                                  "remote side's)" if pub.get("launcher") else "") if v else None
         elif k in ("mem",) and v:
             v = human_size(v)
-        elif k == "attempts_recorded":
-            continue
         elif k in JOB_TIMES and v is not None:
             v = f"{human_time(v)} ({relative(v)})"
-        print(f"{k.ljust(width)}  {'-' if v is None else v}")
-    if attempts:
-        print("attempts:")
-        last = 0
-        for a in attempts:
-            if a["attempt"] <= last:     # numbering starts again after a retry
-                print("  (retried by hand)")
-            last = a["attempt"]
-            end = (f"exit {a['exit_code']}" if a["exit_code"] is not None else
-                   f"signal {a['signal']}" if a["signal"] is not None else "no exit status")
-            use = usage_text(a) if a["cpu_user"] is not None else \
-                "did not run" if a["wall"] is None else (
-                    f"ran {a['wall']:.3f}s, CPU and memory not measured (adopted "
-                    "or recovered: its worker died)")
-            print(f"  {a['attempt']}  {a['state']:<9}  {end:<14}  {use}")
-    if args.env:
-        print("environment:" + ("" if job["env_id"] is not None else
-                                " the worker's, and"))
-        for k, v in environment.items():
-            print(f"  {k}={v}")
-    return EXIT_OK
+        out.append((k, "-" if v is None else str(v)))
+    return out
+
+def attempt_rows(attempts):
+    """[(number, state, how it ended, what it cost, retried by hand before
+    it)] of a job's attempts, as show prints them."""
+    rows, last = [], 0
+    for a in attempts:
+        end = (f"exit {a['exit_code']}" if a["exit_code"] is not None else
+               f"signal {a['signal']}" if a["signal"] is not None else "no exit status")
+        use = usage_text(a) if a["cpu_user"] is not None else \
+            "did not run" if a["wall"] is None else (
+                f"ran {a['wall']:.3f}s, CPU and memory not measured (adopted "
+                "or recovered: its worker died)")
+        rows.append((a["attempt"], a["state"], end, use, a["attempt"] <= last))
+        last = a["attempt"]              # numbering starts again after a retry
+    return rows
 
 def usage_text(u):
     """An attempt's cost in one line: ran, user, sys, max RSS."""
@@ -7606,8 +7635,11 @@ def cmd_metrics(args):
     """Prometheus text format (0.0.4): jobs per state and queue, runnable,
     delayed and blocked jobs, workers, attempts, failures, a histogram of
     run times per queue, and how long the oldest runnable job has waited."""
-    store = open_store(args)
-    now = time.time()
+    sys.stdout.write(metrics_text(open_store(args), time.time()))
+    return EXIT_OK
+
+def metrics_text(store, now):
+    """The metrics, as metrics prints them and serve's /metrics serves them."""
     out = []
 
     def family(name, kind, help_, samples):
@@ -7697,8 +7729,7 @@ def cmd_metrics(args):
                                                       "rss_count", "rss_sum")]
     family("queuectl_job_max_rss_bytes", "histogram",
            "Peak RSS of the largest process of measured attempts, by queue.", samples)
-    sys.stdout.write("\n".join(out) + "\n")
-    return EXIT_OK
+    return "\n".join(out) + "\n"
 
 def prom_escape(value):
     """A label value in the text format: \\, \" and newline escaped."""
@@ -7711,6 +7742,441 @@ def prom_value(v):
     if v in (float("inf"), float("-inf")):
         return "+Inf" if v > 0 else "-Inf"
     return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else repr(float(v))
+
+
+# Commands: serve -------------------------------------------------------------
+
+# A read-only status page, /metrics and /api over HTTP, for a browser
+# through an ssh tunnel and for Prometheus. Every page is built from the
+# functions --json prints (status_info, show_info, job_public, metrics_text),
+# so the page and the CLI cannot disagree. Each request opens its own
+# connection, reads, closes it, and only then writes to the client: a slow
+# or stalled client holds no lock and no transaction.
+
+SERVE_BIND = "127.0.0.1:8765"
+SERVE_THREADS = 8                        # requests served at once; more wait
+SERVE_TIMEOUT = 10                       # seconds a client may stall a request
+SERVE_LOG_TAIL = 64 * 1024               # bytes of a log a job page shows
+SERVE_LIST = 50                          # newest jobs and dead jobs listed
+
+# The CLI's colours (STATE_COLORS), as CSS: one ANSI code, one colour.
+ANSI_CSS = {"36": "color:#0a8a9a", "33": "color:#a86b00", "32": "color:#1a7f37",
+            "1;31": "color:#c62828;font-weight:bold", "2": "color:#777"}
+
+SERVE_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1b1b1b;background:#fff}
+header{display:flex;flex-wrap:wrap;gap:.3em 1em;padding:.5em 1em;background:#eef1f4}
+header a{font-weight:bold;color:inherit}main{padding:0 1em 1em}
+h2{font-size:1.05em;margin:1.2em 0 .3em}
+table{border-collapse:collapse;display:block;overflow-x:auto;max-width:100%}
+th,td{text-align:left;padding:.15em .6em .15em 0;vertical-align:top;white-space:nowrap}
+td.cmd,td.wrap{white-space:normal;word-break:break-all;min-width:12em}
+th{font-weight:600;border-bottom:1px solid #ccc}
+pre{background:#f6f8fa;padding:.6em;overflow-x:auto;white-space:pre-wrap;
+word-break:break-all;max-height:60vh}
+code,pre,td.mono{font-family:ui-monospace,monospace;font-size:13px}
+.muted{color:#777}svg.spark{vertical-align:middle}
+svg .ok{stroke:#1a7f37;fill:none}svg .bad{stroke:#c62828;fill:none}
+a{color:#0b5cad}@media (max-width:640px){.opt{display:none}}
+@media (prefers-color-scheme:dark){body{background:#15181c;color:#dde}
+header{background:#23272e}pre{background:#1e2227}th{border-color:#444}a{color:#6cb6ff}}
+"""
+
+# The refresh: fetch this page again every few seconds, swap in its <main>.
+SERVE_JS = """(function(){var n=0,every=%d,up=document.getElementById("updated");
+function tick(){fetch(location.pathname,{cache:"no-store",credentials:"same-origin"})
+.then(function(r){if(!r.ok)throw new Error("HTTP "+r.status);return r.text()})
+.then(function(t){var d=new DOMParser().parseFromString(t,"text/html");
+document.getElementById("live").replaceWith(d.getElementById("live"));
+up.textContent=d.getElementById("updated").textContent;up.dataset.refreshed=++n})
+.catch(function(e){up.textContent="not refreshed: "+e.message})
+.finally(function(){setTimeout(tick,every)})}setTimeout(tick,every)})();"""
+
+def parse_bind(text):
+    """--bind HOST:PORT (HOST a name or address, [::1] for IPv6; :PORT for
+    every address) -> (host, port, whether it is loopback only)."""
+    import ipaddress
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"invalid --bind {text!r}: give HOST:PORT, such as {SERVE_BIND}")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return host, int(port), loopback
+
+def read_token(path):
+    """The token in --token-file: a file only its owner can read."""
+    import stat
+    try:
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+    except OSError as e:
+        raise UsageError(f"cannot read the token file {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+            raise UsageError(f"the token file {path} must be a regular file that only "
+                             f"its owner can read (chmod 600 {path})")
+        token = f.read(4097).decode("utf-8", "replace").strip()
+    if not 16 <= len(token) <= 4096 or not token.isprintable() or " " in token:
+        raise UsageError(f"the token in {path} must be 16-4096 printable characters with "
+                         "no blank (head -c 24 /dev/urandom | base64 makes one)")
+    return token
+
+def cmd_serve(args):
+    """Serve the status page, /metrics and /api until SIGTERM or SIGINT."""
+    import http.server
+    import signal
+    import socket
+    import threading
+    host, port, loopback = parse_bind(args.bind)
+    token = read_token(args.token_file) if args.token_file else None
+    if not loopback and token is None:
+        raise UsageError(f"refusing to serve on {args.bind}, which is not loopback, "
+                         "without --token-file; or use the default and an ssh tunnel: "
+                         "ssh -L 8765:127.0.0.1:8765 HOST")
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        slots = threading.BoundedSemaphore(SERVE_THREADS)
+
+        def process_request(self, request, client_address):
+            self.slots.acquire()         # at most SERVE_THREADS at once
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+    try:
+        server = Server((host, port), serve_handler(args.home, token))
+    except OSError as e:
+        raise QueuectlError(f"cannot serve on {args.bind}: {e.strerror}") from None
+    bound = server.server_address
+    url = (f"http://{'[' + bound[0] + ']' if ':' in bound[0] else bound[0]}:{bound[1]}/")
+    stop = lambda *_: threading.Thread(target=server.shutdown, daemon=True).start()  # noqa
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"queuectl: serving {args.home} read-only on {url}"
+          + (" (a token is required)" if token else ""), flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+    print("queuectl: serve stopped", flush=True)
+    return EXIT_OK
+
+def serve_handler(home, token):
+    """The request handler of serve: GET and HEAD of its pages, nothing else."""
+    import hmac
+    import http.server
+    import json
+    import secrets
+    import urllib.parse
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        server_version = f"queuectl/{__version__}"
+        sys_version = ""
+        timeout = SERVE_TIMEOUT
+
+        def log_request(self, code="-", size="-"):
+            if not isinstance(code, int) or code >= 400:    # the refresh is frequent
+                super().log_request(code, size)
+
+        def log_message(self, fmt, *a):
+            sys.stderr.write(f"queuectl serve: {self.address_string()} {fmt % a}\n")
+
+        def do_GET(self):
+            self.answer(body=True)
+
+        def do_HEAD(self):
+            self.answer(body=False)
+
+        def refuse(self):
+            self.reply(405, "text/plain", b"only GET and HEAD: serve is read-only\n",
+                       body=True, extra={"Allow": "GET, HEAD"})
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = refuse
+
+        def reply(self, code, kind, data, body, extra=()):
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Referrer-Policy", "no-referrer")
+            for k, v in dict(extra).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def authorized(self, url):
+            """Whether the request carries the token (always, with none set):
+            as a Bearer header, or the cookie a ?token= link sets."""
+            if token is None:
+                return True
+            given = [self.headers.get("Authorization", "").partition("Bearer ")[2].strip()]
+            for part in self.headers.get("Cookie", "").split(";"):
+                name, _, value = part.strip().partition("=")
+                if name == "queuectl_token":
+                    given.append(value)
+            return any(hmac.compare_digest(g.encode(), token.encode()) for g in given if g)
+
+        def answer(self, body):
+            url = urllib.parse.urlsplit(self.path)
+            query = urllib.parse.parse_qs(url.query)
+            if token is not None and "token" in query:
+                ok = hmac.compare_digest(query["token"][0].encode(), token.encode())
+                return self.reply(303 if ok else 401, "text/plain",
+                                  b"see the page without the token\n" if ok else
+                                  b"wrong token\n", body,
+                                  {"Location": url.path or "/", "Set-Cookie":
+                                   f"queuectl_token={token}; Path=/; HttpOnly; "
+                                   "SameSite=Strict"} if ok else {})
+            if not self.authorized(url):
+                return self.reply(401, "text/plain", b"a token is required: an "
+                                  b"Authorization: Bearer header, or a ?token= link\n",
+                                  body, {"WWW-Authenticate": "Bearer"})
+            nonce = secrets.token_urlsafe(12)
+            try:
+                code, kind, text = serve_route(home, url.path, query, nonce)
+            except (UsageError, QueuectlError) as e:
+                code, kind, text = (400 if isinstance(e, UsageError) else 404,
+                                    "text/plain", str(e) + "\n")
+            except Exception as e:       # noqa: BLE001  a page, not the server
+                sys.stderr.write(f"queuectl serve: error: {url.path}: {e!r}\n")
+                code, kind, text = 500, "text/plain", "could not read the queue; see " \
+                    "serve's log\n"
+            if kind == "json":
+                kind, text = "application/json", json.dumps(text, indent=2) + "\n"
+            csp = (f"default-src 'none'; style-src 'nonce-{nonce}'; script-src "
+                   f"'nonce-{nonce}'; connect-src 'self'; img-src 'self'; base-uri "
+                   "'none'; form-action 'none'; frame-ancestors 'none'")
+            self.reply(code, kind, text.encode("utf-8", "replace"), body,
+                       {"Content-Security-Policy": csp} if kind.startswith("text/html")
+                       else {})
+    return Handler
+
+def serve_route(home, path, query, nonce):
+    """(status, content type or "json", text) of one GET."""
+    store = Store(home) if os.path.exists(os.path.join(home, "queue.db")) \
+        else Store(home, memory=True)
+    try:
+        now = time.time()
+        parts = [urllib_unquote(p) for p in path.strip("/").split("/")] if path != "/" else []
+        if not parts:
+            return 200, "text/html; charset=utf-8", serve_overview(store, home, now, nonce)
+        if parts == ["metrics"]:
+            return 200, "text/plain; version=0.0.4; charset=utf-8", metrics_text(store, now)
+        if parts == ["api", "status"]:
+            return 200, "json", status_info(store, now)[0]
+        if parts == ["api", "jobs"]:
+            return 200, "json", serve_list(store, home, query)
+        if len(parts) == 3 and parts[:2] == ["api", "jobs"]:
+            return 200, "json", show_info(store, home, store.must_get(parts[2]))[0]
+        if len(parts) == 2 and parts[0] == "job":
+            return 200, "text/html; charset=utf-8", serve_job(
+                store, home, store.must_get(parts[1]), now, nonce)
+        return 404, "text/plain", f"no page {path}\n"
+    finally:
+        store.close()
+
+def urllib_unquote(text):
+    import urllib.parse
+    return urllib.parse.unquote(text, errors="strict")
+
+def serve_list(store, home, query):
+    """/api/jobs?state=S&queue=Q&label=L&limit=N: what list --json prints."""
+    states = [s for v in query.get("state", []) for s in v.split(",")]
+    queues = [check_name(q, "queue") for v in query.get("queue", []) for q in v.split(",")]
+    labels = [check_label(v) for v in query.get("label", [])]
+    bad = [s for s in states if s not in STATES]
+    if bad:
+        raise UsageError(f"invalid state {bad[0]!r}: one of " + ", ".join(STATES))
+    limit = query.get("limit", ["0"])[-1]
+    if not limit.isdigit() or not limit.isascii():
+        raise UsageError(f"invalid limit {limit!r}: a whole number, 0 = all")
+    rows, _ = store.list_jobs(states or None, queues or None, int(limit), labels or None)
+    cfg = Config(home).load()
+    return [job_public(j, home, cfg) for j in rows]
+
+def html_page(home, title, body, nonce, refresh):
+    """A whole page: one stylesheet, the refresh script when refresh (ms)."""
+    import html
+    import socket
+    clock = human_time(time.time())
+    script = f'<script nonce="{nonce}">{SERVE_JS % refresh}</script>' if refresh else ""
+    css = SERVE_CSS + "".join(f".st-{s}{{{ANSI_CSS[c]}}}" for s, c in STATE_COLORS.items())
+    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f"<title>{html.escape(title)}</title><style nonce=\"{nonce}\">{css}</style>"
+            f'</head><body><header><a href="/">queuectl</a>'
+            f"<span>{html.escape(socket.gethostname())}:{html.escape(home)}</span>"
+            f'<span id="updated" data-refreshed="0">{html.escape(clock)}</span></header>'
+            f'<main id="live">{body}</main>{script}</body></html>\n')
+
+def html_table(headers, rows, classes=(), narrow=()):
+    """rows of already escaped cells; classes: {column: CSS class}; the
+    columns of narrow are left out at a phone's width."""
+    classes = dict(classes)
+    for i in narrow:
+        classes[i] = (classes.get(i, "") + " opt").strip()
+    head = "".join(f'<th class="{classes[i]}">{h}</th>' if i in classes else f"<th>{h}</th>"
+                   for i, h in enumerate(headers))
+    return (f"<table><thead><tr>{head}</tr></thead><tbody>" + "".join(
+        "<tr>" + "".join(f'<td class="{classes[i]}">{c}</td>' if i in classes
+                         else f"<td>{c}</td>" for i, c in enumerate(r)) + "</tr>"
+        for r in rows) + "</tbody></table>")
+
+def html_state(state):
+    """A state in its CLI colour, and in words."""
+    return f'<span class="st-{state}">{state}</span>'
+
+def html_job_link(job_id):
+    import html
+    import urllib.parse
+    return f'<a href="/job/{urllib.parse.quote(job_id, safe="")}">{html.escape(job_id)}</a>'
+
+def spark_svg(ended, failed):
+    """Two lines over 24 hourly values: attempts ended, and failed."""
+    top = max(ended + failed + [1])
+    def points(values):
+        return " ".join(f"{i * 4},{19 - v / top * 17:.1f}" for i, v in enumerate(values))
+    return (f'<svg class="spark" width="96" height="20" viewBox="0 0 96 20" role="img" '
+            f'aria-label="last 24 hours: {sum(ended)} ended, {sum(failed)} failed">'
+            f'<polyline class="ok" points="{points(ended)}"/>'
+            f'<polyline class="bad" points="{points(failed)}"/></svg>')
+
+def serve_overview(store, home, now, nonce):
+    """The overview: queues, workers, running jobs, the DLQ, schedules, the
+    newest jobs."""
+    import html
+    e = html.escape
+    info, _ = status_info(store, now)
+    cfg = Config(home).load()
+    limits = store.limits()
+    paused = set(info["paused"])
+    hour = int(now // 3600 * 3600)
+    counts = ", ".join(f"{info['counts'][s]} {html_state(s)}" for s in STATES)
+    out = [f"<h2>Queues</h2><p>jobs: {counts}"
+           f" · {plural(info['workers']['threads'], 'job thread')} in "
+           f"{plural(info['workers']['live'], 'live worker')}</p>"]
+    rows = []
+    for q, c in sorted(info["queues"].items()) or [(DEFAULT_QUEUE, dict.fromkeys(STATES, 0))]:
+        ended, failed = [0] * 24, [0] * 24
+        for start, h in store.history_series(hour - 23 * 3600, [q]):
+            i = int((start - (hour - 23 * 3600)) // 3600)
+            if 0 <= i < 24:
+                ended[i], failed[i] = h["attempts"], h["failures"]
+        rows.append([e(q)] + [str(c.get(s, 0)) for s in STATES]
+                    + [str(limits.get(QUEUE_KEY + q, "-")),
+                       "paused" if q in paused or "*" in paused else "",
+                       spark_svg(ended, failed) + f" {sum(ended)} ended, {sum(failed)} failed"])
+    out.append(html_table(["queue"] + [html_state(s) for s in STATES]
+                          + ["limit", "paused", "last 24 h"], rows, narrow=(4, 6, 7, 8)))
+    running = [j for j in store.processing() if j["state"] == PROCESSING]
+    out.append(f"<h2>Running ({len(running)})</h2>")
+    if running:
+        ctx, usual = WhyContext(store, now), {}
+        for q, h in store.history_totals(queues=sorted({j["queue"] for j in running})).items():
+            usual[q] = history_figures(h)["run_p50"]
+        rows = []
+        for j in running:
+            ran = now - epoch(j["started_at"])
+            p50, slow = usual.get(j["queue"]), ctx.slow_after(j["queue"])
+            share = (f'<meter min="0" max="100" value="{min(ran / p50 * 100, 100):.0f}">'
+                     f"</meter> {ran / p50 * 100:.0f}% of {human_duration(p50)}"
+                     if p50 else "-") + (", slow" if slow and ran > slow[0] else "")
+            rows.append([html_job_link(j["id"]), e(j["queue"]), str(j["pid"] or "starting"),
+                         human_duration(ran), share, e(one_line(j["command"]))])
+        out.append(html_table(["id", "queue", "pid", "ran", "of usual (p50)", "command"],
+                              rows, {5: "cmd"}, narrow=(1, 2)))
+    workers = workers_info(store)
+    out.append(f"<h2>Workers ({len(workers)})</h2>")
+    if workers:
+        out.append(html_table(
+            ["id", "pid", "host", "threads", "queues", "started", "heartbeat", "jobs"],
+            [[e(w["id"]), str(w["pid"]), e(w["host"]), str(w["threads"]),
+              e(",".join(w["queues"] or ["*"])), relative(w["started_at"], now),
+              relative(w["heartbeat"], now),
+              ", ".join(html_job_link(x) for x in w["jobs"]) or "-"] for w in workers],
+            narrow=(1, 2, 4, 5)))
+    dead, more = store.list_jobs([DEAD], None, SERVE_LIST)
+    out.append(f"<h2>Dead letter queue ({len(dead) + more})</h2>")
+    if dead:
+        out.append(html_table(
+            ["id", "queue", "tries", "died", "last error", "command"],
+            [[html_job_link(j["id"]), e(j["queue"]),
+              f"{j['attempts']}/{allowed_attempts(j, cfg)}",
+              relative(j["finished_at"], now), e(one_line(j["last_error"])),
+              e(one_line(j["command"]))] for j in reversed(dead)], {4: "wrap", 5: "cmd"},
+            narrow=(1, 2, 5)))
+    if info["schedules"]:
+        out.append("<h2>Schedules</h2>" + html_table(
+            ["name", "cron", "next run"],
+            [[e(s["name"]), e(s["cron"]), "paused" if s["paused"] else
+              f"{e(local_time(epoch(s['next_run']), now))} ({relative(s['next_run'], now)})"]
+             for s in info["schedules"]]))
+    jobs, more = store.list_jobs(None, None, SERVE_LIST)
+    ctx = WhyContext(store, now)
+    out.append(f"<h2>Newest jobs ({len(jobs) + more})</h2>")
+    if jobs:
+        out.append(html_table(
+            ["id", "#", "state", "queue", "label", "when", "outcome", "command"],
+            [[html_job_link(j["id"]), str(j["seq"]), html_state(j["state"]), e(j["queue"]),
+              e(j["label"] or "-"), e(when_text(store, j, now, ctx)), e(outcome_text(j)),
+              e(one_line(command_text(j)))] for j in reversed(jobs)], {7: "cmd"},
+            narrow=(1, 3, 4, 6)))
+    return html_page(home, "queuectl", "".join(out), nonce, 5000)
+
+def serve_job(store, home, job, now, nonce):
+    """A job's page: show's fields, its attempts, why it waits, its log's tail."""
+    import html
+    e = html.escape
+    pub, blocked, attempts = show_info(store, home, job)
+    out = [f"<h2>Job {e(job['id'])} {html_state(job['state'])}</h2>"
+           f"<p class=\"cmd\"><code>{e(command_text(job))}</code></p>"]
+    if attempts:
+        out.append("<h2>Attempts</h2>" + html_table(
+            ["#", "state", "ended", "cost"],
+            [[str(n), html_state(st), e(end), e(use) + (" (after a retry by hand)"
+                                                          if again else "")]
+             for n, st, end, use, again in attempt_rows(attempts)]))
+    if job["state"] in (PENDING, FAILED):
+        out.append("<h2>Why it is not running</h2><ul>" + "".join(
+            f"<li>{e(t)}</li>" for _, t, _ in why_reasons(store, job, now)) + "</ul>")
+    try:
+        f = open_log(log_path(home, job["id"]))
+    except QueuectlError as err:     # a planted symlink: said, never followed
+        f, missing = None, str(err)
+    else:
+        missing = "no log yet"
+    if f is None:
+        out.append(f"<h2>Log</h2><p class=\"muted\">{e(missing)}</p>")
+    else:
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(size - SERVE_LOG_TAIL, 0))
+            data = f.read(SERVE_LOG_TAIL)
+        if size > SERVE_LOG_TAIL:
+            data = data.partition(b"\n")[2]
+        note = (f" (the last {human_size(len(data))} of {human_size(size)}; "
+                f"queuectl logs {job['id']} prints it all)" if size > SERVE_LOG_TAIL else "")
+        out.append(f"<h2>Log{e(note)}</h2><pre id=\"log\">"
+                   f"{e(data.decode('utf-8', 'replace'))}</pre>")
+    out.append("<h2>What show says</h2>" + html_table(["field", "value"], [
+        [e(k), html_state(v) if k == "state" else e(v)]
+        for k, v in show_fields(pub, blocked)], {1: "wrap"}))
+    return html_page(home, f"queuectl: {job['id']}", "".join(out), nonce,
+                     0 if job["state"] in FINISHED else 2000)
 
 
 # Command line ################################################################
@@ -7771,19 +8237,19 @@ ENQUEUE_ARGS = [
         help="the command: one shell command line, or words (joined, each "
              "quoted as needed), or a JSON object; options go before it, "
              "and -- before a command that starts with -"),
-    arg("-c", "--command", help="the shell command"),
+    arg("-c", "--command", metavar="CMD", help="the shell command"),
     arg("--id", help="the job id (default: a short random one)"),
-    arg("-p", "--priority", type=_value("priority", "--priority"),
+    arg("-p", "--priority", type=_value("priority", "--priority"), metavar="N",
         help="higher runs first (default 0)"),
-    arg("--max-retries", type=_value("max_retries", "--max-retries"),
+    arg("--max-retries", type=_value("max_retries", "--max-retries"), metavar="N",
         help="retries after the first attempt (default: config)"),
-    arg("--timeout", type=_value("timeout", "--timeout"),
+    arg("--timeout", type=_value("timeout", "--timeout"), metavar="DUR",
         help="90, 90s, 5m, 2h; 0 = none (default: config job_timeout)"),
     arg("--run-at", metavar="TIME",
         help="03:00 (the next one), tomorrow 03:00, 2026-12-01 03:00, +90m, "
              "or ISO-8601 (local time unless it has an offset)"),
     arg("--delay", metavar="DUR", help="90, 90s, 5m, 2h, 1d"),
-    arg("--queue", help=f"queue name (default {DEFAULT_QUEUE})"),
+    arg("--queue", metavar="Q", help=f"queue name (default {DEFAULT_QUEUE})"),
     arg("--launcher", metavar="CMD", type=check_launcher,
         help="run it through this command prefix ('srun --quiet --'; '' = none; "
              "default: config launcher)"),
@@ -7792,7 +8258,7 @@ ENQUEUE_ARGS = [
              "the whole batch)"),
     arg("--after", action="append", metavar="ID",
         help="run after this job completed (repeatable)"),
-    arg("--cwd", help="working directory (default: the current one)"),
+    arg("--cwd", metavar="DIR", help="working directory (default: the current one)"),
     arg("--env", action="append", metavar="K=V|NAME",
         help="set K=V, or pass NAME's value from here, for the job (repeatable)"),
     arg("--worker-env", action="store_true",
@@ -7841,7 +8307,7 @@ COMMAND_TABLE = [
     Command("worker start", "run jobs until stopped", cmd_worker_start, [
         "queuectl worker start --count 4", "queuectl worker start --drain",
         "queuectl worker start --detach"], [
-        arg("--count", type=_value("count", "--count"), default=1,
+        arg("--count", type=_value("count", "--count"), default=1, metavar="N",
             help="worker threads in this process (default 1)"),
         arg("--queue", action="append", metavar="Q",
             help="serve only these queues (repeatable, or Q1,Q2; default: all)"),
@@ -7861,7 +8327,7 @@ COMMAND_TABLE = [
         arg("--wait", action="store_true",
             help="return once they have exited (the default; kept for scripts)"),
         arg("--no-wait", action="store_true", help="ask them to stop and return at once"),
-        arg("--timeout", type=_value("wait", "--timeout"),
+        arg("--timeout", type=_value("wait", "--timeout"), metavar="DUR",
             help="give up waiting (exit 1) after this many seconds")]),
     Command("worker threads", "change how many jobs live workers run at once",
             cmd_worker_threads, ["queuectl worker threads 8",
@@ -7917,7 +8383,7 @@ COMMAND_TABLE = [
             help="every job of these queues enqueued so far (repeatable, or Q1,Q2)"),
         arg("--label", action="append", metavar="L", type=check_label,
             help="every job with this label enqueued so far (repeatable)"),
-        arg("--timeout", type=_value("wait", "--timeout"),
+        arg("--timeout", type=_value("wait", "--timeout"), metavar="DUR",
             help="give up after this long: 90, 90s, 5m, 2h (exit 124)")]),
     Command("retry", "run jobs again: dead, cancelled, completed; failed ones now",
             cmd_retry, ["queuectl retry k3x9qa", "queuectl retry --queue reports",
@@ -7958,13 +8424,13 @@ COMMAND_TABLE = [
         arg("words", nargs=REMAINDER, metavar="COMMAND",
             help="a new command (as for enqueue); with no change given, "
                  "$EDITOR opens the job as JSON"),
-        arg("-c", "--command", help="a new shell command"),
-        arg("-p", "--priority", type=_value("priority", "--priority")),
+        arg("-c", "--command", metavar="CMD", help="a new shell command"),
+        arg("-p", "--priority", type=_value("priority", "--priority"), metavar="N"),
         arg("--queue", metavar="Q"),
-        arg("--max-retries", type=_value("max_retries", "--max-retries")),
-        arg("--timeout", type=_value("timeout", "--timeout")),
+        arg("--max-retries", type=_value("max_retries", "--max-retries"), metavar="N"),
+        arg("--timeout", type=_value("timeout", "--timeout"), metavar="DUR"),
         arg("--run-at", metavar="TIME"), arg("--delay", metavar="DUR"),
-        arg("--cwd"),
+        arg("--cwd", metavar="DIR"),
         arg("--env", action="append", metavar="K=V|NAME", help="set (repeatable)"),
         arg("--unset-env", action="append", metavar="NAME", help="unset (repeatable)")]),
     Command("dlq", "the dead letter queue: list, retry, purge"),
@@ -8032,9 +8498,17 @@ COMMAND_TABLE = [
             ["queuectl config list"], [JSON_ARG]),
     Command("metrics", "Prometheus text format metrics", cmd_metrics,
             ["queuectl metrics > /var/lib/node_exporter/queuectl.prom"]),
+    Command("serve", "a read-only status page, /metrics and /api over HTTP", cmd_serve, [
+        "queuectl serve", "queuectl serve --bind 127.0.0.1:9000",
+        "queuectl serve --bind 0.0.0.0:8765 --token-file /etc/queuectl/token"], [
+        arg("--bind", default=SERVE_BIND, metavar="HOST:PORT",
+            help=f"where to listen (default {SERVE_BIND}; not loopback: needs --token-file)"),
+        arg("--token-file", metavar="PATH",
+            help="require the token in this 0600 file (Authorization: Bearer, or a "
+                 "?token= link that sets a cookie)")]),
     Command("top", "a live view: counts, running jobs, recent failures", cmd_top, [
         "queuectl top", "queuectl top --interval 5", "queuectl top --once"], [
-        arg("--interval", type=_value("interval", "--interval"), default=1.0,
+        arg("--interval", type=_value("interval", "--interval"), default=1.0, metavar="DUR",
             help="seconds between refreshes (default 1)"),
         arg("--once", action="store_true",
             help="print one frame and exit (no terminal needed)")]),
@@ -8170,7 +8644,12 @@ def build_parser(only=None):
         epilog = ("examples:\n" + "\n".join("  " + e for e in c.examples)
                   if c.examples else None)
         parent = top if len(c.words) == 1 else groups[c.words[0]]
+        many = [a for a in c.args if a[0][0].startswith("-")][10:]
+        usage = ("queuectl " + " ".join(c.words) + " [OPTION ...] " + " ".join(
+            f"{kw['metavar']} ..." if kw.get("nargs") == REMAINDER else kw["metavar"]
+            for flags, kw in c.args if not flags[0].startswith("-"))) if many else None
         p = parent.add_parser(c.words[-1], help=c.help, description=c.help, epilog=epilog,
+                              usage=usage,
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               parents=[common])
         parsers[c.words] = p

@@ -84,8 +84,11 @@ PY = sys.executable
 # How the tests run queuectl: from its cached bytecode, as ./queuectl.py and
 # the installed command do. `python3 queuectl.py` compiles the whole file at
 # every start (50 ms of CPU), which the suite would pay thousands of times;
-# test_the_script_form_runs_too keeps that form covered.
-QUEUECTL = [PY, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); import queuectl; "
+# test_the_script_form_runs_too keeps that form covered. -S: without the
+# site hooks some machines install (a .pth that adds 20-50 ms to each start;
+# queuectl imports nothing from site-packages); tests that run queuectl as
+# users do (./queuectl.py, make install) keep the interpreter's site.
+QUEUECTL = [PY, "-S", "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); import queuectl; "
             "sys.exit(queuectl.main())", HERE]
 
 class Result:
@@ -4624,6 +4627,26 @@ class TestReadme(QueueTest):
                            capture_output=True, text=True, timeout=60, env=self.env)
         self.assertEqual(r.stdout, keys.rstrip() + "\n")
 
+    def test_the_reference_shows_each_commands_synopsis_and_an_example(self):
+        """Issue 26: what `queuectl CMD --help` says (its usage at 80
+        columns, one of its examples) is what the reference shows."""
+        with open(README) as f:
+            text = f.read()
+        env = dict(self.env, COLUMNS="80")
+        missing = []
+        for c in queuectl.COMMAND_TABLE:
+            if c.handler is None:
+                continue
+            r = subprocess.run([*QUEUECTL, *c.words, "--help"], capture_output=True,
+                               text=True, env=env, timeout=60)
+            usage = r.stdout.split("\n\n", 1)[0].rstrip("\n")
+            self.assertTrue(usage.startswith("usage: queuectl " + " ".join(c.words)), usage)
+            if f"```\n{usage}\n```" not in text:
+                missing.append(f"{' '.join(c.words)}: its synopsis\n{usage}")
+            if not any(f"\n$ {e}\n" in text for e in c.examples):
+                missing.append(f"{' '.join(c.words)}: one of its --help examples")
+        self.assertEqual(missing, [], "the reference lacks what --help shows")
+
     def test_the_reference_names_every_command_and_setting(self):
         with open(README) as f:
             text = f.read()
@@ -5824,6 +5847,258 @@ class TestMachineOutput(QueueTest):
         self.assertEqual(r.returncode, 0, r.stderr)
         self.assertIn(f"{job_id} completed (attempt 1", r.stdout)
         self.assertEqual(script("logs", job_id).stdout.splitlines()[1], "hi")
+
+class TestServe(QueueTest):
+    """Issue 29: serve's pages, /metrics and /api, through a real server on
+    an ephemeral loopback port, read with http.client as a client would."""
+
+    def serve(self, *args, code=None):
+        """A serve process; (the process, its base URL). With code: it
+        must exit with that code at once; (the process, its stderr)."""
+        p = subprocess.Popen([*QUEUECTL, "serve", *args], env=self.env, cwd=self.work,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        if code is not None:
+            _, err = p.communicate(timeout=30)
+            self.assertEqual(p.returncode, code, err)
+            self.assertNotIn("Traceback", err)
+            self.assertTrue(err.strip().startswith("queuectl: error: "), err)
+            return p, err
+        line = []
+        t = threading.Thread(target=lambda: line.append(p.stdout.readline()), daemon=True)
+        t.start()
+        t.join(30)
+        self.assertTrue(line and "serving" in line[0], f"serve did not start: {line}")
+        p.said = line[0]
+        return p, re.search(r"http://\S+/", line[0]).group()
+
+    def get(self, url, path, method="GET", headers=None):
+        """(status, headers, body) of one request."""
+        import http.client
+        import urllib.parse
+        u = urllib.parse.urlsplit(url)
+        c = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        try:
+            c.request(method, path, headers=headers or {})
+            r = c.getresponse()
+            return r.status, {k.lower(): v for k, v in r.getheaders()}, \
+                r.read().decode("utf-8")
+        finally:
+            c.close()
+
+    def stop(self, p, sig=signal.SIGTERM):
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=30)
+        self.assertEqual(p.returncode, 0, err)
+        self.assertIn("serve stopped", out)
+
+    def hostile_queue(self):
+        """A completed job, a dead one whose command, label and log hold
+        markup, a pending one, a schedule."""
+        self.ok("config", "set", "max_retries", "0")
+        self.enqueue("--id", "fine", "echo hello")
+        self.enqueue("--id", "evil", "--label", "<script>label()</script>",
+                     "echo '<script>alert(1)</script>'; exit 3")
+        self.drained(1)                             # a job died
+        self.enqueue("--id", "later", "--delay", "1h", "echo later")
+        self.ok("schedule", "add", "nightly", "0 3 * * *", "--", "echo nightly")
+
+    def test_every_page_shows_what_the_cli_shows(self):
+        self.hostile_queue()
+        p, url = self.serve("--bind", "127.0.0.1:0")
+        code, head, page = self.get(url, "/")
+        self.assertEqual(code, 200)
+        self.assertTrue(head["content-type"].startswith("text/html"))
+        for text in ('<a href="/job/fine">fine</a>', '<a href="/job/evil">evil</a>',
+                     "Dead letter queue (1)", "nightly", "0 3 * * *",
+                     '<span class="st-dead">dead</span>', "exit 0", "Newest jobs (3)"):
+            self.assertIn(text, page)
+        self.assertNotIn("<script>alert", page)
+        self.assertNotIn("<script>label", page)
+        self.assertIn("&lt;script&gt;label()&lt;/script&gt;", page)
+        # the one script is the page's own, allowed by the nonce the CSP names
+        nonce = re.search(r"script-src 'nonce-([\w-]+)'", head["content-security-policy"])
+        self.assertEqual(re.findall(r"<script[^>]*>", page), [f'<script nonce="{nonce[1]}">'])
+        code, _, page = self.get(url, "/job/evil")
+        self.assertEqual(code, 200)
+        self.assertIn("exit code 3: &lt;script&gt;alert(1)&lt;/script&gt;", page)
+        self.assertIn('<pre id="log">', page)
+        self.assertNotIn("<script>alert", page)
+        self.assertNotIn("<script", page)           # finished: nothing to refresh
+        show = self.ok("show", "evil")
+        for line in show.splitlines()[:5]:          # show's fields, as show says them
+            field, value = line.split(None, 1)
+            self.assertIn(f"<td>{field}</td>", page)
+        self.assertIn(">1</td><td><span class=\"st-dead\">dead</span></td><td>exit 3</td>",
+                      page)
+        _, _, later = self.get(url, "/job/later")
+        self.assertIn("Why it is not running", later)
+        self.assertIn(self.ok("why", "later").split(": ", 1)[1].split(" (")[0], later)
+        # the API is the CLI's JSON
+        for path, args in (("/api/jobs", ("list", "--json")),
+                           ("/api/jobs?state=dead", ("list", "--json", "--state", "dead")),
+                           ("/api/jobs/evil", ("show", "evil", "--json"))):
+            code, head, body = self.get(url, path)
+            self.assertEqual((code, head["content-type"]), (200, "application/json"))
+            self.assertEqual(json.loads(body), json.loads(self.ok(*args)), path)
+        code, _, body = self.get(url, "/api/status")
+        self.assertEqual(json.loads(body)["counts"],
+                         json.loads(self.ok("status", "--json"))["counts"])
+        code, head, body = self.get(url, "/metrics")
+        self.assertEqual(code, 200)
+        self.assertTrue(head["content-type"].startswith("text/plain; version=0.0.4"))
+        self.assertEqual(set(parse_exposition(body)),
+                         set(parse_exposition(self.ok("metrics"))))
+        self.stop(p)
+
+    def test_what_is_refused(self):
+        self.hostile_queue()
+        p, url = self.serve("--bind", "127.0.0.1:0")
+        self.assertEqual(self.get(url, "/job/nosuchjob")[0], 404)
+        self.assertEqual(self.get(url, "/api/jobs/nosuchjob")[0], 404)
+        self.assertEqual(self.get(url, "/job/%3Cscript%3E")[0], 400)
+        self.assertEqual(self.get(url, "/nothing")[0], 404)
+        self.assertEqual(self.get(url, "/api/jobs?state=nonsense")[0], 400)
+        self.assertEqual(self.get(url, "/api/jobs?limit=-1")[0], 400)
+        for method in ("POST", "PUT", "DELETE"):
+            code, head, _ = self.get(url, "/job/fine", method)
+            self.assertEqual((code, head.get("allow")), (405, "GET, HEAD"), method)
+        self.assertEqual(self.state("fine"), "completed")
+        code, head, body = self.get(url, "/", "HEAD")
+        self.assertEqual((code, body), (200, ""))
+        self.assertEqual(self.get(url, "/" + "x" * 70000)[0], 414)
+        self.stop(p, signal.SIGINT)
+
+    def test_a_token_guards_every_page_when_set(self):
+        self.hostile_queue()
+        token_file = os.path.join(self.tmp, "token")
+        with open(token_file, "w") as f:
+            f.write("s3cret-s3cret-s3cret\n")
+        os.chmod(token_file, 0o644)
+        _, err = self.serve("--token-file", token_file, "--bind", "127.0.0.1:0", code=2)
+        self.assertIn("chmod 600", err)
+        _, err = self.serve("--bind", "0.0.0.0:0", code=2)     # not loopback, no token
+        self.assertIn("ssh -L 8765:127.0.0.1:8765", err)
+        self.serve("--bind", "nonsense", code=2)
+        os.chmod(token_file, 0o600)
+        p, url = self.serve("--bind", "0.0.0.0:0", "--token-file", token_file)
+        self.assertIn("(a token is required)", p.said)
+        url = url.replace("0.0.0.0", "127.0.0.1")
+        for path in ("/", "/job/fine", "/metrics", "/api/status", "/api/jobs/fine"):
+            self.assertEqual(self.get(url, path)[0], 401, path)
+            self.assertEqual(self.get(url, path, headers={
+                "Authorization": "Bearer s3cret-s3cret-wrong"})[0], 401, path)
+            self.assertEqual(self.get(url, path, headers={
+                "Authorization": "Bearer s3cret-s3cret-s3cret"})[0], 200, path)
+        code, head, _ = self.get(url, "/job/fine?token=s3cret-s3cret-s3cret")
+        self.assertEqual((code, head["location"]), (303, "/job/fine"))
+        cookie = head["set-cookie"].split(";")[0]
+        self.assertIn("HttpOnly", head["set-cookie"])
+        self.assertEqual(self.get(url, "/job/fine", headers={"Cookie": cookie})[0], 200)
+        self.assertEqual(self.get(url, "/?token=wrong")[0], 401)
+        self.assertEqual(self.get(url, "/", headers={"Cookie": "queuectl_token=x"})[0], 401)
+        self.stop(p)
+
+    def test_logs_are_tailed_in_bytes_and_never_through_a_symlink(self):
+        self.enqueue("--id", "big", "yes 0123456789abcdef | head -c 300000; echo; echo LAST")
+        self.enqueue("--id", "linked", "echo mine")
+        self.drained(0)
+        p, url = self.serve("--bind", "127.0.0.1:0")
+        _, _, page = self.get(url, "/job/big")
+        log = page.split('<pre id="log">', 1)[1].split("</pre>", 1)[0]
+        self.assertLessEqual(len(log.encode()), queuectl.SERVE_LOG_TAIL)
+        self.assertIn("LAST", log)
+        self.assertIn("the last", page)
+        secret = os.path.join(self.tmp, "secret")
+        with open(secret, "w") as f:
+            f.write("TOP-SECRET\n")
+        path = os.path.join(self.home, "logs", "linked.log")
+        os.unlink(path)
+        os.symlink(secret, path)
+        code, _, page = self.get(url, "/job/linked")
+        self.assertEqual(code, 200)
+        self.assertNotIn("TOP-SECRET", page)
+        self.assertIn("not a regular file", page)
+        self.stop(p)
+
+    def test_a_stalled_client_never_holds_up_workers_or_other_clients(self):
+        import socket
+        p, url = self.serve("--bind", "127.0.0.1:0")
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        stalled = []
+        for _ in range(3):                          # half a request, then nothing
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            stalled.append(s)
+        self.addCleanup(lambda: [s.close() for s in stalled])
+        self.enqueue("--id", "meanwhile", "echo meanwhile")
+        self.drained(0)                                 # its writes go through
+        code, _, page = self.get(url, "/job/meanwhile")
+        self.assertEqual(code, 200)
+        self.assertIn("completed", page)
+        self.stop(p)
+
+    def test_a_running_jobs_page_follows_its_log(self):
+        self.enqueue("--id", "slowly", "echo first; sleep 0.5; echo second; sleep 30")
+        w = self.start_worker()
+        p, url = self.serve("--bind", "127.0.0.1:0")
+        self.wait_for(lambda: "second" in self.get(url, "/job/slowly")[2], what="log line")
+        _, _, page = self.get(url, "/job/slowly")
+        self.assertIn('<span class="st-processing">processing</span>', page)
+        self.assertIn("every=2000", page)          # refreshed while it runs
+        _, _, overview = self.get(url, "/")
+        self.assertIn("Running (1)", overview)
+        self.assertRegex(overview, rf"<td[^>]*>{self.job('slowly')['pid']}</td>")
+        self.ok("cancel", "slowly")
+        w.send_signal(signal.SIGTERM)
+        w.wait(timeout=30)
+        self.stop(p)
+
+    def test_in_a_real_browser(self):
+        """Where chromium is installed: what the browser builds from the
+        overview and a job page, the refresh script's work included, and
+        screenshots at desktop and phone widths (kept in
+        QUEUECTL_SCREENSHOTS=DIR when set)."""
+        import shutil
+        browser = next(filter(None, map(shutil.which, (
+            "chromium", "chromium-browser", "google-chrome"))), None)
+        if browser is None:
+            self.skipTest("no chromium installed")
+        self.hostile_queue()
+        self.enqueue("--id", "running", "sleep 30")
+        self.start_worker()
+        self.wait_for(lambda: self.state("running") == "processing", what="job to start")
+        p, url = self.serve("--bind", "127.0.0.1:0")
+        shots = os.environ.get("QUEUECTL_SCREENSHOTS") or self.tmp
+        os.makedirs(shots, exist_ok=True)
+        profile = os.path.join(self.tmp, "chromium")
+
+        def chromium(*args):
+            r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                                "--no-first-run", f"--user-data-dir={profile}", *args],
+                               capture_output=True, text=True, timeout=90)
+            return r.stdout
+
+        dom = chromium("--virtual-time-budget=12000", "--dump-dom", url)
+        self.assertIn('<a href="/job/evil">evil</a>', dom)
+        self.assertIn("Running (1)", dom)
+        refreshed = re.search(r'id="updated" data-refreshed="(\d+)"', dom)
+        self.assertTrue(refreshed and int(refreshed[1]) >= 1,
+                        "the refresh script did not run: " + dom[:300])
+        self.assertNotIn("<script>alert", dom)
+        dom = chromium("--dump-dom", url + "job/evil")
+        self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt;", dom)
+        dark = ("--force-dark-mode", "--blink-settings=preferredColorScheme=0")
+        for name, size, flags in (("desktop", "1280,900", ()), ("phone", "390,844", ()),
+                                  ("dark", "1280,900", dark)):
+            for page in ("", "job/evil"):
+                path = os.path.join(shots, f"{name}-{page.replace('/', '-') or 'overview'}.png")
+                chromium(f"--screenshot={path}", f"--window-size={size}",
+                         "--hide-scrollbars", *flags, url + page)
+                with open(path, "rb") as f:
+                    self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+                self.assertGreater(os.path.getsize(path), 5000)
+        self.stop(p)
 
 class TestMetrics(QueueTest):
     def test_the_whole_output_follows_the_exposition_format(self):
