@@ -4487,7 +4487,11 @@ def normalized(text, home=None, shown=None, ids=()):
             (r"\b[0-9a-hjkmnp-tv-z]{6}\b", lambda m: "ID" if any(
                 c.isdigit() for c in m.group()) else m.group()),
             (r"(?m)^\d+$", "PID"), (r"\bpid \d+", "pid PID"),
-            (r"(?<=  )(now|DUR ago)(?=  |$)", "WHEN"), (r"(?<=\S) {2,}", "  "), (r" +$", "")]
+            (r"@run-[0-9a-hjkmnp-tv-z]{6}\b", "@run-ID"),
+            (r"\b((today|tomorrow) )?\d\d:\d\d\b", "CLOCK"),
+            (r"(?<=  )(now|DUR ago)(?=  |$)", "WHEN"),
+            (r"(?<=since )(now|DUR ago)\b|(?<=\()(now|DUR ago)(?=\))", "WHEN"),
+            (r"(?<=\S) {2,}", "  "), (r" +$", "")]
     for pattern, repl in subs:
         text = re.sub(pattern, repl, text, flags=re.M)
     return text
@@ -4550,21 +4554,25 @@ class TestReadme(QueueTest):
         fresh = any(re.match(r"\$ export QUEUECTL_HOME=", line) for line in block)
         env = dict(self.env, PATH=bindir + ":" + self.env["PATH"], QUEUECTL_HOME=home,
                    COLUMNS="80", TZ="UTC")
-        shown, out = home, []
+        shown, out = "/root/.queuectl", []         # the default home, as root sees it
         if not fresh:                    # an empty home that exists (says nothing)
             import contextlib
             import io
             with contextlib.redirect_stderr(io.StringIO()):
                 queuectl.Store(home).close()
-        for line in block:
+        for i, line in enumerate(block):
             if not line.startswith("$ "):
                 continue
-            out.append(line)
+            typed = [line]               # and the lines a trailing \ continues it on
+            while typed[-1].endswith("\\") and i + len(typed) < len(block):
+                typed.append(block[i + len(typed)])
+            out += typed
             m = re.match(r"export QUEUECTL_HOME=(\S+)", line[2:])
             if m:
                 shown = m.group(1)
                 continue
-            r = subprocess.run(["bash", "-c", line[2:]], env=env, cwd=self.work, timeout=60,
+            r = subprocess.run(["bash", "-c", "\n".join(typed)[2:]], env=env, cwd=self.work,
+                               timeout=60,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             out += r.stdout.splitlines()             # as a terminal shows both
         run = os.path.join(home, "run")
