@@ -5575,6 +5575,21 @@ def sparkline(values):
     top = max(values, default=0)
     return "".join(" " if not v else SPARKS[min(int(v / top * 7.999), 7)] for v in values)
 
+def running_shares(store, now):
+    """[(job, seconds it has run, its queue's usual (p50) run time or None,
+    whether it is slow)] of the running jobs, as top and serve show them."""
+    running = [j for j in store.processing() if j["state"] == PROCESSING]
+    if not running:
+        return []
+    ctx, usual = WhyContext(store, now), {}
+    for q, h in store.history_totals(queues=sorted({j["queue"] for j in running})).items():
+        usual[q] = history_figures(h)["run_p50"]
+    out = []
+    for j in running:
+        ran, slow = now - epoch(j["started_at"]), ctx.slow_after(j["queue"])
+        out.append((j, ran, usual.get(j["queue"]), bool(slow and ran > slow[0])))
+    return out
+
 def render_top(store, home, width, height, live=True):
     """One frame of `top`, most important first, so a short terminal cuts
     from the bottom: the counts, running jobs (pid, run time and its share
@@ -5587,18 +5602,13 @@ def render_top(store, home, width, height, live=True):
     clock = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(now))
     lines = [f"queuectl top  {home}  {clock}" + ("  (q to quit)" if live else ""),
              summary[0], summary[-1], ""]
-    running = [j for j in store.processing() if j["state"] == PROCESSING]
+    running = running_shares(store, now)
     lines.append(f"running ({len(running)}):")
     if running:
-        ctx, usual = WhyContext(store, now), {}
-        for q, h in store.history_totals(queues=sorted({j["queue"] for j in running})).items():
-            usual[q] = history_figures(h)["run_p50"]
         rows = []
-        for j in running:
-            ran = now - epoch(j["started_at"])
-            p50, slow = usual.get(j["queue"]), ctx.slow_after(j["queue"])
+        for j, ran, p50, slow in running:
             share = f"{ran / p50 * 100:.0f}% of {human_duration(p50)}" if p50 else "-"
-            if slow and ran > slow[0]:
+            if slow:
                 share += ", slow"
             rows.append([j["id"], j["queue"], j["pid"], human_duration(ran), share,
                          one_line(j["command"])])
@@ -8082,19 +8092,14 @@ def serve_overview(store, home, now, nonce):
                        spark_svg(ended, failed) + f" {sum(ended)} ended, {sum(failed)} failed"])
     out.append(html_table(["queue"] + [html_state(s) for s in STATES]
                           + ["limit", "paused", "last 24 h"], rows, narrow=(4, 6, 7, 8)))
-    running = [j for j in store.processing() if j["state"] == PROCESSING]
+    running = running_shares(store, now)
     out.append(f"<h2>Running ({len(running)})</h2>")
     if running:
-        ctx, usual = WhyContext(store, now), {}
-        for q, h in store.history_totals(queues=sorted({j["queue"] for j in running})).items():
-            usual[q] = history_figures(h)["run_p50"]
         rows = []
-        for j in running:
-            ran = now - epoch(j["started_at"])
-            p50, slow = usual.get(j["queue"]), ctx.slow_after(j["queue"])
+        for j, ran, p50, slow in running:
             share = (f'<meter min="0" max="100" value="{min(ran / p50 * 100, 100):.0f}">'
                      f"</meter> {ran / p50 * 100:.0f}% of {human_duration(p50)}"
-                     if p50 else "-") + (", slow" if slow and ran > slow[0] else "")
+                     if p50 else "-") + (", slow" if slow else "")
             rows.append([html_job_link(j["id"]), e(j["queue"]), str(j["pid"] or "starting"),
                          human_duration(ran), share, e(one_line(j["command"]))])
         out.append(html_table(["id", "queue", "pid", "ran", "of usual (p50)", "command"],
