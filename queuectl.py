@@ -7764,16 +7764,21 @@ def prom_value(v):
 # or stalled client holds no lock and no transaction.
 
 SERVE_BIND = "127.0.0.1:8765"
-SERVE_THREADS = 8                        # requests served at once; more wait
-SERVE_TIMEOUT = 10                       # seconds a client may stall a request
+SERVE_THREADS = 8                        # requests served at once; more get 503
+SERVE_TIMEOUT = 10                       # seconds a client has to send its request
+SERVE_BUSY = 5                           # seconds a request waits for a locked
+                                         # database (QUEUECTL_BUSY_TIMEOUT, if less)
+SERVE_BUDGET = 20                        # seconds any one query may take
 SERVE_LOG_TAIL = 64 * 1024               # bytes of a log a job page shows
 SERVE_LIST = 50                          # newest jobs and dead jobs listed
+SERVE_API_LIMIT = (100, 10_000)          # /api/jobs: default and largest limit
 
 # The CLI's colours (STATE_COLORS), as CSS: one ANSI code, one colour.
 ANSI_CSS = {"36": "color:#0a8a9a", "33": "color:#a86b00", "32": "color:#1a7f37",
             "1;31": "color:#c62828;font-weight:bold", "2": "color:#777"}
 
 SERVE_CSS = """
+:root{color-scheme:light dark}
 body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1b1b1b;background:#fff}
 header{display:flex;flex-wrap:wrap;gap:.3em 1em;padding:.5em 1em;background:#eef1f4}
 header a{font-weight:bold;color:inherit}main{padding:0 1em 1em}
@@ -7782,17 +7787,20 @@ table{border-collapse:collapse;display:block;overflow-x:auto;max-width:100%}
 th,td{text-align:left;padding:.15em .6em .15em 0;vertical-align:top;white-space:nowrap}
 td.cmd,td.wrap{white-space:normal;word-break:break-all;min-width:12em}
 th{font-weight:600;border-bottom:1px solid #ccc}
-pre{background:#f6f8fa;padding:.6em;overflow-x:auto;white-space:pre-wrap;
-word-break:break-all;max-height:60vh}
-code,pre,td.mono{font-family:ui-monospace,monospace;font-size:13px}
+.tail{display:flex;flex-direction:column-reverse;overflow:auto;max-height:60vh;
+background:#f6f8fa}
+pre{margin:0;padding:.6em;white-space:pre-wrap;word-break:break-all}
+code,pre{font-family:ui-monospace,monospace;font-size:13px}
 .muted{color:#777}svg.spark{vertical-align:middle}
 svg .ok{stroke:#1a7f37;fill:none}svg .bad{stroke:#c62828;fill:none}
 a{color:#0b5cad}@media (max-width:640px){.opt{display:none}}
 @media (prefers-color-scheme:dark){body{background:#15181c;color:#dde}
-header{background:#23272e}pre{background:#1e2227}th{border-color:#444}a{color:#6cb6ff}}
+header{background:#23272e}.tail{background:#1e2227}th{border-color:#444}a{color:#6cb6ff}}
 """
 
 # The refresh: fetch this page again every few seconds, swap in its <main>.
+# A log's box is anchored at its end (column-reverse), so it shows the
+# newest lines, before and after each swap, with or without this script.
 SERVE_JS = """(function(){var n=0,every=%d,up=document.getElementById("updated");
 function tick(){fetch(location.pathname,{cache:"no-store",credentials:"same-origin"})
 .then(function(r){if(!r.ok)throw new Error("HTTP "+r.status);return r.text()})
@@ -7802,12 +7810,17 @@ up.textContent=d.getElementById("updated").textContent;up.dataset.refreshed=++n}
 .catch(function(e){up.textContent="not refreshed: "+e.message})
 .finally(function(){setTimeout(tick,every)})}setTimeout(tick,every)})();"""
 
+# A token travels in a header and a cookie: letters, digits and . _ ~ + / = -
+# (base64 and its URL-safe form).
+TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                        "0123456789._~+/=-")
+
 def parse_bind(text):
     """--bind HOST:PORT (HOST a name or address, [::1] for IPv6; :PORT for
     every address) -> (host, port, whether it is loopback only)."""
     import ipaddress
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise UsageError(f"invalid --bind {text!r}: give HOST:PORT, such as {SERVE_BIND}")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
@@ -7817,22 +7830,41 @@ def parse_bind(text):
     return host, int(port), loopback
 
 def read_token(path):
-    """The token in --token-file: a file only its owner can read."""
+    """The token in --token-file: a regular file only its owner can read,
+    holding 16-4096 of TOKEN_CHARS."""
     import stat
     try:
-        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         raise UsageError(f"cannot read the token file {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+        os.close(fd)
+        raise UsageError(f"the token file {path} must be a regular file that only "
+                         f"its owner can read (chmod 600 {path})")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
-            raise UsageError(f"the token file {path} must be a regular file that only "
-                             f"its owner can read (chmod 600 {path})")
-        token = f.read(4097).decode("utf-8", "replace").strip()
-    if not 16 <= len(token) <= 4096 or not token.isprintable() or " " in token:
-        raise UsageError(f"the token in {path} must be 16-4096 printable characters with "
-                         "no blank (head -c 24 /dev/urandom | base64 makes one)")
-    return token
+        token = f.read(4097).strip()
+    if not 16 <= len(token) <= 4096 or not set(token.decode("latin-1")) <= TOKEN_CHARS:
+        raise UsageError(f"the token in {path} must be 16-4096 letters, digits or . _ ~ + / "
+                         "= - (head -c 24 /dev/urandom | base64 makes one)")
+    return token.decode("ascii")
+
+def check_serve_home(home):
+    """Refuse at start a home serve could not read (another user's, one
+    others can write, a schema to migrate), as the CLI would; a home with
+    no queue yet is served empty, and said so."""
+    if not os.path.exists(os.path.join(home, "queue.db")):
+        if os.path.isdir(home):
+            check_private(home, "home directory")
+        elif os.path.lexists(home):
+            raise UsageError(f"the home {home} is not a directory; give --home "
+                             "(or QUEUECTL_HOME) a directory")
+        sys.stderr.write(f"queuectl: note: there is no queue in {home} yet; it is "
+                         "served as empty until a command creates it\n")
+        return
+    check_private(home, "home directory")
+    check_private(os.path.join(home, "queue.db"), "database")
+    serve_store(home).close()
 
 def cmd_serve(args):
     """Serve the status page, /metrics and /api until SIGTERM or SIGINT."""
@@ -7846,6 +7878,8 @@ def cmd_serve(args):
         raise UsageError(f"refusing to serve on {args.bind}, which is not loopback, "
                          "without --token-file; or use the default and an ssh tunnel: "
                          "ssh -L 8765:127.0.0.1:8765 HOST")
+    check_serve_home(args.home)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)    # a client gone: an error, not death
 
     class Server(http.server.ThreadingHTTPServer):
         daemon_threads = True
@@ -7853,7 +7887,17 @@ def cmd_serve(args):
         slots = threading.BoundedSemaphore(SERVE_THREADS)
 
         def process_request(self, request, client_address):
-            self.slots.acquire()         # at most SERVE_THREADS at once
+            # At most SERVE_THREADS at once; the next gets a 503 from here,
+            # never a wait that would hold up this loop (and shutdown).
+            if not self.slots.acquire(blocking=False):
+                try:
+                    request.settimeout(1)
+                    request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1"
+                                    b"\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass
+                self.shutdown_request(request)
+                return
             try:
                 super().process_request(request, client_address)
             except BaseException:
@@ -7865,6 +7909,11 @@ def cmd_serve(args):
                 super().process_request_thread(request, client_address)
             finally:
                 self.slots.release()
+
+        def handle_error(self, request, client_address):
+            e = sys.exc_info()[1]
+            if not isinstance(e, (ConnectionError, TimeoutError)):   # a client gone
+                sys.stderr.write(f"queuectl serve: error: {client_address[0]}: {e!r}\n")
 
     try:
         server = Server((host, port), serve_handler(args.home, token))
@@ -7881,8 +7930,30 @@ def cmd_serve(args):
         server.serve_forever(poll_interval=0.5)
     finally:
         server.server_close()
+    # Requests in flight get a moment to finish: take back every slot.
+    deadline = time.monotonic() + 2
+    for _ in range(SERVE_THREADS):
+        Server.slots.acquire(timeout=max(deadline - time.monotonic(), 0))
     print("queuectl: serve stopped", flush=True)
     return EXIT_OK
+
+class Deadline:
+    """A request's input with one deadline for all of it: a client that
+    sends its request a byte at a time is cut off when it passes, not at
+    each read's timeout."""
+
+    def __init__(self, f, sock, seconds):
+        self.f, self.sock, self.until = f, sock, time.monotonic() + seconds
+
+    def readline(self, *a):
+        left = self.until - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request took too long")
+        self.sock.settimeout(left)
+        return self.f.readline(*a)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
 
 def serve_handler(home, token):
     """The request handler of serve: GET and HEAD of its pages, nothing else."""
@@ -7897,9 +7968,16 @@ def serve_handler(home, token):
         sys_version = ""
         timeout = SERVE_TIMEOUT
 
+        def setup(self):
+            super().setup()
+            self.rfile = Deadline(self.rfile, self.connection, SERVE_TIMEOUT)
+
         def log_request(self, code="-", size="-"):
-            if not isinstance(code, int) or code >= 400:    # the refresh is frequent
-                super().log_request(code, size)
+            # Errors only (the refresh is frequent), without the query: it
+            # may hold a mistyped token.
+            if not isinstance(code, int) or code >= 400:
+                path = urllib.parse.urlsplit(getattr(self, "path", "")).path
+                self.log_message("%s %s %s", getattr(self, "command", "-"), path, code)
 
         def log_message(self, fmt, *a):
             sys.stderr.write(f"queuectl serve: {self.address_string()} {fmt % a}\n")
@@ -7913,7 +7991,7 @@ def serve_handler(home, token):
         def refuse(self):
             self.reply(405, "text/plain", b"only GET and HEAD: serve is read-only\n",
                        body=True, extra={"Allow": "GET, HEAD"})
-        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = refuse
+        do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = refuse
 
         def reply(self, code, kind, data, body, extra=()):
             self.send_response(code)
@@ -7928,7 +8006,7 @@ def serve_handler(home, token):
             if body:
                 self.wfile.write(data)
 
-        def authorized(self, url):
+        def authorized(self):
             """Whether the request carries the token (always, with none set):
             as a Bearer header, or the cookie a ?token= link sets."""
             if token is None:
@@ -7938,50 +8016,85 @@ def serve_handler(home, token):
                 name, _, value = part.strip().partition("=")
                 if name == "queuectl_token":
                     given.append(value)
-            return any(hmac.compare_digest(g.encode(), token.encode()) for g in given if g)
+            return any(hmac.compare_digest(g.encode("utf-8", "replace"), token.encode())
+                       for g in given if g)
 
         def answer(self, body):
             url = urllib.parse.urlsplit(self.path)
-            query = urllib.parse.parse_qs(url.query)
+            query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
             if token is not None and "token" in query:
-                ok = hmac.compare_digest(query["token"][0].encode(), token.encode())
+                ok = hmac.compare_digest(query["token"][0].encode("utf-8", "replace"),
+                                         token.encode())
+                # Lax: the link may be opened from another site (a chat, a
+                # wiki); the cookie only ever reads.
                 return self.reply(303 if ok else 401, "text/plain",
                                   b"see the page without the token\n" if ok else
                                   b"wrong token\n", body,
                                   {"Location": url.path or "/", "Set-Cookie":
                                    f"queuectl_token={token}; Path=/; HttpOnly; "
-                                   "SameSite=Strict"} if ok else {})
-            if not self.authorized(url):
+                                   "SameSite=Lax"} if ok else {})
+            if not self.authorized():
                 return self.reply(401, "text/plain", b"a token is required: an "
                                   b"Authorization: Bearer header, or a ?token= link\n",
                                   body, {"WWW-Authenticate": "Bearer"})
-            nonce = secrets.token_urlsafe(12)
+            if url.path == "/favicon.ico":
+                return self.reply(204, "image/x-icon", b"", body)
+            nonce, extra = secrets.token_urlsafe(12), {}
             try:
                 code, kind, text = serve_route(home, url.path, query, nonce)
-            except (UsageError, QueuectlError) as e:
-                code, kind, text = (400 if isinstance(e, UsageError) else 404,
-                                    "text/plain", str(e) + "\n")
+            except UsageError as e:
+                code, kind, text = 400, "text/plain", f"{e}\n"
+            except BusyError as e:
+                code, kind, text = 503, "text/plain", f"{e}\n"
+                extra["Retry-After"] = "5"
+            except QueuectlError as e:
+                code, kind, text = 500, "text/plain", f"{e}\n"
+                sys.stderr.write(f"queuectl serve: error: {url.path}: {e}\n")
             except Exception as e:       # noqa: BLE001  a page, not the server
                 sys.stderr.write(f"queuectl serve: error: {url.path}: {e!r}\n")
                 code, kind, text = 500, "text/plain", "could not read the queue; see " \
                     "serve's log\n"
             if kind == "json":
                 kind, text = "application/json", json.dumps(text, indent=2) + "\n"
-            csp = (f"default-src 'none'; style-src 'nonce-{nonce}'; script-src "
-                   f"'nonce-{nonce}'; connect-src 'self'; img-src 'self'; base-uri "
-                   "'none'; form-action 'none'; frame-ancestors 'none'")
-            self.reply(code, kind, text.encode("utf-8", "replace"), body,
-                       {"Content-Security-Policy": csp} if kind.startswith("text/html")
-                       else {})
+            if kind.startswith("text/html"):
+                extra["Content-Security-Policy"] = (
+                    f"default-src 'none'; style-src 'nonce-{nonce}'; script-src "
+                    f"'nonce-{nonce}'; connect-src 'self'; img-src 'self'; base-uri "
+                    "'none'; form-action 'none'; frame-ancestors 'none'")
+            self.reply(code, kind, text.encode("utf-8", "replace"), body, extra)
     return Handler
+
+def serve_store(home):
+    """A store for one request: read-only (no home created, no migration,
+    no write), waiting at most SERVE_BUSY for a locked database; an empty
+    one while the home has no queue."""
+    path = os.path.join(home, "queue.db")
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return Store(home, memory=True)
+    except OSError as e:
+        raise QueuectlError(f"cannot read {path}: {e.strerror}") from None
+    store = Store.read_only(home, SERVE_BUDGET)
+    store.busy_timeout = min(SERVE_BUSY, busy_timeout())
+    try:
+        store.db.execute(f"PRAGMA busy_timeout = {int(store.busy_timeout * 1000)}")
+        version = store.db.execute("PRAGMA user_version").fetchone()[0]
+    except store.sqlite3.Error as e:
+        store.close()
+        raise store._error(e) from None
+    if version != SCHEMA_VERSION:
+        store.close()
+        raise QueuectlError(f"{path} has schema {version}, not {SCHEMA_VERSION}: "
+                            "run queuectl status once (as its owner) to upgrade it")
+    return store
 
 def serve_route(home, path, query, nonce):
     """(status, content type or "json", text) of one GET."""
-    store = Store(home) if os.path.exists(os.path.join(home, "queue.db")) \
-        else Store(home, memory=True)
+    parts = [urllib_unquote(p) for p in path.strip("/").split("/")] if path != "/" else []
+    store = serve_store(home)
     try:
         now = time.time()
-        parts = [urllib_unquote(p) for p in path.strip("/").split("/")] if path != "/" else []
         if not parts:
             return 200, "text/html; charset=utf-8", serve_overview(store, home, now, nonce)
         if parts == ["metrics"]:
@@ -7990,30 +8103,51 @@ def serve_route(home, path, query, nonce):
             return 200, "json", status_info(store, now)[0]
         if parts == ["api", "jobs"]:
             return 200, "json", serve_list(store, home, query)
-        if len(parts) == 3 and parts[:2] == ["api", "jobs"]:
-            return 200, "json", show_info(store, home, store.must_get(parts[2]))[0]
-        if len(parts) == 2 and parts[0] == "job":
-            return 200, "text/html; charset=utf-8", serve_job(
-                store, home, store.must_get(parts[1]), now, nonce)
+        job = serve_job_of(store, parts[2]) if len(parts) == 3 and \
+            parts[:2] == ["api", "jobs"] else serve_job_of(store, parts[1]) \
+            if len(parts) == 2 and parts[0] == "job" else False
+        if job is None:
+            return 404, "text/plain", f"no job {'/'.join(parts[-1:])}\n"
+        if job and parts[0] == "api":
+            return 200, "json", show_info(store, home, job)[0]
+        if job:
+            return 200, "text/html; charset=utf-8", serve_job(store, home, job, now, nonce)
         return 404, "text/plain", f"no page {path}\n"
     finally:
         store.close()
 
+def serve_job_of(store, text):
+    """The job a path names (an id, or #N), or None: an invalid id is a
+    UsageError (400), an unknown one None (404)."""
+    try:
+        return store.get(store.resolve(text))
+    except UsageError:
+        raise
+    except BusyError:
+        raise
+    except QueuectlError:                # no job numbered N
+        return None
+
 def urllib_unquote(text):
     import urllib.parse
-    return urllib.parse.unquote(text, errors="strict")
+    try:
+        return urllib.parse.unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise UsageError(f"invalid path part {text[:40]!r}: not UTF-8") from None
 
 def serve_list(store, home, query):
-    """/api/jobs?state=S&queue=Q&label=L&limit=N: what list --json prints."""
+    """/api/jobs?state=S&queue=Q&label=L&limit=N: what list --json prints,
+    with list's checks; the newest SERVE_API_LIMIT[0] unless limit says."""
     states = [s for v in query.get("state", []) for s in v.split(",")]
     queues = [check_name(q, "queue") for v in query.get("queue", []) for q in v.split(",")]
     labels = [check_label(v) for v in query.get("label", [])]
     bad = [s for s in states if s not in STATES]
     if bad:
         raise UsageError(f"invalid state {bad[0]!r}: one of " + ", ".join(STATES))
-    limit = query.get("limit", ["0"])[-1]
-    if not limit.isdigit() or not limit.isascii():
-        raise UsageError(f"invalid limit {limit!r}: a whole number, 0 = all")
+    limit = query.get("limit", [str(SERVE_API_LIMIT[0])])[-1]
+    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= SERVE_API_LIMIT[1]:
+        raise UsageError(f"invalid limit {limit[:40]!r}: a whole number from 1 to "
+                         f"{SERVE_API_LIMIT[1]} (queuectl list --json has no limit)")
     rows, _ = store.list_jobs(states or None, queues or None, int(limit), labels or None)
     cfg = Config(home).load()
     return [job_public(j, home, cfg) for j in rows]
@@ -8142,6 +8276,15 @@ def serve_overview(store, home, now, nonce):
             narrow=(1, 3, 4, 6)))
     return html_page(home, "queuectl", "".join(out), nonce, 5000)
 
+def terminal_text(text):
+    """A log's text as a terminal would leave it on screen, roughly: colour
+    and other escape sequences dropped, a carriage return (a progress bar)
+    a new line, other control characters shown as U+FFFD."""
+    import re
+    text = re.sub(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-_])", "", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "\ufffd", text)
+
 def serve_job(store, home, job, now, nonce):
     """A job's page: show's fields, its attempts, why it waits, its log's tail."""
     import html
@@ -8155,9 +8298,10 @@ def serve_job(store, home, job, now, nonce):
             [[str(n), html_state(st), e(end), e(use) + (" (after a retry by hand)"
                                                           if again else "")]
              for n, st, end, use, again in attempt_rows(attempts)]))
-    if job["state"] in (PENDING, FAILED):
-        out.append("<h2>Why it is not running</h2><ul>" + "".join(
-            f"<li>{e(t)}</li>" for _, t, _ in why_reasons(store, job, now)) + "</ul>")
+    heading = {PENDING: "Why it is not running", FAILED: "Why it is not running",
+               PROCESSING: "Why"}.get(job["state"], "How it ended")
+    out.append(f"<h2>{heading}</h2><ul>" + "".join(
+        f"<li>{e(t)}</li>" for _, t, _ in why_reasons(store, job, now)) + "</ul>")
     try:
         f = open_log(log_path(home, job["id"]))
     except QueuectlError as err:     # a planted symlink: said, never followed
@@ -8171,12 +8315,13 @@ def serve_job(store, home, job, now, nonce):
             size = os.fstat(f.fileno()).st_size
             f.seek(max(size - SERVE_LOG_TAIL, 0))
             data = f.read(SERVE_LOG_TAIL)
-        if size > SERVE_LOG_TAIL:
-            data = data.partition(b"\n")[2]
+        if size > SERVE_LOG_TAIL:        # from a line's start, or a character's
+            cut = data.find(b"\n", 0, 4096)
+            data = data[cut + 1:] if cut >= 0 else data.lstrip(bytes(range(0x80, 0xc0)))
         note = (f" (the last {human_size(len(data))} of {human_size(size)}; "
                 f"queuectl logs {job['id']} prints it all)" if size > SERVE_LOG_TAIL else "")
-        out.append(f"<h2>Log{e(note)}</h2><pre id=\"log\">"
-                   f"{e(data.decode('utf-8', 'replace'))}</pre>")
+        out.append(f"<h2>Log{e(note)}</h2><div class=\"tail\"><pre id=\"log\">"
+                   f"{e(terminal_text(data.decode('utf-8', 'replace')))}</pre></div>")
     out.append("<h2>What show says</h2>" + html_table(["field", "value"], [
         [e(k), html_state(v) if k == "state" else e(v)]
         for k, v in show_fields(pub, blocked)], {1: "wrap"}))

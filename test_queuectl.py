@@ -6016,10 +6016,15 @@ class TestServe(QueueTest):
         self.assertEqual((code, head["location"]), (303, "/job/fine"))
         cookie = head["set-cookie"].split(";")[0]
         self.assertIn("HttpOnly", head["set-cookie"])
+        self.assertIn("SameSite=Lax", head["set-cookie"])   # a link from a chat works
         self.assertEqual(self.get(url, "/job/fine", headers={"Cookie": cookie})[0], 200)
         self.assertEqual(self.get(url, "/?token=wrong")[0], 401)
         self.assertEqual(self.get(url, "/", headers={"Cookie": "queuectl_token=x"})[0], 401)
-        self.stop(p)
+        self.assertEqual(self.get(url, "/?token=s3cret-s3cret-s3creT")[0], 401)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+        self.assertIn("GET / 401", err)
+        self.assertNotIn("s3creT", err)                     # a near miss is never logged
 
     def test_logs_are_tailed_in_bytes_and_never_through_a_symlink(self):
         self.enqueue("--id", "big", "yes 0123456789abcdef | head -c 300000; echo; echo LAST")
@@ -6074,6 +6079,142 @@ class TestServe(QueueTest):
         self.ok("cancel", "slowly")
         w.send_signal(signal.SIGTERM)
         w.wait(timeout=30)
+        self.stop(p)
+
+    def test_a_client_that_hangs_up_or_resets_never_ends_the_server(self):
+        import socket
+        import struct
+        self.ok("enqueue", "--stdin", input="true\n" * 300)
+        p, url = self.serve("--bind", "127.0.0.1:0")
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        for path, reset in (("/api/jobs?limit=300", False), ("/", True)) * 3:
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            if reset:                                   # a reset, not a goodbye
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()                   # gone before the answer: it writes to no one
+        time.sleep(0.3)
+        self.assertIsNone(p.poll(), "serve ended when a client went away")
+        self.assertEqual(self.get(url, "/")[0], 200)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+        self.assertEqual(p.returncode, 0, err)
+        self.assertNotIn("Traceback", err)
+
+    def test_a_home_it_cannot_use_is_refused_at_start(self):
+        import pwd
+        self.enqueue("true")
+        os.chown(self.home, pwd.getpwnam("nobody").pw_uid, -1)
+        _, err = self.serve("--bind", "127.0.0.1:0", code=2)
+        self.assertIn("belongs to nobody", err)
+        os.chown(self.home, os.getuid(), -1)
+        self.env["QUEUECTL_HOME"] = os.path.join(self.tmp, "afile")
+        with open(self.env["QUEUECTL_HOME"], "w"):
+            pass
+        _, err = self.serve("--bind", "127.0.0.1:0", code=2)
+        self.assertIn("is not a directory", err)
+
+    def test_it_never_writes_not_even_a_migration(self):
+        self.enqueue("--id", "j", "true")
+        p, url = self.serve("--bind", "127.0.0.1:0")
+        con = sqlite3.connect(os.path.join(self.home, "queue.db"))
+        con.execute("PRAGMA user_version = 4")          # as if an older queuectl made it
+        code, _, body = self.get(url, "/")
+        self.assertEqual(code, 500)
+        self.assertIn("run queuectl status once", body)
+        self.assertEqual(con.execute("PRAGMA user_version").fetchone()[0], 4)
+        con.execute(f"PRAGMA user_version = {queuectl.SCHEMA_VERSION}")
+        con.close()
+        self.stop(p)
+
+    def test_a_locked_database_is_a_503_to_retry(self):
+        self.enqueue("--id", "j", "true")
+        self.env["QUEUECTL_BUSY_TIMEOUT"] = "0.5"
+        p, url = self.serve("--bind", "127.0.0.1:0")
+        con = sqlite3.connect(os.path.join(self.home, "queue.db"), isolation_level=None)
+        con.execute("PRAGMA locking_mode = EXCLUSIVE")
+        con.execute("BEGIN EXCLUSIVE")
+        con.execute("UPDATE jobs SET priority = 1")
+        con.execute("COMMIT")                           # the lock stays: exclusive mode
+        code, head, body = self.get(url, "/metrics")
+        self.assertEqual((code, head.get("retry-after")), (503, "5"), body)
+        con.close()
+        self.assertEqual(self.get(url, "/metrics")[0], 200)
+        self.stop(p)
+
+    def test_more_clients_than_threads_get_a_503_and_stop_still_stops(self):
+        import socket
+        p, url = self.serve("--bind", "127.0.0.1:0")
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        slow = []
+        for _ in range(queuectl.SERVE_THREADS):       # each holds a thread
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.sendall(b"GET / HTTP/1.1\r\n")
+            slow.append(s)
+        self.addCleanup(lambda: [s.close() for s in slow])
+        self.wait_for(lambda: self.get(url, "/")[0] == 503, what="a 503")
+        started = time.monotonic()
+        self.stop(p)
+        self.assertLess(time.monotonic() - started, 10)
+
+    def test_a_request_has_one_deadline_for_all_of_it(self):
+        import socket
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        f = queuectl.Deadline(a.makefile("rb"), a, 0.3)
+        b.sendall(b"GET / HTTP/1.1\r\n")
+        self.assertEqual(f.readline(), b"GET / HTTP/1.1\r\n")
+        b.sendall(b"X-a: 1\r\n")                        # one header, in time
+        self.assertEqual(f.readline(), b"X-a: 1\r\n")
+        time.sleep(0.35)
+        b.sendall(b"X-b: 2\r\n")                        # the next, too late
+        with self.assertRaises(TimeoutError):
+            f.readline()
+
+    def test_odd_requests_and_options_get_a_clear_answer(self):
+        self.enqueue("--id", "j", "true")
+        for bind in ("127.0.0.1:\u0663", "127.0.0.1:\u00b9", "127.0.0.1:99999"):
+            self.serve("--bind", bind, code=2)
+        fifo = os.path.join(self.tmp, "fifo")
+        os.mkfifo(fifo, 0o600)
+        for path, text in ((fifo, "regular file"), (self.tmp, "regular file")):
+            self.assertIn(text, self.serve("--token-file", path, code=2)[1])
+        bad = os.path.join(self.tmp, "bad-token")
+        with open(bad, "w") as f:
+            f.write("abcdefghijklmnop;q=1")
+        os.chmod(bad, 0o600)
+        self.assertIn("letters, digits", self.serve("--token-file", bad, code=2)[1])
+        self.ok("enqueue", "--stdin", input="true\n" * 120)
+        p, url = self.serve("--bind", "127.0.0.1:0")
+        self.assertEqual(len(json.loads(self.get(url, "/api/jobs")[2])), 100)
+        self.assertEqual(len(json.loads(self.get(url, "/api/jobs?limit=121")[2])), 121)
+        for path in ("/job/%ff", "/api/jobs?state=", "/api/jobs?queue=", "/api/jobs?limit=0",
+                     "/api/jobs?limit=99999999999999999999", "/api/jobs?label="):
+            self.assertEqual(self.get(url, path)[0], 400, path)
+        self.assertEqual(self.get(url, "/favicon.ico")[0], 204)
+        self.assertEqual(self.get(url, "/", "TRACE")[0], 405)
+        self.assertEqual(self.get(url, "/job/%231")[0], 200)      # #1: job number 1
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+        self.assertNotIn("Traceback", err)
+
+    def test_log_tails_show_what_a_terminal_would(self):
+        self.enqueue("--id", "long", "head -c 200000 /dev/zero | tr '\\0' x; echo; "
+                     "printf '\\033[31mred\\033[0m\\000 50%%\\r100%%\\n'")
+        self.enqueue("--id", "dead", "exit 3")
+        self.ok("config", "set", "max_retries", "0")
+        self.drained(1)
+        p, url = self.serve("--bind", "127.0.0.1:0")
+        _, _, page = self.get(url, "/job/long")
+        log = page.split('<pre id="log">', 1)[1].split("</pre>", 1)[0]
+        self.assertGreater(log.count("x"), 60000)       # one line longer than the tail
+        self.assertIn("red\ufffd 50%\n100%", log)
+        self.assertNotIn("\x1b", log)
+        self.assertIn('<div class="tail">', page)       # anchored at its newest line
+        _, _, page = self.get(url, "/job/dead")
+        self.assertIn("How it ended", page)
+        self.assertIn("exit code 3", page.split("How it ended", 1)[1])
         self.stop(p)
 
     def test_in_a_real_browser(self):
