@@ -4568,6 +4568,8 @@ class TestReadme(QueueTest):
         fresh = any(re.match(r"\$ export QUEUECTL_HOME=", line) for line in block)
         env = dict(self.env, PATH=bindir + ":" + self.env["PATH"], QUEUECTL_HOME=home,
                    COLUMNS="80", TZ="UTC")
+        for name in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS"):    # from `make test`: a job's
+            env.pop(name, None)                             # make would say its level
         shown, out = "/root/.queuectl", []         # the default home, as root sees it
         if not fresh:                    # an empty home that exists (says nothing)
             import contextlib
