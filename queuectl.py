@@ -246,6 +246,9 @@ class UsageError(QueuectlError):
 class BusyError(QueuectlError):
     code = EXIT_TEMPFAIL
 
+class NoSuchJob(QueuectlError):
+    """A job named by id or number that does not exist (serve: a 404)."""
+
 
 # Fault points ################################################################
 
@@ -2650,7 +2653,7 @@ class Store:
     def must_get(self, job_id):
         job = self.get(self.resolve(job_id))
         if job is None:
-            raise QueuectlError(f"no job with id {job_id!r}")
+            raise NoSuchJob(f"no job with id {job_id!r}")
         return job
 
     def resolve(self, text):
@@ -2663,7 +2666,7 @@ class Store:
                 (num != text or not self.get(check_name(text))):
             rows = self.q(SQL_JOB_BY_SEQ, (int(num),))
             if not rows:
-                raise QueuectlError(f"no job numbered {num}")
+                raise NoSuchJob(f"no job numbered {num}")
             return rows[0][0]
         return check_name(text)
 
@@ -8103,30 +8106,18 @@ def serve_route(home, path, query, nonce):
             return 200, "json", status_info(store, now)[0]
         if parts == ["api", "jobs"]:
             return 200, "json", serve_list(store, home, query)
-        job = serve_job_of(store, parts[2]) if len(parts) == 3 and \
-            parts[:2] == ["api", "jobs"] else serve_job_of(store, parts[1]) \
-            if len(parts) == 2 and parts[0] == "job" else False
-        if job is None:
-            return 404, "text/plain", f"no job {'/'.join(parts[-1:])}\n"
-        if job and parts[0] == "api":
+        api = len(parts) == 3 and parts[:2] == ["api", "jobs"]
+        if not api and not (len(parts) == 2 and parts[0] == "job"):
+            return 404, "text/plain", f"no page {path}\n"
+        try:                             # an id, or #N; an invalid id is a 400
+            job = store.must_get(parts[-1])
+        except NoSuchJob as e:
+            return 404, "text/plain", f"{e}\n"
+        if api:
             return 200, "json", show_info(store, home, job)[0]
-        if job:
-            return 200, "text/html; charset=utf-8", serve_job(store, home, job, now, nonce)
-        return 404, "text/plain", f"no page {path}\n"
+        return 200, "text/html; charset=utf-8", serve_job(store, home, job, now, nonce)
     finally:
         store.close()
-
-def serve_job_of(store, text):
-    """The job a path names (an id, or #N), or None: an invalid id is a
-    UsageError (400), an unknown one None (404)."""
-    try:
-        return store.get(store.resolve(text))
-    except UsageError:
-        raise
-    except BusyError:
-        raise
-    except QueuectlError:                # no job numbered N
-        return None
 
 def urllib_unquote(text):
     import urllib.parse
