@@ -1244,7 +1244,8 @@ def profile_worker(n):
     """Where a worker's job threads spend their time: a Worker of queuectl
     runs here, two job threads each under its own cProfile, draining n
     `true` jobs; the merged profile, by own time. Wall-clock time: a call
-    that releases the GIL also counts the wait to take it back."""
+    that releases the GIL also counts the wait to take it back. Then
+    step_cpu: the CPU of each step of a job."""
     import cProfile
     import pstats
     q = _import_queuectl()
@@ -1273,7 +1274,73 @@ def profile_worker(n):
     for prof in profiles[1:]:
         stats.add(prof)
     stats.sort_stats("tottime").print_stats(30)
+    step_cpu(q, n)
     return 0
+
+# The steps of a job in a worker's job thread that step_cpu times: (label,
+# where it is, its name there). Nested steps are timed inside their callers.
+STEPS = (("one attempt: claim to end (execute)", "Attempts", "execute"),
+         ("  open the log", "", "open_private"),
+         ("  the environment", "Attempts", "_job_env"),
+         ("  posix_spawn", "", "spawn"),
+         ("  wait for its end", "", "wait_exit"),
+         ("record the end, claim the next (_record)", "Attempts", "_record"),
+         ("  BEGIN", "_Transaction", "__enter__"),
+         ("  the statements of the record", "Store", "finish"),
+         ("  the claim", "Store", "claim"),
+         ("  COMMIT", "_Transaction", "__exit__"),
+         ("  the footer", "Attempts", "_footer"),
+         ("  remove the status file", "", "remove_file"),
+         ("  the worker's line (say)", "WorkerState", "say"),
+         ("log lines (header, footer)", "", "log_line"),
+         ("human_time", "", "human_time"))
+
+def step_cpu(q, n):
+    """A second drain of n `true` jobs, not under cProfile: the CPU time
+    (time.thread_time) of each job thread, split by STEPS, per job; and the
+    CPU of the jobs' shells (the children this process reaped)."""
+    import collections
+    spent, calls, saved = collections.Counter(), collections.Counter(), []
+
+    def timing(label, fn):
+        def timed_step(*args, **kwargs):
+            t = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] += time.thread_time() - t
+                calls[label] += 1
+        return timed_step
+    for label, where, name in STEPS:
+        owner = getattr(q, where) if where else q
+        saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, timing(label, getattr(owner, name)))
+    run_thread, total = q.Worker._job_thread, [0.0]
+
+    def measured(self):
+        t = time.thread_time()
+        try:
+            run_thread(self)
+        finally:
+            total[0] += time.thread_time() - t
+    q.Worker._job_thread = measured
+    try:
+        with Sandbox("profile-steps") as sb:
+            sb.cli("enqueue", "--stdin", input="true\n" * n, timeout=120)
+            c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            with open(os.devnull, "w") as out:
+                took, _code = timed(q.Worker(sb.home, count=2, drain=True, out=out).run)
+            c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    finally:
+        q.Worker._job_thread = run_thread
+        for owner, name, fn in reversed(saved):
+            setattr(owner, name, fn)
+    shells = (c1.ru_utime - c0.ru_utime + c1.ru_stime - c0.ru_stime) / n
+    print(f"\nCPU per job, not under the profiler ({n / took:.0f} jobs/s): the job threads "
+          f"{total[0] / n * 1e6:.0f} us, the jobs' shells {shells * 1e6:.0f} us")
+    print(f"  {'step':44} {'us/job':>7} {'calls/job':>9}")
+    for label, _where, _name in STEPS:
+        print(f"  {label:44} {spent[label] / n * 1e6:7.1f} {calls[label] / n:9.1f}")
 
 
 def _guarded(rep, name, fn):

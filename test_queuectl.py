@@ -7699,6 +7699,22 @@ class TestBenchSmoke(unittest.TestCase):
                     "idle", "rss"):
             self.assertIn(key, text)
 
+    def test_profile_splits_a_jobs_cpu_by_step(self):
+        # Its steps name queuectl's functions: a rename must not break it.
+        bench = os.path.join(HERE, "bench_queuectl.py")
+        r = subprocess.run([PY, bench, "--profile", "60"], capture_output=True,
+                           text=True, timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        self.assertRegex(r.stdout, r"CPU per job, not under the profiler \(\d+ jobs/s\): "
+                                   r"the job threads \d+ us, the jobs' shells \d+ us")
+        sys.path.insert(0, HERE)
+        try:
+            import bench_queuectl
+        finally:
+            sys.path.remove(HERE)
+        for label, _where, _name in bench_queuectl.STEPS:
+            self.assertRegex(r.stdout, "\n  " + re.escape(label) + r" +\d+\.\d +\d+\.\d\n")
+
 
 # Runner ######################################################################
 
