@@ -473,9 +473,9 @@ def bench_throughput(rep, n, rounds):
         c0 = cpu(resource.RUSAGE_CHILDREN)
         p = sb.spawn([PY, PROG, "worker", "start", "--count", "2", "--drain"])
         took, code = timed(wait_proc, p, 60 + n * 0.1, "worker --drain")
-        # The reaped worker's CPU and its jobs' (it reaped them).
+        used = cpu(resource.RUSAGE_CHILDREN) - c0   # the worker's, and its jobs' (it reaped them)
         if cpus is not None:
-            cpus.append((cpu(resource.RUSAGE_CHILDREN) - c0 - startup_cpu()) / n)
+            cpus.append((used - startup_cpu()) / n)
         done = sb.count("completed")
         if done != n:
             raise RuntimeError(f"only {done} of {n} jobs completed (exit {code})")
