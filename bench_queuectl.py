@@ -1199,7 +1199,8 @@ def main(argv=None):
                          "runs .pth hooks (default: a clean venv of it)")
     ap.add_argument("--profile", type=int, metavar="N", nargs="?", const=3000,
                     help="only profile a worker's two job threads draining N "
-                         "true jobs (cProfile, in this process) and print it")
+                         "true jobs (cProfile, in this process) and print it, "
+                         "then the CPU of each step of a job in a second drain")
     args = ap.parse_args(argv)
     QUIET = args.json
     if args.profile:
