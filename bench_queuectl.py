@@ -1245,14 +1245,17 @@ def profile_worker(n):
     """Where a worker's job threads spend their time: a Worker of queuectl
     runs here, two job threads each under its own cProfile, draining n
     `true` jobs; the merged profile, by own time. Wall-clock time: a call
-    that releases the GIL also counts the wait to take it back. Then
+    that releases the GIL also counts the wait to take it back. From
+    Python 3.12 one profiler watches every thread (sys.monitoring allows
+    one at a time), so the worker's main thread is in it too. Then
     step_cpu: the CPU of each step of a job."""
     import cProfile
     import pstats
     q = _import_queuectl()
+    whole = sys.version_info >= (3, 12)
     with Sandbox("profile") as sb:
         sb.cli("enqueue", "--stdin", input="true\n" * n, timeout=120)
-        profiles = []
+        profiles = [cProfile.Profile()] if whole else []
         run_thread = q.Worker._job_thread
 
         def profiled(self):
@@ -1263,14 +1266,24 @@ def profile_worker(n):
                 run_thread(self)
             finally:
                 prof.disable()
-        q.Worker._job_thread = profiled
-        with open(os.devnull, "w") as out:
-            worker = q.Worker(sb.home, count=2, drain=True, out=out)
-            took, _code = timed(worker.run)
-        q.Worker._job_thread = run_thread
+        if not whole:
+            q.Worker._job_thread = profiled
+        try:
+            with open(os.devnull, "w") as out:
+                worker = q.Worker(sb.home, count=2, drain=True, out=out)
+                if whole:
+                    profiles[0].enable()
+                try:
+                    took, _code = timed(worker.run)
+                finally:
+                    if whole:
+                        profiles[0].disable()
+        finally:
+            q.Worker._job_thread = run_thread
         done = sb.count("completed")
     print(f"{done} of {n} jobs in {took:.2f}s under the profiler ({done / took:.0f} jobs/s), "
-          f"Python {platform.python_version()} ({PY})")
+          f"Python {platform.python_version()} ({PY}); "
+          + ("every thread" if whole else "the job threads"))
     stats = pstats.Stats(profiles[0])
     for prof in profiles[1:]:
         stats.add(prof)
