@@ -4284,7 +4284,9 @@ class TestHabitsFromTspAndPueue(QueueTest):
         self.assertIn("workers: 1 job thread in 1 live worker process", self.ok("status"))
         self.assertEqual(self.running_count(), 3)        # nothing is killed
         self.go()
-        self.wait_for(lambda: self.ok("list", "--state", "completed").count("g") == 3,
+        # By id: a row's WHEN says "1s ago" a second after its end (a "g").
+        self.wait_for(lambda: sorted(j["id"] for j in json.loads(self.ok(
+            "list", "--state", "completed", "--json"))) == ["g0", "g1", "g2"],
                       what="the gated jobs to end")
         os.unlink(self.path("go"))
         for i in range(3, 6):
