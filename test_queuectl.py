@@ -7700,6 +7700,13 @@ class TestBenchSmoke(unittest.TestCase):
         for key in ("throughput", "enqueue", "bulk", "pickup", "status", "claim",
                     "idle", "rss"):
             self.assertIn(key, text)
+        # What group commit could save, measured: two CPU figures per job.
+        batched = report["figures"]["record_batched"]
+        self.assertEqual(batched["baseline_is"], "1 per transaction")
+        self.assertGreater(batched["value"], 0)
+        self.assertGreater(batched["baseline"], 0)
+        self.assertTrue(any(n.startswith("group commit: recording 8 ends per transaction "
+                                         "would save") for n in report["notes"]), report["notes"])
 
     def test_profile_splits_a_jobs_cpu_by_step(self):
         # Its steps name queuectl's functions: a rename must not break it.
