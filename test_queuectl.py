@@ -754,6 +754,15 @@ class QueueTest(unittest.TestCase):
         with open(self.path("go"), "w"):
             pass
 
+    def drain_adopting_the_gated_job(self):
+        """A worker --drain that adopts a running gate_cmd() job: the gate
+        opens once it says so (the job still runs when it is adopted), and
+        the drain must exit 0."""
+        b = self.bg("--drain")
+        self.wait_out(b, "adopted", "the running job to be adopted")
+        self.go()
+        self.assertEqual(b.wait(timeout=30), 0, self.err(b))
+
     def run_files(self, suffixes):
         try:
             names = os.listdir(os.path.join(self.home, "run"))
@@ -3376,10 +3385,7 @@ class TestCrashRecovery(QueueTest):
         self.wait_running("backup")
         os.kill(w.pid, signal.SIGKILL)
         w.wait(timeout=10)
-        b = self.bg("--drain")                            # a new worker adopts it
-        self.wait_out(b, "adopted", "the running job to be adopted")
-        self.go()
-        self.assertEqual(b.wait(timeout=30), 0, self.err(b))
+        self.drain_adopting_the_gated_job()               # a new worker adopts it
         self.assertEqual(self.lines("runs"), ["start", "done"])   # ran exactly once
         job = self.job("backup")
         self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
@@ -3477,10 +3483,7 @@ class TestSuspendedWorker(QueueTest):
         con.commit()
         info = json.loads(self.ok("worker", "status", "--json"))
         self.assertEqual([w["pid"] for w in info], [a.pid])    # alive: it holds its lock
-        b = self.bg("--drain")                            # recovers the stale worker's job
-        self.wait_out(b, "adopted", "the running job to be adopted")
-        self.go()
-        self.assertEqual(b.wait(timeout=30), 0, self.err(b))
+        self.drain_adopting_the_gated_job()               # recovers the stale worker's job
         job = self.job("long")
         self.assertEqual((job["state"], job["attempts"], job["exit_code"]),
                          ("completed", 1, 0))
