@@ -3160,15 +3160,17 @@ class TestCancelThenRetry(QueueTest):
                 f"for p in $(cat {pids} 2>/dev/null); do "
                 f"s=$(cut -d' ' -f3 /proc/$p/stat 2>/dev/null); "
                 f"if [ -n \"$s\" ] && [ \"$s\" != Z ]; then echo overlap:$p >> {trace}; fi; "
-                f"done; echo $$ >> {pids}; {trap}; "
+                f"done; echo $$ >> {pids}; {trap}; echo $$ >> {self.path('trapped')}; "
                 + WAIT_GO.format(go=self.path("go")) + f"; echo end:$$ >> {trace}")
 
-    def cancel_then_retry(self, trap):
+    def cancel_then_retry(self, trap, grace):
         self.enqueue("--id", "c", self.command(trap))
         self.spawn_worker("--count", "2")
         self.wait_running("c")
-        self.wait_for(lambda: self.lines("trace"), what="the job to start")
-        cancel = subprocess.Popen([*QUEUECTL, "cancel", "c", "--grace", "1"], env=self.env,
+        # Cancelled only once its trap is set: a TERM before it would end
+        # the shell at once, which is not what these tests are about.
+        self.wait_for(lambda: self.lines("trapped"), what="the job to set its trap")
+        cancel = subprocess.Popen([*QUEUECTL, "cancel", "c", "--grace", grace], env=self.env,
                                   cwd=self.work,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True)
@@ -3186,14 +3188,14 @@ class TestCancelThenRetry(QueueTest):
         return self.lines("trace"), [int(p) for p in self.lines("pids")]
 
     def test_retry_right_after_cancel_waits_for_the_trapping_job(self):
-        trace, pids = self.cancel_then_retry(
-            f"trap 'sleep 0.5; echo end:$$ >> {self.path('trace')}; exit 143' TERM")
+        trace, pids = self.cancel_then_retry(      # the grace is never used up
+            f"trap 'sleep 0.5; echo end:$$ >> {self.path('trace')}; exit 143' TERM", "10")
         self.assertEqual(len(pids), 2, trace)
         p1, p2 = pids
         self.assertEqual(trace, [f"start:{p1}", f"end:{p1}", f"start:{p2}", f"end:{p2}"])
 
     def test_retry_right_after_cancel_waits_for_a_job_ignoring_term(self):
-        trace, pids = self.cancel_then_retry("trap '' TERM")     # SIGKILL after ~1 s
+        trace, pids = self.cancel_then_retry("trap '' TERM", "1")     # SIGKILL after 1 s
         self.assertEqual(len(pids), 2, trace)
         p1, p2 = pids
         self.assertEqual(trace, [f"start:{p1}", f"start:{p2}", f"end:{p2}"])
@@ -5647,9 +5649,10 @@ class TestActingOnManyJobs(QueueTest):
         del w
 
     def test_cancel_grace_then_kill(self):
-        self.enqueue("--id", "stubborn", "trap '' TERM; while :; do sleep 0.05; done")
+        self.enqueue("--id", "stubborn",
+                     "trap '' TERM; touch trapped; while :; do sleep 0.05; done")
         self.start_worker()
-        self.wait_running("stubborn")
+        self.wait_for(lambda: os.path.exists(self.path("trapped")), what="the trap to be set")
         started = time.monotonic()
         self.ok("cancel", "stubborn", "--grace", "0.3")
         self.assertLess(time.monotonic() - started, 8)
