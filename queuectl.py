@@ -1930,11 +1930,14 @@ ATTEMPTS_TABLE = """CREATE TABLE attempts (
 # as durations), in the queue's stats row: one write per attempt, not two.
 RSS_COLUMNS = tuple(f"rss_b{i}" for i in range(len(RSS_BUCKETS)))
 
-# What ended attempts cost, per queue and hour: the one source of stats,
-# metrics and the slow-job mark. prune never touches it. A row covers span
-# seconds from start (epoch): an hour (3600); a day (86400) once older than
-# HISTORY_HOURLY_DAYS (rolled up by prune and by workers, hourly); span 0
-# (start 0) holds what 1.2's counters had counted before the history began.
+# What ended attempts cost, per queue and quarter hour: the one source of
+# stats, metrics and the slow-job mark. prune never touches it. A row covers
+# span seconds from start (epoch): HISTORY_SLOT, a quarter hour, so that the
+# local hours and days of every zone (UTC+5:30 and +5:45 too) are whole
+# numbers of rows (earlier homes may hold hours, 3600); a UTC day (86400)
+# once older than HISTORY_HOURLY_DAYS (rolled up by prune and by workers,
+# hourly); span 0 (start 0) holds what 1.2's counters had counted before the
+# history began.
 # Each attempt adds 1 to one bucket column of run time (RUN_COLUMNS, by
 # DURATION_BUCKETS; longer ones only in run_count, the +Inf bucket) and of
 # peak RSS (RSS_COLUMNS), as Prometheus histograms count (not cumulative).
@@ -1945,6 +1948,7 @@ HISTORY_SUMS = (("attempts", "INTEGER"), ("failures", "INTEGER"), ("run_sum", "R
                 ("rss_sum", "REAL"), ("rss_count", "INTEGER"),
                 *((c, "INTEGER") for c in RUN_COLUMNS + RSS_COLUMNS))
 
+HISTORY_SLOT = 900
 HISTORY_HOURLY_DAYS = 90
 
 HISTORY_TABLE = ("CREATE TABLE history (\n    queue TEXT NOT NULL,\n    start INTEGER NOT NULL,"
@@ -1967,13 +1971,13 @@ def _bucket_sums(column, bounds):
     return [f"sum(coalesce({column} > {lo} AND {column} <= {hi}, 0))"
             for lo, hi in zip((-1,) + bounds[:-1], bounds)]
 
-# Hours older than HISTORY_HOURLY_DAYS (whole UTC days before ?) become days.
+# Slots older than HISTORY_HOURLY_DAYS (whole UTC days before ?) become days.
 SQL_HISTORY_ROLLUP = [
     f"""INSERT INTO history (queue, start, span, {_HISTORY_NAMES}, rss_max)
     SELECT queue, start - start % 86400, 86400, {', '.join(f'sum({c})' for c, _ in HISTORY_SUMS)},
-    max(rss_max) FROM history WHERE span = 3600 AND start < ?
+    max(rss_max) FROM history WHERE span > 0 AND span < 86400 AND start < ?
     GROUP BY queue, start - start % 86400 """ + _HISTORY_MERGE,
-    "DELETE FROM history WHERE span = 3600 AND start < ?"]
+    "DELETE FROM history WHERE span > 0 AND span < 86400 AND start < ?"]
 
 SQL_HISTORY_TOTALS = (f"SELECT queue, {', '.join(f'sum({c})' for c, _ in HISTORY_SUMS)}, "
                       "max(rss_max) FROM history WHERE start >= ?{where} GROUP BY queue "
@@ -1983,15 +1987,15 @@ SQL_HISTORY_SERIES = ("SELECT start, " + ", ".join(f"sum({c})" for c, _ in HISTO
                       + ", max(rss_max) FROM history WHERE start >= ?{where} "
                       "GROUP BY start ORDER BY start")
 
-# 1.3's migration: the history, from 1.2's attempts (by the hour they ended)
-# and, for what they no longer hold (pruned), its counters (start 0).
+# 1.3's migration: the history, from 1.2's attempts (by the slot they ended
+# in) and, for what they no longer hold (pruned), its counters (start 0).
 _HISTORY_FROM_ATTEMPTS = f"""INSERT INTO history (queue, start, span, {_HISTORY_NAMES}, rss_max)
-    SELECT queue, CAST(ended_at / 3600 AS INTEGER) * 3600, 3600, count(*),
-    sum(state != 'completed'), coalesce(sum(wall), 0), count(wall),
+    SELECT queue, CAST(ended_at / {HISTORY_SLOT} AS INTEGER) * {HISTORY_SLOT}, {HISTORY_SLOT},
+    count(*), sum(state != 'completed'), coalesce(sum(wall), 0), count(wall),
     coalesce(sum(cpu_user), 0), coalesce(sum(cpu_sys), 0), coalesce(sum(max_rss), 0),
     count(max_rss), {', '.join(_bucket_sums('wall', DURATION_BUCKETS))},
     {', '.join(_bucket_sums('max_rss', RSS_BUCKETS))}, coalesce(max(max_rss), 0)
-    FROM attempts GROUP BY queue, CAST(ended_at / 3600 AS INTEGER)"""
+    FROM attempts GROUP BY queue, CAST(ended_at / {HISTORY_SLOT} AS INTEGER)"""
 
 _HISTORY_BEFORE = f"""INSERT INTO history (queue, start, span, {_HISTORY_NAMES}, rss_max)
     SELECT s.queue, 0, 0, {', '.join(
@@ -3023,8 +3027,8 @@ class Store:
         return state, unblocked, error
 
     def add_history(self, queue, now, failed, duration, use):
-        """An ended attempt in its queue's history row of the hour (one
-        statement, in the transaction that records it)."""
+        """An ended attempt in its queue's history row of the quarter hour
+        (one statement, in the transaction that records it)."""
         rss = use["max_rss"]
         runs = [0] * len(DURATION_BUCKETS)
         if duration is not None and duration <= DURATION_BUCKETS[-1]:
@@ -3033,7 +3037,8 @@ class Store:
         if rss is not None and rss <= RSS_BUCKETS[-1]:
             sizes[next(i for i, b in enumerate(RSS_BUCKETS) if rss <= b)] = 1
         self.x(SQL_HISTORY_ADD, (
-            queue, int(now // 3600 * 3600), 3600, 1, int(failed), duration or 0.0,
+            queue, int(now // HISTORY_SLOT * HISTORY_SLOT), HISTORY_SLOT, 1, int(failed),
+            duration or 0.0,
             int(duration is not None), use["cpu_user"] or 0.0, use["cpu_sys"] or 0.0,
             rss or 0, int(rss is not None), *runs, *sizes, rss or 0))
 
@@ -3058,7 +3063,7 @@ class Store:
             SQL_HISTORY_SERIES.format(where=where), params)]
 
     def roll_up_history(self, now):
-        """Hours older than HISTORY_HOURLY_DAYS become days; rows written."""
+        """Slots older than HISTORY_HOURLY_DAYS become days; rows written."""
         cutoff = int((now - HISTORY_HOURLY_DAYS * 86400) // 86400 * 86400)
         with self.tx():
             for sql in SQL_HISTORY_ROLLUP:
@@ -8210,7 +8215,8 @@ def serve_overview(store, home, now, nonce):
         for start, h in store.history_series(hour - 23 * 3600, [q]):
             i = int((start - (hour - 23 * 3600)) // 3600)
             if 0 <= i < 24:
-                ended[i], failed[i] = h["attempts"], h["failures"]
+                ended[i] += h["attempts"]                # four quarter hours
+                failed[i] += h["failures"]
         rows.append([e(q)] + [str(c.get(s, 0)) for s in STATES]
                     + [str(limits.get(QUEUE_KEY + q, "-")),
                        "paused" if q in paused or "*" in paused else "",

@@ -5946,6 +5946,22 @@ class TestServe(QueueTest):
         self.enqueue("--id", "later", "--delay", "1h", "echo later")
         self.ok("schedule", "add", "nightly", "0 3 * * *", "--", "echo nightly")
 
+    def test_the_sparkline_sums_an_hours_quarters(self):
+        # The history is kept by the quarter hour; the overview's line has
+        # a point per hour, the sum of its four.
+        hour = int(time.time() // 3600 * 3600)
+        store = queuectl.Store(self.home)
+        self.addCleanup(store.close)
+        use = {"max_rss": None, "cpu_user": None, "cpu_sys": None}
+        with store.tx():
+            for minute, failed in ((1, False), (20, True), (50, False), (-70, False)):
+                store.add_history("default", hour - 3600 + minute * 60, failed, 0.01, use)
+        page = queuectl.serve_overview(store, self.home, hour + 60, "n")
+        self.assertIn("4 ended, 1 failed", page)
+        points = re.search(r'class="ok" points="([^"]+)"', page)[1].split()
+        self.assertEqual([float(p.split(",")[1]) for p in points[-4:]],   # of 3 at most:
+                         [13.3, 19.0, 2.0, 19.0])      # 1, none, 3, none this hour
+
     def test_every_page_shows_what_the_cli_shows(self):
         self.hostile_queue()
         p, url = self.serve("--bind", "127.0.0.1:0")
@@ -7235,7 +7251,7 @@ class TestAccounting(QueueTest):
         self.assertEqual(self.fails(2, "stats", "--since", "soon").code, 2)
 
 class TestHistory(QueueTest):
-    """Issue 25: the history per queue and hour, which prune keeps; stats
+    """Issue 25: the history per queue and quarter hour, which prune keeps; stats
     and metrics both read it."""
 
     def metric(self, name, **labels):
@@ -7284,6 +7300,28 @@ class TestHistory(QueueTest):
         days = json.loads(self.ok("stats", "--by", "day", "--json"))
         self.assertEqual(sum(d["attempts"] for d in days), 6)
         self.fails(2, "stats", "--by", "week")
+
+    def test_local_hours_and_days_are_whole_in_a_zone_off_the_hour(self):
+        # India is UTC+5:30, Nepal +5:45, Newfoundland -3:30: an attempt that
+        # ended 40 minutes past a UTC hour is in the row of the local hour
+        # (and day) it ended in, not in the one its UTC hour began in.
+        ended = int(time.time() // 3600 * 3600) - 2 * 3600 + 40 * 60
+        store = queuectl.Store(self.home)
+        self.addCleanup(store.close)
+        with store.tx():
+            store.add_history("default", ended, False, 0.01,
+                              {"max_rss": None, "cpu_user": None, "cpu_sys": None})
+        for tz in ("IST-5:30", "NPT-5:45", "NST+3:30", "UTC0"):
+            for by in ("hour", "day"):
+                with self.subTest(tz=tz, by=by):
+                    rows = json.loads(self.ok("stats", "--by", by, "--json",
+                                              env=dict(self.env, TZ=tz)))
+                    starts = [queuectl.epoch(r["start"]) for r in rows] + [time.time()]
+                    row = [i for i, r in enumerate(rows) if r["attempts"]]
+                    self.assertEqual(len(row), 1, rows)
+                    self.assertEqual(rows[row[0]]["attempts"], 1)
+                    self.assertTrue(starts[row[0]] <= ended < starts[row[0] + 1],
+                                    (rows[row[0]]["start"], ended))
 
     def test_old_hours_roll_up_into_days_and_totals_stay(self):
         self.enqueue("true")
