@@ -4518,7 +4518,8 @@ def normalized(text, home=None, shown=None, ids=()):
             (r"@run-[0-9a-hjkmnp-tv-z]{6}\b", "@run-ID"),
             (r"\b((today|tomorrow|Mon|Tue|Wed|Thu|Fri|Sat|Sun) )?\d\d:\d\d\b", "CLOCK"),
             (r"(?<=  )(now|DUR ago)(?=  |$)", "WHEN"),
-            (r"(?<=since )(now|DUR ago)\b|(?<=\()(now|DUR ago)(?=\))", "WHEN"),
+            # "(in 24m)" reads "(now)" in the second before a schedule's slot
+            (r"(?<=since )(now|DUR ago)\b|(?<=\()(now|DUR ago|in DUR)(?=\))", "WHEN"),
             (r"(?<= )(now|DUR ago)(?=, after )", "WHEN"),      # why: "dead 2s ago, after"
             (r"(?<=\S) {2,}", "  "), (r" +$", "")]
     for pattern, repl in subs:
@@ -7280,24 +7281,32 @@ class TestHistory(QueueTest):
                                      queue="default"), 10)
 
     def test_stats_by_hour_and_by_day_with_a_bar(self):
+        env = dict(self.env, TZ="UTC0")
         for _ in range(4):
             self.enqueue("true")
         self.drained(0)
-        con = self.db()                 # and 2 attempts three hours ago
-        hour = int(time.time() // 3600 * 3600) - 3 * 3600
+        con = self.db()                 # and 2 attempts three hours before them
+        hour = con.execute("SELECT max(start) FROM history").fetchone()[0] // 3600 * 3600
         con.execute("INSERT INTO history (queue, start, span, attempts, failures, "
-                    "run_count, run_b3) VALUES ('default', ?, 3600, 2, 1, 2, 2)", (hour,))
+                    "run_count, run_b3) VALUES ('default', ?, 3600, 2, 1, 2, 2)",
+                    (hour - 3 * 3600,))
         con.commit()
-        rows = json.loads(self.ok("stats", "--by", "hour", "--json"))
+        rows = json.loads(self.ok("stats", "--by", "hour", "--json", env=env))
         self.assertEqual(len(rows), 25)                 # the last 24 hours and this one
-        self.assertEqual([r["attempts"] for r in rows[-4:]], [2, 0, 0, 4])
-        self.assertEqual(rows[-4]["failures"], 1)
-        self.assertAlmostEqual(rows[-4]["run_p50"], 0.075)   # in (0.05, 0.1]: interpolated
-        out = self.ok("stats", "--by", "hour").splitlines()
+        # The attempts' hour is the last row, or the one before if an hour
+        # has begun since.
+        at = [queuectl.epoch(r["start"]) for r in rows].index(hour)
+        self.assertGreaterEqual(at, 23)
+        self.assertEqual([r["attempts"] for r in rows[at - 3:]], [2, 0, 0, 4] + [0] * (24 - at))
+        self.assertEqual(rows[at - 3]["failures"], 1)
+        self.assertAlmostEqual(rows[at - 3]["run_p50"], 0.075)   # in (0.05, 0.1]: interpolated
+        out = self.ok("stats", "--by", "hour", env=env).splitlines()
         self.assertEqual(out[0].split(), ["HOUR", "JOBS", "FAILED", "RUN", "p50", "RUN", "p95"])
-        self.assertTrue(out[-1].endswith("█" * 20), out[-1])       # the busiest hour
-        self.assertTrue(out[-4].endswith("█" * 10), out[-4])       # half of it
-        days = json.loads(self.ok("stats", "--by", "day", "--json"))
+        at = [line[:16] for line in out].index(time.strftime("%Y-%m-%d %H:%M",
+                                                              time.gmtime(hour)))
+        self.assertTrue(out[at].endswith("█" * 20), out[at])            # the busiest hour
+        self.assertTrue(out[at - 3].endswith("█" * 10), out[at - 3])    # half of it
+        days = json.loads(self.ok("stats", "--by", "day", "--json", env=env))
         self.assertEqual(sum(d["attempts"] for d in days), 6)
         self.fails(2, "stats", "--by", "week")
 
