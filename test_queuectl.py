@@ -7619,9 +7619,11 @@ class TestSchedules(QueueTest):
         con.commit()
         self.move_back("good", 1)
         self.move_back("bad", 1)
+        minute = time.time() // 60
         self.drain_within(30)
-        self.assertEqual([j["schedule"] for j in json.loads(self.ok("list", "--json"))],
-                         ["good"])
+        turned = time.time() // 60 != minute        # then the next slot may fire too
+        fired = [j["schedule"] for j in json.loads(self.ok("list", "--json"))]
+        self.assertIn(fired, (["good"], ["good"] * 2) if turned else (["good"],))
         self.assertIn("cannot fire: unknown job 'gone'", self.schedule("bad")["last_skip"])
         self.doctor_finds("UPDATE schedules SET cron = 'bogus cron' WHERE name = 'bad'",
                           "problem: schedule bad cannot fire: invalid schedule 'bogus cron'")
@@ -7702,9 +7704,11 @@ class TestSchedules(QueueTest):
     def test_catch_up_enqueues_only_the_latest_missed_slots(self):
         self.ok("schedule", "add", "sync", "* * * * *", "--catch-up", "3", "echo", "hi")
         self.move_back("sync", 30)
+        minute = time.time() // 60
         self.assertEqual(self.drain_within(30).code, 0)
+        turned = time.time() // 60 != minute        # then the next slot may fire too
         jobs = json.loads(self.ok("list", "--json"))
-        self.assertEqual(len(jobs), 3)
+        self.assertIn(len(jobs), (3, 4) if turned else (3,))
         sch = self.schedule("sync")
         self.assertIn(sch["skips"], (27, 28))
         self.assertIn("slots missed while no worker ran", sch["last_skip"])
