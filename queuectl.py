@@ -1935,9 +1935,10 @@ RSS_COLUMNS = tuple(f"rss_b{i}" for i in range(len(RSS_BUCKETS)))
 # span seconds from start (epoch): HISTORY_SLOT, a quarter hour, so that the
 # local hours and days of every zone (UTC+5:30 and +5:45 too) are whole
 # numbers of rows (earlier homes may hold hours, 3600); a UTC day (86400)
-# once older than HISTORY_HOURLY_DAYS (rolled up by prune and by workers,
-# hourly); span 0 (start 0) holds what 1.2's counters had counted before the
-# history began.
+# once older than HISTORY_FINE_DAYS (rolled up by prune and by workers,
+# hourly: past stats --by day's 30 days, so that quarter hours cost at most
+# 1.6 times the rows hours kept for 90 days did); span 0 (start 0) holds
+# what 1.2's counters had counted before the history began.
 # Each attempt adds 1 to one bucket column of run time (RUN_COLUMNS, by
 # DURATION_BUCKETS; longer ones only in run_count, the +Inf bucket) and of
 # peak RSS (RSS_COLUMNS), as Prometheus histograms count (not cumulative).
@@ -1949,7 +1950,7 @@ HISTORY_SUMS = (("attempts", "INTEGER"), ("failures", "INTEGER"), ("run_sum", "R
                 *((c, "INTEGER") for c in RUN_COLUMNS + RSS_COLUMNS))
 
 HISTORY_SLOT = 900
-HISTORY_HOURLY_DAYS = 90
+HISTORY_FINE_DAYS = 35
 
 HISTORY_TABLE = ("CREATE TABLE history (\n    queue TEXT NOT NULL,\n    start INTEGER NOT NULL,"
                  "\n    span INTEGER NOT NULL,\n" + "".join(
@@ -1971,7 +1972,7 @@ def _bucket_sums(column, bounds):
     return [f"sum(coalesce({column} > {lo} AND {column} <= {hi}, 0))"
             for lo, hi in zip((-1,) + bounds[:-1], bounds)]
 
-# Slots older than HISTORY_HOURLY_DAYS (whole UTC days before ?) become days.
+# Slots older than HISTORY_FINE_DAYS (whole UTC days before ?) become days.
 SQL_HISTORY_ROLLUP = [
     f"""INSERT INTO history (queue, start, span, {_HISTORY_NAMES}, rss_max)
     SELECT queue, start - start % 86400, 86400, {', '.join(f'sum({c})' for c, _ in HISTORY_SUMS)},
@@ -3063,8 +3064,8 @@ class Store:
             SQL_HISTORY_SERIES.format(where=where), params)]
 
     def roll_up_history(self, now):
-        """Slots older than HISTORY_HOURLY_DAYS become days; rows written."""
-        cutoff = int((now - HISTORY_HOURLY_DAYS * 86400) // 86400 * 86400)
+        """Slots older than HISTORY_FINE_DAYS become days; rows written."""
+        cutoff = int((now - HISTORY_FINE_DAYS * 86400) // 86400 * 86400)
         with self.tx():
             for sql in SQL_HISTORY_ROLLUP:
                 self.x(sql, (cutoff,))
@@ -6338,21 +6339,26 @@ def cmd_stats(args):
                  for r in rows], term_width()))
     return EXIT_OK
 
+def local_start(t, span):
+    """The start (epoch) of the local hour (span 3600) or day (86400) that
+    the instant t is in, by the offset in force at t: across a change of
+    daylight time, a day may last 23 or 25 hours, an hour repeat."""
+    lt = time.localtime(t)
+    if span == 3600:
+        return int(t - (t + lt.tm_gmtoff) % 3600)
+    return int(time.mktime((lt.tm_year, lt.tm_mon, lt.tm_mday, 0, 0, 0, 0, 0, -1)))
+
 def stats_by(store, args, now, since):
     """stats --by hour|day: one row per local hour or day (default: the
     last 24 hours, the last 30 days), empty ones included, with a bar."""
     span = {"hour": 3600, "day": 86400}[args.by]
     if since is None:
         since = now - 24 * span if span == 3600 else now - 30 * span
-    off = time.localtime(now).tm_gmtoff
-
-    def slot(t):
-        return int((t + off) // span * span - off)
-    first, sums = slot(since), {}
+    first, sums = local_start(since, span), {}
     for start, h in store.history_series(first, args.queue):
         if start == 0:
             continue                     # counted before the history began
-        acc = sums.setdefault(slot(start), dict.fromkeys(h, 0))
+        acc = sums.setdefault(local_start(start, span), dict.fromkeys(h, 0))
         for k, v in h.items():
             acc[k] = max(acc[k], v) if k == "rss_max" else acc[k] + v
     empty = dict.fromkeys([c for c, _ in HISTORY_SUMS] + ["rss_max"], 0)
@@ -6360,7 +6366,8 @@ def stats_by(store, args, now, since):
     t = first
     while t <= now:
         rows.append({"start": show_time(iso(t)), **history_figures(sums.get(t, empty))})
-        t = slot(t + span + 3600) if span == 86400 else t + span    # a DST day
+        nxt = local_start(t + span + 3600 if span == 86400 else t + span, span)
+        t = nxt if nxt > t else t + span         # a day whose midnight was skipped
     if args.json:
         print_json(rows)
         return EXIT_OK

@@ -7332,6 +7332,43 @@ class TestHistory(QueueTest):
                     self.assertTrue(starts[row[0]] <= ended < starts[row[0] + 1],
                                     (rows[row[0]]["start"], ended))
 
+    def test_local_days_and_hours_across_a_change_of_daylight_time(self):
+        # Berlin: summer time began on 2026-03-29 (a 23-hour day) and ended
+        # on 2026-10-25, when 02:00-03:00 came twice. Each row is a local day
+        # or hour by the offset of its own instants, not of "now".
+        code = ("import sys, io, json, argparse, contextlib, time; "
+                "sys.path.insert(0, sys.argv[1]); import queuectl as q\n"
+                "store = q.Store(sys.argv[2])\n"
+                "use = {'max_rss': None, 'cpu_user': None, 'cpu_sys': None}\n"
+                "with store.tx():\n"
+                "    for t in json.loads(sys.argv[3]):\n"
+                "        store.add_history('default', q.epoch(t), False, 0.01, use)\n"
+                "out = []\n"
+                "for by, now, since in json.loads(sys.argv[4]):\n"
+                "    buf = io.StringIO()\n"
+                "    with contextlib.redirect_stdout(buf):\n"
+                "        q.stats_by(store, argparse.Namespace(by=by, json=True, queue=None),\n"
+                "                   q.epoch(now), q.epoch(since))\n"
+                "    out.append([[time.strftime('%m-%d %H:%M', time.localtime(q.epoch(\n"
+                "        r['start']))), r['attempts']] for r in json.loads(buf.getvalue())])\n"
+                "print(json.dumps(out))\n")
+        ended = ["2026-03-19T23:30:00Z",           # Fri 00:30 CET
+                 "2026-03-29T12:00:00Z",           # Sun 14:00 CEST
+                 "2026-10-25T00:30:00Z",           # 02:30 CEST
+                 "2026-10-25T01:30:00Z"]           # 02:30 CET, an hour later
+        asks = [("day", "2026-04-05T10:00:00Z", "2026-03-18T12:00:00Z"),
+                ("hour", "2026-10-25T02:10:00Z", "2026-10-24T22:10:00Z")]
+        r = subprocess.run([PY, "-c", code, os.path.dirname(PROG), self.home,
+                            json.dumps(ended), json.dumps(asks)], capture_output=True,
+                           text=True, env=dict(self.env, TZ="Europe/Berlin"), timeout=30)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        days, hours = json.loads(r.stdout)
+        self.assertEqual([d for d, _ in days], [f"03-{n:02} 00:00" for n in range(18, 32)]
+                         + [f"04-{n:02} 00:00" for n in range(1, 6)])
+        self.assertEqual([d for d, n in days if n], ["03-20 00:00", "03-29 00:00"])
+        self.assertEqual(hours, [["10-25 00:00", 0], ["10-25 01:00", 0], ["10-25 02:00", 1],
+                                 ["10-25 02:00", 1], ["10-25 03:00", 0]])
+
     def test_old_hours_roll_up_into_days_and_totals_stay(self):
         self.enqueue("true")
         self.drained(0)
