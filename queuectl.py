@@ -1935,10 +1935,10 @@ RSS_COLUMNS = tuple(f"rss_b{i}" for i in range(len(RSS_BUCKETS)))
 # span seconds from start (epoch): HISTORY_SLOT, a quarter hour, so that the
 # local hours and days of every zone (UTC+5:30 and +5:45 too) are whole
 # numbers of rows (earlier homes may hold hours, 3600); a UTC day (86400)
-# once older than HISTORY_FINE_DAYS (rolled up by prune and by workers,
-# hourly: past stats --by day's 30 days, so that quarter hours cost at most
-# 1.6 times the rows hours kept for 90 days did); span 0 (start 0) holds
-# what 1.2's counters had counted before the history began.
+# once older than HISTORY_FINE_DAYS (rolled up by prune, and by workers
+# every hour; 35 days: past stats --by day's 30, and quarter hours then take
+# at most 1.6 times the rows that hours kept for 90 days took); span 0
+# (start 0) holds what 1.2's counters had counted before the history began.
 # Each attempt adds 1 to one bucket column of run time (RUN_COLUMNS, by
 # DURATION_BUCKETS; longer ones only in run_count, the +Inf bucket) and of
 # peak RSS (RSS_COLUMNS), as Prometheus histograms count (not cumulative).
