@@ -3039,8 +3039,8 @@ class Store:
             sizes[next(i for i, b in enumerate(RSS_BUCKETS) if rss <= b)] = 1
         self.x(SQL_HISTORY_ADD, (
             queue, int(now // HISTORY_SLOT * HISTORY_SLOT), HISTORY_SLOT, 1, int(failed),
-            duration or 0.0,
-            int(duration is not None), use["cpu_user"] or 0.0, use["cpu_sys"] or 0.0,
+            duration or 0.0, int(duration is not None), use["cpu_user"] or 0.0,
+            use["cpu_sys"] or 0.0,
             rss or 0, int(rss is not None), *runs, *sizes, rss or 0))
 
     def history_totals(self, since=0, queues=None):
@@ -6342,11 +6342,13 @@ def cmd_stats(args):
 def local_start(t, span):
     """The start (epoch) of the local hour (span 3600) or day (86400) that
     the instant t is in, by the offset in force at t: across a change of
-    daylight time, a day may last 23 or 25 hours, an hour repeat."""
+    daylight time, a day may last 23 or 25 hours, an hour repeat. A day
+    starts at its midnight's instant by local_instant's one rule."""
+    import datetime as dt
     lt = time.localtime(t)
     if span == 3600:
         return int(t - (t + lt.tm_gmtoff) % 3600)
-    return int(time.mktime((lt.tm_year, lt.tm_mon, lt.tm_mday, 0, 0, 0, 0, 0, -1)))
+    return int(local_instant(dt.datetime(lt.tm_year, lt.tm_mon, lt.tm_mday)))
 
 def stats_by(store, args, now, since):
     """stats --by hour|day: one row per local hour or day (default: the

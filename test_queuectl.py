@@ -849,6 +849,9 @@ OLD_HEARTBEAT = "2000-01-01T00:00:00.000000Z"
 
 WAIT_GO = "while [ ! -f {go} ]; do sleep 0.05; done"
 
+# The use of an attempt whose CPU and RSS were not measured (Store.add_history).
+UNMEASURED = {"max_rss": None, "cpu_user": None, "cpu_sys": None}
+
 # queuectl run in-process with everything it imports lazily already loaded, so
 # that a low descriptor limit hits its own opens (the db, then the lock files)
 # rather than Python's imports.
@@ -5953,10 +5956,10 @@ class TestServe(QueueTest):
         hour = int(time.time() // 3600 * 3600)
         store = queuectl.Store(self.home)
         self.addCleanup(store.close)
-        use = {"max_rss": None, "cpu_user": None, "cpu_sys": None}
         with store.tx():
             for minute, failed in ((1, False), (20, True), (50, False), (-70, False)):
-                store.add_history("default", hour - 3600 + minute * 60, failed, 0.01, use)
+                store.add_history("default", hour - 3600 + minute * 60, failed, 0.01,
+                                  UNMEASURED)
         page = queuectl.serve_overview(store, self.home, hour + 60, "n")
         self.assertIn("4 ended, 1 failed", page)
         points = re.search(r'class="ok" points="([^"]+)"', page)[1].split()
@@ -7318,8 +7321,7 @@ class TestHistory(QueueTest):
         store = queuectl.Store(self.home)
         self.addCleanup(store.close)
         with store.tx():
-            store.add_history("default", ended, False, 0.01,
-                              {"max_rss": None, "cpu_user": None, "cpu_sys": None})
+            store.add_history("default", ended, False, 0.01, UNMEASURED)
         for tz in ("IST-5:30", "NPT-5:45", "NST+3:30", "UTC0"):
             for by in ("hour", "day"):
                 with self.subTest(tz=tz, by=by):
